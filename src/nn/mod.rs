@@ -1,0 +1,9 @@
+//! Reusable layers. Parameter names and layouts follow PyTorch so that reference weights load
+//! by name (see [`params`]).
+
+pub mod layers;
+pub mod norm;
+pub mod params;
+
+pub use layers::{Conv2d, Linear};
+pub use norm::{BatchNorm2d, LayerNorm, LayerNorm2d};

@@ -1,0 +1,119 @@
+//! Normalisation layers with PyTorch parameter names (`weight`, `bias`, `running_mean`,
+//! `running_var`). Train/eval follows burn's convention: on an autodiff backend a module is in
+//! training mode, on its inner backend (`model.valid()`) in eval mode.
+
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// LayerNorm over the last dimension (`nn.LayerNorm`).
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: Param::from_tensor(Tensor::zeros([dim], device)),
+            eps,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (var, mean) = x.clone().var_mean_bias(D - 1);
+        let x = (x - mean).div((var + self.eps).sqrt());
+        x * self.weight.val().unsqueeze::<D>() + self.bias.val().unsqueeze::<D>()
+    }
+}
+
+/// LayerNorm over the channel dimension of an NCHW tensor (HorNet's `channels_first` mode).
+#[derive(Module, Debug)]
+pub struct LayerNorm2d<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm2d<B> {
+    pub fn new(dim: usize, eps: f64, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: Param::from_tensor(Tensor::zeros([dim], device)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let (var, mean) = x.clone().var_mean_bias(1);
+        let x = (x - mean).div((var + self.eps).sqrt());
+        let c = self.weight.dims()[0];
+        x * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+    }
+}
+
+/// BatchNorm2d with PyTorch semantics: biased batch variance to normalise, unbiased variance in
+/// the running estimate, momentum 0.1.
+#[derive(Module, Debug)]
+pub struct BatchNorm2d<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub bias: Param<Tensor<B, 1>>,
+    pub running_mean: RunningState<Tensor<B, 1>>,
+    pub running_var: RunningState<Tensor<B, 1>>,
+    pub momentum: f64,
+    pub eps: f64,
+}
+
+impl<B: Backend> BatchNorm2d<B> {
+    pub fn new(dim: usize, device: &B::Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([dim], device)),
+            bias: Param::from_tensor(Tensor::zeros([dim], device)),
+            running_mean: RunningState::new(Tensor::zeros([dim], device)),
+            running_var: RunningState::new(Tensor::ones([dim], device)),
+            momentum: 0.1,
+            eps: 1e-5,
+        }
+    }
+
+    pub fn num_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.forward_channels(x, self.num_features())
+    }
+
+    /// Normalises the first `c` channels only: with RNP's sliced convolutions the skipped
+    /// channels were never computed.
+    pub fn forward_channels(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4> {
+        let device = x.device();
+        let full = self.num_features();
+        let pick = |t: Tensor<B, 1>| if c == full { t } else { t.slice([0..c]) };
+        let (mean, var) = if B::ad_enabled(&device) {
+            let [n, _, h, w] = x.dims();
+            let flat = x.clone().swap_dims(0, 1).reshape([c, n * h * w]);
+            let (var, mean) = flat.var_mean_bias(1);
+            let (mean, var) = (mean.reshape([c]), var.reshape([c]));
+            let count = (n * h * w) as f64;
+            let unbiased = var.clone().detach() * (count / (count - 1.0).max(1.0));
+            let m = self.momentum;
+            // Skipped channels keep their running statistics untouched.
+            let rm = self.running_mean.value_sync().to_device(&device);
+            let rv = self.running_var.value_sync().to_device(&device);
+            let new_m = rm.clone().slice([0..c]) * (1.0 - m) + mean.clone().detach() * m;
+            let new_v = rv.clone().slice([0..c]) * (1.0 - m) + unbiased * m;
+            self.running_mean.update(rm.slice_assign([0..c], new_m));
+            self.running_var.update(rv.slice_assign([0..c], new_v));
+            (mean, var)
+        } else {
+            (pick(self.running_mean.value()), pick(self.running_var.value()))
+        };
+        let scale = pick(self.weight.val()) / (var + self.eps).sqrt();
+        let shift = pick(self.bias.val()) - mean * scale.clone();
+        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+    }
+}
