@@ -1,0 +1,109 @@
+//! A small 4-conv CNN for MNIST-sized inputs: the quickstart's backbone and RNP's smallest
+//! test bed. conv-BN-ReLU ×4 with two 2×2 max-pools, global average pool, linear head.
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::nn::{BatchNorm2d, Conv2d, Linear};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmallCnnOptions {
+    /// Output channels of the four convolutions.
+    #[serde(default = "default_channels")]
+    pub channels: [usize; 4],
+}
+
+fn default_channels() -> [usize; 4] {
+    [32, 32, 64, 64]
+}
+
+#[derive(Module, Debug)]
+pub struct ConvBn<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub bn: BatchNorm2d<B>,
+}
+
+impl<B: Backend> ConvBn<B> {
+    pub fn new(c_in: usize, c_out: usize, device: &B::Device) -> Self {
+        Self { conv: Conv2d::new(c_in, c_out, 3, 1, 1, 1, false, device), bn: BatchNorm2d::new(c_out, device) }
+    }
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        relu(self.bn.forward(self.conv.forward(x)))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct SmallCnn<B: Backend> {
+    pub features: Vec<ConvBn<B>>,
+    pub fc: Linear<B>,
+    pub img_size: [usize; 2],
+}
+
+impl<B: Backend> SmallCnn<B> {
+    pub fn new(opts: &SmallCnnOptions, ctx: &BuildContext, device: &B::Device) -> Self {
+        let c = opts.channels;
+        let features = vec![
+            ConvBn::new(ctx.in_channels, c[0], device),
+            ConvBn::new(c[0], c[1], device),
+            ConvBn::new(c[1], c[2], device),
+            ConvBn::new(c[2], c[3], device),
+        ];
+        Self { features, fc: Linear::new(c[3], ctx.num_classes, true, device), img_size: ctx.img_size }
+    }
+
+    /// Pool after the second and fourth conv.
+    pub fn pools_after(i: usize) -> bool {
+        i == 1 || i == 3
+    }
+}
+
+impl<B: Backend> Backbone<B> for SmallCnn<B> {
+    fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
+        for (i, layer) in self.features.iter().enumerate() {
+            x = layer.forward(x);
+            if Self::pools_after(i) {
+                x = max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+            }
+        }
+        let [n, c, _, _] = x.dims();
+        self.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+    }
+
+    fn prunable_convs(&self) -> Vec<PrunableConv> {
+        let [mut h, mut w] = self.img_size;
+        let mut out = Vec::new();
+        for (i, layer) in self.features.iter().enumerate() {
+            let conv = &layer.conv;
+            let k = conv.kernel_size() as u64;
+            out.push(PrunableConv {
+                name: format!("features.{i}.conv"),
+                out_channels: conv.out_channels(),
+                macs: (h * w) as u64 * k * k * (conv.in_channels() * conv.out_channels()) as u64,
+            });
+            if Self::pools_after(i) {
+                h /= 2;
+                w /= 2;
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> Family<B> for SmallCnn<B> {
+    const ARCHS: &'static [&'static str] = &["small-cnn"];
+
+    fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        let opts: SmallCnnOptions = super::parse_options(options)?;
+        if opts.channels.contains(&0) {
+            anyhow::bail!("backbone.channels: every entry must be > 0, got {:?}", opts.channels);
+        }
+        Ok(Self::new(&opts, ctx, device))
+    }
+}

@@ -1,0 +1,108 @@
+//! Backbone families. Each family lives in one file (config, modules, named variants) and is
+//! registered by one line in the `registry!` invocation below, which generates the
+//! [`AnyBackbone`] enum that the trainers and the CLI work with.
+
+pub mod cnn;
+pub mod resnet;
+pub mod vgg;
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// What a backbone is built for: the dataset's classes and image shape.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext {
+    pub num_classes: usize,
+    pub in_channels: usize,
+    pub img_size: [usize; 2],
+}
+
+/// A convolution whose output channels a router may compute partially, in execution order.
+/// Channels are addressed as `groups` equal groups (the last group takes the remainder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrunableConv {
+    pub name: String,
+    pub out_channels: usize,
+    /// Multiply-accumulates of the full layer for one image at the backbone's build resolution.
+    pub macs: u64,
+}
+
+pub trait Backbone<B: Backend>: Module<B> {
+    /// Logits `[N, classes]` for images `[N, C, H, W]`.
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
+
+    /// Convolutions whose output channels can be sliced at run time (RNP's decision points).
+    fn prunable_convs(&self) -> Vec<PrunableConv> {
+        Vec::new()
+    }
+}
+
+/// A backbone file's entry point: the architecture names it answers to and how to build them.
+pub trait Family<B: Backend>: Backbone<B> + Sized {
+    /// Names accepted by `[backbone] arch = ...`.
+    const ARCHS: &'static [&'static str];
+
+    /// Builds `arch` with the family's options (the `[backbone]` table minus the generic keys).
+    /// Options are parsed by the family with `deny_unknown_fields`.
+    fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self>;
+}
+
+macro_rules! registry {
+    ($($variant:ident => $ty:ident :: $name:ident),+ $(,)?) => {
+        /// Every registered backbone family.
+        #[derive(Module, Debug)]
+        pub enum AnyBackbone<B: Backend> {
+            $($variant($ty::$name<B>),)+
+        }
+
+        impl<B: Backend> Backbone<B> for AnyBackbone<B> {
+            fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+                match self { $(Self::$variant(m) => m.forward(x),)+ }
+            }
+            fn prunable_convs(&self) -> Vec<PrunableConv> {
+                match self { $(Self::$variant(m) => m.prunable_convs(),)+ }
+            }
+        }
+
+        /// All architecture names, for help texts and errors.
+        pub fn arch_names() -> Vec<&'static str> {
+            let mut v = Vec::new();
+            $(v.extend_from_slice(<$ty::$name<burn::backend::NdArray<f32>> as Family<_>>::ARCHS);)+
+            v
+        }
+
+        /// Builds the backbone named `arch`.
+        pub fn build<B: Backend>(
+            arch: &str,
+            options: &toml::Table,
+            ctx: &BuildContext,
+            device: &B::Device,
+        ) -> Result<AnyBackbone<B>> {
+            $(
+                if <$ty::$name<B> as Family<B>>::ARCHS.contains(&arch) {
+                    return <$ty::$name<B> as Family<B>>::build(arch, options, ctx, device)
+                        .map(AnyBackbone::$variant)
+                        .with_context(|| format!("building backbone '{arch}'"));
+                }
+            )+
+            anyhow::bail!("unknown backbone arch '{arch}' (known: {})", arch_names().join(", "))
+        }
+    };
+}
+
+registry! {
+    SmallCnn => cnn::SmallCnn,
+    Vgg => vgg::Vgg,
+    ResNet => resnet::ResNet,
+}
+
+/// Parses a family's options table into its typed options, naming the offending key.
+pub fn parse_options<T: serde::de::DeserializeOwned>(options: &toml::Table) -> Result<T> {
+    let value = toml::Value::Table(options.clone());
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        anyhow::anyhow!("backbone.{path}: {}", e.into_inner())
+    })
+}

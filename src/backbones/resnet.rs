@@ -1,0 +1,213 @@
+//! ResNets (He et al. 2016). CIFAR ResNet-20/56: a 3×3 16-channel stem and three stages of n
+//! basic blocks (16, 32, 64 channels) with parameter-free zero-padding shortcuts (option A),
+//! as in the paper's CIFAR experiments. ResNet-18: the ImageNet layout (7×7 stem, max-pool,
+//! four stages of two blocks, 1×1 projection shortcuts); on inputs smaller than 64 px the stem
+//! becomes a 3×3 stride-1 conv without max-pool, as CIFAR ports of ResNet-18 do.
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::activation::relu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::nn::{BatchNorm2d, Conv2d, Linear};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetOptions {
+    /// Channel width multiplier.
+    #[serde(default = "one")]
+    pub width: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    pub conv: Conv2d<B>,
+    pub bn: BatchNorm2d<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct BasicBlock<B: Backend> {
+    pub conv1: Conv2d<B>,
+    pub bn1: BatchNorm2d<B>,
+    pub conv2: Conv2d<B>,
+    pub bn2: BatchNorm2d<B>,
+    /// 1×1 conv + BN shortcut (ImageNet style); `None` with `pad_shortcut` means option A.
+    pub downsample: Option<Projection<B>>,
+    pub stride: usize,
+    pub pad_shortcut: usize,
+}
+
+impl<B: Backend> BasicBlock<B> {
+    fn new(c_in: usize, c_out: usize, stride: usize, projection: bool, device: &B::Device) -> Self {
+        let needs = stride != 1 || c_in != c_out;
+        let downsample = (needs && projection).then(|| Projection {
+            conv: Conv2d::new(c_in, c_out, 1, stride, 0, 1, false, device),
+            bn: BatchNorm2d::new(c_out, device),
+        });
+        Self {
+            conv1: Conv2d::new(c_in, c_out, 3, stride, 1, 1, false, device),
+            bn1: BatchNorm2d::new(c_out, device),
+            conv2: Conv2d::new(c_out, c_out, 3, 1, 1, 1, false, device),
+            bn2: BatchNorm2d::new(c_out, device),
+            downsample,
+            stride,
+            pad_shortcut: if needs && !projection { c_out - c_in } else { 0 },
+        }
+    }
+
+    fn shortcut(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        if let Some(p) = &self.downsample {
+            return p.bn.forward(p.conv.forward(x));
+        }
+        let x = if self.stride > 1 {
+            let [n, c, h, w] = x.dims();
+            // Option A: subsample by taking every `stride`-th pixel.
+            x.reshape([n, c, h / self.stride, self.stride, w / self.stride, self.stride])
+                .slice([0..n, 0..c, 0..h / self.stride, 0..1, 0..w / self.stride, 0..1])
+                .reshape([n, c, h / self.stride, w / self.stride])
+        } else {
+            x
+        };
+        if self.pad_shortcut == 0 {
+            return x;
+        }
+        let [n, c, h, w] = x.dims();
+        let half = self.pad_shortcut / 2;
+        let zeros_lo = Tensor::zeros([n, half, h, w], &x.device());
+        let zeros_hi = Tensor::zeros([n, self.pad_shortcut - half, h, w], &x.device());
+        let _ = c;
+        Tensor::cat(vec![zeros_lo, x, zeros_hi], 1)
+    }
+
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
+        let out = self.bn2.forward(self.conv2.forward(out));
+        relu(out + self.shortcut(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct ResNet<B: Backend> {
+    pub conv1: Conv2d<B>,
+    pub bn1: BatchNorm2d<B>,
+    pub stem_pool: bool,
+    pub layers: Vec<Vec<BasicBlock<B>>>,
+    pub fc: Linear<B>,
+    pub img_size: [usize; 2],
+}
+
+impl<B: Backend> ResNet<B> {
+    pub fn cifar(depth: usize, opts: &ResNetOptions, ctx: &BuildContext, device: &B::Device) -> Self {
+        let n = (depth - 2) / 6;
+        let widths: Vec<usize> = [16, 32, 64].iter().map(|&c| scale(c, opts.width)).collect();
+        Self::assemble(ctx, widths[0], 3, 1, false, &widths, &[n, n, n], false, device)
+    }
+
+    pub fn resnet18(opts: &ResNetOptions, ctx: &BuildContext, device: &B::Device) -> Self {
+        let widths: Vec<usize> = [64, 128, 256, 512].iter().map(|&c| scale(c, opts.width)).collect();
+        let small = ctx.img_size[0] < 64;
+        let (k, s) = if small { (3, 1) } else { (7, 2) };
+        Self::assemble(ctx, widths[0], k, s, !small, &widths, &[2, 2, 2, 2], true, device)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        ctx: &BuildContext,
+        stem: usize,
+        kernel: usize,
+        stride: usize,
+        stem_pool: bool,
+        widths: &[usize],
+        blocks: &[usize],
+        projection: bool,
+        device: &B::Device,
+    ) -> Self {
+        let mut c_in = stem;
+        let mut layers = Vec::new();
+        for (stage, (&c, &n)) in widths.iter().zip(blocks).enumerate() {
+            let mut stage_blocks = Vec::new();
+            for b in 0..n {
+                let s = if stage > 0 && b == 0 { 2 } else { 1 };
+                stage_blocks.push(BasicBlock::new(c_in, c, s, projection, device));
+                c_in = c;
+            }
+            layers.push(stage_blocks);
+        }
+        Self {
+            conv1: Conv2d::new(ctx.in_channels, stem, kernel, stride, kernel / 2, 1, false, device),
+            bn1: BatchNorm2d::new(stem, device),
+            stem_pool,
+            layers,
+            fc: Linear::new(c_in, ctx.num_classes, true, device),
+            img_size: ctx.img_size,
+        }
+    }
+}
+
+fn scale(c: usize, width: f64) -> usize {
+    ((c as f64 * width).round() as usize).max(1)
+}
+
+impl<B: Backend> Backbone<B> for ResNet<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        if self.stem_pool {
+            x = max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        for block in self.layers.iter().flatten() {
+            x = block.forward(x);
+        }
+        let [n, c, _, _] = x.dims();
+        self.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+    }
+
+    /// The first conv of each basic block: its output feeds only the block's second conv, so
+    /// slicing it never breaks the residual sum.
+    fn prunable_convs(&self) -> Vec<PrunableConv> {
+        let [mut h, mut w] = self.img_size;
+        h = h.div_ceil(self.conv1.stride);
+        w = w.div_ceil(self.conv1.stride);
+        if self.stem_pool {
+            h = h.div_ceil(2);
+            w = w.div_ceil(2);
+        }
+        let mut out = Vec::new();
+        for (s, stage) in self.layers.iter().enumerate() {
+            for (b, block) in stage.iter().enumerate() {
+                h = h.div_ceil(block.stride);
+                w = w.div_ceil(block.stride);
+                let c = &block.conv1;
+                out.push(PrunableConv {
+                    name: format!("layers.{s}.{b}.conv1"),
+                    out_channels: c.out_channels(),
+                    macs: (h * w * 9 * c.in_channels() * c.out_channels()) as u64,
+                });
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> Family<B> for ResNet<B> {
+    const ARCHS: &'static [&'static str] = &["resnet20-cifar", "resnet56-cifar", "resnet18"];
+
+    fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        let opts: ResNetOptions = super::parse_options(options)?;
+        if !(opts.width > 0.0 && opts.width <= 8.0) {
+            anyhow::bail!("backbone.width must be in (0, 8], got {}", opts.width);
+        }
+        Ok(match arch {
+            "resnet20-cifar" => Self::cifar(20, &opts, ctx, device),
+            "resnet56-cifar" => Self::cifar(56, &opts, ctx, device),
+            _ => Self::resnet18(&opts, ctx, device),
+        })
+    }
+}

@@ -1,0 +1,99 @@
+//! VGG-16 with batch norm, CIFAR variant (Simonyan & Zisserman 2015; the CIFAR form used by
+//! the filter-pruning literature): 13 3×3 conv-BN-ReLU layers, five 2×2 max-pools, and one linear
+//! classifier on the pooled 512-d feature. `width` scales every conv's channels.
+
+use anyhow::Result;
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::Tensor;
+use serde::Deserialize;
+
+use super::cnn::ConvBn;
+use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::nn::Linear;
+
+/// `0` marks a 2×2 max-pool.
+const VGG16: [usize; 18] = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VggOptions {
+    /// Channel width multiplier (1.0 = the paper's widths).
+    #[serde(default = "one")]
+    pub width: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Module, Debug)]
+pub struct Vgg<B: Backend> {
+    pub features: Vec<ConvBn<B>>,
+    pub classifier: Linear<B>,
+    /// Index into `features` after which a max-pool follows.
+    pub pool_after: Vec<usize>,
+    pub img_size: [usize; 2],
+}
+
+impl<B: Backend> Vgg<B> {
+    pub fn new(opts: &VggOptions, ctx: &BuildContext, device: &B::Device) -> Self {
+        let mut features = Vec::new();
+        let mut pool_after = Vec::new();
+        let mut c_in = ctx.in_channels;
+        for &c in VGG16.iter() {
+            if c == 0 {
+                pool_after.push(features.len() - 1);
+                continue;
+            }
+            let c_out = ((c as f64 * opts.width).round() as usize).max(1);
+            features.push(ConvBn::new(c_in, c_out, device));
+            c_in = c_out;
+        }
+        Self { features, classifier: Linear::new(c_in, ctx.num_classes, true, device), pool_after, img_size: ctx.img_size }
+    }
+}
+
+impl<B: Backend> Backbone<B> for Vgg<B> {
+    fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
+        for (i, layer) in self.features.iter().enumerate() {
+            x = layer.forward(x);
+            if self.pool_after.contains(&i) && x.dims()[2] >= 2 && x.dims()[3] >= 2 {
+                x = max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+            }
+        }
+        let [n, c, _, _] = x.dims();
+        self.classifier.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+    }
+
+    fn prunable_convs(&self) -> Vec<PrunableConv> {
+        let [mut h, mut w] = self.img_size;
+        let mut out = Vec::new();
+        for (i, layer) in self.features.iter().enumerate() {
+            let conv = &layer.conv;
+            out.push(PrunableConv {
+                name: format!("features.{i}.conv"),
+                out_channels: conv.out_channels(),
+                macs: (h * w * 9 * conv.in_channels() * conv.out_channels()) as u64,
+            });
+            if self.pool_after.contains(&i) && h >= 2 && w >= 2 {
+                h /= 2;
+                w /= 2;
+            }
+        }
+        out
+    }
+}
+
+impl<B: Backend> Family<B> for Vgg<B> {
+    const ARCHS: &'static [&'static str] = &["vgg16-cifar"];
+
+    fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        let opts: VggOptions = super::parse_options(options)?;
+        if !(opts.width > 0.0 && opts.width <= 8.0) {
+            anyhow::bail!("backbone.width must be in (0, 8], got {}", opts.width);
+        }
+        Ok(Self::new(&opts, ctx, device))
+    }
+}
