@@ -1044,6 +1044,19 @@ mod tests {
     }
 
     #[test]
+    fn documented_allowlists_match_the_code() {
+        for g in ALLOWED_GLOBALS {
+            let (module, name) = g.rsplit_once('.').unwrap();
+            assert!(resolve_global(module, name).is_some(), "{g} is listed but not resolved");
+        }
+        assert!(resolve_global("os", "system").is_none());
+        let named: Vec<&str> = (0..=255u8).map(opcode_name).collect();
+        for op in SUPPORTED_OPCODES {
+            assert!(named.contains(op), "{op}");
+        }
+    }
+
+    #[test]
     fn long_ints_and_floats() {
         // LONG1 -1 (1 byte 0xff), LONG1 2^40, BINFLOAT 1.5, TUPLE3, STOP
         let mut p = vec![0x80, 2, 0x8a, 1, 0xff, 0x8a, 6, 0, 0, 0, 0, 0, 1, b'G'];
