@@ -4,6 +4,7 @@
 //! channels or tokens it may skip; the trainers in `train` fit backbones and controllers; `data`
 //! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md` and the README.
 
+pub mod data;
 pub mod nn;
 
 /// The default CPU backend and its autodiff wrapper.
