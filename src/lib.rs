@@ -1,6 +1,7 @@
 //! rlprune: input-adaptive pruning of vision networks.
 
 pub mod backbones;
+pub mod data;
 pub mod import;
 pub mod logging;
 pub mod nn;
