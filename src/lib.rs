@@ -1,10 +1,24 @@
 //! rlprune: input-adaptive pruning of vision networks.
+//!
+//! A backbone (`backbones`) runs on a batch of images; a controller decides per image which
+//! channels or tokens it may skip; the trainers in `train` fit backbones and controllers; `data`
+//! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md` and the README.
 
 pub mod backbones;
+pub mod cli;
 pub mod data;
+pub mod device;
+pub mod experiment;
+pub mod fsutil;
 pub mod import;
 pub mod logging;
 pub mod nn;
+pub mod train;
+
+/// Backends that run every op the models need: burn's ops plus our custom ones (the CPU
+/// convolution). Any burn backend qualifies through the ops' default implementations.
+pub trait ModelBackend: nn::conv::ConvBackend {}
+impl<B: nn::conv::ConvBackend> ModelBackend for B {}
 
 /// The default CPU backend and its autodiff wrapper.
 pub type Cpu = burn::backend::NdArray<f32>;

@@ -1,1 +1,13 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = rlprune::cli::Cli::parse();
+    rlprune::logging::init(cli.verbose);
+    rlprune::train::supervised::install_interrupt_handler();
+    if let Err(e) = rlprune::cli::run(cli) {
+        rlprune::logging::flush_run_log();
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    rlprune::logging::flush_run_log();
+}

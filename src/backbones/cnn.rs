@@ -10,6 +10,7 @@ use burn::tensor::Tensor;
 use serde::Deserialize;
 
 use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::ModelBackend;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -30,7 +31,7 @@ pub struct ConvBn<B: Backend> {
     pub bn: BatchNorm2d<B>,
 }
 
-impl<B: Backend> ConvBn<B> {
+impl<B: ModelBackend> ConvBn<B> {
     pub fn new(c_in: usize, c_out: usize, device: &B::Device) -> Self {
         Self { conv: Conv2d::new(c_in, c_out, 3, 1, 1, 1, false, device), bn: BatchNorm2d::new(c_out, device) }
     }
@@ -46,7 +47,7 @@ pub struct SmallCnn<B: Backend> {
     pub img_size: [usize; 2],
 }
 
-impl<B: Backend> SmallCnn<B> {
+impl<B: ModelBackend> SmallCnn<B> {
     pub fn new(opts: &SmallCnnOptions, ctx: &BuildContext, device: &B::Device) -> Self {
         let c = opts.channels;
         let features = vec![
@@ -64,7 +65,7 @@ impl<B: Backend> SmallCnn<B> {
     }
 }
 
-impl<B: Backend> Backbone<B> for SmallCnn<B> {
+impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
     fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);
@@ -96,7 +97,7 @@ impl<B: Backend> Backbone<B> for SmallCnn<B> {
     }
 }
 
-impl<B: Backend> Family<B> for SmallCnn<B> {
+impl<B: ModelBackend> Family<B> for SmallCnn<B> {
     const ARCHS: &'static [&'static str] = &["small-cnn"];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {

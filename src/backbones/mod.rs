@@ -11,6 +11,8 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::ModelBackend;
+
 /// What a backbone is built for: the dataset's classes and image shape.
 #[derive(Debug, Clone, Copy)]
 pub struct BuildContext {
@@ -29,7 +31,7 @@ pub struct PrunableConv {
     pub macs: u64,
 }
 
-pub trait Backbone<B: Backend>: Module<B> {
+pub trait Backbone<B: ModelBackend>: Module<B> {
     /// Logits `[N, classes]` for images `[N, C, H, W]`.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
 
@@ -40,7 +42,7 @@ pub trait Backbone<B: Backend>: Module<B> {
 }
 
 /// A backbone file's entry point: the architecture names it answers to and how to build them.
-pub trait Family<B: Backend>: Backbone<B> + Sized {
+pub trait Family<B: ModelBackend>: Backbone<B> + Sized {
     /// Names accepted by `[backbone] arch = ...`.
     const ARCHS: &'static [&'static str];
 
@@ -57,7 +59,7 @@ macro_rules! registry {
             $($variant($ty::$name<B>),)+
         }
 
-        impl<B: Backend> Backbone<B> for AnyBackbone<B> {
+        impl<B: ModelBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
                 match self { $(Self::$variant(m) => m.forward(x),)+ }
             }
@@ -74,7 +76,7 @@ macro_rules! registry {
         }
 
         /// Builds the backbone named `arch`.
-        pub fn build<B: Backend>(
+        pub fn build<B: ModelBackend>(
             arch: &str,
             options: &toml::Table,
             ctx: &BuildContext,

@@ -13,6 +13,7 @@ use burn::tensor::Tensor;
 use serde::Deserialize;
 
 use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::ModelBackend;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,7 +46,7 @@ pub struct BasicBlock<B: Backend> {
     pub pad_shortcut: usize,
 }
 
-impl<B: Backend> BasicBlock<B> {
+impl<B: ModelBackend> BasicBlock<B> {
     fn new(c_in: usize, c_out: usize, stride: usize, projection: bool, device: &B::Device) -> Self {
         let needs = stride != 1 || c_in != c_out;
         let downsample = (needs && projection).then(|| Projection {
@@ -104,7 +105,7 @@ pub struct ResNet<B: Backend> {
     pub img_size: [usize; 2],
 }
 
-impl<B: Backend> ResNet<B> {
+impl<B: ModelBackend> ResNet<B> {
     pub fn cifar(depth: usize, opts: &ResNetOptions, ctx: &BuildContext, device: &B::Device) -> Self {
         let n = (depth - 2) / 6;
         let widths: Vec<usize> = [16, 32, 64].iter().map(|&c| scale(c, opts.width)).collect();
@@ -156,7 +157,7 @@ fn scale(c: usize, width: f64) -> usize {
     ((c as f64 * width).round() as usize).max(1)
 }
 
-impl<B: Backend> Backbone<B> for ResNet<B> {
+impl<B: ModelBackend> Backbone<B> for ResNet<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
         if self.stem_pool {
@@ -196,7 +197,7 @@ impl<B: Backend> Backbone<B> for ResNet<B> {
     }
 }
 
-impl<B: Backend> Family<B> for ResNet<B> {
+impl<B: ModelBackend> Family<B> for ResNet<B> {
     const ARCHS: &'static [&'static str] = &["resnet20-cifar", "resnet56-cifar", "resnet18"];
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::cnn::ConvBn;
 use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::ModelBackend;
 use crate::nn::Linear;
 
 /// `0` marks a 2×2 max-pool.
@@ -37,7 +38,7 @@ pub struct Vgg<B: Backend> {
     pub img_size: [usize; 2],
 }
 
-impl<B: Backend> Vgg<B> {
+impl<B: ModelBackend> Vgg<B> {
     pub fn new(opts: &VggOptions, ctx: &BuildContext, device: &B::Device) -> Self {
         let mut features = Vec::new();
         let mut pool_after = Vec::new();
@@ -55,7 +56,7 @@ impl<B: Backend> Vgg<B> {
     }
 }
 
-impl<B: Backend> Backbone<B> for Vgg<B> {
+impl<B: ModelBackend> Backbone<B> for Vgg<B> {
     fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);
@@ -86,7 +87,7 @@ impl<B: Backend> Backbone<B> for Vgg<B> {
     }
 }
 
-impl<B: Backend> Family<B> for Vgg<B> {
+impl<B: ModelBackend> Family<B> for Vgg<B> {
     const ARCHS: &'static [&'static str] = &["vgg16-cifar"];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {

@@ -15,10 +15,9 @@ mod pickle;
 mod pth;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -301,11 +300,8 @@ impl View for F32View<'_> {
     }
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes a StateDict as safetensors atomically (temp file in the same dir, fsync, rename).
-/// Optional string metadata. On error the previous file at `path`, if any, is untouched and
-/// no temp file is left behind.
+/// Writes a StateDict as safetensors atomically (see [`crate::fsutil::atomic_write`]):
+/// on error the previous file at `path`, if any, is untouched and no temp file is left behind.
 pub fn write_safetensors(
     path: &Path,
     dict: &StateDict,
@@ -322,69 +318,12 @@ pub fn write_safetensors(
             );
         }
     }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{p}: not a file path"))?
-        .to_string_lossy()
-        .into_owned();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let tmp = dir.join(format!(
-        ".{file_name}.tmp-{}-{}-{nanos}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = write_then_rename(&tmp, path, &dir, dict, metadata);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("{p}: cannot write safetensors"))
-}
-
-fn write_then_rename(
-    tmp: &Path,
-    path: &Path,
-    dir: &Path,
-    dict: &StateDict,
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
-    // Claim a fresh name first (never follow or clobber an existing file), then let
-    // safetensors stream the tensors into it.
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .with_context(|| format!("cannot create temp file {}", tmp.display()))?;
     let info: Option<HashMap<String, String>> = if metadata.is_empty() {
         None
     } else {
         Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     };
-    safetensors::tensor::serialize_to_file(
-        dict.iter().map(|(k, t)| (k.as_str(), F32View(t))),
-        info,
-        tmp,
-    )
-    .with_context(|| format!("cannot write {}", tmp.display()))?;
-    OpenOptions::new()
-        .write(true)
-        .open(tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot fsync {}", tmp.display()))?;
-    fs::rename(tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    // Make the rename durable; not every platform lets a directory be opened for this.
-    #[cfg(unix)]
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    let bytes = safetensors::tensor::serialize(dict.iter().map(|(k, t)| (k.as_str(), F32View(t))), info)
+        .with_context(|| format!("{p}: cannot serialise safetensors"))?;
+    crate::fsutil::atomic_write(path, &bytes).with_context(|| format!("{p}: cannot write safetensors"))
 }

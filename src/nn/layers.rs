@@ -4,8 +4,8 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
+
+use super::conv::conv2d_gemm;
 use burn::tensor::{Distribution, Tensor};
 
 /// PyTorch's default `reset_parameters` for Linear/Conv: kaiming_uniform(a=√5) for the weight,
@@ -119,17 +119,11 @@ impl<B: Backend> Conv2d<B> {
         self.weight.dims()[2]
     }
 
-    fn options(&self) -> ConvOptions<2> {
-        ConvOptions::new(
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            self.groups,
-        )
-    }
+}
 
+impl<B: crate::nn::conv::ConvBackend> Conv2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        conv2d(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), self.options())
+        conv2d_gemm(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()), self.stride, self.padding, self.groups)
     }
 
     /// Runs only output channels `[0, c_out)` on input channels `[0, c_in)`: the sliced weight is
@@ -144,7 +138,7 @@ impl<B: Backend> Conv2d<B> {
         } else {
             self.weight.val().slice([0..c_out, 0..c_in, 0..kh, 0..kw])
         };
-        let b = self.bias.as_ref().map(|b| b.val().slice([0..c_out]));
-        conv2d(x, w, b, self.options())
+        let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
+        conv2d_gemm(x, w, b, self.stride, self.padding, self.groups)
     }
 }

@@ -1,6 +1,7 @@
 //! Reusable layers. Parameter names and layouts follow PyTorch so that reference weights load
 //! by name (see [`params`]).
 
+pub mod conv;
 pub mod layers;
 pub mod norm;
 pub mod params;

@@ -1,0 +1,339 @@
+//! 2-D convolution as a backend op with a fast CPU path.
+//!
+//! burn-ndarray 0.21 computes convolutions with direct loops, and its weight gradient is about
+//! 50× slower than its forward (11 s for the backward of one 32→32 3×3 layer at 28×28, batch
+//! 64, on 2 cores), which made CNN training impractical. [`ConvBackend`] routes our `Conv2d`
+//! through an op that NdArray implements as im2col + one GEMM per image and group
+//! (`matrixmultiply`, the kernel behind ndarray's own matmul), with an analytic backward:
+//! `dW = Σ_n G_n · cols_nᵀ`, `dx = col2im(Wᵀ · G_n)`. Other backends (CUDA) keep burn's conv.
+
+use std::borrow::Cow;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
+use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
+
+/// Geometry of one convolution (square kernels' stride/padding, any kernel shape, no dilation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+}
+
+impl ConvGeom {
+    fn options(self) -> ConvOptions<2> {
+        ConvOptions::new([self.stride; 2], [self.padding; 2], [1, 1], self.groups)
+    }
+}
+
+/// Backends that run [`conv2d_gemm`]. The defaults are burn's own conv ops, so implementing the
+/// trait for a backend is one line.
+pub trait ConvBackend: Backend {
+    fn conv2d_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, geom: ConvGeom) -> FloatTensor<Self> {
+        Self::conv2d(x, weight, None, geom.options())
+    }
+
+    /// `(dx, dW)` given the output gradient; `dx` is computed when `weight` is given, `dW` when
+    /// `x` is given; `shapes` are the input and weight shapes.
+    fn conv2d_backward(
+        grad: FloatTensor<Self>,
+        x: Option<FloatTensor<Self>>,
+        weight: Option<FloatTensor<Self>>,
+        shapes: ([usize; 4], [usize; 4]),
+        geom: ConvGeom,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let (xs, ws) = shapes;
+        let device = Self::float_device(&grad);
+        let zeros = |s: [usize; 4]| Tensor::<Self, 4>::zeros(s, &device).into_primitive().tensor();
+        let dx = weight.clone().map(|w| Self::conv2d_x_backward(zeros(xs), w, grad.clone(), geom.options()));
+        let dw = x.map(|x| Self::conv2d_weight_backward(x, weight.unwrap_or_else(|| zeros(ws)), grad, geom.options()));
+        (dx, dw)
+    }
+}
+
+/// `conv2d` with PyTorch semantics (weight `[O, C/groups, kh, kw]`, symmetric padding, no
+/// dilation), plus an optional bias.
+pub fn conv2d_gemm<B: ConvBackend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Tensor<B, 4> {
+    let o = weight.dims()[0];
+    let geom = ConvGeom { stride, padding, groups };
+    let y = B::conv2d_forward(x.into_primitive().tensor(), weight.into_primitive().tensor(), geom);
+    let y = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y));
+    match bias {
+        Some(b) => y + b.reshape([1, o, 1, 1]),
+        None => y,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autodiff: the op with its analytic backward
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct ConvBackward;
+
+#[derive(Debug, Clone)]
+struct ConvState {
+    x: Option<NodeId>,
+    weight: Option<NodeId>,
+    shapes: ([usize; 4], [usize; 4]),
+    geom: ConvGeom,
+}
+
+impl<B: ConvBackend> Backward<B, 2> for ConvBackward {
+    type State = ConvState;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let st = ops.state;
+        let x: Option<FloatTensor<B>> = st.x.map(|id| checkpointer.retrieve_node_output(id));
+        let w: Option<FloatTensor<B>> = st.weight.map(|id| checkpointer.retrieve_node_output(id));
+        let (dx, dw) = B::conv2d_backward(grad, x, w, st.shapes, st.geom);
+        if let (Some(node), Some(g)) = (node_x, dx) {
+            grads.register::<B>(node.id, g);
+        }
+        if let (Some(node), Some(g)) = (node_w, dw) {
+            grads.register::<B>(node.id, g);
+        }
+    }
+}
+
+impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
+    fn conv2d_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, geom: ConvGeom) -> FloatTensor<Self> {
+        let shapes = (dims4(&x.primitive), dims4(&weight.primitive));
+        match ConvBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_needs = !x.node.requirement.is_none();
+                let w_needs = !weight.node.requirement.is_none();
+                // dW needs x, dx needs W.
+                let state = ConvState {
+                    x: w_needs.then(|| prep.checkpoint(&x)),
+                    weight: x_needs.then(|| prep.checkpoint(&weight)),
+                    shapes,
+                    geom,
+                };
+                prep.finish(state, B::conv2d_forward(x.primitive, weight.primitive, geom))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_forward(x.primitive, weight.primitive, geom)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NdArray: im2col + GEMM
+// ---------------------------------------------------------------------------------------------
+
+impl ConvBackend for NdArray<f32> {
+    fn conv2d_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, geom: ConvGeom) -> FloatTensor<Self> {
+        let (xd, wd) = (dims4(&x), dims4(&weight));
+        let (Some(xs), Some(ws)) = (host_f32(&x), host_f32(&weight)) else {
+            return Self::conv2d(x, weight, None, geom.options());
+        };
+        let g = Geometry::new(xd, wd, geom);
+        let out = cpu::forward(&xs, &ws, &g);
+        NdArrayTensor::from_data(TensorData::new(out, [g.n, g.o, g.ho, g.wo]))
+    }
+
+    fn conv2d_backward(
+        grad: FloatTensor<Self>,
+        x: Option<FloatTensor<Self>>,
+        weight: Option<FloatTensor<Self>>,
+        shapes: ([usize; 4], [usize; 4]),
+        geom: ConvGeom,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let g = Geometry::new(shapes.0, shapes.1, geom);
+        let gs = host_f32(&grad).expect("conv2d gradient is f32");
+        let xs = x.as_ref().and_then(host_f32);
+        let ws = weight.as_ref().and_then(host_f32);
+        let (dx, dw) = cpu::backward(&gs, xs.as_deref(), ws.as_deref(), &g);
+        (
+            dx.map(|v| NdArrayTensor::from_data(TensorData::new(v, shapes.0))),
+            dw.map(|v| NdArrayTensor::from_data(TensorData::new(v, shapes.1))),
+        )
+    }
+}
+
+fn dims4<T: TensorMetadata>(t: &T) -> [usize; 4] {
+    let s = t.shape();
+    [s[0], s[1], s[2], s[3]]
+}
+
+/// Row-major f32 data of an NdArray tensor: borrowed when contiguous, else copied.
+pub(crate) fn host_f32(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
+    let NdArrayTensor::F32(s) = t else { return None };
+    let v = s.view();
+    Some(match v.to_slice() {
+        Some(sl) => Cow::Borrowed(sl),
+        None => Cow::Owned(v.iter().copied().collect()),
+    })
+}
+
+/// Sizes of one convolution, per group.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    s: usize,
+    p: usize,
+    groups: usize,
+}
+
+impl Geometry {
+    fn new(x: [usize; 4], w: [usize; 4], geom: ConvGeom) -> Self {
+        let [n, c, h, wi] = x;
+        let [o, _, kh, kw] = w;
+        let (s, p) = (geom.stride, geom.padding);
+        Self { n, c, h, w: wi, o, kh, kw, ho: (h + 2 * p - kh) / s + 1, wo: (wi + 2 * p - kw) / s + 1, s, p, groups: geom.groups }
+    }
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+    fn og(&self) -> usize {
+        self.o / self.groups
+    }
+    /// Rows of the column matrix per group.
+    fn k(&self) -> usize {
+        self.cg() * self.kh * self.kw
+    }
+    fn pixels(&self) -> usize {
+        self.ho * self.wo
+    }
+}
+
+mod cpu {
+    use super::Geometry;
+
+    /// Column matrix `[Cg·kh·kw, Ho·Wo]` of image `img`, group `grp` (zero where the kernel
+    /// overhangs the padded border).
+    fn im2col(x: &[f32], g: &Geometry, img: usize, grp: usize, cols: &mut [f32]) {
+        let (hw, pix) = (g.h * g.w, g.pixels());
+        for cl in 0..g.cg() {
+            let chan = &x[(img * g.c + grp * g.cg() + cl) * hw..][..hw];
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let row = &mut cols[((cl * g.kh + i) * g.kw + j) * pix..][..pix];
+                    for oy in 0..g.ho {
+                        let iy = (oy * g.s + i) as isize - g.p as isize;
+                        let dst = &mut row[oy * g.wo..][..g.wo];
+                        if iy < 0 || iy >= g.h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &chan[iy as usize * g.w..][..g.w];
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            let ix = (ox * g.s + j) as isize - g.p as isize;
+                            *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { 0.0 };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds the column matrix back onto image `img`, group `grp` of `dx` (adjoint of im2col).
+    fn col2im(cols: &[f32], g: &Geometry, img: usize, grp: usize, dx: &mut [f32]) {
+        let (hw, pix) = (g.h * g.w, g.pixels());
+        for cl in 0..g.cg() {
+            let chan = &mut dx[(img * g.c + grp * g.cg() + cl) * hw..][..hw];
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let row = &cols[((cl * g.kh + i) * g.kw + j) * pix..][..pix];
+                    for oy in 0..g.ho {
+                        let iy = (oy * g.s + i) as isize - g.p as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let dst = &mut chan[iy as usize * g.w..][..g.w];
+                        for (ox, v) in row[oy * g.wo..][..g.wo].iter().enumerate() {
+                            let ix = (ox * g.s + j) as isize - g.p as isize;
+                            if ix >= 0 && ix < g.w as isize {
+                                dst[ix as usize] += v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `c[m×n] = alpha·a·b + beta·c` with explicit strides (row, column) for each matrix.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(m: usize, k: usize, n: usize, a: &[f32], (rsa, csa): (usize, usize), b: &[f32], (rsb, csb): (usize, usize), beta: f32, c: &mut [f32]) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        assert!(a.len() > (m - 1) * rsa + (k.max(1) - 1) * csa || k == 0);
+        assert!(b.len() > (k.max(1) - 1) * rsb + (n - 1) * csb || k == 0);
+        assert!(c.len() >= m * n);
+        // SAFETY: the asserts above bound every index the kernel reads or writes.
+        unsafe {
+            matrixmultiply::sgemm(
+                m, k, n, 1.0,
+                a.as_ptr(), rsa as isize, csa as isize,
+                b.as_ptr(), rsb as isize, csb as isize,
+                beta, c.as_mut_ptr(), n as isize, 1,
+            );
+        }
+    }
+
+    pub fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
+        let (k, pix, og) = (g.k(), g.pixels(), g.og());
+        let mut out = vec![0.0f32; g.n * g.o * pix];
+        let mut cols = vec![0.0f32; k * pix];
+        for img in 0..g.n {
+            for grp in 0..g.groups {
+                im2col(x, g, img, grp, &mut cols);
+                let wg = &w[grp * og * k..][..og * k];
+                let dst = &mut out[(img * g.o + grp * og) * pix..][..og * pix];
+                gemm(og, k, pix, wg, (k, 1), &cols, (pix, 1), 0.0, dst);
+            }
+        }
+        out
+    }
+
+    pub fn backward(grad: &[f32], x: Option<&[f32]>, w: Option<&[f32]>, g: &Geometry) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        let (k, pix, og) = (g.k(), g.pixels(), g.og());
+        let mut dw = x.map(|_| vec![0.0f32; g.o * k]);
+        let mut dx = w.map(|_| vec![0.0f32; g.n * g.c * g.h * g.w]);
+        let mut cols = vec![0.0f32; k * pix];
+        for img in 0..g.n {
+            for grp in 0..g.groups {
+                let gr = &grad[(img * g.o + grp * og) * pix..][..og * pix];
+                if let (Some(x), Some(dw)) = (x, dw.as_mut()) {
+                    im2col(x, g, img, grp, &mut cols);
+                    // dW_g[og×k] += G[og×pix] · colsᵀ[pix×k]
+                    gemm(og, pix, k, gr, (pix, 1), &cols, (1, pix), 1.0, &mut dw[grp * og * k..][..og * k]);
+                }
+                if let (Some(w), Some(dx)) = (w, dx.as_mut()) {
+                    // cols[k×pix] = W_gᵀ[k×og] · G[og×pix]
+                    let wg = &w[grp * og * k..][..og * k];
+                    gemm(k, og, pix, wg, (1, k), gr, (pix, 1), 0.0, &mut cols);
+                    col2im(&cols, g, img, grp, dx);
+                }
+            }
+        }
+        (dx, dw)
+    }
+}

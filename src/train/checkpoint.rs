@@ -1,0 +1,93 @@
+//! Checkpoints: `checkpoints/{last,best}.safetensors` (model parameters under their reference
+//! names), `last.optim.safetensors` (optimizer buffers), and `state.json` (epoch, step, RNG
+//! derivation, best metric, optimizer step count). Every file is written atomically; `state.json`
+//! is written last and names the epoch the tensor files must carry, so a crash between writes is
+//! detected on resume instead of silently mixing epochs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::import::{read_safetensors, read_safetensors_metadata, write_safetensors};
+use crate::nn::params::StateDict;
+
+pub const FORMAT: &str = "rlprune-checkpoint-v1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: String,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub best_metric: f64,
+    pub best_epoch: usize,
+    pub arch: String,
+    pub optimizer: String,
+    pub optimizer_steps: u64,
+    pub rng: RngState,
+}
+
+/// Every random stream is a pure function of the experiment seed and the epoch, so the state
+/// to restore is the seed and the epoch reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    /// How the per-epoch streams derive from the seed.
+    pub scheme: String,
+}
+
+pub fn dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+fn meta(arch: &str, epoch: usize, kind: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("format".to_string(), FORMAT.to_string()),
+        ("arch".to_string(), arch.to_string()),
+        ("epoch".to_string(), epoch.to_string()),
+        ("content".to_string(), kind.to_string()),
+    ])
+}
+
+/// Writes `last` (model + optimizer + state.json), and `best` when `is_best`.
+pub fn save(run_dir: &Path, model: &StateDict, optim: &StateDict, state: &TrainState, is_best: bool) -> Result<()> {
+    let d = dir(run_dir);
+    std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create checkpoint directory", d.display()))?;
+    write_safetensors(&d.join("last.safetensors"), model, &meta(&state.arch, state.epoch, "model"))?;
+    write_safetensors(&d.join("last.optim.safetensors"), optim, &meta(&state.arch, state.epoch, "optimizer"))?;
+    if is_best {
+        write_safetensors(&d.join("best.safetensors"), model, &meta(&state.arch, state.epoch, "model"))?;
+    }
+    let json = serde_json::to_vec_pretty(state)?;
+    crate::fsutil::atomic_write(&d.join("state.json"), &json)
+}
+
+pub fn read_state(run_dir: &Path) -> Result<TrainState> {
+    let p = dir(run_dir).join("state.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read checkpoint state", p.display()))?;
+    let st: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: not a valid checkpoint state", p.display()))?;
+    if st.format != FORMAT {
+        bail!("{}: unsupported checkpoint format '{}' (expected '{FORMAT}')", p.display(), st.format);
+    }
+    Ok(st)
+}
+
+/// Reads model weights written by [`save`], refusing a checkpoint of another architecture.
+/// Plain safetensors without our metadata (e.g. converted reference weights) are accepted.
+pub fn read_model(path: &Path, arch: &str, epoch: Option<usize>) -> Result<StateDict> {
+    let meta = read_safetensors_metadata(path)?;
+    if let Some(a) = meta.get("arch") {
+        if a != arch {
+            bail!("{}: checkpoint is for architecture '{a}', but the experiment builds '{arch}'", path.display());
+        }
+    }
+    if let (Some(want), Some(got)) = (epoch, meta.get("epoch")) {
+        if got != &want.to_string() {
+            bail!("{}: written at epoch {got} but state.json says epoch {want}: the run was interrupted while checkpointing; resume from the previous run or remove the checkpoint", path.display());
+        }
+    }
+    read_safetensors(path)
+}

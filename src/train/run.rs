@@ -1,0 +1,79 @@
+//! Run directories: `runs/<name>/<timestamp>/` with `config.toml`, `metrics.jsonl`, `log.txt`,
+//! TensorBoard events and `checkpoints/`.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// Where a run continues from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest run of the experiment's name that has a checkpoint.
+    Auto,
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Resume {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(if s == "auto" { Resume::Auto } else { Resume::Dir(PathBuf::from(s)) })
+    }
+}
+
+/// A fresh run directory `<root>/<name>/<YYYYmmdd-HHMMSS>[-k]`.
+pub fn new_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+    let base = root.join(name);
+    std::fs::create_dir_all(&base).with_context(|| format!("{}: cannot create run directory", base.display()))?;
+    for k in 0..1000 {
+        let dir = if k == 0 { base.join(&stamp) } else { base.join(format!("{stamp}-{k}")) };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot create run directory", dir.display())),
+        }
+    }
+    bail!("{}: too many runs started in the same second", base.display())
+}
+
+/// The newest run of `name` under `root` that has `checkpoints/state.json`.
+pub fn newest_run(root: &Path, name: &str) -> Result<PathBuf> {
+    let base = root.join(name);
+    let entries = std::fs::read_dir(&base)
+        .with_context(|| format!("--resume auto: no runs of '{name}' under {}", base.display()))?;
+    let mut runs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("checkpoints").join("state.json").is_file())
+        .collect();
+    runs.sort();
+    runs.pop().with_context(|| format!("--resume auto: no run of '{name}' under {} has a checkpoint", base.display()))
+}
+
+/// Appends one JSON object per line and flushes it, so the file is always valid up to the
+/// last complete line.
+pub struct MetricsLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        Ok(Self { file, path })
+    }
+
+    pub fn write(&mut self, value: &serde_json::Value) -> Result<()> {
+        let mut line = serde_json::to_vec(value)?;
+        line.push(b'\n');
+        self.file.write_all(&line).with_context(|| format!("{}: write failed", self.path.display()))?;
+        self.file.flush()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! The supervised trainer: fits a backbone on a dataset with the experiment's optimizer,
+//! schedule and loss, evaluates every epoch, logs to TensorBoard and `metrics.jsonl`, and
+//! checkpoints with exact resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+use serde_json::json;
+
+use super::checkpoint::{self, RngState, TrainState};
+use super::losses::{correct, cross_entropy};
+use super::optim::Optimizer;
+use super::run::{newest_run, new_run_dir, MetricsLog, Resume};
+use crate::backbones::{self, AnyBackbone, Backbone, BuildContext};
+use crate::data::{self, Dataset, Loader};
+use crate::device::DeviceSpec;
+use crate::experiment::{Experiment, Layered};
+use crate::logging::progress;
+use crate::logging::tensorboard::{EventWriter, HParamValue};
+use crate::nn::params::{load_strict, state_dict};
+use crate::ModelBackend;
+
+/// Set by the Ctrl-C handler; trainers stop after the current step, flush and exit.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler (once per process).
+pub fn install_interrupt_handler() {
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C: the user insists.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: finishing the current step, flushing logs (Ctrl-C again to abort)");
+    });
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Exact run directory (else `<log.dir>/<name>/<timestamp>`).
+    pub out: Option<PathBuf>,
+    pub resume: Option<Resume>,
+    /// Stop after this many completed epochs, as if interrupted (for resume tests and time boxes).
+    pub stop_after_epoch: Option<usize>,
+    /// Directory that relative data paths resolve against.
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub test_loss: f64,
+    pub test_top1: f64,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub epochs_done: usize,
+    pub history: Vec<EpochMetrics>,
+    pub best_top1: f64,
+    pub interrupted: bool,
+}
+
+pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
+        DeviceSpec::Cpu => train_on::<crate::CpuAutodiff>(exp, layered, opts, &Default::default()),
+        DeviceSpec::Cuda(_n) => crate::device::cuda_unavailable(),
+    }
+}
+
+/// Builds the experiment's backbone for `ctx`, loading `[backbone] weights` if given; errors
+/// about backbone options point at their line.
+pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx: &BuildContext, base_dir: &Path, device: &B::Device) -> Result<AnyBackbone<B>> {
+    let model = backbones::build::<B>(&exp.backbone.arch, &exp.backbone.options, ctx, device).map_err(|e| {
+        let msg = format!("{e:#}");
+        match msg.split_once("backbone.").and_then(|(_, rest)| rest.split([' ', ':']).next()) {
+            Some(key) => anyhow::anyhow!("{}: {msg}", layered.origin_of(&format!("backbone.{key}"))),
+            None => anyhow::anyhow!("{}: {msg}", layered.origin_of("backbone.arch")),
+        }
+    })?;
+    match &exp.backbone.weights {
+        Some(w) => {
+            let path = base_dir.join(w);
+            let mut dict = crate::import::read_weights(&path)?;
+            crate::import::drop_ignored_keys(&mut dict);
+            load_strict(model, &dict, &path.display().to_string())
+        }
+        None => Ok(model),
+    }
+}
+
+pub fn build_context(train: &dyn Dataset, loader: &Loader) -> BuildContext {
+    let [c, h, w] = loader.output_shape();
+    BuildContext { num_classes: train.num_classes(), in_channels: c, img_size: [h, w] }
+}
+
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64 + 1)
+}
+
+pub fn train_on<B: AutodiffBackend + ModelBackend>(exp: &Experiment, layered: &Layered, opts: &TrainOptions, device: &B::Device) -> Result<TrainSummary>
+where
+    B::InnerBackend: ModelBackend,
+{
+    let base = &opts.base_dir;
+    let splits = data::open(&exp.data, base)?;
+    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    if train_loader.num_batches() == 0 {
+        bail!("{}: the training split has no full batch (data.batch_size too large?)", splits.train.describe());
+    }
+    let ctx = build_context(splits.train.as_ref(), &train_loader);
+
+    B::seed(device, exp.seed);
+    let mut model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
+    let mut optim = Optimizer::<B>::new(exp.train.optimizer.clone());
+    optim.decay_only_matrices = exp.train.decay_only_matrices;
+
+    // Run directory, possibly resuming.
+    let root = base.join(&exp.log.dir);
+    let (run_dir, resumed) = match &opts.resume {
+        Some(r) => {
+            let dir = match r {
+                Resume::Auto => newest_run(&root, &exp.name)?,
+                Resume::Dir(d) => d.clone(),
+            };
+            let st = checkpoint::read_state(&dir)?;
+            if st.arch != exp.backbone.arch {
+                bail!("{}: run was trained with arch '{}', the experiment builds '{}'", dir.display(), st.arch, exp.backbone.arch);
+            }
+            let ck = checkpoint::dir(&dir);
+            let dict = checkpoint::read_model(&ck.join("last.safetensors"), &st.arch, Some(st.epoch))?;
+            model = load_strict(model, &dict, &ck.join("last.safetensors").display().to_string())?;
+            let odict = checkpoint::read_model(&ck.join("last.optim.safetensors"), &st.arch, Some(st.epoch))?;
+            optim.load_state_dict(&odict, &Default::default())?;
+            optim.steps = st.optimizer_steps;
+            tracing::info!("resuming {} after epoch {}", dir.display(), st.epoch);
+            (dir, Some(st))
+        }
+        None => {
+            let dir = match &opts.out {
+                Some(d) => {
+                    std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
+                    d.clone()
+                }
+                None => new_run_dir(&root, &exp.name)?,
+            };
+            (dir, None)
+        }
+    };
+    crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
+    let config_toml = exp.to_toml()?;
+    if resumed.is_none() {
+        crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+    }
+    let mut metrics = MetricsLog::open(&run_dir)?;
+    let mut tb = if exp.log.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
+    if let (Some(tb), None) = (tb.as_mut(), &resumed) {
+        tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
+    }
+    tracing::info!(
+        "run {}: {} on {} ({} params), {} train / {} test images",
+        run_dir.display(),
+        exp.backbone.arch,
+        splits.train.describe(),
+        model.num_params(),
+        splits.train.len(),
+        splits.test.len()
+    );
+
+    let steps_per_epoch = train_loader.num_batches();
+    let total_steps = steps_per_epoch * exp.train.epochs;
+    let mut state = resumed.clone().unwrap_or(TrainState {
+        format: checkpoint::FORMAT.into(),
+        epoch: 0,
+        step: 0,
+        best_metric: f64::NEG_INFINITY,
+        best_epoch: 0,
+        arch: exp.backbone.arch.clone(),
+        optimizer: exp.train.optimizer.kind().into(),
+        optimizer_steps: 0,
+        rng: RngState { seed: exp.seed, scheme: "per-epoch streams: data order/augmentation from (seed, epoch); backend RNG reseeded with f(seed, epoch)".into() },
+    });
+    let mut history = Vec::new();
+    let mut interrupted = false;
+
+    for epoch in state.epoch..exp.train.epochs {
+        let t0 = Instant::now();
+        B::seed(device, epoch_seed(exp.seed, epoch));
+        let bar = progress::bar(steps_per_epoch as u64, &format!("epoch {}/{}", epoch + 1, exp.train.epochs));
+        let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
+        let mut lr = exp.train.optimizer.lr();
+        for batch in train_loader.epoch(epoch) {
+            let batch = batch?;
+            let (x, y) = batch.to_tensors::<B>(device);
+            let logits = model.forward(x);
+            let loss = cross_entropy(logits.clone(), y.clone(), exp.train.label_smoothing);
+            let n = y.dims()[0];
+            let loss_value = loss.clone().into_scalar().elem::<f64>();
+            if !loss_value.is_finite() {
+                bail!("epoch {}, step {}: the loss became {loss_value}; lower train.optimizer.lr or set train.grad_clip", epoch + 1, state.step);
+            }
+            n_correct += correct(logits.detach(), y);
+            loss_sum += loss_value * n as f64;
+            n_seen += n;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let scale = if exp.train.grad_clip > 0.0 {
+                let norm = Optimizer::<B>::grad_norm(&model, &grads);
+                (exp.train.grad_clip / norm.max(1e-12)).min(1.0)
+            } else {
+                1.0
+            };
+            lr = exp.train.schedule.lr_at(exp.train.optimizer.lr(), state.step as usize, total_steps, steps_per_epoch);
+            model = optim.step(model, grads, lr, scale);
+            state.step += 1;
+            bar.inc(1);
+            if state.step % exp.log.every_steps as u64 == 0 {
+                if let Some(tb) = tb.as_mut() {
+                    tb.scalar("train/loss", state.step as i64, loss_value)?;
+                    tb.scalar("train/lr", state.step as i64, lr)?;
+                }
+            }
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        if interrupted {
+            tracing::warn!("interrupted during epoch {}: keeping the checkpoint of epoch {}", epoch + 1, state.epoch);
+            break;
+        }
+        let last = epoch + 1 == exp.train.epochs;
+        let (test_loss, test_top1) = if (epoch + 1) % exp.train.eval_every == 0 || last {
+            evaluate(&model.valid(), &test_loader, &device.clone())?
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / n_seen.max(1) as f64,
+            train_top1: n_correct as f64 / n_seen.max(1) as f64,
+            test_loss,
+            test_top1,
+            lr,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        tracing::info!(
+            "epoch {}/{}: train loss {:.4} top1 {:.2}% | test loss {:.4} top1 {:.2}% | {:.1}s",
+            m.epoch, exp.train.epochs, m.train_loss, 100.0 * m.train_top1, m.test_loss, 100.0 * m.test_top1, m.seconds
+        );
+        metrics.write(&json!({
+            "epoch": m.epoch, "step": state.step, "train_loss": m.train_loss, "train_top1": m.train_top1,
+            "test_loss": finite_or_null(m.test_loss), "test_top1": finite_or_null(m.test_top1), "lr": m.lr, "seconds": m.seconds,
+        }))?;
+        if let Some(tb) = tb.as_mut() {
+            let s = state.step as i64;
+            tb.scalar("epoch/train_loss", s, m.train_loss)?;
+            tb.scalar("epoch/train_top1", s, m.train_top1)?;
+            if m.test_top1.is_finite() {
+                tb.scalar("test/loss", s, m.test_loss)?;
+                tb.scalar("test/top1", s, m.test_top1)?;
+            }
+            if exp.log.histograms {
+                for (name, t) in state_dict(&model.valid()) {
+                    let values: Vec<f64> = t.data.iter().map(|&v| v as f64).collect();
+                    tb.histogram(&format!("weights/{name}"), s, &values)?;
+                }
+            }
+            tb.flush()?;
+        }
+        state.epoch = epoch + 1;
+        state.optimizer_steps = optim.steps;
+        let is_best = m.test_top1.is_finite() && m.test_top1 > state.best_metric;
+        if is_best {
+            state.best_metric = m.test_top1;
+            state.best_epoch = m.epoch;
+        }
+        checkpoint::save(&run_dir, &state_dict(&model.valid()), &optim.state_dict(), &state, is_best)?;
+        history.push(m);
+        if opts.stop_after_epoch == Some(state.epoch) {
+            break;
+        }
+    }
+
+    if let Some(tb) = tb.as_mut() {
+        if state.epoch == exp.train.epochs {
+            let last = history.last();
+            let hp = vec![
+                ("arch".to_string(), HParamValue::Text(exp.backbone.arch.clone())),
+                ("optimizer".to_string(), HParamValue::Text(exp.train.optimizer.kind().into())),
+                ("lr".to_string(), HParamValue::Number(exp.train.optimizer.lr())),
+                ("epochs".to_string(), HParamValue::Number(exp.train.epochs as f64)),
+                ("batch_size".to_string(), HParamValue::Number(exp.data.batch_size as f64)),
+                ("seed".to_string(), HParamValue::Number(exp.seed as f64)),
+            ];
+            let mut finals = vec![("hparams/best_top1".to_string(), state.best_metric)];
+            if let Some(m) = last {
+                finals.push(("hparams/test_top1".to_string(), m.test_top1));
+            }
+            tb.hparams(&hp, &finals, state.step as i64)?;
+        }
+        tb.flush()?;
+    }
+    Ok(TrainSummary { run_dir, epochs_done: state.epoch, history, best_top1: state.best_metric, interrupted })
+}
+
+fn finite_or_null(v: f64) -> serde_json::Value {
+    if v.is_finite() { json!(v) } else { serde_json::Value::Null }
+}
+
+/// Mean loss and top-1 accuracy of `model` (in eval mode) over the loader's split.
+pub fn evaluate<B: ModelBackend>(model: &AnyBackbone<B>, loader: &Loader, device: &B::Device) -> Result<(f64, f64)> {
+    let (mut loss_sum, mut n_seen, mut n_correct) = (0.0, 0usize, 0usize);
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let (x, y) = batch.to_tensors::<B>(device);
+        let logits = model.forward(x);
+        let n = y.dims()[0];
+        loss_sum += cross_entropy(logits.clone(), y.clone(), 0.0).into_scalar().elem::<f64>() * n as f64;
+        n_correct += correct(logits, y);
+        n_seen += n;
+    }
+    if n_seen == 0 {
+        bail!("the evaluation split is empty");
+    }
+    Ok((loss_sum / n_seen as f64, n_correct as f64 / n_seen as f64))
+}
+
+/// `rlprune eval`: loads the run's (or experiment's) configuration, builds the model, loads
+/// the checkpoint and evaluates it on the test split. Returns a JSON report.
+pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[String], base: &Path) -> Result<serde_json::Value> {
+    let cfg = crate::cli::experiment_of(target)?;
+    let (exp, layered) = Experiment::load(&cfg, overrides)?;
+    let weights = match checkpoint_file {
+        Some(f) => f.to_path_buf(),
+        None if target.is_dir() => {
+            let ck = checkpoint::dir(target);
+            let best = ck.join("best.safetensors");
+            if best.is_file() { best } else { ck.join("last.safetensors") }
+        }
+        None => bail!("{}: an experiment file needs --checkpoint FILE (or pass a run directory)", target.display()),
+    };
+    match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
+        DeviceSpec::Cpu => eval_on::<crate::Cpu>(&exp, &layered, &weights, base, &Default::default(), target),
+        DeviceSpec::Cuda(_) => crate::device::cuda_unavailable(),
+    }
+}
+
+fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path, base: &Path, device: &B::Device, target: &Path) -> Result<serde_json::Value> {
+    let splits = data::open(&exp.data, base)?;
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
+    let dict = checkpoint::read_model(weights, &exp.backbone.arch, None)?;
+    let model = load_strict(model, &dict, &weights.display().to_string())?;
+    let (loss, top1) = evaluate(&model, &test_loader, device)?;
+    Ok(json!({
+        "source": target.display().to_string(),
+        "arch": exp.backbone.arch,
+        "weights": weights.display().to_string(),
+        "images": splits.test.len(),
+        "top1": top1,
+        "loss": loss,
+    }))
+}

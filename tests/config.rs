@@ -1,0 +1,174 @@
+//! Experiment files: includes, overrides, and errors that name the file, the line and the key.
+
+use std::path::{Path, PathBuf};
+
+use rlprune::experiment::Experiment;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const BASE: &str = r#"name = "t"
+seed = 3
+
+[data]
+dataset = "synthetic"
+batch_size = 16
+
+[backbone]
+arch = "small-cnn"
+
+[train]
+epochs = 2
+optimizer = { kind = "sgd", lr = 0.1 }
+"#;
+
+fn err(text: &str, overrides: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "x.toml", text);
+    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    let e = Experiment::load(&p, &o).expect_err("should fail");
+    format!("{e:#}").replace(&dir.path().display().to_string(), "DIR")
+}
+
+#[test]
+fn valid_file_loads_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "x.toml", BASE);
+    let (exp, _) = Experiment::load(&p, &[]).unwrap();
+    assert_eq!(exp.seed, 3);
+    assert_eq!(exp.data.batch_size, 16);
+    assert_eq!(exp.train.epochs, 2);
+    assert_eq!(exp.device, "cpu");
+    assert!(exp.log.tensorboard);
+}
+
+#[test]
+fn out_of_range_value_names_file_line_and_key() {
+    let text = BASE.replace("batch_size = 16", "batch_size = 0");
+    let e = err(&text, &[]);
+    assert_eq!(e, "DIR/x.toml:6: data.batch_size must be > 0, got 0", "{e}");
+}
+
+#[test]
+fn unknown_key_is_refused_with_its_line() {
+    let text = BASE.replace("batch_size = 16", "batch_size = 16\nbatchsize = 4");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("DIR/x.toml:7: unknown key 'data.batchsize'"), "{e}");
+}
+
+#[test]
+fn unknown_key_in_inline_table() {
+    let text = BASE.replace("lr = 0.1 }", "lr = 0.1, momentun = 0.9 }");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("DIR/x.toml:13:") && e.contains("momentun"), "{e}");
+}
+
+#[test]
+fn wrong_type_names_key() {
+    let text = BASE.replace("batch_size = 16", "batch_size = \"big\"");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("DIR/x.toml:6: data.batch_size:") && e.contains("invalid type"), "{e}");
+}
+
+#[test]
+fn malformed_toml_names_line() {
+    let text = BASE.replace("epochs = 2", "epochs = = 2");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("DIR/x.toml:12: invalid TOML"), "{e}");
+}
+
+#[test]
+fn bad_value_in_nested_table() {
+    let text = BASE.replace("lr = 0.1", "lr = -1.0");
+    let e = err(&text, &[]);
+    assert_eq!(e, "DIR/x.toml:13: train.optimizer.lr must be > 0, got -1", "{e}");
+}
+
+#[test]
+fn unknown_arch_lists_known() {
+    let text = BASE.replace("small-cnn", "resnet9000");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("DIR/x.toml:9: backbone.arch 'resnet9000' is not a known backbone"), "{e}");
+}
+
+#[test]
+fn overrides_are_typed_and_named_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "x.toml", BASE);
+    let (exp, _) = Experiment::load(
+        &p,
+        &["data.batch_size=32".into(), "train.optimizer.lr=0.5".into(), "name=renamed".into(), "log.tensorboard=false".into()],
+    )
+    .unwrap();
+    assert_eq!(exp.data.batch_size, 32);
+    assert_eq!(exp.train.optimizer.lr(), 0.5);
+    assert_eq!(exp.name, "renamed");
+    assert!(!exp.log.tensorboard);
+
+    let e = err(BASE, &["data.batch_size=0"]);
+    assert_eq!(e, "--set data.batch_size=0: data.batch_size must be > 0, got 0");
+    let e = err(BASE, &["data.batch_size"]);
+    assert!(e.contains("expected key=value"), "{e}");
+    let e = err(BASE, &["train.epochs=many"]);
+    assert!(e.starts_with("--set train.epochs=many: train.epochs: invalid type"), "{e}");
+}
+
+#[test]
+fn include_merges_and_including_file_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("presets")).unwrap();
+    write(dir.path(), "presets/opt.toml", "epochs = 7\noptimizer = { kind = \"adamw\", lr = 0.001 }\nlabel_smoothing = 0.1\n");
+    let text = BASE.replace("[train]\nepochs = 2", "[train]\ninclude = \"presets/opt.toml\"\nepochs = 2");
+    let p = write(dir.path(), "x.toml", &text);
+    let (exp, _) = Experiment::load(&p, &[]).unwrap();
+    assert_eq!(exp.train.epochs, 2, "the including file wins");
+    assert_eq!(exp.train.label_smoothing, 0.1, "the preset fills in");
+
+    // An error inside the preset points at the preset's line.
+    write(dir.path(), "presets/opt.toml", "label_smoothing = 1.5\n");
+    let e = format!("{:#}", Experiment::load(&p, &[]).unwrap_err());
+    assert!(e.ends_with("presets/opt.toml:1: train.label_smoothing must be in [0, 1), got 1.5"), "{e}");
+
+    let text = BASE.replace("[train]\nepochs = 2", "[train]\ninclude = \"nope.toml\"\nepochs = 2");
+    let e = err(&text, &[]);
+    assert!(e.contains("x.toml:12: train.include: included file") && e.contains("does not exist"), "{e}");
+}
+
+#[test]
+fn include_cycle_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.toml", "include = \"b.toml\"\n");
+    let p = write(dir.path(), "b.toml", "include = \"a.toml\"\n");
+    let e = format!("{:#}", Experiment::load(&p, &[]).unwrap_err());
+    assert!(e.contains("nested deeper"), "{e}");
+}
+
+#[test]
+fn cuda_device_on_cpu_build_is_refused() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let text = BASE.replace("seed = 3", "seed = 3\ndevice = \"cuda\"");
+    let e = err(&text, &[]);
+    assert!(e.starts_with("DIR/x.toml:3: device") && e.contains("--features cuda"), "{e}");
+}
+
+#[test]
+fn missing_file_is_an_error() {
+    let e = Experiment::load(Path::new("/nonexistent/x.toml"), &[]).unwrap_err();
+    assert!(format!("{e:#}").contains("/nonexistent/x.toml: cannot read"));
+}
+
+#[test]
+fn shipped_experiments_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(root.join("experiments")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            Experiment::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        }
+    }
+}
