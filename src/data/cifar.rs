@@ -208,7 +208,8 @@ impl CifarDataset {
 
     /// The raw CHW bytes of image `index`.
     pub fn raw_image(&self, index: usize) -> Option<&[u8]> {
-        self.records.pixels.get(index * PIXELS..(index + 1) * PIXELS)
+        let start = index.checked_mul(PIXELS)?;
+        self.records.pixels.get(start..start.checked_add(PIXELS)?)
     }
 
     /// CIFAR-100 only: the coarse label of image `index`.

@@ -298,6 +298,14 @@ fn describe_ureq_error(e: &ureq::Error) -> String {
     }
 }
 
+/// Downloads one file into `dir/<remote.file>`, verified (see [`Remote`]); on any failure
+/// nothing is left in `dir`. `kind` selects the offline advice in the error message.
+pub fn fetch_file(remote: &Remote, dir: &Path, kind: DatasetKind) -> anyhow::Result<PathBuf> {
+    let dest = dir.join(remote.file);
+    download(remote, dir, kind, dir)?.persist(&dest)?;
+    Ok(dest)
+}
+
 /// Downloads dataset `name` (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`) into `dir`, or
 /// `<base_dir>/data/<name>` by default, verifying every file (see the module docs). Files already
 /// present and verified are kept. Returns the dataset directory.
@@ -316,8 +324,7 @@ pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
                 if dest.is_file() && !matches!(provenance(&dest, r)?, Provenance::Other { .. }) {
                     continue;
                 }
-                let tmp = download(r, &target, kind, &target)?;
-                tmp.persist(&dest)?;
+                fetch_file(r, &target, kind)?;
             }
             // Parse both splits fully, as `open` will.
             for split in [Split::Train, Split::Test] {

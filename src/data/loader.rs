@@ -122,10 +122,10 @@ impl Loader {
 
     /// Like [`Loader::new`], but returns configuration errors.
     pub fn try_new(ds: Arc<dyn Dataset>, cfg: &DataConfig, train: bool, seed: u64) -> anyhow::Result<Self> {
-        let batch_size = if train { cfg.batch_size } else { cfg.eval_batch_size };
-        if batch_size == 0 {
-            anyhow::bail!("data.{}: must be > 0, got 0", if train { "batch_size" } else { "eval_batch_size" });
+        if let Some((key, msg)) = cfg.validate().into_iter().next() {
+            anyhow::bail!("data.{key}: {msg}");
         }
+        let batch_size = if train { cfg.batch_size } else { cfg.eval_batch_size };
         let transform = Transform::from_config(cfg, ds.image_shape(), train)?;
         let plan = Plan { ds, transform, batch_size, drop_last: cfg.drop_last, train, seed };
         Ok(Self { plan: Arc::new(plan), deferred: None, prefetch: cfg.prefetch.max(1), workers: cfg.workers.clamp(1, 64) })

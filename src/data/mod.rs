@@ -187,11 +187,11 @@ pub fn locate(cfg: &DataConfig, base_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     let hint = match kind {
         DatasetKind::FashionMnist => format!(
-            "run `rlprune data fetch fashion-mnist`, or `apt-get install dataset-fashion-mnist`, or set [data] root = \"data/fashion-mnist-subset\" (the subset shipped in the repository){}",
+            "run `rlprune data fetch fashion-mnist{}`, or `apt-get install dataset-fashion-mnist`, or set [data] root = \"data/fashion-mnist-subset\" (the subset shipped in the repository)",
             dir_hint(cfg)
         ),
         DatasetKind::Mnist | DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
-            format!("run `rlprune data fetch {}`{}", kind.name(), dir_hint(cfg))
+            format!("run `rlprune data fetch {}{}`", kind.name(), dir_hint(cfg))
         }
         _ => "check [data] root".to_string(),
     };
@@ -200,7 +200,7 @@ pub fn locate(cfg: &DataConfig, base_dir: &Path) -> anyhow::Result<PathBuf> {
 
 fn dir_hint(cfg: &DataConfig) -> String {
     match &cfg.root {
-        Some(r) => format!(" with --dir {}", r.display()),
+        Some(r) => format!(" --dir {}", r.display()),
         None => String::new(),
     }
 }
