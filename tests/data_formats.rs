@@ -77,10 +77,7 @@ fn shipped_subset_reads_with_expected_counts_balance_and_pixels() {
     assert_eq!(splits.test.len(), 1000);
     assert_eq!(splits.train.image_shape(), [1, 28, 28]);
     assert_eq!(splits.train.num_classes(), 10);
-    assert_eq!(
-        splits.train.describe(),
-        "fashion-mnist train (6000 images) from data/fashion-mnist-subset"
-    );
+    assert_eq!(splits.train.describe(), "fashion-mnist train (6000 images) from data/fashion-mnist-subset");
     assert_eq!(data::class_histogram(splits.train.as_ref()).unwrap(), vec![600; 10]);
     assert_eq!(data::class_histogram(splits.test.as_ref()).unwrap(), vec![100; 10]);
     assert_eq!(splits.train.class_names()[9], "Ankle boot");
@@ -91,7 +88,7 @@ fn shipped_subset_reads_with_expected_counts_balance_and_pixels() {
     assert_eq!(s.image.len(), 784);
     assert!(s.image.iter().all(|v| (0.0..=1.0).contains(v)));
     assert_eq!(s.image[0], 0.0, "Fashion-MNIST corners are background");
-    assert!(s.image.iter().any(|&v| v == 1.0), "an ankle boot reaches full intensity");
+    assert!(s.image.contains(&1.0), "an ankle boot reaches full intensity");
     let (mean, std) = rlprune::data::fetch::pixel_stats(splits.train.as_ref()).unwrap();
     assert!((mean[0] - 0.286).abs() < 0.02, "mean {mean:?}");
     assert!((std[0] - 0.353).abs() < 0.02, "std {std:?}");
@@ -223,7 +220,11 @@ fn idx_bad_files_give_errors_naming_the_file() {
     std::fs::write(&img_path, b"").unwrap();
     assert!(err_of(mnist::read_images(&img_path)).contains(&img_name));
     // Absurd header must not allocate or panic.
-    std::fs::write(&img_path, idx_images(0, 1, 1, |_| 0).iter().take(4).chain(&[0xff; 12]).copied().collect::<Vec<u8>>()).unwrap();
+    std::fs::write(
+        &img_path,
+        idx_images(0, 1, 1, |_| 0).iter().take(4).chain(&[0xff; 12]).copied().collect::<Vec<u8>>(),
+    )
+    .unwrap();
     let e = err_of(mnist::read_images(&img_path));
     assert!(e.contains(&img_name) && e.contains("more than this reader accepts"), "{e}");
 }
@@ -251,7 +252,11 @@ fn cifar10_binary_roundtrip_labels_and_chw_order() {
         let bytes: Vec<u8> = [cifar_record(&[b], b), cifar_record(&[9 - b], b + 10)].concat();
         std::fs::write(d.join(format!("data_batch_{b}.bin")), bytes).unwrap();
     }
-    std::fs::write(d.join("test_batch.bin"), [cifar_record(&[0], 50), cifar_record(&[7], 51), cifar_record(&[3], 52)].concat()).unwrap();
+    std::fs::write(
+        d.join("test_batch.bin"),
+        [cifar_record(&[0], 50), cifar_record(&[7], 51), cifar_record(&[3], 52)].concat(),
+    )
+    .unwrap();
     let mut cfg = DataConfig::for_dataset(DatasetKind::Cifar10);
     cfg.root = Some(d.to_path_buf());
     let splits = data::open(&cfg, Path::new("/nonexistent")).unwrap();
@@ -296,14 +301,22 @@ fn cifar_bad_files_give_errors_naming_file_and_offset() {
     bytes.extend_from_slice(&[0u8; 100]);
     let mut out = cifar::CifarRecords::default();
     let e = err_of(cifar::parse_records(Variant::Cifar10, &p, &bytes, &mut out));
-    assert!(e.contains(&name) && e.contains("not a multiple of the 3073-byte") && e.contains("byte offset 6146"), "{e}");
+    assert!(
+        e.contains(&name) && e.contains("not a multiple of the 3073-byte") && e.contains("byte offset 6146"),
+        "{e}"
+    );
 
     let bad_label = [cifar_record(&[1], 0), cifar_record(&[10], 1)].concat();
     let e = err_of(cifar::parse_records(Variant::Cifar10, &p, &bad_label, &mut out));
     assert!(e.contains(&name) && e.contains("label 10 of record 1 (byte offset 3073)"), "{e}");
 
     // A CIFAR-10 file read as CIFAR-100 is misaligned.
-    let e = err_of(cifar::parse_records(Variant::Cifar100, &p, &[cifar_record(&[1], 0), cifar_record(&[2], 0)].concat(), &mut out));
+    let e = err_of(cifar::parse_records(
+        Variant::Cifar100,
+        &p,
+        &[cifar_record(&[1], 0), cifar_record(&[2], 0)].concat(),
+        &mut out,
+    ));
     assert!(e.contains(&name) && e.contains("3074-byte"), "{e}");
     let e = err_of(cifar::parse_records(Variant::Cifar100, &p, &cifar_record(&[3, 100], 0), &mut out));
     assert!(e.contains("fine label 100 of record 0 (byte offset 1)"), "{e}");

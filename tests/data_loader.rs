@@ -194,7 +194,7 @@ fn errors_end_the_stream_and_bad_config_is_reported() {
     let items: Vec<_> = loader.epoch(0).collect();
     assert_eq!(items.len(), 1);
     let e = items[0].as_ref().unwrap_err().to_string();
-    assert!(e.contains("data.mean") && e.contains("2 values"), "{e}");
+    assert!(e.contains("data.mean") && e.contains("got 2"), "{e}");
 }
 
 #[test]

@@ -44,7 +44,8 @@ fn toml_table_parses_with_defaults_and_rejects_unknown_keys() {
         assert_eq!(DatasetKind::from_name(name).unwrap(), kind);
     }
     let c: DataConfig =
-        toml::from_str("dataset = \"cifar10\"\nresize = [40, 48]\nmean = [0.5]\nhflip = true\ntrain_limit = 100").unwrap();
+        toml::from_str("dataset = \"cifar10\"\nresize = [40, 48]\nmean = [0.5]\nhflip = true\ntrain_limit = 100")
+            .unwrap();
     assert_eq!(c.resize, Some([40, 48]));
     // Round trip.
     let back: DataConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
@@ -109,7 +110,10 @@ fn missing_dataset_error_lists_searched_places() {
     let e = err_of(data::open(&c, base));
     assert!(e.contains(&base.join("nowhere/fm").display().to_string()), "{e}");
     assert!(!e.contains("/usr/share/datasets"), "{e}");
-    assert!(e.contains("apt-get install dataset-fashion-mnist") && e.contains("fetch fashion-mnist --dir nowhere/fm`"), "{e}");
+    assert!(
+        e.contains("apt-get install dataset-fashion-mnist") && e.contains("fetch fashion-mnist --dir nowhere/fm`"),
+        "{e}"
+    );
     assert_eq!(data::search_dirs(&c, base), vec![base.join("nowhere/fm")]);
 
     // Without root, Fashion-MNIST also looks in the Debian package's directory.
@@ -249,7 +253,8 @@ fn download_verifies_sha256_and_never_leaves_partial_files() {
 
     // Nothing listens on this port: a clear failure, with offline alternatives.
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dead = Remote { url: leak(format!("http://127.0.0.1:{port}/x.gz")), file: "x.gz", sha256: "00", content_sha256: None };
+    let dead =
+        Remote { url: leak(format!("http://127.0.0.1:{port}/x.gz")), file: "x.gz", sha256: "00", content_sha256: None };
     let e = err_of(fetch::fetch_file(&dead, dir, DatasetKind::FashionMnist));
     assert!(e.contains("download of http://127.0.0.1") && e.contains("failed"), "{e}");
     assert!(e.contains("data/fashion-mnist-subset") && e.contains("apt-get install dataset-fashion-mnist"), "{e}");

@@ -318,7 +318,8 @@ pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
     match kind {
         DatasetKind::Mnist | DatasetKind::FashionMnist => {
             let files = if kind == DatasetKind::Mnist { &MNIST_FILES } else { &FASHION_FILES };
-            std::fs::create_dir_all(&target).with_context(|| format!("{}: cannot create directory", target.display()))?;
+            std::fs::create_dir_all(&target)
+                .with_context(|| format!("{}: cannot create directory", target.display()))?;
             for r in files.iter() {
                 let dest = target.join(r.file);
                 if dest.is_file() && !matches!(provenance(&dest, r)?, Provenance::Other { .. }) {
@@ -346,7 +347,9 @@ pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
             }
         }
         DatasetKind::ImageFolder | DatasetKind::Synthetic => {
-            anyhow::bail!("there is nothing to fetch for dataset {kind}; fetchable: mnist, fashion-mnist, cifar10, cifar100")
+            anyhow::bail!(
+                "there is nothing to fetch for dataset {kind}; fetchable: mnist, fashion-mnist, cifar10, cifar100"
+            )
         }
     }
     Ok(target)
@@ -397,7 +400,8 @@ fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Res
         }
         let tmp = TempFile::new(target, &name);
         let mut out = File::create(&tmp.path).with_context(|| format!("{}: cannot create file", tmp.path.display()))?;
-        std::io::copy(&mut entry, &mut out).with_context(|| format!("{}: cannot extract {name}", tmp.path.display()))?;
+        std::io::copy(&mut entry, &mut out)
+            .with_context(|| format!("{}: cannot extract {name}", tmp.path.display()))?;
         out.sync_all().with_context(|| format!("{}: cannot write file", tmp.path.display()))?;
         drop(out);
         tmp.persist(&target.join(&name))?;
@@ -426,7 +430,8 @@ pub fn check(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
             }
         }
         DatasetKind::ImageFolder => {
-            let root = dir.context("dataset image-folder needs --dir <root> (holding train/<class>/ and val/<class>/)")?;
+            let root =
+                dir.context("dataset image-folder needs --dir <root> (holding train/<class>/ and val/<class>/)")?;
             let root = resolve(root, base_dir);
             out.push_str(&format!("image-folder at {}\n", root.display()));
             for (split, sub) in [(Split::Train, &cfg.train_dir), (Split::Test, &cfg.test_dir)] {
@@ -497,10 +502,14 @@ pub fn check(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
                     .iter()
                     .map(|f| {
                         let n = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                        let full = sizes.iter().any(|(s, len)| {
-                            s == n && std::fs::metadata(f).map(|m| m.len() == *len).unwrap_or(false)
-                        });
-                        let note = if full { "official size, all records valid" } else { "records valid, not the official size" };
+                        let full = sizes
+                            .iter()
+                            .any(|(s, len)| s == n && std::fs::metadata(f).map(|m| m.len() == *len).unwrap_or(false));
+                        let note = if full {
+                            "official size, all records valid"
+                        } else {
+                            "records valid, not the official size"
+                        };
                         format!("{} ({note})", f.display())
                     })
                     .collect();

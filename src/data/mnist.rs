@@ -91,10 +91,7 @@ fn read_up_to(r: &mut dyn Read, buf: &mut [u8], path: &Path, gz: bool) -> anyhow
 
 fn read_error(path: &Path, gz: bool, offset: u64, e: std::io::Error) -> anyhow::Error {
     if gz {
-        anyhow::anyhow!(
-            "{}: corrupt gzip data after {offset} decompressed bytes: {e}",
-            path.display()
-        )
+        anyhow::anyhow!("{}: corrupt gzip data after {offset} decompressed bytes: {e}", path.display())
     } else {
         anyhow::anyhow!("{}: read error at byte offset {offset}: {e}", path.display())
     }
@@ -148,7 +145,14 @@ fn read_payload(
 
 /// Reads `n` big-endian `u32` header fields starting at byte offset `start`; `total` is the
 /// header's full length, for messages.
-fn read_header(r: &mut dyn Read, path: &Path, gz: bool, start: usize, n: usize, total: usize) -> anyhow::Result<Vec<u32>> {
+fn read_header(
+    r: &mut dyn Read,
+    path: &Path,
+    gz: bool,
+    start: usize,
+    n: usize,
+    total: usize,
+) -> anyhow::Result<Vec<u32>> {
     let mut buf = vec![0u8; 4 * n];
     let got = read_up_to(r, &mut buf, path, gz)?;
     if got < buf.len() {
@@ -284,11 +288,7 @@ impl IdxDataset {
     pub fn open_dir(kind: DatasetKind, dir: &Path, split: Split, source: &str) -> anyhow::Result<Self> {
         let find = |what: &str| {
             find_file(dir, split, what).with_context(|| {
-                format!(
-                    "{}: no {}[.gz] in this directory",
-                    dir.display(),
-                    candidate_names(split, what)[0]
-                )
+                format!("{}: no {}[.gz] in this directory", dir.display(), candidate_names(split, what)[0])
             })
         };
         let images = find("images")?;
@@ -318,10 +318,7 @@ impl Dataset for IdxDataset {
         Ok(Sample { image: raw.iter().map(|&p| p as f32 / 255.0).collect(), label: self.labels[index] as usize })
     }
     fn label(&self, index: usize) -> anyhow::Result<usize> {
-        self.labels
-            .get(index)
-            .map(|&l| l as usize)
-            .with_context(|| out_of_range(index, self.len(), &self.describe()))
+        self.labels.get(index).map(|&l| l as usize).with_context(|| out_of_range(index, self.len(), &self.describe()))
     }
     fn image_shape(&self) -> [usize; 3] {
         [1, self.rows, self.cols]
