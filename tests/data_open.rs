@@ -260,6 +260,18 @@ fn download_verifies_sha256_and_never_leaves_partial_files() {
     assert!(e.contains("data/fashion-mnist-subset") && e.contains("apt-get install dataset-fashion-mnist"), "{e}");
     assert_eq!(files_in(dir), vec!["hello.bin"]);
     assert!(err_of(data::fetch("synthetic", None, dir)).contains("nothing to fetch"));
+    // A whole-dataset fetch that cannot download leaves no dataset directory and no file behind.
+    // Only run where the official host does not resolve, so that the test never downloads.
+    let offline = std::net::ToSocketAddrs::to_socket_addrs(&("ossci-datasets.s3.amazonaws.com", 443)).is_err();
+    if offline {
+        let base = tempfile::tempdir().unwrap();
+        let e = err_of(data::fetch("mnist", None, base.path()));
+        assert!(
+            e.contains("download of https://ossci-datasets.s3.amazonaws.com/mnist/") && e.contains("failed"),
+            "{e}"
+        );
+        assert!(!base.path().join("data/mnist").exists(), "no empty dataset directory left");
+    }
 }
 
 #[test]
@@ -282,7 +294,7 @@ fn check_summarises_the_shipped_subset_and_debian_copy() {
         let empty = tempfile::tempdir().unwrap();
         let report = data::check("fashion-mnist", None, empty.path()).unwrap();
         eprintln!("{report}");
-        assert_eq!(report.matches("official contents (re-compressed copy)").count(), 4, "{report}");
+        assert_eq!(report.matches("official contents, decompressed sha256 verified").count(), 4, "{report}");
         assert!(report.contains("Sneaker=6000"), "{report}");
     }
     let report = data::check("synthetic", None, Path::new("/")).unwrap();

@@ -157,7 +157,7 @@ fn hex(bytes: &[u8]) -> String {
 pub enum Provenance {
     /// Byte-identical to the official file.
     Official,
-    /// Different file bytes, identical decompressed contents (a re-compressed copy).
+    /// Different file bytes, identical decompressed contents (a re-compressed or uncompressed copy).
     OfficialContents,
     /// Neither matches: a subset, a different version, or a corrupt copy.
     Other { sha256: String },
@@ -311,48 +311,68 @@ pub fn fetch_file(remote: &Remote, dir: &Path, kind: DatasetKind) -> anyhow::Res
 /// present and verified are kept. Returns the dataset directory.
 pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<PathBuf> {
     let kind = DatasetKind::from_name(name)?;
+    if matches!(kind, DatasetKind::ImageFolder | DatasetKind::Synthetic) {
+        anyhow::bail!(
+            "there is nothing to fetch for dataset {kind}; fetchable: mnist, fashion-mnist, cifar10, cifar100"
+        );
+    }
     let target = match dir {
         Some(d) => resolve(d, base_dir),
         None => base_dir.join("data").join(kind.default_dir_name()),
     };
+    let created = !target.exists();
+    std::fs::create_dir_all(&target).with_context(|| format!("{}: cannot create directory", target.display()))?;
+    remove_stale_parts(&target);
+    let result = fetch_into(kind, &target);
+    if result.is_err() && created {
+        // Only succeeds when nothing was written: leave no empty dataset directory behind.
+        let _ = std::fs::remove_dir(&target);
+    }
+    result.map(|()| target)
+}
+
+/// Removes `.<name>.<pid>.part` files left by a download that was killed.
+fn remove_stale_parts(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".part") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn fetch_into(kind: DatasetKind, target: &Path) -> anyhow::Result<()> {
     match kind {
         DatasetKind::Mnist | DatasetKind::FashionMnist => {
             let files = if kind == DatasetKind::Mnist { &MNIST_FILES } else { &FASHION_FILES };
-            std::fs::create_dir_all(&target)
-                .with_context(|| format!("{}: cannot create directory", target.display()))?;
             for r in files.iter() {
                 let dest = target.join(r.file);
                 if dest.is_file() && !matches!(provenance(&dest, r)?, Provenance::Other { .. }) {
                     continue;
                 }
-                fetch_file(r, &target, kind)?;
+                fetch_file(r, target, kind)?;
             }
             // Parse both splits fully, as `open` will.
             for split in [Split::Train, Split::Test] {
-                mnist::IdxDataset::open_dir(kind, &target, split, &target.display().to_string())?;
+                mnist::IdxDataset::open_dir(kind, target, split, &target.display().to_string())?;
             }
         }
-        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+        _ => {
             let variant = Variant::from_kind(kind)?;
             let archive = if kind == DatasetKind::Cifar10 { CIFAR10_ARCHIVE } else { CIFAR100_ARCHIVE };
-            if !cifar_complete(variant, &target) {
-                std::fs::create_dir_all(&target)
-                    .with_context(|| format!("{}: cannot create directory", target.display()))?;
-                let tmp = download(&archive, &target, kind, &target)?;
-                extract_cifar(variant, &tmp.path, &target)
+            if !cifar_complete(variant, target) {
+                let tmp = download(&archive, target, kind, target)?;
+                extract_cifar(variant, &tmp.path, target)
                     .with_context(|| format!("{}: cannot extract the verified archive", archive.url))?;
             }
             for split in [Split::Train, Split::Test] {
-                cifar::CifarDataset::open_dir(kind, &target, split, &target.display().to_string())?;
+                cifar::CifarDataset::open_dir(kind, target, split, &target.display().to_string())?;
             }
         }
-        DatasetKind::ImageFolder | DatasetKind::Synthetic => {
-            anyhow::bail!(
-                "there is nothing to fetch for dataset {kind}; fetchable: mnist, fashion-mnist, cifar10, cifar100"
-            )
-        }
     }
-    Ok(target)
+    Ok(())
 }
 
 /// Expected sizes of the CIFAR data files.
@@ -479,7 +499,7 @@ pub fn check(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
                         Some(r) => match provenance(f, r)? {
                             Provenance::Official => "official file, sha256 verified".to_string(),
                             Provenance::OfficialContents => {
-                                "official contents (re-compressed copy), decompressed sha256 verified".to_string()
+                                "official contents, decompressed sha256 verified (the file differs from the official .gz, e.g. a re-compressed or uncompressed copy)".to_string()
                             }
                             Provenance::Other { sha256 } => format!("not the official file (sha256 {sha256})"),
                         },
