@@ -275,6 +275,39 @@ fn download_verifies_sha256_and_never_leaves_partial_files() {
 }
 
 #[test]
+fn cifar_archive_extraction_writes_only_known_files_flat() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("a.tar.gz");
+    {
+        let gz = flate2::write::GzEncoder::new(std::fs::File::create(&archive).unwrap(), flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        let mut add = |path: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, data).unwrap();
+        };
+        add("cifar-10-batches-bin/data_batch_1.bin", &[7u8; 3073]);
+        add("cifar-10-batches-bin/batches.meta.txt", b"airplane\n");
+        add("cifar-10-batches-bin/unexpected.sh", b"echo no");
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let target = tmp.path().join("out");
+    std::fs::create_dir_all(&target).unwrap();
+    let written = fetch::extract_cifar(rlprune::data::cifar::Variant::Cifar10, &archive, &target).unwrap();
+    assert_eq!(written, vec!["data_batch_1.bin", "batches.meta.txt"]);
+    assert_eq!(files_in(&target), vec!["batches.meta.txt", "data_batch_1.bin"]);
+    assert_eq!(std::fs::read(target.join("data_batch_1.bin")).unwrap(), vec![7u8; 3073]);
+    // A corrupt archive is an error, not a panic, and leaves no partial file.
+    std::fs::write(&archive, b"\x1f\x8b garbage").unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(fetch::extract_cifar(rlprune::data::cifar::Variant::Cifar10, &archive, &empty).is_err());
+    assert!(files_in(&empty).is_empty());
+}
+
+#[test]
 #[ignore = "needs internet access; downloads MNIST (11 MB)"]
 fn fetch_real_mnist() {
     let tmp = tempfile::tempdir().unwrap();

@@ -366,6 +366,12 @@ fn fetch_into(kind: DatasetKind, target: &Path) -> anyhow::Result<()> {
                 let tmp = download(&archive, target, kind, target)?;
                 extract_cifar(variant, &tmp.path, target)
                     .with_context(|| format!("{}: cannot extract the verified archive", archive.url))?;
+                if !cifar_complete(variant, target) {
+                    anyhow::bail!(
+                        "{}: the verified archive lacks some data files or they have unexpected sizes",
+                        archive.url
+                    );
+                }
             }
             for split in [Split::Train, Split::Test] {
                 cifar::CifarDataset::open_dir(kind, target, split, &target.display().to_string())?;
@@ -396,7 +402,8 @@ fn cifar_complete(variant: Variant, dir: &Path) -> bool {
 
 /// Extracts the data and metadata files of a verified CIFAR archive into `target`, each through
 /// a temporary file. Only known file names are written; the archive's top folder is dropped.
-fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Result<()> {
+/// Returns the names written, in archive order; completeness is checked by the caller.
+pub fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Result<Vec<String>> {
     let mut wanted: Vec<String> = cifar_sizes(variant).into_iter().map(|(n, _)| n).collect();
     wanted.extend(
         match variant {
@@ -408,6 +415,7 @@ fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Res
     );
     let f = File::open(archive).with_context(|| format!("{}: cannot open file", archive.display()))?;
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    let mut written = Vec::new();
     for entry in ar.entries().context("cannot read the tar archive")? {
         let mut entry = entry.context("corrupt tar entry")?;
         if !entry.header().entry_type().is_file() {
@@ -425,11 +433,9 @@ fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Res
         out.sync_all().with_context(|| format!("{}: cannot write file", tmp.path.display()))?;
         drop(out);
         tmp.persist(&target.join(&name))?;
+        written.push(name);
     }
-    if !cifar_complete(variant, target) {
-        anyhow::bail!("the archive lacks some data files or they have unexpected sizes");
-    }
-    Ok(())
+    Ok(written)
 }
 
 /// Opens dataset `name` (from `dir`, or the usual places) and returns a summary: where it was
