@@ -74,11 +74,7 @@ impl Variant {
 /// The data files `dir` lacks.
 pub fn missing_files(kind: DatasetKind, dir: &Path) -> Vec<String> {
     let Ok(v) = Variant::from_kind(kind) else { return Vec::new() };
-    [Split::Train, Split::Test]
-        .into_iter()
-        .flat_map(|s| v.file_names(s))
-        .filter(|n| !dir.join(n).is_file())
-        .collect()
+    [Split::Train, Split::Test].into_iter().flat_map(|s| v.file_names(s)).filter(|n| !dir.join(n).is_file()).collect()
 }
 
 /// Parsed records of one or more CIFAR files.
@@ -99,7 +95,7 @@ pub fn parse_records(variant: Variant, path: &Path, bytes: &[u8], out: &mut Cifa
     if bytes.is_empty() {
         anyhow::bail!("{}: empty file, expected records of {rec} bytes", path.display());
     }
-    if bytes.len() % rec != 0 {
+    if !bytes.len().is_multiple_of(rec) {
         let whole = bytes.len() / rec;
         anyhow::bail!(
             "{}: size {} bytes is not a multiple of the {rec}-byte {} record: record {whole} at byte offset {} is incomplete ({} of {rec} bytes; truncated file?)",
@@ -208,7 +204,8 @@ impl CifarDataset {
 
     /// The raw CHW bytes of image `index`.
     pub fn raw_image(&self, index: usize) -> Option<&[u8]> {
-        self.records.pixels.get(index * PIXELS..(index + 1) * PIXELS)
+        let start = index.checked_mul(PIXELS)?;
+        self.records.pixels.get(start..start.checked_add(PIXELS)?)
     }
 
     /// CIFAR-100 only: the coarse label of image `index`.
@@ -223,7 +220,10 @@ impl Dataset for CifarDataset {
     }
     fn get(&self, index: usize) -> anyhow::Result<Sample> {
         let raw = self.raw_image(index).with_context(|| out_of_range(index, self.len(), &self.describe()))?;
-        Ok(Sample { image: raw.iter().map(|&p| p as f32 / 255.0).collect(), label: self.records.labels[index] as usize })
+        Ok(Sample {
+            image: raw.iter().map(|&p| p as f32 / 255.0).collect(),
+            label: self.records.labels[index] as usize,
+        })
     }
     fn label(&self, index: usize) -> anyhow::Result<usize> {
         self.records

@@ -292,11 +292,9 @@ impl DataConfig {
                 None => Ok(dflt),
                 Some(v) if v.len() == 1 => Ok(vec![v[0]; c]),
                 Some(v) if v.len() == c => Ok(v.clone()),
-                Some(v) => anyhow::bail!(
-                    "data.{key}: has {} values but {} images have {c} channel(s)",
-                    v.len(),
-                    self.dataset
-                ),
+                Some(v) => {
+                    anyhow::bail!("data.{key}: has {} values but {} images have {c} channel(s)", v.len(), self.dataset)
+                }
             }
         };
         let mean = expand("mean", self.mean.as_ref(), m0)?;
@@ -367,10 +365,8 @@ impl DataConfig {
             err("std", format!("values must be > 0, got {x}"));
         }
         match self.dataset {
-            DatasetKind::ImageFolder => {
-                if self.root.is_none() {
-                    err("root", "required for dataset = \"image-folder\"".to_string());
-                }
+            DatasetKind::ImageFolder if self.root.is_none() => {
+                err("root", "required for dataset = \"image-folder\"".to_string());
             }
             DatasetKind::Synthetic => {
                 if !(2..=1000).contains(&self.classes) {

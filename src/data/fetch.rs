@@ -157,7 +157,7 @@ fn hex(bytes: &[u8]) -> String {
 pub enum Provenance {
     /// Byte-identical to the official file.
     Official,
-    /// Different file bytes, identical decompressed contents (a re-compressed copy).
+    /// Different file bytes, identical decompressed contents (a re-compressed or uncompressed copy).
     OfficialContents,
     /// Neither matches: a subset, a different version, or a corrupt copy.
     Other { sha256: String },
@@ -298,51 +298,87 @@ fn describe_ureq_error(e: &ureq::Error) -> String {
     }
 }
 
+/// Downloads one file into `dir/<remote.file>`, verified (see [`Remote`]); on any failure
+/// nothing is left in `dir`. `kind` selects the offline advice in the error message.
+pub fn fetch_file(remote: &Remote, dir: &Path, kind: DatasetKind) -> anyhow::Result<PathBuf> {
+    let dest = dir.join(remote.file);
+    download(remote, dir, kind, dir)?.persist(&dest)?;
+    Ok(dest)
+}
+
 /// Downloads dataset `name` (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`) into `dir`, or
 /// `<base_dir>/data/<name>` by default, verifying every file (see the module docs). Files already
 /// present and verified are kept. Returns the dataset directory.
 pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<PathBuf> {
     let kind = DatasetKind::from_name(name)?;
+    if matches!(kind, DatasetKind::ImageFolder | DatasetKind::Synthetic) {
+        anyhow::bail!(
+            "there is nothing to fetch for dataset {kind}; fetchable: mnist, fashion-mnist, cifar10, cifar100"
+        );
+    }
     let target = match dir {
         Some(d) => resolve(d, base_dir),
         None => base_dir.join("data").join(kind.default_dir_name()),
     };
+    let created = !target.exists();
+    std::fs::create_dir_all(&target).with_context(|| format!("{}: cannot create directory", target.display()))?;
+    remove_stale_parts(&target);
+    let result = fetch_into(kind, &target);
+    if result.is_err() && created {
+        // Only succeeds when nothing was written: leave no empty dataset directory behind.
+        let _ = std::fs::remove_dir(&target);
+    }
+    result.map(|()| target)
+}
+
+/// Removes `.<name>.<pid>.part` files left by a download that was killed.
+fn remove_stale_parts(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".part") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn fetch_into(kind: DatasetKind, target: &Path) -> anyhow::Result<()> {
     match kind {
         DatasetKind::Mnist | DatasetKind::FashionMnist => {
             let files = if kind == DatasetKind::Mnist { &MNIST_FILES } else { &FASHION_FILES };
-            std::fs::create_dir_all(&target).with_context(|| format!("{}: cannot create directory", target.display()))?;
             for r in files.iter() {
                 let dest = target.join(r.file);
                 if dest.is_file() && !matches!(provenance(&dest, r)?, Provenance::Other { .. }) {
                     continue;
                 }
-                let tmp = download(r, &target, kind, &target)?;
-                tmp.persist(&dest)?;
+                fetch_file(r, target, kind)?;
             }
             // Parse both splits fully, as `open` will.
             for split in [Split::Train, Split::Test] {
-                mnist::IdxDataset::open_dir(kind, &target, split, &target.display().to_string())?;
+                mnist::IdxDataset::open_dir(kind, target, split, &target.display().to_string())?;
             }
         }
-        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+        _ => {
             let variant = Variant::from_kind(kind)?;
             let archive = if kind == DatasetKind::Cifar10 { CIFAR10_ARCHIVE } else { CIFAR100_ARCHIVE };
-            if !cifar_complete(variant, &target) {
-                std::fs::create_dir_all(&target)
-                    .with_context(|| format!("{}: cannot create directory", target.display()))?;
-                let tmp = download(&archive, &target, kind, &target)?;
-                extract_cifar(variant, &tmp.path, &target)
+            if !cifar_complete(variant, target) {
+                let tmp = download(&archive, target, kind, target)?;
+                extract_cifar(variant, &tmp.path, target)
                     .with_context(|| format!("{}: cannot extract the verified archive", archive.url))?;
+                if !cifar_complete(variant, target) {
+                    anyhow::bail!(
+                        "{}: the verified archive lacks some data files or they have unexpected sizes",
+                        archive.url
+                    );
+                }
             }
             for split in [Split::Train, Split::Test] {
-                cifar::CifarDataset::open_dir(kind, &target, split, &target.display().to_string())?;
+                cifar::CifarDataset::open_dir(kind, target, split, &target.display().to_string())?;
             }
         }
-        DatasetKind::ImageFolder | DatasetKind::Synthetic => {
-            anyhow::bail!("there is nothing to fetch for dataset {kind}; fetchable: mnist, fashion-mnist, cifar10, cifar100")
-        }
     }
-    Ok(target)
+    Ok(())
 }
 
 /// Expected sizes of the CIFAR data files.
@@ -366,7 +402,8 @@ fn cifar_complete(variant: Variant, dir: &Path) -> bool {
 
 /// Extracts the data and metadata files of a verified CIFAR archive into `target`, each through
 /// a temporary file. Only known file names are written; the archive's top folder is dropped.
-fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Result<()> {
+/// Returns the names written, in archive order; completeness is checked by the caller.
+pub fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Result<Vec<String>> {
     let mut wanted: Vec<String> = cifar_sizes(variant).into_iter().map(|(n, _)| n).collect();
     wanted.extend(
         match variant {
@@ -378,6 +415,7 @@ fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Res
     );
     let f = File::open(archive).with_context(|| format!("{}: cannot open file", archive.display()))?;
     let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    let mut written = Vec::new();
     for entry in ar.entries().context("cannot read the tar archive")? {
         let mut entry = entry.context("corrupt tar entry")?;
         if !entry.header().entry_type().is_file() {
@@ -390,15 +428,14 @@ fn extract_cifar(variant: Variant, archive: &Path, target: &Path) -> anyhow::Res
         }
         let tmp = TempFile::new(target, &name);
         let mut out = File::create(&tmp.path).with_context(|| format!("{}: cannot create file", tmp.path.display()))?;
-        std::io::copy(&mut entry, &mut out).with_context(|| format!("{}: cannot extract {name}", tmp.path.display()))?;
+        std::io::copy(&mut entry, &mut out)
+            .with_context(|| format!("{}: cannot extract {name}", tmp.path.display()))?;
         out.sync_all().with_context(|| format!("{}: cannot write file", tmp.path.display()))?;
         drop(out);
         tmp.persist(&target.join(&name))?;
+        written.push(name);
     }
-    if !cifar_complete(variant, target) {
-        anyhow::bail!("the archive lacks some data files or they have unexpected sizes");
-    }
-    Ok(())
+    Ok(written)
 }
 
 /// Opens dataset `name` (from `dir`, or the usual places) and returns a summary: where it was
@@ -419,7 +456,8 @@ pub fn check(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
             }
         }
         DatasetKind::ImageFolder => {
-            let root = dir.context("dataset image-folder needs --dir <root> (holding train/<class>/ and val/<class>/)")?;
+            let root =
+                dir.context("dataset image-folder needs --dir <root> (holding train/<class>/ and val/<class>/)")?;
             let root = resolve(root, base_dir);
             out.push_str(&format!("image-folder at {}\n", root.display()));
             for (split, sub) in [(Split::Train, &cfg.train_dir), (Split::Test, &cfg.test_dir)] {
@@ -467,7 +505,7 @@ pub fn check(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
                         Some(r) => match provenance(f, r)? {
                             Provenance::Official => "official file, sha256 verified".to_string(),
                             Provenance::OfficialContents => {
-                                "official contents (re-compressed copy), decompressed sha256 verified".to_string()
+                                "official contents, decompressed sha256 verified (the file differs from the official .gz, e.g. a re-compressed or uncompressed copy)".to_string()
                             }
                             Provenance::Other { sha256 } => format!("not the official file (sha256 {sha256})"),
                         },
@@ -490,10 +528,14 @@ pub fn check(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
                     .iter()
                     .map(|f| {
                         let n = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                        let full = sizes.iter().any(|(s, len)| {
-                            s == n && std::fs::metadata(f).map(|m| m.len() == *len).unwrap_or(false)
-                        });
-                        let note = if full { "official size, all records valid" } else { "records valid, not the official size" };
+                        let full = sizes
+                            .iter()
+                            .any(|(s, len)| s == n && std::fs::metadata(f).map(|m| m.len() == *len).unwrap_or(false));
+                        let note = if full {
+                            "official size, all records valid"
+                        } else {
+                            "records valid, not the official size"
+                        };
                         format!("{} ({note})", f.display())
                     })
                     .collect();

@@ -20,9 +20,7 @@ fn is_hidden(p: &Path) -> bool {
 }
 
 fn has_image_ext(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 fn sorted_entries(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -68,11 +66,7 @@ pub fn decode_rgb(path: &Path) -> anyhow::Result<image::RgbImage> {
         .with_context(|| format!("{}: cannot read image file", path.display()))?;
     if img.format().is_none() {
         let head: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        anyhow::bail!(
-            "{}: not a PNG or JPEG image (first bytes at offset 0: {})",
-            path.display(),
-            head.join(" ")
-        );
+        anyhow::bail!("{}: not a PNG or JPEG image (first bytes at offset 0: {})", path.display(), head.join(" "));
     }
     let img = img.decode().map_err(|e| anyhow::anyhow!("{}: cannot decode image: {e}", path.display()))?;
     Ok(img.to_rgb8())
@@ -145,11 +139,7 @@ impl ImageFolder {
             }
         }
         if entries.is_empty() {
-            anyhow::bail!(
-                "{}: no images found (expected <class>/<name>.{{{}}})",
-                dir.display(),
-                EXTENSIONS.join(",")
-            );
+            anyhow::bail!("{}: no images found (expected <class>/<name>.{{{}}})", dir.display(), EXTENSIONS.join(","));
         }
         Ok(Self { dir: dir.to_path_buf(), split, classes, entries, size, source: source.to_string() })
     }
@@ -170,7 +160,8 @@ impl Dataset for ImageFolder {
         self.entries.len()
     }
     fn get(&self, index: usize) -> anyhow::Result<Sample> {
-        let (path, label) = self.entries.get(index).with_context(|| out_of_range(index, self.len(), &self.describe()))?;
+        let (path, label) =
+            self.entries.get(index).with_context(|| out_of_range(index, self.len(), &self.describe()))?;
         Ok(Sample { image: load_chw(path, self.size)?, label: *label })
     }
     fn label(&self, index: usize) -> anyhow::Result<usize> {

@@ -84,9 +84,8 @@ impl Plan {
                     sample.label
                 );
             }
-            let mut rng = ChaCha8Rng::seed_from_u64(mix64(
-                self.seed ^ mix64(epoch as u64 ^ mix64(idx as u64 ^ AUGMENT_TAG)),
-            ));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(mix64(self.seed ^ mix64(epoch as u64 ^ mix64(idx as u64 ^ AUGMENT_TAG))));
             let img = self
                 .transform
                 .apply(sample.image, &mut rng)
@@ -107,13 +106,8 @@ impl Loader {
         match Self::try_new(ds.clone(), cfg, train, seed) {
             Ok(l) => l,
             Err(e) => {
-                let transform = Transform {
-                    in_shape: ds.image_shape(),
-                    resize: None,
-                    crop_padding: 0,
-                    hflip: false,
-                    norm: None,
-                };
+                let transform =
+                    Transform { in_shape: ds.image_shape(), resize: None, crop_padding: 0, hflip: false, norm: None };
                 let plan = Plan { ds, transform, batch_size: 1, drop_last: false, train, seed };
                 Self { plan: Arc::new(plan), deferred: Some(format!("{e:#}")), prefetch: 1, workers: 1 }
             }
@@ -122,13 +116,25 @@ impl Loader {
 
     /// Like [`Loader::new`], but returns configuration errors.
     pub fn try_new(ds: Arc<dyn Dataset>, cfg: &DataConfig, train: bool, seed: u64) -> anyhow::Result<Self> {
-        let batch_size = if train { cfg.batch_size } else { cfg.eval_batch_size };
-        if batch_size == 0 {
-            anyhow::bail!("data.{}: must be > 0, got 0", if train { "batch_size" } else { "eval_batch_size" });
+        // Only the keys that shape batches matter here (the dataset is already open).
+        const KEYS: [&str; 8] =
+            ["batch_size", "eval_batch_size", "prefetch", "workers", "resize", "random_crop_padding", "mean", "std"];
+        let problems = cfg.validate();
+        let resize_required = cfg.resize.is_none();
+        if let Some((key, msg)) =
+            problems.into_iter().find(|(k, _)| KEYS.contains(&k.as_str()) && !(k == "resize" && resize_required))
+        {
+            anyhow::bail!("data.{key}: {msg}");
         }
+        let batch_size = if train { cfg.batch_size } else { cfg.eval_batch_size };
         let transform = Transform::from_config(cfg, ds.image_shape(), train)?;
         let plan = Plan { ds, transform, batch_size, drop_last: cfg.drop_last, train, seed };
-        Ok(Self { plan: Arc::new(plan), deferred: None, prefetch: cfg.prefetch.max(1), workers: cfg.workers.clamp(1, 64) })
+        Ok(Self {
+            plan: Arc::new(plan),
+            deferred: None,
+            prefetch: cfg.prefetch.max(1),
+            workers: cfg.workers.clamp(1, 64),
+        })
     }
 
     /// Batches per epoch.

@@ -91,10 +91,7 @@ fn read_up_to(r: &mut dyn Read, buf: &mut [u8], path: &Path, gz: bool) -> anyhow
 
 fn read_error(path: &Path, gz: bool, offset: u64, e: std::io::Error) -> anyhow::Error {
     if gz {
-        anyhow::anyhow!(
-            "{}: corrupt gzip data after {offset} decompressed bytes: {e}",
-            path.display()
-        )
+        anyhow::anyhow!("{}: corrupt gzip data after {offset} decompressed bytes: {e}", path.display())
     } else {
         anyhow::anyhow!("{}: read error at byte offset {offset}: {e}", path.display())
     }
@@ -146,15 +143,24 @@ fn read_payload(
     Ok(data)
 }
 
-fn read_header(r: &mut dyn Read, path: &Path, gz: bool, n: usize) -> anyhow::Result<Vec<u32>> {
+/// Reads `n` big-endian `u32` header fields starting at byte offset `start`; `total` is the
+/// header's full length, for messages.
+fn read_header(
+    r: &mut dyn Read,
+    path: &Path,
+    gz: bool,
+    start: usize,
+    n: usize,
+    total: usize,
+) -> anyhow::Result<Vec<u32>> {
     let mut buf = vec![0u8; 4 * n];
     let got = read_up_to(r, &mut buf, path, gz)?;
     if got < buf.len() {
         let dec = if gz { " (decompressed)" } else { "" };
         anyhow::bail!(
-            "{}: truncated IDX file: the header needs {} bytes but the file{dec} holds {got}",
+            "{}: truncated IDX file: the header needs {total} bytes but the file{dec} holds {}",
             path.display(),
-            buf.len()
+            start + got
         );
     }
     Ok(buf.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
@@ -188,19 +194,23 @@ pub struct IdxImages {
 /// Reads an IDX image file (raw or gzip), checking magic, dimensions and exact length.
 pub fn read_images(path: &Path) -> anyhow::Result<IdxImages> {
     let (mut r, gz) = open_maybe_gz(path)?;
-    let h = read_header(&mut *r, path, gz, 4)?;
-    check_magic(path, h[0], IMAGES_MAGIC)?;
-    let (count, rows, cols) = (h[1] as u64, h[2] as u64, h[3] as u64);
+    let magic = read_header(&mut *r, path, gz, 0, 1, 16)?;
+    check_magic(path, magic[0], IMAGES_MAGIC)?;
+    let h = read_header(&mut *r, path, gz, 4, 3, 16)?;
+    let (count, rows, cols) = (h[0] as u64, h[1] as u64, h[2] as u64);
     if rows == 0 || cols == 0 {
-        anyhow::bail!("{}: IDX image header at byte offset 8 gives {rows}x{cols} images; both must be > 0", path.display());
-    }
-    let expected = count * rows * cols;
-    if expected > MAX_BYTES {
         anyhow::bail!(
-            "{}: IDX image header promises {count} images of {rows}x{cols} ({expected} bytes), more than this reader accepts",
+            "{}: IDX image header at byte offset 8 gives images of {rows} rows x {cols} columns; both must be > 0",
             path.display()
         );
     }
+    let expected = match count.checked_mul(rows).and_then(|x| x.checked_mul(cols)) {
+        Some(n) if n <= MAX_BYTES => n,
+        _ => anyhow::bail!(
+            "{}: IDX image header at byte offset 4 promises {count} images of {rows} x {cols} pixels, more than this reader accepts ({MAX_BYTES} bytes)",
+            path.display()
+        ),
+    };
     let what = format!("{count} images x {rows} x {cols}");
     let pixels = read_payload(&mut *r, path, gz, 16, expected, &what)?;
     Ok(IdxImages { count: count as usize, rows: rows as usize, cols: cols as usize, pixels })
@@ -210,9 +220,9 @@ pub fn read_images(path: &Path) -> anyhow::Result<IdxImages> {
 /// below `num_classes`.
 pub fn read_labels(path: &Path, num_classes: usize) -> anyhow::Result<Vec<u8>> {
     let (mut r, gz) = open_maybe_gz(path)?;
-    let h = read_header(&mut *r, path, gz, 2)?;
-    check_magic(path, h[0], LABELS_MAGIC)?;
-    let count = h[1] as u64;
+    let magic = read_header(&mut *r, path, gz, 0, 1, 8)?;
+    check_magic(path, magic[0], LABELS_MAGIC)?;
+    let count = read_header(&mut *r, path, gz, 4, 1, 8)?[0] as u64;
     if count > MAX_BYTES {
         anyhow::bail!("{}: IDX label header promises {count} labels, more than this reader accepts", path.display());
     }
@@ -278,11 +288,7 @@ impl IdxDataset {
     pub fn open_dir(kind: DatasetKind, dir: &Path, split: Split, source: &str) -> anyhow::Result<Self> {
         let find = |what: &str| {
             find_file(dir, split, what).with_context(|| {
-                format!(
-                    "{}: no {}[.gz] in this directory",
-                    dir.display(),
-                    candidate_names(split, what)[0]
-                )
+                format!("{}: no {}[.gz] in this directory", dir.display(), candidate_names(split, what)[0])
             })
         };
         let images = find("images")?;
@@ -293,7 +299,8 @@ impl IdxDataset {
     /// The raw bytes of image `index` (`rows * cols`, row-major).
     pub fn raw_image(&self, index: usize) -> Option<&[u8]> {
         let n = self.rows * self.cols;
-        self.pixels.get(index * n..(index + 1) * n)
+        let start = index.checked_mul(n)?;
+        self.pixels.get(start..start.checked_add(n)?)
     }
 
     /// All labels, in file order.
@@ -311,10 +318,7 @@ impl Dataset for IdxDataset {
         Ok(Sample { image: raw.iter().map(|&p| p as f32 / 255.0).collect(), label: self.labels[index] as usize })
     }
     fn label(&self, index: usize) -> anyhow::Result<usize> {
-        self.labels
-            .get(index)
-            .map(|&l| l as usize)
-            .with_context(|| out_of_range(index, self.len(), &self.describe()))
+        self.labels.get(index).map(|&l| l as usize).with_context(|| out_of_range(index, self.len(), &self.describe()))
     }
     fn image_shape(&self) -> [usize; 3] {
         [1, self.rows, self.cols]

@@ -106,8 +106,7 @@ impl Batch {
     /// Images as a `[N, C, H, W]` float tensor and labels as an `[N]` int tensor.
     pub fn to_tensors<B: Backend>(&self, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
         let images = Tensor::<B, 4>::from_data(TensorData::new(self.images.clone(), self.shape), device);
-        let labels =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(self.labels.clone(), [self.labels.len()]), device);
+        let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(self.labels.clone(), [self.labels.len()]), device);
         (images, labels)
     }
 }
@@ -183,15 +182,18 @@ pub fn locate(cfg: &DataConfig, base_dir: &Path) -> anyhow::Result<PathBuf> {
         tried.push(format!("{} (missing {})", dir.display(), missing.join(", ")));
     }
     if kind == DatasetKind::ImageFolder && dirs.is_empty() {
-        anyhow::bail!("dataset image-folder needs [data] root = \"<dir>\" holding {}/<class>/*.png", cfg.train_dir.display());
+        anyhow::bail!(
+            "dataset image-folder needs [data] root = \"<dir>\" holding {}/<class>/*.png",
+            cfg.train_dir.display()
+        );
     }
     let hint = match kind {
         DatasetKind::FashionMnist => format!(
-            "run `rlprune data fetch fashion-mnist`, or `apt-get install dataset-fashion-mnist`, or set [data] root = \"data/fashion-mnist-subset\" (the subset shipped in the repository){}",
+            "run `rlprune data fetch fashion-mnist{}`, or `apt-get install dataset-fashion-mnist`, or set [data] root = \"data/fashion-mnist-subset\" (the subset shipped in the repository)",
             dir_hint(cfg)
         ),
         DatasetKind::Mnist | DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
-            format!("run `rlprune data fetch {}`{}", kind.name(), dir_hint(cfg))
+            format!("run `rlprune data fetch {}{}`", kind.name(), dir_hint(cfg))
         }
         _ => "check [data] root".to_string(),
     };
@@ -200,7 +202,7 @@ pub fn locate(cfg: &DataConfig, base_dir: &Path) -> anyhow::Result<PathBuf> {
 
 fn dir_hint(cfg: &DataConfig) -> String {
     match &cfg.root {
-        Some(r) => format!(" with --dir {}", r.display()),
+        Some(r) => format!(" --dir {}", r.display()),
         None => String::new(),
     }
 }
@@ -237,8 +239,13 @@ pub fn open(cfg: &DataConfig, base_dir: &Path) -> anyhow::Result<DataSplits> {
                     let [h, w] = cfg.resize.context("data.resize: required for dataset = \"image-folder\"")?;
                     let train_dir = dir.join(&cfg.train_dir);
                     let test_dir = dir.join(&cfg.test_dir);
-                    let train =
-                        image_folder::ImageFolder::open(&train_dir, None, [h, w], Split::Train, &shown(&train_dir, base_dir))?;
+                    let train = image_folder::ImageFolder::open(
+                        &train_dir,
+                        None,
+                        [h, w],
+                        Split::Train,
+                        &shown(&train_dir, base_dir),
+                    )?;
                     let classes = train.class_names();
                     let test = image_folder::ImageFolder::open(
                         &test_dir,

@@ -107,11 +107,7 @@ impl Transform {
         if let Some((m, _)) = &norm
             && m.len() != in_shape[0]
         {
-            anyhow::bail!(
-                "data.mean/std: {} value(s) given but the images have {} channel(s)",
-                m.len(),
-                in_shape[0]
-            );
+            anyhow::bail!("data.mean/std: {} value(s) given but the images have {} channel(s)", m.len(), in_shape[0]);
         }
         Ok(Self {
             in_shape,
