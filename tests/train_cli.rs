@@ -1,0 +1,243 @@
+//! End-to-end `rlprune train`/`eval` through the binary: run-directory layout, exact resume,
+//! CIFAR-format training, and clear errors (never a panic) for bad checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn rlprune(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().expect("run rlprune")
+}
+
+fn ok(out: &Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "rlprune failed:\n{text}");
+    text
+}
+
+fn failed(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}:\n{err}", out.status.code());
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
+    err
+}
+
+const SYNTH: &str = r#"name = "synth"
+seed = 7
+
+[data]
+dataset = "synthetic"
+batch_size = 32
+classes = 4
+size = 12
+train_size = 256
+test_size = 64
+
+[backbone]
+arch = "small-cnn"
+channels = [8, 8, 16, 16]
+
+[train]
+epochs = 3
+optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9, weight_decay = 5e-4 }
+schedule = { kind = "cosine", warmup_epochs = 0.5 }
+
+[log]
+every_steps = 2
+"#;
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn setup(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("exp.toml");
+    std::fs::write(&exp, text).unwrap();
+    (dir, exp)
+}
+
+#[test]
+fn train_writes_the_run_directory_and_learns() {
+    let (dir, exp) = setup(SYNTH);
+    let out = rlprune(&["train", exp.to_str().unwrap()], dir.path());
+    let text = ok(&out);
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("runs/synth")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 1, "{text}");
+    let run = &runs[0];
+    for f in ["config.toml", "metrics.jsonl", "log.txt", "checkpoints/last.safetensors", "checkpoints/best.safetensors", "checkpoints/last.optim.safetensors", "checkpoints/state.json"] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    assert!(std::fs::read_dir(run).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
+    // The resolved config is a loadable experiment.
+    rlprune::experiment::Experiment::load(&run.join("config.toml"), &[]).unwrap();
+    let m = metrics(run);
+    assert_eq!(m.len(), 3);
+    let top1 = m[2]["test_top1"].as_f64().unwrap();
+    assert!(top1 > 0.6, "synthetic data should be learnable, got {top1}");
+    // No temp files left behind.
+    for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        assert!(!e.unwrap().file_name().to_string_lossy().contains(".tmp"));
+    }
+
+    // eval on the run directory reproduces the best epoch's accuracy.
+    let out = rlprune(&["eval", run.to_str().unwrap(), "--json"], dir.path());
+    let report: serde_json::Value = serde_json::from_str(ok(&out).lines().last().unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoints/state.json")).unwrap()).unwrap();
+    assert!((report["top1"].as_f64().unwrap() - state["best_metric"].as_f64().unwrap()).abs() < 1e-9, "{report}");
+}
+
+#[test]
+fn resumed_run_matches_uninterrupted_run() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    ok(&rlprune(&["train", e, "--out", "full"], dir.path()));
+    ok(&rlprune(&["train", e, "--out", "part", "--stop-after-epoch", "1"], dir.path()));
+    assert_eq!(metrics(&dir.path().join("part")).len(), 1);
+    ok(&rlprune(&["train", e, "--resume", "part"], dir.path()));
+    let (a, b) = (metrics(&dir.path().join("full")), metrics(&dir.path().join("part")));
+    assert_eq!(a.len(), 3);
+    assert_eq!(b.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["train_loss", "test_loss", "test_top1", "lr"] {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "epoch {}: {k} {u} vs {v}", x["epoch"]);
+        }
+        assert_eq!(x["step"], y["step"]);
+    }
+    // Final weights agree too.
+    let wa = rlprune::import::read_safetensors(&dir.path().join("full/checkpoints/last.safetensors")).unwrap();
+    let wb = rlprune::import::read_safetensors(&dir.path().join("part/checkpoints/last.safetensors")).unwrap();
+    for (k, ta) in &wa {
+        let tb = &wb[k];
+        let diff = ta.data.iter().zip(&tb.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{k}: max diff {diff}");
+    }
+
+    // --resume auto picks the newest run with a checkpoint of this name.
+    let out = rlprune(&["train", e, "--resume", "auto"], dir.path());
+    let err = failed(&out);
+    assert!(err.contains("no runs of 'synth'") || err.contains("has a checkpoint"), "{err}");
+}
+
+#[test]
+fn resume_auto_continues_the_newest_run() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    ok(&rlprune(&["train", e, "--stop-after-epoch", "2"], dir.path()));
+    ok(&rlprune(&["train", e, "--resume", "auto"], dir.path()));
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("runs/synth")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(metrics(&runs[0]).len(), 3);
+}
+
+/// Writes CIFAR-10 binary batches: records of 1 label byte + 3072 pixel bytes (CHW).
+fn write_cifar10(dir: &Path, per_file: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut files: Vec<String> = (1..=5).map(|i| format!("data_batch_{i}.bin")).collect();
+    files.push("test_batch.bin".into());
+    for (f, name) in files.iter().enumerate() {
+        let mut bytes = Vec::new();
+        for r in 0..per_file {
+            let label = ((r + f) % 10) as u8;
+            bytes.push(label);
+            for p in 0..3072usize {
+                // A class-dependent pattern plus variation, so there is something to learn.
+                bytes.push(((p * (label as usize + 1) + r * 7) % 256) as u8);
+            }
+        }
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+}
+
+#[test]
+fn trains_one_epoch_on_cifar_format_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write_cifar10(&dir.path().join("data/cifar-10-batches-bin"), 20);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (exp, overrides) in [
+        ("experiments/cifar10_resnet56.toml", vec!["--set", "backbone.arch=resnet20-cifar", "--set", "backbone.width=0.25"]),
+        ("experiments/cifar10_vgg16.toml", vec!["--set", "backbone.width=0.125"]),
+    ] {
+        let exp = root.join(exp);
+        let mut args = vec!["train", exp.to_str().unwrap(), "--set", "train.epochs=1", "--set", "data.batch_size=25", "--out", "run"];
+        args.extend(overrides);
+        let text = ok(&rlprune(&args, dir.path()));
+        assert!(text.contains("test top-1"), "{text}");
+        let m = metrics(&dir.path().join("run"));
+        assert_eq!(m.len(), 1);
+        assert!(m[0]["train_loss"].as_f64().unwrap().is_finite());
+        std::fs::remove_dir_all(dir.path().join("run")).unwrap();
+    }
+}
+
+#[test]
+fn bad_checkpoints_give_clear_errors() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    ok(&rlprune(&["train", e, "--out", "run", "--set", "train.epochs=1"], dir.path()));
+
+    // Garbage file.
+    std::fs::write(dir.path().join("garbage.safetensors"), b"not a checkpoint at all").unwrap();
+    let err = failed(&rlprune(&["eval", "run", "--checkpoint", "garbage.safetensors"], dir.path()));
+    assert!(err.contains("garbage.safetensors"), "{err}");
+
+    // Truncated checkpoint.
+    let good = std::fs::read(dir.path().join("run/checkpoints/last.safetensors")).unwrap();
+    std::fs::write(dir.path().join("trunc.safetensors"), &good[..good.len() / 2]).unwrap();
+    let err = failed(&rlprune(&["eval", "run", "--checkpoint", "trunc.safetensors"], dir.path()));
+    assert!(err.contains("trunc.safetensors"), "{err}");
+
+    // Missing file.
+    let err = failed(&rlprune(&["eval", "run", "--checkpoint", "nope.safetensors"], dir.path()));
+    assert!(err.contains("nope.safetensors"), "{err}");
+
+    // A checkpoint of another architecture.
+    let other = SYNTH.replace("channels = [8, 8, 16, 16]", "channels = [4, 4, 8, 8]").replace("\"synth\"", "\"other\"");
+    std::fs::write(dir.path().join("other.toml"), other).unwrap();
+    let err = failed(&rlprune(&["eval", "other.toml", "--checkpoint", "run/checkpoints/last.safetensors"], dir.path()));
+    assert!(err.contains("mis-shaped keys") && err.contains("features.0.conv.weight"), "{err}");
+    let err = failed(&rlprune(&["eval", "run", "--set", "backbone.arch=vgg16-cifar", "--set", "backbone.channels=1"], dir.path()));
+    assert!(err.contains("backbone") , "{err}");
+
+    // Resume from a run whose state does not match its tensors (interrupted while checkpointing).
+    let st_path = dir.path().join("run/checkpoints/state.json");
+    let st = std::fs::read_to_string(&st_path).unwrap().replace("\"epoch\": 1", "\"epoch\": 0");
+    std::fs::write(&st_path, st).unwrap();
+    let err = failed(&rlprune(&["train", e, "--resume", "run"], dir.path()));
+    assert!(err.contains("interrupted while checkpointing"), "{err}");
+    std::fs::write(&st_path, "{ not json").unwrap();
+    let err = failed(&rlprune(&["train", e, "--resume", "run"], dir.path()));
+    assert!(err.contains("state.json"), "{err}");
+}
+
+#[test]
+fn bad_inputs_exit_cleanly() {
+    let (dir, exp) = setup(&SYNTH.replace("batch_size = 32", "batch_size = 0"));
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("exp.toml:6: data.batch_size must be > 0, got 0"), "{err}");
+
+    let (dir, exp) = setup(&SYNTH.replace("dataset = \"synthetic\"", "dataset = \"mnist\"\nroot = \"nowhere\""));
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("nowhere"), "{err}");
+
+    let (dir, exp) = setup(&SYNTH.replace("channels = [8, 8, 16, 16]", "channels = [8, 0, 16, 16]"));
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("exp.toml:14:") && err.contains("backbone.channels"), "{err}");
+
+    let (dir, exp) = setup(&SYNTH.replace("channels = [8, 8, 16, 16]", "channels = [8, 8, 16, 16]\nwidht = 2"));
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("widht"), "{err}");
+
+    // A corrupt IDX file.
+    let (dir, exp) = setup(&SYNTH.replace("dataset = \"synthetic\"", "dataset = \"fashion-mnist\"\nroot = \"fm\""));
+    std::fs::create_dir(dir.path().join("fm")).unwrap();
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
+        std::fs::write(dir.path().join("fm").join(f), [0u8, 0, 8, 3, 0, 0]).unwrap();
+    }
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("idx"), "{err}");
+}
