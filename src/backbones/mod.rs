@@ -53,11 +53,19 @@ pub trait Family<B: ModelBackend>: Backbone<B> + Sized {
 
 macro_rules! registry {
     ($($variant:ident => $ty:ident :: $name:ident),+ $(,)?) => {
-        /// Every registered backbone family.
-        #[derive(Module, Debug)]
-        pub enum AnyBackbone<B: Backend> {
-            $($variant($ty::$name<B>),)+
+        // Whole models in an enum: the variants differ in size, which is fine for a value that
+        // is built once (the allow must cover the record type `derive(Module)` generates).
+        #[allow(clippy::large_enum_variant)]
+        mod any_backbone {
+            use super::*;
+
+            /// Every registered backbone family.
+            #[derive(Module, Debug)]
+            pub enum AnyBackbone<B: Backend> {
+                $($variant($ty::$name<B>),)+
+            }
         }
+        pub use any_backbone::AnyBackbone;
 
         impl<B: ModelBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
