@@ -1,9 +1,11 @@
 //! Reusable layers. Parameter names and layouts follow PyTorch so that reference weights load
 //! by name (see [`params`]).
 
+pub mod global_filter;
 pub mod layers;
 pub mod norm;
 pub mod params;
 
+pub use global_filter::{GlobalFilter, SpectralBackend};
 pub use layers::{Conv2d, Linear};
 pub use norm::{BatchNorm2d, LayerNorm, LayerNorm2d};
