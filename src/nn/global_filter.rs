@@ -500,23 +500,24 @@ mod fft_cpu {
     use rustfft::{Fft, FftNum, FftPlanner};
     use std::ops::Range;
 
+    /// Plans per `(H, W)` grid.
+    pub(super) type PlanCache<T> = Mutex<HashMap<(usize, usize), Arc<Plan<T>>>>;
+
     /// FFT element types, each with its own plan cache.
     pub(super) trait Real: FftNum {
-        fn plan_cache() -> &'static Mutex<HashMap<(usize, usize), Arc<Plan<Self>>>>;
+        fn plan_cache() -> &'static PlanCache<Self>;
     }
 
     impl Real for f32 {
-        fn plan_cache() -> &'static Mutex<HashMap<(usize, usize), Arc<Plan<Self>>>> {
-            static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Plan<f32>>>>> =
-                OnceLock::new();
+        fn plan_cache() -> &'static PlanCache<Self> {
+            static CACHE: OnceLock<PlanCache<f32>> = OnceLock::new();
             CACHE.get_or_init(Default::default)
         }
     }
 
     impl Real for f64 {
-        fn plan_cache() -> &'static Mutex<HashMap<(usize, usize), Arc<Plan<Self>>>> {
-            static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Plan<f64>>>>> =
-                OnceLock::new();
+        fn plan_cache() -> &'static PlanCache<Self> {
+            static CACHE: OnceLock<PlanCache<f64>> = OnceLock::new();
             CACHE.get_or_init(Default::default)
         }
     }
@@ -1045,7 +1046,7 @@ mod dft {
             let mut w_fwd = vec![0.0f64; 2 * wf * w];
             let mut w_inv = vec![0.0f64; w * 2 * wf];
             for l in 0..wf {
-                let cl = if l == 0 || (w % 2 == 0 && l == w / 2) {
+                let cl = if l == 0 || (w.is_multiple_of(2) && l == w / 2) {
                     1.0
                 } else {
                     2.0
@@ -1163,7 +1164,7 @@ mod dft {
         let im = (gi * xr - gr * xi).sum_dim(0);
         let cl: Vec<f32> = (0..wf)
             .map(|l| {
-                if l == 0 || (w % 2 == 0 && l == w / 2) {
+                if l == 0 || (w.is_multiple_of(2) && l == w / 2) {
                     1.0
                 } else {
                     2.0
