@@ -301,6 +301,18 @@ impl<B: SpectralBackend> GlobalFilter<B> {
         let [_, h, w, _] = x.dims();
         global_filter(x, self.weight_for(h, w))
     }
+
+    /// GFNet's calling convention: tokens `[N, H*W, C]` on an `(H, W)` grid → `[N, H*W, C]`.
+    pub fn forward_tokens(&self, x: Tensor<B, 3>, (h, w): (usize, usize)) -> Tensor<B, 3> {
+        let [n, tokens, c] = x.dims();
+        assert_eq!(
+            tokens,
+            h * w,
+            "global filter: {tokens} tokens do not fill a {h}x{w} grid"
+        );
+        self.forward(x.reshape([n, h, w, c]))
+            .reshape([n, tokens, c])
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,6 +386,13 @@ impl<B: SpectralBackend, C: CheckpointStrategy> SpectralBackend for Autodiff<B, 
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// CUDA: the default (DFT-by-matmul) forward and backward
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "cuda")]
+impl SpectralBackend for burn::backend::Cuda {}
 
 // ---------------------------------------------------------------------------------------------
 // NdArray: real-FFT path
