@@ -526,6 +526,10 @@ fn module_resizes_weight_to_runtime_grid() {
     assert_eq!(resized.dims(), [6, 5, 3, 2]);
     let want = global_filter(xt.clone(), resized);
     assert!(max_abs_diff(&host(y.clone()), &host(want)) < 1e-6);
+    // GFNet's token layout gives the same numbers.
+    let yt = gf.forward_tokens(xt.clone().reshape([2, 48, 3]), (6, 8));
+    assert_eq!(yt.dims(), [2, 48, 3]);
+    assert!(max_abs_diff(&host(yt.reshape([2, 6, 8, 3])), &host(y.clone())) < 1e-7);
     // The gradient reaches the stored weight through the resize.
     let grads = y.sum().backward();
     let g = gf.complex_weight.grad(&grads).expect("weight gradient");

@@ -9,8 +9,12 @@
 //!
 //! Three implementations sit behind one API:
 //!
-//! * a real-FFT path on the CPU (`realfft`/`rustfft`, O(HW log HW) per plane, planners cached per
-//!   grid, batch split over threads), used by [`NdArray`];
+//! * an FFT path on the CPU, used by [`NdArray`]: `rustfft` plans cached per grid, two real
+//!   channels packed into one complex plane (the classic two-for-one real FFT), all transforms
+//!   of a batch item in one batched call per axis and direction, O(HW log HW) per plane; the
+//!   batch is split over the cores when that pays (`RLPRUNE_GF_THREADS` caps the thread count).
+//!   The DFT-by-matmul path below was measured slower on the CPU at every grid tried (7x7 to
+//!   56x56, forward and backward), so the CPU always takes the FFT path;
 //! * a custom autodiff op for [`Autodiff<B>`] with an analytic backward (see below), whatever `B`
 //!   computes the forward with;
 //! * a generic path built from tensor ops ([`global_filter_dft`]: real DFT matrices and matmuls),
@@ -522,9 +526,13 @@ mod fft_cpu {
     /// Plans per `(H, W)` grid.
     pub(super) type PlanCache<T> = Mutex<HashMap<(usize, usize), Arc<Plan<T>>>>;
 
-    /// FFT element types, each with its own plan cache.
+    /// Work buffers kept between calls (fresh large allocations cost page faults).
+    pub(super) type BufferPool<T> = Mutex<Vec<Vec<Complex<T>>>>;
+
+    /// FFT element types, each with its own plan cache and buffer pool.
     pub(super) trait Real: FftNum {
         fn plan_cache() -> &'static PlanCache<Self>;
+        fn buffer_pool() -> &'static BufferPool<Self>;
     }
 
     impl Real for f32 {
@@ -532,12 +540,22 @@ mod fft_cpu {
             static CACHE: OnceLock<PlanCache<f32>> = OnceLock::new();
             CACHE.get_or_init(Default::default)
         }
+
+        fn buffer_pool() -> &'static BufferPool<Self> {
+            static POOL: OnceLock<BufferPool<f32>> = OnceLock::new();
+            POOL.get_or_init(Default::default)
+        }
     }
 
     impl Real for f64 {
         fn plan_cache() -> &'static PlanCache<Self> {
             static CACHE: OnceLock<PlanCache<f64>> = OnceLock::new();
             CACHE.get_or_init(Default::default)
+        }
+
+        fn buffer_pool() -> &'static BufferPool<Self> {
+            static POOL: OnceLock<BufferPool<f64>> = OnceLock::new();
+            POOL.get_or_init(Default::default)
         }
     }
 
@@ -655,24 +673,58 @@ mod fft_cpu {
 
     /// Per-thread buffers: the packed planes of one item (`a`, `[q][h][w]`) and their spectra
     /// (`b`, `b2`, `[q][l][k]`).
-    struct Work<T> {
+    struct Work<T: Real> {
         a: Vec<Complex<T>>,
         b: Vec<Complex<T>>,
         b2: Vec<Complex<T>>,
         scratch: Vec<Complex<T>>,
     }
 
-    impl<T: FftNum> Plan<T> {
-        fn work(&self, g: Geom, second: bool) -> Work<T> {
+    /// A buffer of `len` elements from the pool (contents unspecified: every user overwrites
+    /// it completely before reading).
+    fn take_buffer<T: Real>(len: usize) -> Vec<Complex<T>> {
+        let pooled = {
+            let mut pool = T::buffer_pool().lock().unwrap_or_else(|e| e.into_inner());
+            let best = (0..pool.len()).find(|&i| pool[i].capacity() >= len);
+            best.map(|i| pool.swap_remove(i))
+        };
+        let mut v = pooled.unwrap_or_default();
+        v.resize(len, Complex::zero());
+        v
+    }
+
+    fn return_buffer<T: Real>(v: Vec<Complex<T>>) {
+        const KEEP: usize = 8;
+        if v.capacity() == 0 {
+            return;
+        }
+        let mut pool = T::buffer_pool().lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < KEEP {
+            pool.push(v);
+        }
+    }
+
+    impl<T: Real> Work<T> {
+        fn new(p: &Plan<T>, g: Geom, second: bool) -> Self {
             let len = g.pairs() * g.hw();
             Work {
-                a: vec![Complex::zero(); len],
-                b: vec![Complex::zero(); len],
-                b2: vec![Complex::zero(); if second { len } else { 0 }],
-                scratch: vec![Complex::zero(); self.scratch],
+                a: take_buffer(len),
+                b: take_buffer(len),
+                b2: take_buffer(if second { len } else { 0 }),
+                scratch: vec![Complex::zero(); p.scratch],
             }
         }
+    }
 
+    impl<T: Real> Drop for Work<T> {
+        fn drop(&mut self) {
+            return_buffer(std::mem::take(&mut self.a));
+            return_buffer(std::mem::take(&mut self.b));
+            return_buffer(std::mem::take(&mut self.b2));
+        }
+    }
+
+    impl<T: FftNum> Plan<T> {
         /// Full 2-D spectra of the channel pairs of one item, into `b` (`[q][l][k]`).
         fn forward_item(
             &self,
@@ -956,7 +1008,7 @@ mod fft_cpu {
         let pw = pair_weights(&pack_weight(w, g, 1.0 / g.hw() as f64, conj), g.wf() * g.h);
         let mut y = vec![T::zero(); x.len()];
         for_item_ranges(g, &mut y, per, |items, ys| {
-            let Work { a, b, scratch, .. } = &mut p.work(g, false);
+            let Work { a, b, scratch, .. } = &mut Work::new(&p, g, false);
             let xs = &x[items.start * per..items.end * per];
             for (xi, yi) in xs.chunks_exact(per).zip(ys.chunks_exact_mut(per)) {
                 p.forward_item(g, xi, a, b, scratch);
@@ -989,7 +1041,7 @@ mod fft_cpu {
         // Each item range accumulates its own `[C][Wf][H]` weight gradient; summed afterwards.
         let partials = for_item_ranges(g, &mut gx, gx_per_item, |items, gx_out| {
             let mut acc = vec![Complex::<T>::zero(); if x.is_some() { g.c * plane } else { 0 }];
-            let Work { a, b, b2, scratch } = &mut p.work(g, x.is_some());
+            let Work { a, b, b2, scratch } = &mut Work::new(&p, g, x.is_some());
             for (i, item) in items.enumerate() {
                 let span = item * per..(item + 1) * per;
                 p.forward_item(g, &gr[span.clone()], a, b, scratch);
