@@ -551,3 +551,50 @@ fn module_init_scale() {
     let std = (v.iter().map(|a| a * a).sum::<f64>() / v.len() as f64).sqrt();
     assert!((std - 0.02).abs() < 0.002, "std {std}");
 }
+
+/// Under burn's balanced checkpointing, the op's inputs may be recomputed rather than stored;
+/// the gradients must not change.
+#[test]
+fn gradients_under_balanced_checkpointing() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    type ADC = Autodiff<NdArray<f32>, BalancedCheckpointing>;
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let d = dims(2, 3, 5, 6, FilterLayout::Nhwc);
+    let (x, wt, r) = (
+        rand_vec(d.x_len(), &mut rng),
+        rand_vec(d.w_len(), &mut rng),
+        rand_vec(d.x_len(), &mut rng),
+    );
+    fn run<BK: burn::tensor::backend::AutodiffBackend + rlprune::nn::SpectralBackend>(
+        x: &[f64],
+        wt: &[f64],
+        r: &[f64],
+        d: Dims,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let x0 = tensor::<BK>(x, d.x_shape()).require_grad();
+        let w0 = tensor::<BK>(wt, d.w_shape()).require_grad();
+        // Cheap (memory-bound) ops in front, so that checkpointing may recompute them.
+        let xin = (x0.clone() * 2.0 + 1.0).sin();
+        let win = w0.clone() * 0.5 - 0.25;
+        let y = global_filter(xin, win);
+        let grads = (y.clone() * y * tensor::<BK>(r, d.x_shape()))
+            .sum()
+            .backward();
+        (
+            host(x0.grad(&grads).unwrap()),
+            host(w0.grad(&grads).unwrap()),
+        )
+    }
+    let (ax, aw) = run::<AD>(&x, &wt, &r, d);
+    let (bx, bw) = run::<ADC>(&x, &wt, &r, d);
+    assert!(
+        rel_err(&bx, &ax) < 1e-6,
+        "dx differs: {}",
+        rel_err(&bx, &ax)
+    );
+    assert!(
+        rel_err(&bw, &aw) < 1e-6,
+        "dw differs: {}",
+        rel_err(&bw, &aw)
+    );
+}
