@@ -557,7 +557,7 @@ fn module_init_scale() {
 #[test]
 fn gradients_under_balanced_checkpointing() {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    type ADC = Autodiff<NdArray<f32>, BalancedCheckpointing>;
+    type AdBalanced = Autodiff<NdArray<f32>, BalancedCheckpointing>;
     let mut rng = ChaCha8Rng::seed_from_u64(8);
     let d = dims(2, 3, 5, 6, FilterLayout::Nhwc);
     let (x, wt, r) = (
@@ -586,7 +586,7 @@ fn gradients_under_balanced_checkpointing() {
         )
     }
     let (ax, aw) = run::<AD>(&x, &wt, &r, d);
-    let (bx, bw) = run::<ADC>(&x, &wt, &r, d);
+    let (bx, bw) = run::<AdBalanced>(&x, &wt, &r, d);
     assert!(
         rel_err(&bx, &ax) < 1e-6,
         "dx differs: {}",
