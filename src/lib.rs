@@ -16,9 +16,10 @@ pub mod nn;
 pub mod train;
 
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU
-/// convolution). Any burn backend qualifies through the ops' default implementations.
-pub trait ModelBackend: nn::conv::ConvBackend {}
-impl<B: nn::conv::ConvBackend> ModelBackend for B {}
+/// convolution, the global filter). A backend implements each op trait in one line, getting the
+/// generic tensor-op implementations.
+pub trait ModelBackend: nn::conv::ConvBackend + nn::global_filter::SpectralBackend {}
+impl<B: nn::conv::ConvBackend + nn::global_filter::SpectralBackend> ModelBackend for B {}
 
 /// The default CPU backend and its autodiff wrapper.
 pub type Cpu = burn::backend::NdArray<f32>;

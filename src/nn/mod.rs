@@ -2,9 +2,11 @@
 //! by name (see [`params`]).
 
 pub mod conv;
+pub mod global_filter;
 pub mod layers;
 pub mod norm;
 pub mod params;
 
+pub use global_filter::{GlobalFilter, SpectralBackend};
 pub use layers::{Conv2d, Linear};
 pub use norm::{BatchNorm2d, LayerNorm, LayerNorm2d};
