@@ -5,6 +5,7 @@
 //! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md` and the README.
 
 pub mod backbones;
+pub mod metrics;
 pub mod nn;
 
 /// The default CPU backend and its autodiff wrapper.

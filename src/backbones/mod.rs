@@ -4,12 +4,18 @@
 
 pub mod cnn;
 pub mod resnet;
+pub mod spec;
 pub mod vgg;
+pub mod vit;
+
+pub use spec::{build_model, infer, model_from_toml, ModelArgs};
 
 use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+
+use crate::metrics::flops::CostReport;
 
 /// What a backbone is built for: the dataset's classes and image shape.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +56,7 @@ pub trait Family<B: Backend>: Backbone<B> + Sized {
 }
 
 macro_rules! registry {
-    ($($variant:ident => $ty:ident :: $name:ident),+ $(,)?) => {
+    ($($variant:ident => $ty:ident :: $name:ident $([$args:ty])?),+ $(,)?) => {
         /// Every registered backbone family.
         #[derive(Module, Debug)]
         pub enum AnyBackbone<B: Backend> {
@@ -89,6 +95,91 @@ macro_rules! registry {
             )+
             anyhow::bail!("unknown backbone arch '{arch}' (known: {})", arch_names().join(", "))
         }
+
+        /// A model TOML's `[model]` table, typed: one variant per family that declares its
+        /// reference constructor arguments (`[ArgsType]` in the registry line).
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum ModelSpec {
+            $($($variant($args),)?)+
+        }
+
+        impl ModelSpec {
+            /// The model-TOML family names.
+            pub fn families() -> Vec<&'static str> {
+                vec![$($(<$args as ModelArgs>::FAMILY,)?)+]
+            }
+
+            /// Every named variant of every family.
+            pub fn names() -> Vec<&'static str> {
+                let mut v: Vec<&'static str> = Vec::new();
+                $($(v.extend_from_slice(<$args as ModelArgs>::NAMES);)?)+
+                v
+            }
+
+            pub fn family(&self) -> &'static str {
+                match self { $($(Self::$variant(_) => <$args as ModelArgs>::FAMILY,)?)+ }
+            }
+
+            /// Parses and validates `family`'s arguments from any serde source (a TOML table,
+            /// a parity fixture's `config.json` `args`).
+            pub fn from_args<'de, D>(family: &str, args: D) -> Result<Self>
+            where
+                D: serde::Deserializer<'de>,
+                D::Error: std::fmt::Display,
+            {
+                $($(
+                    if family == <$args as ModelArgs>::FAMILY {
+                        let a: $args = serde_path_to_error::deserialize(args).map_err(|e| {
+                            let path = e.path().to_string();
+                            anyhow::anyhow!("model.{path}: {}", e.into_inner())
+                        })?;
+                        a.validate().with_context(|| format!("invalid {family} model"))?;
+                        return Ok(Self::$variant(a));
+                    }
+                )?)+
+                anyhow::bail!("unknown model family '{family}' (known: {})", Self::families().join(", "))
+            }
+
+            /// The paper's variant called `name` (`gfnet-ti`, `hornet-t-gf`, `deit-s`, ...).
+            pub fn named(name: &str) -> Option<Self> {
+                $($(
+                    if let Some(a) = <$args as ModelArgs>::named(name) {
+                        return Some(Self::$variant(a));
+                    }
+                )?)+
+                None
+            }
+
+            /// The arguments as a TOML table (without `family`).
+            pub fn args_table(&self) -> toml::Table {
+                match self {
+                    $($(Self::$variant(a) => toml::Table::try_from::<&$args>(a).expect("arguments serialise"),)?)+
+                }
+            }
+
+            pub fn img_size(&self) -> Option<usize> {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::img_size(a),)?)+ }
+            }
+
+            pub fn num_classes(&self) -> usize {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::num_classes(a),)?)+ }
+            }
+
+            /// Parameters and MACs per stage at `img_size`×`img_size`.
+            pub fn cost(&self, img_size: usize) -> CostReport {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::cost(a, img_size),)?)+ }
+            }
+
+            /// Builds the model, initialised as the reference does.
+            pub fn build<B: Backend>(&self, device: &B::Device) -> Result<AnyBackbone<B>> {
+                match self {
+                    $($(Self::$variant(a) => {
+                        let _: &$args = a;
+                        <$ty::$name<B>>::from_args(a, device).map(AnyBackbone::$variant)
+                    })?)+
+                }
+            }
+        }
     };
 }
 
@@ -96,6 +187,7 @@ registry! {
     SmallCnn => cnn::SmallCnn,
     Vgg => vgg::Vgg,
     ResNet => resnet::ResNet,
+    Deit => vit::VisionTransformer [vit::DeitArgs],
 }
 
 /// Parses a family's options table into its typed options, naming the offending key.

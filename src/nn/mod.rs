@@ -1,9 +1,11 @@
 //! Reusable layers. Parameter names and layouts follow PyTorch so that reference weights load
 //! by name (see [`params`]).
 
+pub mod attention;
+pub mod drop_path;
 pub mod layers;
 pub mod norm;
 pub mod params;
 
-pub use layers::{Conv2d, Linear};
+pub use layers::{Conv2d, Linear, Mlp, PatchEmbed};
 pub use norm::{BatchNorm2d, LayerNorm, LayerNorm2d};
