@@ -3,10 +3,14 @@
 //! [`AnyBackbone`] enum that the trainers and the CLI work with.
 
 pub mod cnn;
+mod gf_shim;
+pub mod gfnet;
+pub mod hornet;
 pub mod resnet;
 pub mod spec;
 pub mod vgg;
 pub mod vit;
+pub mod zoo;
 
 pub use spec::{build_model, infer, model_from_toml, ModelArgs};
 
@@ -18,7 +22,7 @@ use burn::tensor::Tensor;
 use crate::metrics::flops::CostReport;
 
 /// What a backbone is built for: the dataset's classes and image shape.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildContext {
     pub num_classes: usize,
     pub in_channels: usize,
@@ -187,6 +191,9 @@ registry! {
     SmallCnn => cnn::SmallCnn,
     Vgg => vgg::Vgg,
     ResNet => resnet::ResNet,
+    Gfnet => gfnet::Gfnet [gfnet::GfnetArgs],
+    GfnetPyramid => gfnet::GfnetPyramid [gfnet::GfnetPyramidArgs],
+    Hornet => hornet::Hornet [hornet::HornetArgs],
     Deit => vit::VisionTransformer [vit::DeitArgs],
 }
 
