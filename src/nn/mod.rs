@@ -3,9 +3,11 @@
 
 pub mod attention;
 pub mod drop_path;
+pub mod global_filter;
 pub mod layers;
 pub mod norm;
 pub mod params;
 
+pub use global_filter::{GlobalFilter, SpectralBackend};
 pub use layers::{Conv2d, Linear, Mlp, PatchEmbed};
 pub use norm::{BatchNorm2d, LayerNorm, LayerNorm2d};
