@@ -5,6 +5,8 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
+
+use crate::nn::SpectralBackend;
 use burn::tensor::module::max_pool2d;
 use burn::tensor::Tensor;
 use serde::Deserialize;
@@ -64,7 +66,7 @@ impl<B: Backend> SmallCnn<B> {
     }
 }
 
-impl<B: Backend> Backbone<B> for SmallCnn<B> {
+impl<B: SpectralBackend> Backbone<B> for SmallCnn<B> {
     fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);
@@ -96,7 +98,7 @@ impl<B: Backend> Backbone<B> for SmallCnn<B> {
     }
 }
 
-impl<B: Backend> Family<B> for SmallCnn<B> {
+impl<B: SpectralBackend> Family<B> for SmallCnn<B> {
     const ARCHS: &'static [&'static str] = &["small-cnn"];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {

@@ -19,7 +19,7 @@ use super::spec::{args_for_arch, ModelArgs};
 use super::{Backbone, BuildContext, Family};
 use crate::metrics::flops::CostReport;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
-use super::gf_shim::{GlobalFilter, SpectralBackend};
+use crate::nn::global_filter::{GlobalFilter, SpectralBackend};
 use crate::nn::layers::trunc_normal;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 

@@ -23,7 +23,7 @@ use super::spec::{args_for_arch, ModelArgs};
 use super::{Backbone, BuildContext, Family};
 use crate::metrics::flops::CostReport;
 use crate::nn::drop_path::{drop_path, linspace_rates};
-use super::gf_shim::{global_filter_nchw, resize_complex_weight_nchw, SpectralBackend};
+use crate::nn::global_filter::{global_filter_nchw, resize_complex_weight_nchw, SpectralBackend};
 use crate::nn::layers::trunc_normal;
 use crate::nn::{Conv2d, LayerNorm, LayerNorm2d, Linear};
 

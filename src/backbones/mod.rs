@@ -3,7 +3,6 @@
 //! [`AnyBackbone`] enum that the trainers and the CLI work with.
 
 pub mod cnn;
-mod gf_shim;
 pub mod gfnet;
 pub mod hornet;
 pub mod resnet;
@@ -20,6 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::metrics::flops::CostReport;
+use crate::nn::SpectralBackend;
 
 /// What a backbone is built for: the dataset's classes and image shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub struct PrunableConv {
     pub macs: u64,
 }
 
-pub trait Backbone<B: Backend>: Module<B> {
+pub trait Backbone<B: SpectralBackend>: Module<B> {
     /// Logits `[N, classes]` for images `[N, C, H, W]`.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
 
@@ -50,7 +50,7 @@ pub trait Backbone<B: Backend>: Module<B> {
 }
 
 /// A backbone file's entry point: the architecture names it answers to and how to build them.
-pub trait Family<B: Backend>: Backbone<B> + Sized {
+pub trait Family<B: SpectralBackend>: Backbone<B> + Sized {
     /// Names accepted by `[backbone] arch = ...`.
     const ARCHS: &'static [&'static str];
 
@@ -67,7 +67,7 @@ macro_rules! registry {
             $($variant($ty::$name<B>),)+
         }
 
-        impl<B: Backend> Backbone<B> for AnyBackbone<B> {
+        impl<B: SpectralBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
                 match self { $(Self::$variant(m) => m.forward(x),)+ }
             }
@@ -84,7 +84,7 @@ macro_rules! registry {
         }
 
         /// Builds the backbone named `arch`.
-        pub fn build<B: Backend>(
+        pub fn build<B: SpectralBackend>(
             arch: &str,
             options: &toml::Table,
             ctx: &BuildContext,
@@ -175,7 +175,7 @@ macro_rules! registry {
             }
 
             /// Builds the model, initialised as the reference does.
-            pub fn build<B: Backend>(&self, device: &B::Device) -> Result<AnyBackbone<B>> {
+            pub fn build<B: SpectralBackend>(&self, device: &B::Device) -> Result<AnyBackbone<B>> {
                 match self {
                     $($(Self::$variant(a) => {
                         let _: &$args = a;

@@ -8,6 +8,8 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
+
+use crate::nn::SpectralBackend;
 use burn::tensor::module::max_pool2d;
 use burn::tensor::Tensor;
 use serde::Deserialize;
@@ -156,7 +158,7 @@ fn scale(c: usize, width: f64) -> usize {
     ((c as f64 * width).round() as usize).max(1)
 }
 
-impl<B: Backend> Backbone<B> for ResNet<B> {
+impl<B: SpectralBackend> Backbone<B> for ResNet<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
         if self.stem_pool {
@@ -196,7 +198,7 @@ impl<B: Backend> Backbone<B> for ResNet<B> {
     }
 }
 
-impl<B: Backend> Family<B> for ResNet<B> {
+impl<B: SpectralBackend> Family<B> for ResNet<B> {
     const ARCHS: &'static [&'static str] = &["resnet20-cifar", "resnet56-cifar", "resnet18"];
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {

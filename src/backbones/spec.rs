@@ -24,11 +24,10 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use burn::tensor::backend::Backend;
-
 use super::{AnyBackbone, Backbone, BuildContext, ModelSpec};
 use crate::metrics::flops::CostReport;
 use crate::nn::params::{load_strict, HostTensor, StateDict};
+use crate::nn::SpectralBackend;
 
 /// A family's reference constructor arguments (one struct per model-TOML `family`).
 pub trait ModelArgs: Serialize + DeserializeOwned + Clone + Debug + PartialEq {
@@ -83,7 +82,7 @@ pub fn model_from_toml(path: impl AsRef<Path>) -> Result<ModelSpec> {
 }
 
 /// Builds the model a spec describes, freshly initialised as the reference does.
-pub fn build_model<B: Backend>(spec: &ModelSpec, device: &B::Device) -> Result<AnyBackbone<B>> {
+pub fn build_model<B: SpectralBackend>(spec: &ModelSpec, device: &B::Device) -> Result<AnyBackbone<B>> {
     spec.build(device)
 }
 

@@ -5,6 +5,8 @@
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
+
+use crate::nn::SpectralBackend;
 use burn::tensor::module::max_pool2d;
 use burn::tensor::Tensor;
 use serde::Deserialize;
@@ -55,7 +57,7 @@ impl<B: Backend> Vgg<B> {
     }
 }
 
-impl<B: Backend> Backbone<B> for Vgg<B> {
+impl<B: SpectralBackend> Backbone<B> for Vgg<B> {
     fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);
@@ -86,7 +88,7 @@ impl<B: Backend> Backbone<B> for Vgg<B> {
     }
 }
 
-impl<B: Backend> Family<B> for Vgg<B> {
+impl<B: SpectralBackend> Family<B> for Vgg<B> {
     const ARCHS: &'static [&'static str] = &["vgg16-cifar"];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {

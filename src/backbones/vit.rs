@@ -8,6 +8,8 @@
 use anyhow::{ensure, Result};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
+
+use crate::nn::SpectralBackend;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
@@ -259,7 +261,7 @@ impl<B: Backend> VisionTransformer<B> {
     }
 }
 
-impl<B: Backend> Backbone<B> for VisionTransformer<B> {
+impl<B: SpectralBackend> Backbone<B> for VisionTransformer<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let mut x = self.embed(x);
         for b in &self.blocks {
@@ -269,7 +271,7 @@ impl<B: Backend> Backbone<B> for VisionTransformer<B> {
     }
 }
 
-impl<B: Backend> Family<B> for VisionTransformer<B> {
+impl<B: SpectralBackend> Family<B> for VisionTransformer<B> {
     const ARCHS: &'static [&'static str] = DeitArgs::NAMES;
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
