@@ -520,6 +520,11 @@ impl<B: SpectralBackend> Family<B> for Hornet<B> {
     const ARCHS: &'static [&'static str] = HornetArgs::NAMES;
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        ensure!(
+            ctx.img_size.iter().all(|&s| s >= 32),
+            "HorNet down-samples 32×; {:?} images are too small (pad or resize to 32×32)",
+            ctx.img_size
+        );
         Self::from_args(&args_for_arch::<HornetArgs>(arch, options, ctx)?, device)
     }
 }
