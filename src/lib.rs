@@ -1,10 +1,9 @@
 //! rlprune: input-adaptive pruning of vision networks.
-//!
-//! A backbone (`backbones`) runs on a batch of images; a controller decides per image which
-//! channels or tokens it may skip; the trainers in `train` fit backbones and controllers; `data`
-//! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md` and the README.
 
 pub mod backbones;
+pub mod data;
+pub mod import;
+pub mod logging;
 pub mod metrics;
 pub mod nn;
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use rlprune::backbones::spec::read_safetensors;
 use rlprune::backbones::{infer, AnyBackbone, Backbone, ModelSpec};
+use rlprune::import::{read_safetensors, read_tensor};
 use rlprune::nn::params::{load_strict, HostTensor};
 use rlprune::Cpu;
 
@@ -73,12 +73,12 @@ fn check(name: &str) {
     let model: AnyBackbone<Cpu> = fx.spec.build(&device).unwrap();
     assert_eq!(model.num_params() as u64, fx.num_params, "{name}: parameter count");
     assert_eq!(fx.spec.cost_native().params(), fx.num_params, "{name}: analytic parameter count");
-    let weights = read_safetensors(fx.dir.join("weights.safetensors")).unwrap();
+    let weights = read_safetensors(&fx.dir.join("weights.safetensors")).unwrap();
     let model = load_strict(model, &weights, name).unwrap_or_else(|e| panic!("{e:#}"));
-    let input = &read_safetensors(fx.dir.join("input.safetensors")).unwrap()["input"];
-    let want = &read_safetensors(fx.dir.join("output.safetensors")).unwrap()["output"];
+    let input = read_tensor(&fx.dir.join("input.safetensors"), "input").unwrap();
+    let want = read_tensor(&fx.dir.join("output.safetensors"), "output").unwrap();
     let got = HostTensor::from_tensor(&model.forward(input.to_tensor::<Cpu, 4>(&device)));
-    let (max_abs, rel_l2) = errors(&got, want);
+    let (max_abs, rel_l2) = errors(&got, &want);
     println!("{name}: max abs err {max_abs:.3e}, rel L2 {rel_l2:.3e}");
     assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name}: max abs {max_abs:.3e}, rel L2 {rel_l2:.3e}");
 }
@@ -115,9 +115,9 @@ fn infer_writes_reference_logits() {
     assert_eq!(rlprune::backbones::model_from_toml(&toml_path).unwrap(), fx.spec);
     let out = tmp.path().join("out.safetensors");
     infer(&toml_path, fx.dir.join("weights.safetensors"), fx.dir.join("input.safetensors"), &out).unwrap();
-    let got = &read_safetensors(&out).unwrap()["output"];
-    let want = &read_safetensors(fx.dir.join("output.safetensors")).unwrap()["output"];
-    let (max_abs, rel_l2) = errors(got, want);
+    let got = read_tensor(&out, "output").unwrap();
+    let want = read_tensor(&fx.dir.join("output.safetensors"), "output").unwrap();
+    let (max_abs, rel_l2) = errors(&got, &want);
     assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name} via infer: {max_abs:.3e} / {rel_l2:.3e}");
 }
 

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use super::{AnyBackbone, Backbone, BuildContext, ModelSpec};
 use crate::metrics::flops::CostReport;
+use crate::import;
 use crate::nn::params::{load_strict, HostTensor, StateDict};
 use crate::nn::SpectralBackend;
 
@@ -134,88 +135,11 @@ impl ModelSpec {
     }
 }
 
-/// Reads every tensor of a safetensors file as f32 (f16/bf16/f64 are converted).
-///
-/// A minimal reader for `infer` and the parity tests; `crate::import` (reference checkpoints,
-/// `.pth`) supersedes it once merged.
-pub fn read_safetensors(path: impl AsRef<Path>) -> Result<StateDict> {
-    use safetensors::{Dtype, SafeTensors};
-    let path = path.as_ref();
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let mut out = StateDict::new();
-    for (name, view) in st.tensors() {
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
-            Dtype::I64 => raw
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            other => bail!("{}: tensor '{name}' has unsupported dtype {other:?}", path.display()),
-        };
-        out.insert(name, HostTensor::new(view.shape().to_vec(), data));
-    }
-    Ok(out)
-}
-
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // Subnormal: renormalise.
-            let mut e = 127 - 15 + 1;
-            let mut f = f;
-            while f & 0x400 == 0 {
-                f <<= 1;
-                e -= 1;
-            }
-            sign | ((e as u32) << 23) | ((f & 0x3ff) << 13)
-        }
-        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
-}
-
-/// Writes f32 tensors as safetensors, atomically (temporary file in the same directory, then
-/// rename), so a reader never sees a half-written file.
-pub fn write_safetensors_atomic(path: impl AsRef<Path>, tensors: &[(String, HostTensor)]) -> Result<()> {
-    use safetensors::tensor::TensorView;
-    use safetensors::Dtype;
-    let path = path.as_ref();
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape.clone()))
-        .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, b, s)| Ok((n.as_str(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let buf = safetensors::serialize(views, None)?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file_name = path.file_name().context("output path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, &buf).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
-/// `rlprune infer`: builds the model of `model_toml`, loads `weights` strictly (every
-/// parameter, no extra keys), runs the tensor `input` (`[N, C, H, W]`) in eval mode on the CPU
-/// and writes the logits as tensor `output` to `output` (safetensors, atomically).
+/// `rlprune infer`: builds the model of `model_toml`, loads `weights` (safetensors or a
+/// PyTorch `.pth`, reference key names; a `{"model": ...}` wrapper is handled by
+/// [`crate::import`]) strictly — every parameter, no extra keys — runs the tensor `input`
+/// (`[N, C, H, W]`) in eval mode on the CPU and writes the logits as tensor `output` to
+/// `output` (safetensors, atomically).
 pub fn infer(
     model_toml: impl AsRef<Path>,
     weights: impl AsRef<Path>,
@@ -226,13 +150,11 @@ pub fn infer(
     let device = Default::default();
     let spec = model_from_toml(&model_toml)?;
     let weights = weights.as_ref();
-    let dict = read_weights(weights)?;
+    let mut dict = import::read_weights(weights)?;
+    import::drop_ignored_keys(&mut dict);
     let model: AnyBackbone<B> = build_model(&spec, &device)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;
-    let inputs = read_safetensors(&input)?;
-    let x = inputs
-        .get("input")
-        .with_context(|| format!("{} has no tensor 'input'", input.as_ref().display()))?;
+    let x = import::read_tensor(input.as_ref(), "input")?;
     if x.shape.len() != 4 {
         bail!("input must be [N, C, H, W], got shape {:?}", x.shape);
     }
@@ -242,40 +164,6 @@ pub fn infer(
         }
     }
     let logits = model.forward(x.to_tensor::<B, 4>(&device));
-    write_safetensors_atomic(output, &[("output".to_string(), HostTensor::from_tensor(&logits))])
-}
-
-/// Weights for `infer`: safetensors with reference key names.
-fn read_weights(path: &Path) -> Result<StateDict> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("safetensors") => read_safetensors(path),
-        _ => bail!(
-            "{}: only .safetensors weights are read here (PyTorch .pth goes through crate::import)",
-            path.display()
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn f16_conversion() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
-        assert_eq!(f16_to_f32(0x7bff), 65504.0);
-    }
-
-    #[test]
-    fn safetensors_roundtrip() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.safetensors");
-        let t = HostTensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        write_safetensors_atomic(&p, &[("output".into(), t.clone())]).unwrap();
-        let back = read_safetensors(&p).unwrap();
-        assert_eq!(back["output"], t);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
-    }
+    let out = StateDict::from([("output".to_string(), HostTensor::from_tensor(&logits))]);
+    import::write_safetensors(output.as_ref(), &out, &Default::default())
 }

@@ -1,0 +1,3 @@
+//! Run logging: TensorBoard event files.
+
+pub mod tensorboard;

@@ -1,0 +1,89 @@
+//! Helpers shared by integration tests (`mod common;`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root (where Cargo.toml lives).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A Python interpreter that can `import tensorboard`.
+///
+/// 1. `$RLPRUNE_PYTHON`, if set (it must import tensorboard, else this panics);
+/// 2. else `<repo>/.venv/bin/python` if it imports tensorboard;
+/// 3. else creates `<repo>/.venv` with `python3 -m venv` and `pip install tensorboard` in it
+///    (needs PyPI), then uses it.
+///
+/// The answer is computed once per test binary.
+pub fn python_with_tensorboard() -> PathBuf {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(locate_python).clone()
+}
+
+fn imports_tensorboard(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import tensorboard"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn venv_python(venv: &Path) -> PathBuf {
+    if cfg!(windows) {
+        venv.join("Scripts").join("python.exe")
+    } else {
+        venv.join("bin").join("python")
+    }
+}
+
+fn locate_python() -> PathBuf {
+    if let Some(python) = std::env::var_os("RLPRUNE_PYTHON").filter(|p| !p.is_empty()) {
+        let python = PathBuf::from(python);
+        assert!(
+            imports_tensorboard(&python),
+            "RLPRUNE_PYTHON={} cannot `import tensorboard`",
+            python.display()
+        );
+        return python;
+    }
+    let venv = repo_root().join(".venv");
+    let python = venv_python(&venv);
+    if python.exists() && imports_tensorboard(&python) {
+        return python;
+    }
+    let base = if cfg!(windows) { "python" } else { "python3" };
+    eprintln!(
+        "creating {} and installing tensorboard (set RLPRUNE_PYTHON to skip)",
+        venv.display()
+    );
+    if !python.exists() {
+        let status = Command::new(base)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap_or_else(|e| panic!("running `{base} -m venv {}`: {e}", venv.display()));
+        assert!(
+            status.success(),
+            "`{base} -m venv {}` failed: {status}",
+            venv.display()
+        );
+    }
+    let status = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "tensorboard"])
+        .status()
+        .unwrap_or_else(|e| panic!("running pip in {}: {e}", venv.display()));
+    assert!(
+        status.success(),
+        "`pip install tensorboard` in {} failed: {status}",
+        venv.display()
+    );
+    assert!(
+        imports_tensorboard(&python),
+        "{} still cannot import tensorboard",
+        python.display()
+    );
+    python
+}
