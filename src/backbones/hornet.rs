@@ -183,7 +183,7 @@ impl ModelArgs for HornetArgs {
                     bail!("gnconv[{i}].gflayer must be \"{GLOBAL_LOCAL_FILTER}\", got \"{l}\"");
                 }
                 let sum: usize = g.dims(dim).iter().sum();
-                ensure!(sum % 2 == 0, "gnconv[{i}]: the global-local filter splits {sum} channels in halves");
+                ensure!(sum.is_multiple_of(2), "gnconv[{i}]: the global-local filter splits {sum} channels in halves");
                 let (h, w) = g.filter_hw();
                 ensure!(h >= 1 && w >= 1, "gnconv[{i}]: h and w must be positive");
             } else {
@@ -326,6 +326,7 @@ impl<B: SpectralBackend> GlobalLocalFilter<B> {
 /// The spatial mixer inside `gnconv`: the reference stores either a plain conv or a
 /// `GlobalLocalFilter` under the name `dwconv` (enum variants add no path segment).
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per block, built once
 pub enum DwConv<B: Backend> {
     Conv(Conv2d<B>),
     GlobalLocal(GlobalLocalFilter<B>),
@@ -478,12 +479,9 @@ impl<B: Backend> Hornet<B> {
         let rates = linspace_rates(args.drop_path_rate, args.depths.iter().sum());
         let mut cur = 0;
         let mut stages = Vec::new();
-        for i in 0..4 {
-            let blocks = (0..args.depths[i])
-                .map(|j| Block::new(args, dims[i], &args.gnconv[i], rates[cur + j], device))
-                .collect();
-            cur += args.depths[i];
-            stages.push(blocks);
+        for ((&dim, &depth), g) in dims.iter().zip(&args.depths).zip(&args.gnconv) {
+            stages.push((0..depth).map(|j| Block::new(args, dim, g, rates[cur + j], device)).collect());
+            cur += depth;
         }
         let mut head = linear(args, dims[3], args.num_classes, device);
         if args.head_init_scale != 1.0 {

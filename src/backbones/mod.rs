@@ -61,11 +61,19 @@ pub trait Family<B: SpectralBackend>: Backbone<B> + Sized {
 
 macro_rules! registry {
     ($($variant:ident => $ty:ident :: $name:ident $([$args:ty])?),+ $(,)?) => {
-        /// Every registered backbone family.
-        #[derive(Module, Debug)]
-        pub enum AnyBackbone<B: Backend> {
-            $($variant($ty::$name<B>),)+
+        // Whole models in an enum: the variants differ in size, which is fine for a value that
+        // is built once (the allow must cover the record type `derive(Module)` generates).
+        #[allow(clippy::large_enum_variant)]
+        mod any_backbone {
+            use super::*;
+
+            /// Every registered backbone family.
+            #[derive(Module, Debug)]
+            pub enum AnyBackbone<B: Backend> {
+                $($variant($ty::$name<B>),)+
+            }
         }
+        pub use any_backbone::{AnyBackbone, AnyBackboneRecord};
 
         impl<B: SpectralBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
@@ -103,6 +111,7 @@ macro_rules! registry {
         /// A model TOML's `[model]` table, typed: one variant per family that declares its
         /// reference constructor arguments (`[ArgsType]` in the registry line).
         #[derive(Debug, Clone, PartialEq)]
+        #[allow(clippy::large_enum_variant)] // configuration, built once
         pub enum ModelSpec {
             $($($variant($args),)?)+
         }

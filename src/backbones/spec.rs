@@ -158,10 +158,10 @@ pub fn infer(
     if x.shape.len() != 4 {
         bail!("input must be [N, C, H, W], got shape {:?}", x.shape);
     }
-    if let Some(s) = spec.img_size() {
-        if x.shape[2] != s || x.shape[3] != s {
-            bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
-        }
+    if let Some(s) = spec.img_size()
+        && (x.shape[2] != s || x.shape[3] != s)
+    {
+        bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
     }
     let logits = model.forward(x.to_tensor::<B, 4>(&device));
     let out = StateDict::from([("output".to_string(), HostTensor::from_tensor(&logits))]);

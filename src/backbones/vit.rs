@@ -95,7 +95,7 @@ impl ModelArgs for DeitArgs {
         ensure!(self.patch_size >= 1 && self.grid() >= 1, "patch_size {} does not fit img_size {}", self.patch_size, self.img_size);
         ensure!(self.embed_dim >= 1 && self.depth >= 1, "embed_dim and depth must be positive");
         ensure!(
-            self.num_heads >= 1 && self.embed_dim % self.num_heads == 0,
+            self.num_heads >= 1 && self.embed_dim.is_multiple_of(self.num_heads),
             "embed_dim {} is not divisible by num_heads {}",
             self.embed_dim,
             self.num_heads

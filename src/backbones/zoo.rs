@@ -42,6 +42,7 @@ pub const ZOO_NAMES: &[&str] = &[
 
 /// What a zoo name stands for.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // a handful, built once
 pub enum ZooSpec {
     /// A reference model, buildable from a model TOML.
     Model(ModelSpec),

@@ -33,7 +33,7 @@ impl<B: Backend> Attention<B> {
     /// timm's `Attention(dim, num_heads, qkv_bias, qk_scale)`, initialised as timm's ViT does
     /// (trunc-normal 0.02 weights, zero biases).
     pub fn new(dim: usize, num_heads: usize, qkv_bias: bool, qk_scale: Option<f64>, device: &B::Device) -> Self {
-        assert!(num_heads > 0 && dim % num_heads == 0, "dim {dim} is not divisible by {num_heads} heads");
+        assert!(num_heads > 0 && dim.is_multiple_of(num_heads), "dim {dim} is not divisible by {num_heads} heads");
         let head_dim = dim / num_heads;
         Self {
             qkv: Linear::new_trunc_normal(dim, 3 * dim, qkv_bias, device),
