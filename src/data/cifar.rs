@@ -99,7 +99,7 @@ pub fn parse_records(variant: Variant, path: &Path, bytes: &[u8], out: &mut Cifa
     if bytes.is_empty() {
         anyhow::bail!("{}: empty file, expected records of {rec} bytes", path.display());
     }
-    if bytes.len() % rec != 0 {
+    if !bytes.len().is_multiple_of(rec) {
         let whole = bytes.len() / rec;
         anyhow::bail!(
             "{}: size {} bytes is not a multiple of the {rec}-byte {} record: record {whole} at byte offset {} is incomplete ({} of {rec} bytes; truncated file?)",

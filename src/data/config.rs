@@ -367,10 +367,8 @@ impl DataConfig {
             err("std", format!("values must be > 0, got {x}"));
         }
         match self.dataset {
-            DatasetKind::ImageFolder => {
-                if self.root.is_none() {
-                    err("root", "required for dataset = \"image-folder\"".to_string());
-                }
+            DatasetKind::ImageFolder if self.root.is_none() => {
+                err("root", "required for dataset = \"image-folder\"".to_string());
             }
             DatasetKind::Synthetic => {
                 if !(2..=1000).contains(&self.classes) {

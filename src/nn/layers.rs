@@ -167,7 +167,7 @@ impl<B: Backend> Conv2d<B> {
         } else {
             self.weight.val().slice([0..c_out, 0..c_in, 0..kh, 0..kw])
         };
-        let b = self.bias.as_ref().map(|b| b.val().slice([0..c_out]));
+        let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
         conv2d(x, w, b, self.options())
     }
 }

@@ -92,7 +92,7 @@ impl<B: Backend> BatchNorm2d<B> {
     pub fn forward_channels(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4> {
         let device = x.device();
         let full = self.num_features();
-        let pick = |t: Tensor<B, 1>| if c == full { t } else { t.slice([0..c]) };
+        let pick = |t: Tensor<B, 1>| if c == full { t } else { t.slice(0..c) };
         let (mean, var) = if B::ad_enabled(&device) {
             let [n, _, h, w] = x.dims();
             let flat = x.clone().swap_dims(0, 1).reshape([c, n * h * w]);
@@ -104,10 +104,10 @@ impl<B: Backend> BatchNorm2d<B> {
             // Skipped channels keep their running statistics untouched.
             let rm = self.running_mean.value_sync().to_device(&device);
             let rv = self.running_var.value_sync().to_device(&device);
-            let new_m = rm.clone().slice([0..c]) * (1.0 - m) + mean.clone().detach() * m;
-            let new_v = rv.clone().slice([0..c]) * (1.0 - m) + unbiased * m;
-            self.running_mean.update(rm.slice_assign([0..c], new_m));
-            self.running_var.update(rv.slice_assign([0..c], new_v));
+            let new_m = rm.clone().slice(0..c) * (1.0 - m) + mean.clone().detach() * m;
+            let new_v = rv.clone().slice(0..c) * (1.0 - m) + unbiased * m;
+            self.running_mean.update(rm.slice_assign(0..c, new_m));
+            self.running_var.update(rv.slice_assign(0..c, new_v));
             (mean, var)
         } else {
             (pick(self.running_mean.value()), pick(self.running_var.value()))
