@@ -163,6 +163,17 @@ macro_rules! registry {
                 None
             }
 
+            /// The arguments `[backbone] arch = NAME` plus options builds for a dataset, or
+            /// `None` when `arch` is not a named variant of a reference family.
+            pub fn for_arch(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Option<Result<Self>> {
+                $($(
+                    if <$args as ModelArgs>::NAMES.contains(&arch) {
+                        return Some(spec::args_for_arch::<$args>(arch, options, ctx).map(Self::$variant));
+                    }
+                )?)+
+                None
+            }
+
             /// The arguments as a TOML table (without `family`).
             pub fn args_table(&self) -> toml::Table {
                 match self {

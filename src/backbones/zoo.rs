@@ -120,6 +120,16 @@ pub fn zoo() -> Vec<ZooEntry> {
     ZOO_NAMES.iter().map(|n| zoo_entry(n).expect("every zoo name resolves")).collect()
 }
 
+/// Parameters and MACs of `[backbone] arch = NAME` with `options`, as built for `ctx`
+/// (analytic for the reference families, from a built model for the CNN baselines).
+pub fn arch_cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+    if let Some(spec) = ModelSpec::for_arch(arch, options, ctx) {
+        return Ok(spec?.cost(ctx.img_size[0]));
+    }
+    let model: AnyBackbone<Cpu> = build(arch, options, ctx, &Default::default())?;
+    cnn_cost(&model, ctx)
+}
+
 fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
     (size + 2 * pad - k) / stride + 1
 }
@@ -178,6 +188,18 @@ pub fn cnn_cost(model: &AnyBackbone<Cpu>, ctx: &BuildContext) -> Result<CostRepo
             }
             c.stage("fc").linear(m.fc.in_features(), m.fc.out_features(), true, 1);
         }
+        AnyBackbone::SmallCnn(m) => {
+            for (i, layer) in m.features.iter().enumerate() {
+                c.stage(format!("features.{i}"));
+                conv(&mut c, &layer.conv, [h, w]);
+                c.add_params(2 * layer.bn.num_features());
+                if super::cnn::SmallCnn::<Cpu>::pools_after(i) {
+                    h /= 2;
+                    w /= 2;
+                }
+            }
+            c.stage("fc").linear(m.fc.in_features(), m.fc.out_features(), true, 1);
+        }
         _ => bail!("no cost model for this backbone"),
     }
     Ok(c)
@@ -201,6 +223,19 @@ mod tests {
                 .sum();
             assert_eq!(e.params, trainable as u64, "{name}");
         }
+    }
+
+    #[test]
+    fn arch_cost_follows_options() {
+        let fashion = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };
+        let opts: toml::Table = toml::from_str("patch_size = 4\nembed_dim = 32\ndepth = 2").unwrap();
+        let c = arch_cost("gfnet-ti", &opts, &fashion).unwrap();
+        let m: AnyBackbone<Cpu> = build("gfnet-ti", &opts, &fashion, &Default::default()).unwrap();
+        assert_eq!(c.params(), burn::module::Module::num_params(&m) as u64);
+        assert_eq!(c.img_size, 28);
+        let small = arch_cost("small-cnn", &toml::Table::new(), &fashion).unwrap();
+        assert!(small.macs() > 0 && small.stages.len() == 5);
+        assert!(arch_cost("gfnet-ti", &toml::from_str("depth = 0").unwrap(), &fashion).is_err());
     }
 
     #[test]
