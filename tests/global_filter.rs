@@ -472,10 +472,9 @@ fn resize_bilinear_align_corners_by_hand() {
     let w = Tensor::<B, 4>::from_data(TensorData::new(data, [3, 2, 2, 2]), &Default::default());
     let v = host(resize_complex_weight(w.clone(), 2, 3));
     let want_re = [[1.0, 3.0, 5.0], [3.0, 6.0, 9.0]];
-    for i in 0..2 {
-        for j in 0..3 {
+    for (i, row) in want_re.iter().enumerate() {
+        for (j, &wv) in row.iter().enumerate() {
             let base = ((i * 3 + j) * 2) * 2;
-            let wv = want_re[i][j];
             let got = [v[base], v[base + 1], v[base + 2], v[base + 3]];
             let want = [wv, 0.5 * wv, -wv, -0.5 * wv];
             assert!(

@@ -301,6 +301,18 @@ impl<B: SpectralBackend> GlobalFilter<B> {
         let [_, h, w, _] = x.dims();
         global_filter(x, self.weight_for(h, w))
     }
+
+    /// GFNet's calling convention: tokens `[N, H*W, C]` on an `(H, W)` grid → `[N, H*W, C]`.
+    pub fn forward_tokens(&self, x: Tensor<B, 3>, (h, w): (usize, usize)) -> Tensor<B, 3> {
+        let [n, tokens, c] = x.dims();
+        assert_eq!(
+            tokens,
+            h * w,
+            "global filter: {tokens} tokens do not fill a {h}x{w} grid"
+        );
+        self.forward(x.reshape([n, h, w, c]))
+            .reshape([n, tokens, c])
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -376,6 +388,13 @@ impl<B: SpectralBackend, C: CheckpointStrategy> SpectralBackend for Autodiff<B, 
 }
 
 // ---------------------------------------------------------------------------------------------
+// CUDA: the default (DFT-by-matmul) forward and backward
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "cuda")]
+impl SpectralBackend for burn::backend::Cuda {}
+
+// ---------------------------------------------------------------------------------------------
 // NdArray: real-FFT path
 // ---------------------------------------------------------------------------------------------
 
@@ -405,13 +424,12 @@ macro_rules! ndarray_spectral {
                 let geom = fft_cpu::Geom::new(dims, layout);
                 let (_, c, h, w) = layout.ncwh(dims);
                 let gs = host::<$elem>(&grad);
-                let gx = weight.map(|wt| {
-                    let out = fft_cpu::forward(&gs, &host::<$elem>(&wt), geom, true);
-                    NdArrayTensor::from_data(TensorData::new(out, dims))
-                });
-                let gw = x.map(|xt| {
-                    let out = fft_cpu::weight_grad(&host::<$elem>(&xt), &gs, geom);
-                    NdArrayTensor::from_data(TensorData::new(out, layout.weight_shape(c, h, w)))
+                let xs = x.as_ref().map(host::<$elem>);
+                let ws = weight.as_ref().map(host::<$elem>);
+                let (gx, gw) = fft_cpu::backward(&gs, xs.as_deref(), ws.as_deref(), geom);
+                let gx = gx.map(|v| NdArrayTensor::from_data(TensorData::new(v, dims)));
+                let gw = gw.map(|v| {
+                    NdArrayTensor::from_data(TensorData::new(v, layout.weight_shape(c, h, w)))
                 });
                 (gx, gw)
             }
@@ -434,33 +452,45 @@ fn shape4<T: TensorMetadata>(t: &T) -> [usize; 4] {
 
 /// Element types the host FFT path runs in.
 trait HostElem: fft_cpu::Real + burn::tensor::Element {
-    /// The row-major data of `t`, if it is contiguous and of this element type.
-    fn view_slice(t: &NdArrayTensor) -> Option<&[Self]>;
+    /// The row-major data of `t` if it holds this element type: borrowed when contiguous,
+    /// otherwise copied into standard layout (ndarray's strided copy; much faster than reading
+    /// a shared tensor out through `into_data`).
+    fn host_data(t: &NdArrayTensor) -> Option<Cow<'_, [Self]>>;
 }
 
-impl HostElem for f32 {
-    fn view_slice(t: &NdArrayTensor) -> Option<&[Self]> {
-        match t {
-            NdArrayTensor::F32(s) => s.view().to_slice(),
-            _ => None,
+macro_rules! host_elem {
+    ($elem:ty, $variant:ident) => {
+        impl HostElem for $elem {
+            fn host_data(t: &NdArrayTensor) -> Option<Cow<'_, [Self]>> {
+                let NdArrayTensor::$variant(s) = t else {
+                    return None;
+                };
+                let v = s.view();
+                Some(match v.to_slice() {
+                    Some(sl) => Cow::Borrowed(sl),
+                    None => {
+                        let len = v.len();
+                        let (mut data, offset) = v
+                            .as_standard_layout()
+                            .into_owned()
+                            .into_raw_vec_and_offset();
+                        data.drain(..offset.unwrap_or(0));
+                        data.truncate(len);
+                        Cow::Owned(data)
+                    }
+                })
+            }
         }
-    }
+    };
 }
 
-impl HostElem for f64 {
-    fn view_slice(t: &NdArrayTensor) -> Option<&[Self]> {
-        match t {
-            NdArrayTensor::F64(s) => s.view().to_slice(),
-            _ => None,
-        }
-    }
-}
+host_elem!(f32, F32);
+host_elem!(f64, F64);
 
-/// The row-major host data of `t`: borrowed without a copy when the tensor is contiguous and of
-/// element type `E`, otherwise read out (and converted) once.
+/// The row-major host data of `t` in element type `E` (converted when it holds another type).
 fn host<E: HostElem>(t: &NdArrayTensor) -> Cow<'_, [E]> {
-    if let Some(s) = E::view_slice(t) {
-        return Cow::Borrowed(s);
+    if let Some(data) = E::host_data(t) {
+        return data;
     }
     let data = Tensor::<NdArray, 4>::from_primitive(TensorPrimitive::Float(t.clone()))
         .into_data()
@@ -471,38 +501,47 @@ fn host<E: HostElem>(t: &NdArrayTensor) -> Cow<'_, [E]> {
     )
 }
 
-/// Host real-FFT implementation of the filter and of its weight gradient.
+/// Host FFT implementation of the filter and of its gradients.
+///
+/// Two real planes (channels `2q` and `2q+1` of one batch item) travel as one complex plane
+/// `z = x_a + i x_b`: one complex 2-D FFT gives both half spectra (`X_a = (Z + conj Z~)/2`,
+/// `X_b = (Z - conj Z~)/2i` with `Z~[k,l] = Z[-k,-l]`), and one inverse complex 2-D FFT of
+/// `V = Y_a + i Y_b` gives both outputs (`y_a = Re v`, `y_b = Im v`), where `Y_a` is the
+/// Hermitian extension of the filtered half spectrum that `irfft2` implies: columns `0` and
+/// (even `W`) `W/2` symmetrised over `k`, `Y[-k,-l] = conj Y[k,l]` for the others. The
+/// transforms of one batch item run as one batched `rustfft` call per direction and axis (rows,
+/// then columns after a transpose). O(HW log HW) per plane.
 mod fft_cpu {
     use super::FilterLayout;
     use super::{Arc, HashMap, Mutex, OnceLock};
-    use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
     use rustfft::num_complex::Complex;
     use rustfft::num_traits::Zero;
     use rustfft::{Fft, FftNum, FftPlanner};
     use std::ops::Range;
 
+    /// Plans per `(H, W)` grid.
+    pub(super) type PlanCache<T> = Mutex<HashMap<(usize, usize), Arc<Plan<T>>>>;
+
     /// FFT element types, each with its own plan cache.
     pub(super) trait Real: FftNum {
-        fn plan_cache() -> &'static Mutex<HashMap<(usize, usize), Arc<Plan<Self>>>>;
+        fn plan_cache() -> &'static PlanCache<Self>;
     }
 
     impl Real for f32 {
-        fn plan_cache() -> &'static Mutex<HashMap<(usize, usize), Arc<Plan<Self>>>> {
-            static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Plan<f32>>>>> =
-                OnceLock::new();
+        fn plan_cache() -> &'static PlanCache<Self> {
+            static CACHE: OnceLock<PlanCache<f32>> = OnceLock::new();
             CACHE.get_or_init(Default::default)
         }
     }
 
     impl Real for f64 {
-        fn plan_cache() -> &'static Mutex<HashMap<(usize, usize), Arc<Plan<Self>>>> {
-            static CACHE: OnceLock<Mutex<HashMap<(usize, usize), Arc<Plan<f64>>>>> =
-                OnceLock::new();
+        fn plan_cache() -> &'static PlanCache<Self> {
+            static CACHE: OnceLock<PlanCache<f64>> = OnceLock::new();
             CACHE.get_or_init(Default::default)
         }
     }
 
-    /// Shape of a batch of planes and where plane `(n, c)` lives in memory.
+    /// Shape of the batch and the memory layout of its planes.
     #[derive(Clone, Copy, Debug)]
     pub(super) struct Geom {
         pub n: usize,
@@ -522,20 +561,21 @@ mod fft_cpu {
             self.w / 2 + 1
         }
 
+        fn hw(&self) -> usize {
+            self.h * self.w
+        }
+
         /// Elements per batch item.
         fn per_item(&self) -> usize {
-            self.c * self.h * self.w
+            self.c * self.hw()
         }
 
-        /// `(offset, row stride, column stride)` of channel `c`'s plane within a batch item.
-        fn plane(&self, c: usize) -> (usize, usize, usize) {
-            match self.layout {
-                FilterLayout::Nhwc => (c, self.w * self.c, self.c),
-                FilterLayout::Nchw => (c * self.h * self.w, self.w, 1),
-            }
+        /// Channel pairs per batch item (the last one half empty for odd `C`).
+        fn pairs(&self) -> usize {
+            self.c.div_ceil(2)
         }
 
-        /// Index of `(k, l, c, re/im)` in the weight tensor.
+        /// Index of the real part of weight `(k, l, c)`; the imaginary part follows.
         fn weight_index(&self, k: usize, l: usize, c: usize) -> usize {
             let wf = self.wf();
             2 * match self.layout {
@@ -546,22 +586,21 @@ mod fft_cpu {
 
         /// Hermitian weight of column `l` in the inverse real FFT.
         fn hermitian_weight(&self, l: usize) -> f64 {
-            if l == 0 || (self.w % 2 == 0 && l == self.w / 2) {
-                1.0
-            } else {
-                2.0
-            }
+            if self.self_mirrored(l) { 1.0 } else { 2.0 }
+        }
+
+        /// Column `l` is its own mirror `-l mod W`: the DC column and, for even `W`, `W/2`.
+        fn self_mirrored(&self, l: usize) -> bool {
+            l == 0 || 2 * l == self.w
         }
     }
 
     /// FFT plans for one `H x W` grid.
     pub(super) struct Plan<T: FftNum> {
-        h: usize,
-        w: usize,
-        r2c: Arc<dyn RealToComplex<T>>,
-        c2r: Arc<dyn ComplexToReal<T>>,
-        fwd: Arc<dyn Fft<T>>,
-        inv: Arc<dyn Fft<T>>,
+        row_fwd: Arc<dyn Fft<T>>,
+        row_inv: Arc<dyn Fft<T>>,
+        col_fwd: Arc<dyn Fft<T>>,
+        col_inv: Arc<dyn Fft<T>>,
         scratch: usize,
     }
 
@@ -570,119 +609,286 @@ mod fft_cpu {
         cache
             .entry((h, w))
             .or_insert_with(|| {
-                let mut rp = RealFftPlanner::<T>::new();
-                let mut cp = FftPlanner::<T>::new();
-                let r2c = rp.plan_fft_forward(w);
-                let c2r = rp.plan_fft_inverse(w);
-                let fwd = cp.plan_fft_forward(h);
-                let inv = cp.plan_fft_inverse(h);
-                let scratch = r2c
-                    .get_scratch_len()
-                    .max(c2r.get_scratch_len())
-                    .max(fwd.get_inplace_scratch_len())
-                    .max(inv.get_inplace_scratch_len());
+                let mut planner = FftPlanner::<T>::new();
+                let row_fwd = planner.plan_fft_forward(w);
+                let row_inv = planner.plan_fft_inverse(w);
+                let col_fwd = planner.plan_fft_forward(h);
+                let col_inv = planner.plan_fft_inverse(h);
+                let scratch = [&row_fwd, &row_inv, &col_fwd, &col_inv]
+                    .iter()
+                    .map(|f| f.get_inplace_scratch_len())
+                    .max()
+                    .unwrap_or(0);
                 Arc::new(Plan {
-                    h,
-                    w,
-                    r2c,
-                    c2r,
-                    fwd,
-                    inv,
+                    row_fwd,
+                    row_inv,
+                    col_fwd,
+                    col_inv,
                     scratch,
                 })
             })
             .clone()
     }
 
-    /// Per-thread buffers.
+    /// `-i mod n` for `i < n`, without a division.
+    #[inline]
+    fn mirror(i: usize, n: usize) -> usize {
+        if i == 0 { 0 } else { n - i }
+    }
+
+    fn half<T: FftNum>() -> T {
+        T::from_f64(0.5).expect("0.5")
+    }
+
+    /// `i * v`.
+    fn times_i<T: FftNum>(v: Complex<T>) -> Complex<T> {
+        Complex::new(-v.im, v.re)
+    }
+
+    /// The two half-spectrum values at `(k, l)` packed in `z1 = Z[k,l]` with `z2 = Z[-k,-l]`.
+    fn split<T: FftNum>(z1: Complex<T>, z2: Complex<T>) -> (Complex<T>, Complex<T>) {
+        let h = half::<T>();
+        let c2 = z2.conj();
+        // X_a = (z1 + conj z2) / 2, X_b = (z1 - conj z2) / 2i = -i (z1 - conj z2) / 2.
+        ((z1 + c2) * h, times_i(c2 - z1) * h)
+    }
+
+    /// Per-thread buffers: the packed planes of one item (`a`, `[q][h][w]`) and their spectra
+    /// (`b`, `b2`, `[q][l][k]`).
     struct Work<T> {
-        row: Vec<T>,
-        rowspec: Vec<Complex<T>>,
+        a: Vec<Complex<T>>,
+        b: Vec<Complex<T>>,
+        b2: Vec<Complex<T>>,
         scratch: Vec<Complex<T>>,
-        spec: Vec<Complex<T>>,
-        spec2: Vec<Complex<T>>,
     }
 
     impl<T: FftNum> Plan<T> {
-        fn work(&self) -> Work<T> {
-            let wf = self.w / 2 + 1;
+        fn work(&self, g: Geom, second: bool) -> Work<T> {
+            let len = g.pairs() * g.hw();
             Work {
-                row: vec![T::zero(); self.w],
-                rowspec: vec![Complex::zero(); wf],
+                a: vec![Complex::zero(); len],
+                b: vec![Complex::zero(); len],
+                b2: vec![Complex::zero(); if second { len } else { 0 }],
                 scratch: vec![Complex::zero(); self.scratch],
-                spec: vec![Complex::zero(); wf * self.h],
-                spec2: vec![Complex::zero(); wf * self.h],
             }
         }
 
-        /// Unnormalised 2-D real FFT of the plane at `src[off + k*sh + j*sw]`, written column-major
-        /// (`out[l*H + k]`) so that the transforms over `H` run on contiguous data.
-        fn forward_plane(
+        /// Full 2-D spectra of the channel pairs of one item, into `b` (`[q][l][k]`).
+        fn forward_item(
             &self,
-            src: &[T],
-            (off, sh, sw): (usize, usize, usize),
-            out: &mut [Complex<T>],
-            row: &mut [T],
-            rowspec: &mut [Complex<T>],
+            g: Geom,
+            item: &[T],
+            a: &mut [Complex<T>],
+            b: &mut [Complex<T>],
             scratch: &mut [Complex<T>],
         ) {
-            let h = self.h;
-            for k in 0..h {
-                let base = off + k * sh;
-                for (j, r) in row.iter_mut().enumerate() {
-                    *r = src[base + j * sw];
+            let (h, w, hw, c) = (g.h, g.w, g.hw(), g.c);
+            // Pack: a[q][h][w] = x[2q] + i x[2q+1].
+            match g.layout {
+                FilterLayout::Nhwc => {
+                    for (p, px) in item.chunks_exact(c).enumerate() {
+                        let pairs = px.chunks_exact(2);
+                        if let [re] = pairs.remainder() {
+                            a[(c / 2) * hw + p] = Complex::new(*re, T::zero());
+                        }
+                        for (q, pair) in pairs.enumerate() {
+                            a[q * hw + p] = Complex::new(pair[0], pair[1]);
+                        }
+                    }
                 }
-                self.r2c
-                    .process_with_scratch(row, rowspec, scratch)
-                    .expect("real FFT buffer sizes");
-                for (l, v) in rowspec.iter().enumerate() {
-                    out[l * h + k] = *v;
+                FilterLayout::Nchw => {
+                    for (q, planes) in item.chunks(2 * hw).enumerate() {
+                        let (pa, pb) = planes.split_at(hw);
+                        let dst = &mut a[q * hw..(q + 1) * hw];
+                        if pb.is_empty() {
+                            for (d, &re) in dst.iter_mut().zip(pa) {
+                                *d = Complex::new(re, T::zero());
+                            }
+                        } else {
+                            for ((d, &re), &im) in dst.iter_mut().zip(pa).zip(pb) {
+                                *d = Complex::new(re, im);
+                            }
+                        }
+                    }
                 }
             }
-            let n = self.fwd.get_inplace_scratch_len();
-            self.fwd.process_with_scratch(out, &mut scratch[..n]);
+            let n = self.row_fwd.get_inplace_scratch_len();
+            self.row_fwd.process_with_scratch(a, &mut scratch[..n]);
+            // Transpose each plane [h][w] -> [w][h].
+            for (pa, pb) in a.chunks_exact(hw).zip(b.chunks_exact_mut(hw)) {
+                for k in 0..h {
+                    for l in 0..w {
+                        pb[l * h + k] = pa[k * w + l];
+                    }
+                }
+            }
+            let n = self.col_fwd.get_inplace_scratch_len();
+            self.col_fwd.process_with_scratch(b, &mut scratch[..n]);
         }
 
-        /// Unnormalised inverse of [`Self::forward_plane`] (consumes `spec`), written to
-        /// `dst[off + k*sh + j*sw]`. Like `irfft2`, the imaginary parts of the DC column and (even
-        /// `W`) the Nyquist column are dropped after the inverse transform over `H`.
-        fn inverse_plane(
+        /// Inverse of [`Self::forward_item`] (unnormalised): `b` holds `V = Y_a + i Y_b` per pair
+        /// (consumed); writes `Re` and `Im` of the result to channels `2q` and `2q+1` of `item`.
+        fn inverse_item(
             &self,
-            spec: &mut [Complex<T>],
-            dst: &mut [T],
-            (off, sh, sw): (usize, usize, usize),
-            row: &mut [T],
-            rowspec: &mut [Complex<T>],
+            g: Geom,
+            b: &mut [Complex<T>],
+            a: &mut [Complex<T>],
+            item: &mut [T],
             scratch: &mut [Complex<T>],
         ) {
-            let h = self.h;
-            let wf = rowspec.len();
-            let n = self.inv.get_inplace_scratch_len();
-            self.inv.process_with_scratch(spec, &mut scratch[..n]);
-            for k in 0..h {
-                for (l, v) in rowspec.iter_mut().enumerate() {
-                    *v = spec[l * h + k];
+            let (h, w, hw, c) = (g.h, g.w, g.hw(), g.c);
+            let n = self.col_inv.get_inplace_scratch_len();
+            self.col_inv.process_with_scratch(b, &mut scratch[..n]);
+            for (pb, pa) in b.chunks_exact(hw).zip(a.chunks_exact_mut(hw)) {
+                for l in 0..w {
+                    for k in 0..h {
+                        pa[k * w + l] = pb[l * h + k];
+                    }
                 }
-                rowspec[0].im = T::zero();
-                if self.w % 2 == 0 {
-                    rowspec[wf - 1].im = T::zero();
+            }
+            let n = self.row_inv.get_inplace_scratch_len();
+            self.row_inv.process_with_scratch(a, &mut scratch[..n]);
+            match g.layout {
+                FilterLayout::Nhwc => {
+                    for (p, px) in item.chunks_exact_mut(c).enumerate() {
+                        let mut pairs = px.chunks_exact_mut(2);
+                        for (q, pair) in pairs.by_ref().enumerate() {
+                            let v = a[q * hw + p];
+                            pair[0] = v.re;
+                            pair[1] = v.im;
+                        }
+                        if let [re] = pairs.into_remainder() {
+                            *re = a[(c / 2) * hw + p].re;
+                        }
+                    }
                 }
-                self.c2r
-                    .process_with_scratch(rowspec, row, scratch)
-                    .expect("inverse real FFT buffer sizes");
-                let base = off + k * sh;
-                for (j, r) in row.iter().enumerate() {
-                    dst[base + j * sw] = *r;
+                FilterLayout::Nchw => {
+                    for (q, planes) in item.chunks_mut(2 * hw).enumerate() {
+                        let (pa, pb) = planes.split_at_mut(hw);
+                        let src = &a[q * hw..(q + 1) * hw];
+                        for (d, v) in pa.iter_mut().zip(src) {
+                            *d = v.re;
+                        }
+                        for (d, v) in pb.iter_mut().zip(src) {
+                            *d = v.im;
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Threads for `items` batch items of `work` scalar elements in all.
+    /// The weights of channel pairs as `P = (w_a + w_b)/2` and `M = (w_a - w_b)/2`,
+    /// `[pairs][P, M][Wf][H]`, from `[2 * pairs][Wf][H]`: with them the interior of the
+    /// filtered packed spectrum is `V[k,l] = Z[k,l] P + conj(Z[-k,-l]) M` (see [`filter_item`]).
+    fn pair_weights<T: FftNum>(wp: &[Complex<T>], plane: usize) -> Vec<Complex<T>> {
+        let hlf = half::<T>();
+        let mut out = Vec::with_capacity(wp.len());
+        for pair in wp.chunks_exact(2 * plane) {
+            let (wa, wb) = pair.split_at(plane);
+            out.extend(wa.iter().zip(wb).map(|(a, b)| (*a + *b) * hlf));
+            out.extend(wa.iter().zip(wb).map(|(a, b)| (*a - *b) * hlf));
+        }
+        out
+    }
+
+    /// Turns the packed spectra `Z` of one item (in `b`) into `V = Y_a + i Y_b` in place, with
+    /// `Y = X * w` and the Hermitian extension `irfft2` implies. `pw`: pair weights from
+    /// [`pair_weights`].
+    ///
+    /// Interior columns (`l` and its mirror `W-l` distinct): with `X_a = (z1 + conj z2)/2`,
+    /// `X_b = (z1 - conj z2)/2i` (`z1 = Z[k,l]`, `z2 = Z[-k,-l]`), `V[k,l] = X_a w_a + i X_b w_b
+    /// = z1 P + conj(z2) M` and `V[-k,-l] = conj(X_a w_a) + i conj(X_b w_b)
+    /// = conj(conj(z2) P + z1 M)`. Self-mirrored columns (DC, even-`W` Nyquist): `Y` is
+    /// symmetrised over `k` first, `Y_sym[k] = (Y[k] + conj Y[-k])/2`, which is what dropping
+    /// the imaginary part after the inverse transform over `H` amounts to.
+    fn filter_item<T: FftNum>(g: Geom, b: &mut [Complex<T>], pw: &[Complex<T>]) {
+        let (h, w, hw, wf) = (g.h, g.w, g.hw(), g.wf());
+        let hlf = half::<T>();
+        let plane = wf * h;
+        for (z, pm) in b.chunks_exact_mut(hw).zip(pw.chunks_exact(2 * plane)) {
+            let (wp, wm) = pm.split_at(plane);
+            for l in 0..wf {
+                let (wpl, wml) = (&wp[l * h..(l + 1) * h], &wm[l * h..(l + 1) * h]);
+                if g.self_mirrored(l) {
+                    // Mirror pairs (k, -k) within the column.
+                    for k in 0..=h / 2 {
+                        let km = mirror(k, h);
+                        let (i1, i2) = (l * h + k, l * h + km);
+                        let (z1, z2) = (z[i1], z[i2]);
+                        let (xa1, xb1) = split(z1, z2);
+                        let (xa2, xb2) = split(z2, z1);
+                        let (wa1, wb1) = (wpl[k] + wml[k], wpl[k] - wml[k]);
+                        let (wa2, wb2) = (wpl[km] + wml[km], wpl[km] - wml[km]);
+                        let (ya1, yb1) = (xa1 * wa1, xb1 * wb1);
+                        let (ya2, yb2) = (xa2 * wa2, xb2 * wb2);
+                        let sa = (ya1 + ya2.conj()) * hlf;
+                        let sb = (yb1 + yb2.conj()) * hlf;
+                        z[i1] = sa + times_i(sb);
+                        z[i2] = sa.conj() + times_i(sb.conj());
+                    }
+                } else {
+                    let lm = w - l;
+                    let (col, colm) = {
+                        let (lo, hi) = z.split_at_mut(lm * h);
+                        (&mut lo[l * h..(l + 1) * h], &mut hi[..h])
+                    };
+                    for k in 0..h {
+                        let km = mirror(k, h);
+                        let z1 = col[k];
+                        let z2c = colm[km].conj();
+                        col[k] = z1 * wpl[k] + z2c * wml[k];
+                        colm[km] = (z2c * wpl[k] + z1 * wml[k]).conj();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds `G_c * conj(X_c)` over the half spectrum of each channel of one item to `acc`
+    /// (`[C][Wf][H]`), from the packed spectra of the output gradient (`bg`) and the input
+    /// (`bx`).
+    fn accumulate_weight_grad<T: FftNum>(
+        g: Geom,
+        bg: &[Complex<T>],
+        bx: &[Complex<T>],
+        acc: &mut [Complex<T>],
+    ) {
+        let (h, w, hw, wf) = (g.h, g.w, g.hw(), g.wf());
+        let plane = wf * h;
+        for (q, (zg, zx)) in bg.chunks_exact(hw).zip(bx.chunks_exact(hw)).enumerate() {
+            let has_b = 2 * q + 1 < g.c;
+            for l in 0..wf {
+                let lm = mirror(l, w);
+                for k in 0..h {
+                    let km = mirror(k, h);
+                    let (i1, i2) = (l * h + k, lm * h + km);
+                    let (ga, gb) = split(zg[i1], zg[i2]);
+                    let (xa, xb) = split(zx[i1], zx[i2]);
+                    let o = l * h + k;
+                    acc[2 * q * plane + o] = acc[2 * q * plane + o] + ga * xa.conj();
+                    if has_b {
+                        acc[(2 * q + 1) * plane + o] =
+                            acc[(2 * q + 1) * plane + o] + gb * xb.conj();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Threads for `items` batch items of `work` scalar elements in all: the available cores
+    /// (or `RLPRUNE_GF_THREADS`), no more than pay off.
     fn threads_for(items: usize, work: usize) -> usize {
         const MIN_WORK_PER_THREAD: usize = 1 << 15;
-        let hw = std::thread::available_parallelism().map_or(1, |n| n.get());
-        hw.min(items).min(work / MIN_WORK_PER_THREAD).max(1)
+        static MAX: OnceLock<usize> = OnceLock::new();
+        let max = *MAX.get_or_init(|| {
+            std::env::var("RLPRUNE_GF_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        });
+        max.min(items).min(work / MIN_WORK_PER_THREAD).max(1)
     }
 
     /// Runs `f(items, dst_chunk)` over the batch split into contiguous item ranges, on as many
@@ -718,12 +924,17 @@ mod fft_cpu {
         })
     }
 
-    /// Packs the weight (layout per `g`) into `[C][Wf][H]` complex, times `scale`, conjugated
-    /// when asked.
+    /// Packs the weight (layout per `g`) into `[2 * pairs][Wf][H]` complex (a zero channel pads
+    /// odd `C`), times `scale`, conjugated when asked.
     fn pack_weight<T: FftNum>(w: &[T], g: Geom, scale: f64, conj: bool) -> Vec<Complex<T>> {
+        assert_eq!(
+            w.len(),
+            g.c * g.h * g.wf() * 2,
+            "global filter: weight size"
+        );
         let (h, wf) = (g.h, g.wf());
         let s = T::from_f64(scale).expect("scale");
-        let mut out = vec![Complex::zero(); g.c * wf * h];
+        let mut out = vec![Complex::zero(); 2 * g.pairs() * wf * h];
         for c in 0..g.c {
             for l in 0..wf {
                 for k in 0..h {
@@ -736,93 +947,86 @@ mod fft_cpu {
         out
     }
 
-    /// The filter: `irfft2(rfft2(x) * w)` (orthonormal), or with `conj(w)` when `conj` (the
-    /// input gradient). Returns the output in `x`'s layout.
+    /// The filter `irfft2(rfft2(x) * w)` (orthonormal), or with `conj(w)` when `conj` (the input
+    /// gradient). Returns the output in `x`'s layout.
     pub(super) fn forward<T: Real>(x: &[T], w: &[T], g: Geom, conj: bool) -> Vec<T> {
-        assert_eq!(x.len(), g.n * g.per_item(), "global filter: input size");
-        let p = plan::<T>(g.h, g.w);
-        let (h, wf) = (g.h, g.wf());
-        let wp = pack_weight(w, g, 1.0 / (g.h * g.w) as f64, conj);
-        let mut y = vec![T::zero(); x.len()];
         let per = g.per_item();
+        assert_eq!(x.len(), g.n * per, "global filter: input size");
+        let p = plan::<T>(g.h, g.w);
+        let pw = pair_weights(&pack_weight(w, g, 1.0 / g.hw() as f64, conj), g.wf() * g.h);
+        let mut y = vec![T::zero(); x.len()];
         for_item_ranges(g, &mut y, per, |items, ys| {
-            let mut wk = p.work();
-            let Work {
-                row,
-                rowspec,
-                scratch,
-                spec,
-                ..
-            } = &mut wk;
+            let Work { a, b, scratch, .. } = &mut p.work(g, false);
             let xs = &x[items.start * per..items.end * per];
-            for (xi, yi) in xs.chunks(per).zip(ys.chunks_mut(per)) {
-                for c in 0..g.c {
-                    let pl = g.plane(c);
-                    p.forward_plane(xi, pl, spec, row, rowspec, scratch);
-                    let wc = &wp[c * wf * h..(c + 1) * wf * h];
-                    for (s, wv) in spec.iter_mut().zip(wc) {
-                        *s = *s * *wv;
-                    }
-                    p.inverse_plane(spec, yi, pl, row, rowspec, scratch);
-                }
+            for (xi, yi) in xs.chunks_exact(per).zip(ys.chunks_exact_mut(per)) {
+                p.forward_item(g, xi, a, b, scratch);
+                filter_item(g, b, &pw);
+                p.inverse_item(g, b, a, yi, scratch);
             }
         });
         y
     }
 
-    /// The weight gradient `sum_n c_l * F(g) * conj(F(x))` (orthonormal `F`), in the weight
-    /// layout of `geom`.
-    pub(super) fn weight_grad<T: Real>(x: &[T], gr: &[T], g: Geom) -> Vec<T> {
-        assert_eq!(x.len(), g.n * g.per_item(), "global filter: input size");
-        assert_eq!(gr.len(), x.len(), "global filter: gradient size");
-        let p = plan::<T>(g.h, g.w);
-        let (h, wf) = (g.h, g.wf());
+    /// Both gradients from one transform of the output gradient `gr` per plane: the input
+    /// gradient `irfft2(F(gr) * conj(w))` when `w` is given, and the weight gradient
+    /// `sum_n c_l * F(gr) * conj(F(x))` (orthonormal `F`, weight layout of `g`) when `x` is given.
+    pub(super) fn backward<T: Real>(
+        gr: &[T],
+        x: Option<&[T]>,
+        w: Option<&[T]>,
+        g: Geom,
+    ) -> (Option<Vec<T>>, Option<Vec<T>>) {
         let per = g.per_item();
-        // One accumulator `[C][Wf][H]` per item range, summed afterwards.
-        let partials = for_item_ranges(g, &mut [], 0, |items, _: &mut [T]| {
-            let mut acc = vec![Complex::<T>::zero(); g.c * wf * h];
-            let mut wk = p.work();
-            let Work {
-                row,
-                rowspec,
-                scratch,
-                spec,
-                spec2,
-            } = &mut wk;
-            let span = items.start * per..items.end * per;
-            for (xi, gi) in x[span.clone()].chunks(per).zip(gr[span].chunks(per)) {
-                for c in 0..g.c {
-                    let pl = g.plane(c);
-                    p.forward_plane(xi, pl, spec, row, rowspec, scratch);
-                    p.forward_plane(gi, pl, spec2, row, rowspec, scratch);
-                    let a = &mut acc[c * wf * h..(c + 1) * wf * h];
-                    for ((av, xv), gv) in a.iter_mut().zip(spec.iter()).zip(spec2.iter()) {
-                        *av = *av + *gv * xv.conj();
-                    }
+        assert_eq!(gr.len(), g.n * per, "global filter: gradient size");
+        if let Some(x) = x {
+            assert_eq!(x.len(), gr.len(), "global filter: input size");
+        }
+        let p = plan::<T>(g.h, g.w);
+        let plane = g.wf() * g.h;
+        let wp = w.map(|w| pair_weights(&pack_weight(w, g, 1.0 / g.hw() as f64, true), plane));
+        let mut gx = vec![T::zero(); if wp.is_some() { gr.len() } else { 0 }];
+        let gx_per_item = if wp.is_some() { per } else { 0 };
+        // Each item range accumulates its own `[C][Wf][H]` weight gradient; summed afterwards.
+        let partials = for_item_ranges(g, &mut gx, gx_per_item, |items, gx_out| {
+            let mut acc = vec![Complex::<T>::zero(); if x.is_some() { g.c * plane } else { 0 }];
+            let Work { a, b, b2, scratch } = &mut p.work(g, x.is_some());
+            for (i, item) in items.enumerate() {
+                let span = item * per..(item + 1) * per;
+                p.forward_item(g, &gr[span.clone()], a, b, scratch);
+                if let Some(x) = x {
+                    p.forward_item(g, &x[span], a, b2, scratch);
+                    accumulate_weight_grad(g, b, b2, &mut acc);
+                }
+                if let Some(wp) = &wp {
+                    filter_item(g, b, wp);
+                    p.inverse_item(g, b, a, &mut gx_out[i * per..(i + 1) * per], scratch);
                 }
             }
             acc
         });
-        let mut acc = vec![Complex::<T>::zero(); g.c * wf * h];
-        for part in partials {
-            for (a, b) in acc.iter_mut().zip(part) {
-                *a = *a + b;
-            }
-        }
-        let mut out = vec![T::zero(); g.c * wf * h * 2];
-        let scale = 1.0 / (g.h * g.w) as f64;
-        for c in 0..g.c {
-            for l in 0..wf {
-                let s = T::from_f64(scale * g.hermitian_weight(l)).expect("scale");
-                for k in 0..h {
-                    let v = acc[(c * wf + l) * h + k];
-                    let i = g.weight_index(k, l, c);
-                    out[i] = v.re * s;
-                    out[i + 1] = v.im * s;
+        let gw = x.map(|_| {
+            let mut acc = vec![Complex::<T>::zero(); g.c * plane];
+            for part in partials {
+                for (a, b) in acc.iter_mut().zip(part) {
+                    *a = *a + b;
                 }
             }
-        }
-        out
+            let mut out = vec![T::zero(); g.c * plane * 2];
+            let scale = 1.0 / g.hw() as f64;
+            for c in 0..g.c {
+                for l in 0..g.wf() {
+                    let s = T::from_f64(scale * g.hermitian_weight(l)).expect("scale");
+                    for k in 0..g.h {
+                        let v = acc[c * plane + l * g.h + k];
+                        let i = g.weight_index(k, l, c);
+                        out[i] = v.re * s;
+                        out[i + 1] = v.im * s;
+                    }
+                }
+            }
+            out
+        });
+        (wp.map(|_| gx), gw)
     }
 }
 
@@ -861,7 +1065,7 @@ mod dft {
             let mut w_fwd = vec![0.0f64; 2 * wf * w];
             let mut w_inv = vec![0.0f64; w * 2 * wf];
             for l in 0..wf {
-                let cl = if l == 0 || (w % 2 == 0 && l == w / 2) {
+                let cl = if l == 0 || (w.is_multiple_of(2) && l == w / 2) {
                     1.0
                 } else {
                     2.0
@@ -979,7 +1183,7 @@ mod dft {
         let im = (gi * xr - gr * xi).sum_dim(0);
         let cl: Vec<f32> = (0..wf)
             .map(|l| {
-                if l == 0 || (w % 2 == 0 && l == w / 2) {
+                if l == 0 || (w.is_multiple_of(2) && l == w / 2) {
                     1.0
                 } else {
                     2.0
