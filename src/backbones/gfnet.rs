@@ -324,9 +324,8 @@ impl<B: Backend> Block<B> {
 impl<B: SpectralBackend> Block<B> {
     /// `x`: tokens `[N, side², C]` of a `side×side` grid (row-major).
     pub fn forward(&self, x: Tensor<B, 3>, side: usize) -> Tensor<B, 3> {
-        let [n, t, c] = x.dims();
-        let y = self.norm1.forward(x.clone()).reshape([n, side, side, c]);
-        let y = self.filter.forward(y).reshape([n, t, c]);
+        let c = x.dims()[2];
+        let y = self.filter.forward_tokens(self.norm1.forward(x.clone()), (side, side));
         let mut y = self.mlp.forward(self.norm2.forward(y));
         if let Some(g) = &self.gamma {
             y = y * g.val().reshape([1, 1, c]);
