@@ -12,6 +12,7 @@ pub mod experiment;
 pub mod fsutil;
 pub mod import;
 pub mod logging;
+pub mod metrics;
 pub mod nn;
 pub mod train;
 

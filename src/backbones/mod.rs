@@ -3,8 +3,15 @@
 //! [`AnyBackbone`] enum that the trainers and the CLI work with.
 
 pub mod cnn;
+pub mod gfnet;
+pub mod hornet;
 pub mod resnet;
+pub mod spec;
 pub mod vgg;
+pub mod vit;
+pub mod zoo;
+
+pub use spec::{build_model, infer, model_from_toml, ModelArgs};
 
 use anyhow::{Context, Result};
 use burn::module::Module;
@@ -12,9 +19,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use crate::ModelBackend;
+use crate::metrics::flops::CostReport;
 
 /// What a backbone is built for: the dataset's classes and image shape.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildContext {
     pub num_classes: usize,
     pub in_channels: usize,
@@ -52,7 +60,7 @@ pub trait Family<B: ModelBackend>: Backbone<B> + Sized {
 }
 
 macro_rules! registry {
-    ($($variant:ident => $ty:ident :: $name:ident),+ $(,)?) => {
+    ($($variant:ident => $ty:ident :: $name:ident $([$args:ty])?),+ $(,)?) => {
         // Whole models in an enum: the variants differ in size, which is fine for a value that
         // is built once (the allow must cover the record type `derive(Module)` generates).
         #[allow(clippy::large_enum_variant)]
@@ -65,7 +73,7 @@ macro_rules! registry {
                 $($variant($ty::$name<B>),)+
             }
         }
-        pub use any_backbone::AnyBackbone;
+        pub use any_backbone::{AnyBackbone, AnyBackboneRecord};
 
         impl<B: ModelBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
@@ -99,6 +107,103 @@ macro_rules! registry {
             )+
             anyhow::bail!("unknown backbone arch '{arch}' (known: {})", arch_names().join(", "))
         }
+
+        /// A model TOML's `[model]` table, typed: one variant per family that declares its
+        /// reference constructor arguments (`[ArgsType]` in the registry line).
+        #[derive(Debug, Clone, PartialEq)]
+        #[allow(clippy::large_enum_variant)] // configuration, built once
+        pub enum ModelSpec {
+            $($($variant($args),)?)+
+        }
+
+        impl ModelSpec {
+            /// The model-TOML family names.
+            pub fn families() -> Vec<&'static str> {
+                vec![$($(<$args as ModelArgs>::FAMILY,)?)+]
+            }
+
+            /// Every named variant of every family.
+            pub fn names() -> Vec<&'static str> {
+                let mut v: Vec<&'static str> = Vec::new();
+                $($(v.extend_from_slice(<$args as ModelArgs>::NAMES);)?)+
+                v
+            }
+
+            pub fn family(&self) -> &'static str {
+                match self { $($(Self::$variant(_) => <$args as ModelArgs>::FAMILY,)?)+ }
+            }
+
+            /// Parses and validates `family`'s arguments from any serde source (a TOML table,
+            /// a parity fixture's `config.json` `args`).
+            pub fn from_args<'de, D>(family: &str, args: D) -> Result<Self>
+            where
+                D: serde::Deserializer<'de>,
+                D::Error: std::fmt::Display,
+            {
+                $($(
+                    if family == <$args as ModelArgs>::FAMILY {
+                        let a: $args = serde_path_to_error::deserialize(args).map_err(|e| {
+                            let path = e.path().to_string();
+                            anyhow::anyhow!("model.{path}: {}", e.into_inner())
+                        })?;
+                        a.validate().with_context(|| format!("invalid {family} model"))?;
+                        return Ok(Self::$variant(a));
+                    }
+                )?)+
+                anyhow::bail!("unknown model family '{family}' (known: {})", Self::families().join(", "))
+            }
+
+            /// The paper's variant called `name` (`gfnet-ti`, `hornet-t-gf`, `deit-s`, ...).
+            pub fn named(name: &str) -> Option<Self> {
+                $($(
+                    if let Some(a) = <$args as ModelArgs>::named(name) {
+                        return Some(Self::$variant(a));
+                    }
+                )?)+
+                None
+            }
+
+            /// The arguments `[backbone] arch = NAME` plus options builds for a dataset, or
+            /// `None` when `arch` is not a named variant of a reference family.
+            pub fn for_arch(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Option<Result<Self>> {
+                $($(
+                    if <$args as ModelArgs>::NAMES.contains(&arch) {
+                        return Some(spec::args_for_arch::<$args>(arch, options, ctx).map(Self::$variant));
+                    }
+                )?)+
+                None
+            }
+
+            /// The arguments as a TOML table (without `family`).
+            pub fn args_table(&self) -> toml::Table {
+                match self {
+                    $($(Self::$variant(a) => toml::Table::try_from::<&$args>(a).expect("arguments serialise"),)?)+
+                }
+            }
+
+            pub fn img_size(&self) -> Option<usize> {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::img_size(a),)?)+ }
+            }
+
+            pub fn num_classes(&self) -> usize {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::num_classes(a),)?)+ }
+            }
+
+            /// Parameters and MACs per stage at `img_size`×`img_size`.
+            pub fn cost(&self, img_size: usize) -> CostReport {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::cost(a, img_size),)?)+ }
+            }
+
+            /// Builds the model, initialised as the reference does.
+            pub fn build<B: ModelBackend>(&self, device: &B::Device) -> Result<AnyBackbone<B>> {
+                match self {
+                    $($(Self::$variant(a) => {
+                        let _: &$args = a;
+                        <$ty::$name<B>>::from_args(a, device).map(AnyBackbone::$variant)
+                    })?)+
+                }
+            }
+        }
     };
 }
 
@@ -106,6 +211,10 @@ registry! {
     SmallCnn => cnn::SmallCnn,
     Vgg => vgg::Vgg,
     ResNet => resnet::ResNet,
+    Gfnet => gfnet::Gfnet [gfnet::GfnetArgs],
+    GfnetPyramid => gfnet::GfnetPyramid [gfnet::GfnetPyramidArgs],
+    Hornet => hornet::Hornet [hornet::HornetArgs],
+    Deit => vit::VisionTransformer [vit::DeitArgs],
 }
 
 /// Parses a family's options table into its typed options, naming the offending key.

@@ -5,6 +5,7 @@
 use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
+
 use burn::tensor::module::max_pool2d;
 use burn::tensor::Tensor;
 use serde::Deserialize;

@@ -19,14 +19,15 @@ pub fn torch_default_uniform<B: Backend, const D: usize>(
     Tensor::random(shape, Distribution::Uniform(-bound, bound), device)
 }
 
-/// Truncated normal in [-2σ, 2σ] (timm's `trunc_normal_(std=σ)`), by rejection on the host-free
-/// inverse: draw uniform, map through a clipped normal. Good enough for initialisation.
+/// timm's `trunc_normal_(std=σ)`: a normal truncated to `[a, b] = [-2, 2]`. Note that timm's
+/// bounds are absolute, not multiples of σ, so for the σ = 0.02 the references use this is a
+/// plain normal in practice; values beyond the bounds (never drawn at σ ≪ 1) are clamped.
 pub fn trunc_normal<B: Backend, const D: usize>(
     shape: [usize; D],
     std: f64,
     device: &B::Device,
 ) -> Tensor<B, D> {
-    Tensor::<B, D>::random(shape, Distribution::Normal(0.0, std), device).clamp(-2.0 * std, 2.0 * std)
+    Tensor::<B, D>::random(shape, Distribution::Normal(0.0, std), device).clamp(-2.0, 2.0)
 }
 
 #[derive(Module, Debug)]
@@ -107,6 +108,28 @@ impl<B: Backend> Conv2d<B> {
         }
     }
 
+    /// timm / ConvNeXt / HorNet rule: trunc-normal weights, zero bias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_trunc_normal(
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+        bias: bool,
+        std: f64,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            weight: Param::from_tensor(trunc_normal([c_out, c_in / groups, kernel, kernel], std, device)),
+            bias: bias.then(|| Param::from_tensor(Tensor::zeros([c_out], device))),
+            stride,
+            padding,
+            groups,
+        }
+    }
+
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -140,5 +163,79 @@ impl<B: crate::nn::conv::ConvBackend> Conv2d<B> {
         };
         let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
         conv2d_gemm(x, w, b, self.stride, self.padding, self.groups)
+    }
+}
+
+/// timm's `Mlp`: `fc2(drop(gelu(fc1(x))))` followed by dropout (exact, erf-based GELU).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub fc1: Linear<B>,
+    pub fc2: Linear<B>,
+    pub drop: f64,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Trunc-normal(0.02) weights and zero biases (timm's ViT / GFNet rule).
+    pub fn new(dim: usize, hidden: usize, drop: f64, device: &B::Device) -> Self {
+        Self {
+            fc1: Linear::new_trunc_normal(dim, hidden, true, device),
+            fc2: Linear::new_trunc_normal(hidden, dim, true, device),
+            drop,
+        }
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = burn::tensor::activation::gelu(self.fc1.forward(x));
+        let x = super::drop_path::dropout(x, self.drop);
+        super::drop_path::dropout(self.fc2.forward(x), self.drop)
+    }
+}
+
+/// ViT / GFNet `PatchEmbed`: a `patch×patch` stride-`patch` convolution, flattened to tokens.
+#[derive(Module, Debug)]
+pub struct PatchEmbed<B: Backend> {
+    pub proj: Conv2d<B>,
+}
+
+impl<B: Backend> PatchEmbed<B> {
+    /// PyTorch's default conv initialisation (neither timm nor GFNet re-initialise it).
+    pub fn new(in_chans: usize, dim: usize, patch: usize, device: &B::Device) -> Self {
+        Self { proj: Conv2d::new(in_chans, dim, patch, patch, 0, 1, true, device) }
+    }
+
+}
+
+impl<B: crate::nn::conv::ConvBackend> PatchEmbed<B> {
+    /// `[N, C, H, W]` → tokens `[N, (H/p)·(W/p), dim]` in row-major grid order.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let y = self.proj.forward(x);
+        let [n, c, h, w] = y.dims();
+        y.reshape([n, c, h * w]).swap_dims(1, 2)
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+    use crate::Cpu;
+
+    fn reference(c: &Conv2d<Cpu>, x: Tensor<Cpu, 4>) -> Tensor<Cpu, 4> {
+        burn::tensor::module::conv2d(x, c.weight.val(), c.bias.as_ref().map(|b| b.val()), burn::tensor::ops::ConvOptions::new([c.stride; 2], [c.padding; 2], [1, 1], c.groups))
+    }
+
+    #[test]
+    fn pointwise_and_patch_convs_equal_conv2d() {
+        let d = Default::default();
+        // (c_in, c_out, kernel, stride, bias, input side): 1×1, patch embeddings (also with a
+        // remainder that fits no patch), down-sampling.
+        for (ci, co, k, s, bias, side) in
+            [(6, 10, 1, 1, true, 5), (6, 10, 1, 1, false, 4), (3, 8, 4, 4, true, 18), (5, 7, 2, 2, false, 9)]
+        {
+            let c = Conv2d::<Cpu>::new(ci, co, k, s, 0, 1, bias, &d);
+            let x = Tensor::<Cpu, 4>::random([2, ci, side, side], Distribution::Default, &d);
+            let (a, b) = (c.forward(x.clone()), reference(&c, x));
+            assert_eq!(a.dims(), b.dims());
+            assert!((a - b).abs().max().into_scalar() < 1e-5);
+        }
     }
 }

@@ -2,11 +2,13 @@
 //! by name (see [`params`]).
 
 pub mod conv;
+pub mod attention;
+pub mod drop_path;
 pub mod global_filter;
 pub mod layers;
 pub mod norm;
 pub mod params;
 
 pub use global_filter::{GlobalFilter, SpectralBackend};
-pub use layers::{Conv2d, Linear};
+pub use layers::{Conv2d, Linear, Mlp, PatchEmbed};
 pub use norm::{BatchNorm2d, LayerNorm, LayerNorm2d};

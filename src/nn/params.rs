@@ -36,19 +36,24 @@ impl HostTensor {
 
 pub type StateDict = BTreeMap<String, HostTensor>;
 
+/// The dotted path of the module being visited. Enum variants are transparent: a field holding
+/// an enum (`AnyBackbone`, or a layer that is one of several kinds) contributes no path segment,
+/// so `AnyBackbone::Gfnet(m)` has the same parameter names as `m` — the reference names.
 struct PathTracker {
-    stack: Vec<String>,
+    stack: Vec<Option<String>>,
 }
 
 impl PathTracker {
-    fn enter(&mut self, name: &str) {
-        self.stack.push(name.to_string());
+    fn enter(&mut self, name: &str, container: &str) {
+        let transparent = container.starts_with("Enum:");
+        self.stack.push((!transparent).then(|| name.to_string()));
     }
     fn exit(&mut self) {
         self.stack.pop();
     }
     fn path(&self) -> String {
-        self.stack.join(".")
+        let parts: Vec<&str> = self.stack.iter().flatten().map(String::as_str).collect();
+        parts.join(".")
     }
 }
 
@@ -58,8 +63,8 @@ struct Collector {
 }
 
 impl<B: Backend> ModuleVisitor<B> for Collector {
-    fn enter_module(&mut self, name: &str, _container: &str) {
-        self.path.enter(name);
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
     }
     fn exit_module(&mut self, _name: &str, _container: &str) {
         self.path.exit();
@@ -83,8 +88,8 @@ pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Ve
         out: BTreeMap<String, Vec<usize>>,
     }
     impl<B: Backend> ModuleVisitor<B> for Shapes {
-        fn enter_module(&mut self, name: &str, _c: &str) {
-            self.path.enter(name);
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.enter(name, container);
         }
         fn exit_module(&mut self, _n: &str, _c: &str) {
             self.path.exit();
@@ -148,8 +153,8 @@ struct Loader<'a> {
 }
 
 impl<B: Backend> ModuleMapper<B> for Loader<'_> {
-    fn enter_module(&mut self, name: &str, _c: &str) {
-        self.path.enter(name);
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
     }
     fn exit_module(&mut self, _n: &str, _c: &str) {
         self.path.exit();

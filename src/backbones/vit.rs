@@ -1,0 +1,280 @@
+//! DeiT / ViT (Dosovitskiy et al. 2021; Touvron et al. 2021) as in timm's
+//! `VisionTransformer`, with timm's parameter names (`patch_embed.proj`, `cls_token`,
+//! `pos_embed`, `blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`,
+//! `head`) and LayerNorm eps 1e-6. The blocks take an optional keep policy (see
+//! [`crate::nn::attention`]) so that DynamicViT can reuse them; the model also exposes its
+//! token embedding and head separately for the same reason.
+
+use anyhow::{ensure, Result};
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+
+use crate::ModelBackend;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::spec::{args_for_arch, ModelArgs};
+use super::{Backbone, BuildContext, Family};
+use crate::metrics::flops::CostReport;
+use crate::nn::attention::Attention;
+use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
+use crate::nn::layers::trunc_normal;
+use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
+
+/// timm's `VisionTransformer` constructor arguments (DeiT uses `qkv_bias = true` and
+/// LayerNorm eps 1e-6), with timm's defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeitArgs {
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub in_chans: usize,
+    pub num_classes: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qk_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub representation_size: Option<usize>,
+    pub drop_rate: f64,
+    pub attn_drop_rate: f64,
+    pub drop_path_rate: f64,
+}
+
+impl Default for DeitArgs {
+    fn default() -> Self {
+        Self {
+            img_size: 224,
+            patch_size: 16,
+            in_chans: 3,
+            num_classes: 1000,
+            embed_dim: 768,
+            depth: 12,
+            num_heads: 12,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            qk_scale: None,
+            representation_size: None,
+            drop_rate: 0.0,
+            attn_drop_rate: 0.0,
+            drop_path_rate: 0.0,
+        }
+    }
+}
+
+impl DeitArgs {
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch_size
+    }
+
+    pub fn mlp_hidden(&self) -> usize {
+        (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+}
+
+impl ModelArgs for DeitArgs {
+    const FAMILY: &'static str = "deit";
+    const NAMES: &'static [&'static str] = &["deit-ti", "deit-s", "deit-b", "deit-256"];
+
+    fn named(name: &str) -> Option<Self> {
+        let (embed_dim, num_heads) = match name {
+            "deit-ti" => (192, 3),
+            "deit-s" => (384, 6),
+            "deit-b" => (768, 12),
+            // DynamicViT's narrow DeiT.
+            "deit-256" => (256, 4),
+            _ => return None,
+        };
+        Some(Self { embed_dim, num_heads, ..Self::default() })
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(self.patch_size >= 1 && self.grid() >= 1, "patch_size {} does not fit img_size {}", self.patch_size, self.img_size);
+        ensure!(self.embed_dim >= 1 && self.depth >= 1, "embed_dim and depth must be positive");
+        ensure!(
+            self.num_heads >= 1 && self.embed_dim.is_multiple_of(self.num_heads),
+            "embed_dim {} is not divisible by num_heads {}",
+            self.embed_dim,
+            self.num_heads
+        );
+        ensure!(self.mlp_hidden() >= 1, "mlp_ratio {} gives no hidden units", self.mlp_ratio);
+        ensure!(self.num_classes >= 1 && self.in_chans >= 1, "num_classes and in_chans must be positive");
+        for (n, p) in [("drop_rate", self.drop_rate), ("attn_drop_rate", self.attn_drop_rate), ("drop_path_rate", self.drop_path_rate)] {
+            ensure!((0.0..1.0).contains(&p), "{n} must be in [0, 1), got {p}");
+        }
+        Ok(())
+    }
+
+    fn adapt(&mut self, ctx: &BuildContext) {
+        self.num_classes = ctx.num_classes;
+        self.in_chans = ctx.in_channels;
+        self.img_size = ctx.img_size[0];
+    }
+
+    fn img_size(&self) -> Option<usize> {
+        Some(self.img_size)
+    }
+
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    fn cost(&self, img_size: usize) -> CostReport {
+        let d = self.embed_dim;
+        let g = img_size / self.patch_size;
+        let t = g * g + 1;
+        let mut c = CostReport::new(img_size);
+        c.stage("patch_embed")
+            .conv2d(self.in_chans, d, self.patch_size, 1, true, [g, g])
+            .add_params(d + (self.grid() * self.grid() + 1) * d);
+        c.stage("blocks");
+        for _ in 0..self.depth {
+            block_cost(&mut c, d, self.num_heads, self.mlp_hidden(), self.qkv_bias, t);
+        }
+        c.stage("head").layer_norm(d, t);
+        let mut feat = d;
+        if let Some(r) = self.representation_size {
+            c.linear(d, r, true, 1);
+            feat = r;
+        }
+        c.linear(feat, self.num_classes, true, 1);
+        c
+    }
+}
+
+/// One transformer block on `t` tokens: MACs of the linears, `q·kᵀ`, `attn·v` and the two norms.
+pub fn block_cost(c: &mut CostReport, d: usize, heads: usize, hidden: usize, qkv_bias: bool, t: usize) {
+    c.layer_norm(d, t)
+        .linear(d, 3 * d, qkv_bias, t)
+        .matmul(heads, t, d / heads, t)
+        .matmul(heads, t, t, d / heads)
+        .linear(d, d, true, t)
+        .layer_norm(d, t)
+        .linear(d, hidden, true, t)
+        .linear(hidden, d, true, t);
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub norm1: LayerNorm<B>,
+    pub attn: Attention<B>,
+    pub norm2: LayerNorm<B>,
+    pub mlp: Mlp<B>,
+    pub drop_path: f64,
+}
+
+impl<B: ModelBackend> Block<B> {
+    pub fn new(args: &DeitArgs, drop_path: f64, device: &B::Device) -> Self {
+        let d = args.embed_dim;
+        let mut attn = Attention::new(d, args.num_heads, args.qkv_bias, args.qk_scale, device);
+        attn.attn_drop = args.attn_drop_rate;
+        attn.proj_drop = args.drop_rate;
+        Self {
+            norm1: LayerNorm::new(d, 1e-6, device),
+            attn,
+            norm2: LayerNorm::new(d, 1e-6, device),
+            mlp: Mlp::new(d, args.mlp_hidden(), args.drop_rate, device),
+            drop_path,
+        }
+    }
+
+    /// `x`: `[N, T, C]`; `policy`: optional keep mask `[N, T]` (DynamicViT training).
+    pub fn forward(&self, x: Tensor<B, 3>, policy: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x), policy), self.drop_path);
+        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path)
+    }
+}
+
+/// timm's `pre_logits` (`representation_size`): `fc` then tanh.
+#[derive(Module, Debug)]
+pub struct PreLogits<B: Backend> {
+    pub fc: Linear<B>,
+}
+
+#[derive(Module, Debug)]
+pub struct VisionTransformer<B: Backend> {
+    pub patch_embed: PatchEmbed<B>,
+    pub cls_token: Param<Tensor<B, 3>>,
+    pub pos_embed: Param<Tensor<B, 3>>,
+    pub blocks: Vec<Block<B>>,
+    pub norm: LayerNorm<B>,
+    pub pre_logits: Option<PreLogits<B>>,
+    pub head: Linear<B>,
+    pub img_size: usize,
+    pub drop_rate: f64,
+}
+
+impl<B: ModelBackend> VisionTransformer<B> {
+    pub fn from_args(args: &DeitArgs, device: &B::Device) -> Result<Self> {
+        args.validate()?;
+        let d = args.embed_dim;
+        let t = args.grid() * args.grid() + 1;
+        let rates = linspace_rates(args.drop_path_rate, args.depth);
+        let pre_logits = args
+            .representation_size
+            .map(|r| PreLogits { fc: Linear::new_trunc_normal(d, r, true, device) });
+        let feat = args.representation_size.unwrap_or(d);
+        Ok(Self {
+            patch_embed: PatchEmbed::new(args.in_chans, d, args.patch_size, device),
+            cls_token: Param::from_tensor(trunc_normal([1, 1, d], 0.02, device)),
+            pos_embed: Param::from_tensor(trunc_normal([1, t, d], 0.02, device)),
+            blocks: rates.iter().map(|&r| Block::new(args, r, device)).collect(),
+            norm: LayerNorm::new(d, 1e-6, device),
+            pre_logits,
+            head: Linear::new_trunc_normal(feat, args.num_classes, true, device),
+            img_size: args.img_size,
+            drop_rate: args.drop_rate,
+        })
+    }
+
+    pub fn embed_dim(&self) -> usize {
+        self.cls_token.dims()[2]
+    }
+
+    /// Images → tokens `[N, 1 + P, C]`: patch embedding, class token, position embedding.
+    pub fn embed(&self, x: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [_, _, h, w] = x.dims();
+        assert!(
+            h == self.img_size && w == self.img_size,
+            "input {h}×{w} does not match the model's img_size {}",
+            self.img_size
+        );
+        let x = self.patch_embed.forward(x);
+        let [n, _, d] = x.dims();
+        let cls = self.cls_token.val().expand([n, 1, d]);
+        let x = Tensor::cat(vec![cls, x], 1) + self.pos_embed.val();
+        dropout(x, self.drop_rate)
+    }
+
+    /// Final norm, class token, (pre-logits) and head: `[N, T, C]` → logits.
+    pub fn head_from_tokens(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let x = self.norm.forward(x);
+        let [n, _, d] = x.dims();
+        let mut f = x.narrow(1, 0, 1).reshape([n, d]);
+        if let Some(p) = &self.pre_logits {
+            f = p.fc.forward(f).tanh();
+        }
+        self.head.forward(f)
+    }
+}
+
+impl<B: ModelBackend> Backbone<B> for VisionTransformer<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = self.embed(x);
+        for b in &self.blocks {
+            x = b.forward(x, None);
+        }
+        self.head_from_tokens(x)
+    }
+}
+
+impl<B: ModelBackend> Family<B> for VisionTransformer<B> {
+    const ARCHS: &'static [&'static str] = DeitArgs::NAMES;
+
+    fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        Self::from_args(&args_for_arch::<DeitArgs>(arch, options, ctx)?, device)
+    }
+}

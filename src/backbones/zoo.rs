@@ -1,0 +1,247 @@
+//! The model zoo: every named variant with its parameter count and MACs.
+//!
+//! Reference families (GFNet, GFNet-H, HorNet, DeiT) are counted analytically from their
+//! arguments at 224×224 and 1000 classes — nothing is allocated, so `hornet-l-gf` (196 M
+//! parameters) costs microseconds — and match `official_models.json` exactly. The CNN
+//! baselines (`vgg16-cifar`, `resnet56-cifar` at 32×32 and 10 classes, `resnet18` at 224×224
+//! and 1000 classes) are small enough to build; their MACs count convolutions and linears
+//! (batch norm folds into the convolutions at inference).
+
+use anyhow::{bail, Result};
+
+use super::{build, AnyBackbone, BuildContext, ModelSpec};
+use crate::metrics::flops::CostReport;
+use crate::Cpu;
+
+/// Zoo names in display order.
+pub const ZOO_NAMES: &[&str] = &[
+    "gfnet-ti",
+    "gfnet-xs",
+    "gfnet-s",
+    "gfnet-b",
+    "gfnet-h-ti",
+    "gfnet-h-s",
+    "gfnet-h-b",
+    "hornet-t-7x7",
+    "hornet-t-gf",
+    "hornet-s-7x7",
+    "hornet-s-gf",
+    "hornet-b-7x7",
+    "hornet-b-gf",
+    "hornet-l-7x7",
+    "hornet-l-gf",
+    "hornet-l-gf-384",
+    "deit-ti",
+    "deit-s",
+    "deit-b",
+    "deit-256",
+    "vgg16-cifar",
+    "resnet56-cifar",
+    "resnet18",
+];
+
+/// What a zoo name stands for.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // a handful, built once
+pub enum ZooSpec {
+    /// A reference model, buildable from a model TOML.
+    Model(ModelSpec),
+    /// A CNN baseline of the backbone registry, built for a dataset shape.
+    Cnn { arch: &'static str, ctx: BuildContext },
+}
+
+#[derive(Debug, Clone)]
+pub struct ZooEntry {
+    pub name: &'static str,
+    pub spec: ZooSpec,
+    /// Input side the numbers refer to.
+    pub img_size: usize,
+    pub params: u64,
+    pub gmacs: f64,
+    /// Per-stage breakdown.
+    pub cost: CostReport,
+}
+
+/// The variant's name in `official_models.json`, where the references report it.
+pub fn official_name(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "gfnet-ti" => "gfnet-ti",
+        "gfnet-xs" => "gfnet-xs",
+        "gfnet-s" => "gfnet-s",
+        "gfnet-b" => "gfnet-b",
+        "gfnet-h-ti" => "gfnet-h-ti",
+        "gfnet-h-s" => "gfnet-h-s",
+        "gfnet-h-b" => "gfnet-h-b",
+        "hornet-t-7x7" => "hornet_tiny_7x7",
+        "hornet-t-gf" => "hornet_tiny_gf",
+        "hornet-s-7x7" => "hornet_small_7x7",
+        "hornet-s-gf" => "hornet_small_gf",
+        "hornet-b-7x7" => "hornet_base_7x7",
+        "hornet-b-gf" => "hornet_base_gf",
+        "hornet-l-7x7" => "hornet_large_7x7",
+        "hornet-l-gf" => "hornet_large_gf",
+        "hornet-l-gf-384" => "hornet_large_gf_img384",
+        "deit-s" => "deit-s (teacher/plain)",
+        "deit-b" => "deit-b (plain)",
+        "deit-256" => "deit-256 (plain)",
+        _ => return None,
+    })
+}
+
+/// One zoo entry by name.
+pub fn zoo_entry(name: &str) -> Result<ZooEntry> {
+    let Some(&name) = ZOO_NAMES.iter().find(|&&n| n == name) else {
+        bail!("unknown zoo name '{name}' (known: {})", ZOO_NAMES.join(", "));
+    };
+    if let Some(spec) = ModelSpec::named(name) {
+        // HorNet's 384 variant is evaluated at 384; everything else at its own size or 224.
+        let img = if name.ends_with("-384") { 384 } else { spec.img_size().unwrap_or(224) };
+        let cost = spec.cost(img);
+        return Ok(ZooEntry { name, img_size: img, params: cost.params(), gmacs: cost.gmacs(), cost, spec: ZooSpec::Model(spec) });
+    }
+    let ctx = match name {
+        "resnet18" => BuildContext { num_classes: 1000, in_channels: 3, img_size: [224, 224] },
+        _ => BuildContext { num_classes: 10, in_channels: 3, img_size: [32, 32] },
+    };
+    let model: AnyBackbone<Cpu> = build(name, &toml::Table::new(), &ctx, &Default::default())?;
+    let cost = cnn_cost(&model, &ctx)?;
+    Ok(ZooEntry {
+        name,
+        img_size: ctx.img_size[0],
+        params: cost.params(),
+        gmacs: cost.gmacs(),
+        cost,
+        spec: ZooSpec::Cnn { arch: name, ctx },
+    })
+}
+
+/// Every zoo entry, in [`ZOO_NAMES`] order.
+pub fn zoo() -> Vec<ZooEntry> {
+    ZOO_NAMES.iter().map(|n| zoo_entry(n).expect("every zoo name resolves")).collect()
+}
+
+/// Parameters and MACs of `[backbone] arch = NAME` with `options`, as built for `ctx`
+/// (analytic for the reference families, from a built model for the CNN baselines).
+pub fn arch_cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+    if let Some(spec) = ModelSpec::for_arch(arch, options, ctx) {
+        return Ok(spec?.cost(ctx.img_size[0]));
+    }
+    let model: AnyBackbone<Cpu> = build(arch, options, ctx, &Default::default())?;
+    cnn_cost(&model, ctx)
+}
+
+fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
+    (size + 2 * pad - k) / stride + 1
+}
+
+/// Parameters and conv/linear MACs of a built CNN baseline.
+pub fn cnn_cost(model: &AnyBackbone<Cpu>, ctx: &BuildContext) -> Result<CostReport> {
+    let [mut h, mut w] = ctx.img_size;
+    let mut c = CostReport::new(h);
+    let conv = |c: &mut CostReport, conv: &crate::nn::Conv2d<Cpu>, hw: [usize; 2]| {
+        c.conv2d(conv.in_channels(), conv.out_channels(), conv.kernel_size(), conv.groups, conv.bias.is_some(), hw);
+    };
+    match model {
+        AnyBackbone::Vgg(m) => {
+            c.stage("block0");
+            let mut block = 0;
+            for (i, layer) in m.features.iter().enumerate() {
+                conv(&mut c, &layer.conv, [h, w]);
+                c.add_params(2 * layer.bn.num_features());
+                if m.pool_after.contains(&i) {
+                    if h >= 2 && w >= 2 {
+                        h /= 2;
+                        w /= 2;
+                    }
+                    block += 1;
+                    if i + 1 < m.features.len() {
+                        c.stage(format!("block{block}"));
+                    }
+                }
+            }
+            c.stage("classifier").linear(m.classifier.in_features(), m.classifier.out_features(), true, 1);
+        }
+        AnyBackbone::ResNet(m) => {
+            c.stage("stem");
+            let (k, s) = (m.conv1.kernel_size(), m.conv1.stride);
+            h = conv_out(h, k, s, m.conv1.padding);
+            w = conv_out(w, k, s, m.conv1.padding);
+            conv(&mut c, &m.conv1, [h, w]);
+            c.add_params(2 * m.bn1.num_features());
+            if m.stem_pool {
+                h = conv_out(h, 3, 2, 1);
+                w = conv_out(w, 3, 2, 1);
+            }
+            for (i, layer) in m.layers.iter().enumerate() {
+                c.stage(format!("layer{}", i + 1));
+                for b in layer {
+                    let (h2, w2) = (conv_out(h, 3, b.stride, 1), conv_out(w, 3, b.stride, 1));
+                    conv(&mut c, &b.conv1, [h2, w2]);
+                    conv(&mut c, &b.conv2, [h2, w2]);
+                    c.add_params(2 * b.bn1.num_features() + 2 * b.bn2.num_features());
+                    if let Some(p) = &b.downsample {
+                        conv(&mut c, &p.conv, [h2, w2]);
+                        c.add_params(2 * p.bn.num_features());
+                    }
+                    (h, w) = (h2, w2);
+                }
+            }
+            c.stage("fc").linear(m.fc.in_features(), m.fc.out_features(), true, 1);
+        }
+        AnyBackbone::SmallCnn(m) => {
+            for (i, layer) in m.features.iter().enumerate() {
+                c.stage(format!("features.{i}"));
+                conv(&mut c, &layer.conv, [h, w]);
+                c.add_params(2 * layer.bn.num_features());
+                if super::cnn::SmallCnn::<Cpu>::pools_after(i) {
+                    h /= 2;
+                    w /= 2;
+                }
+            }
+            c.stage("fc").linear(m.fc.in_features(), m.fc.out_features(), true, 1);
+        }
+        _ => bail!("no cost model for this backbone"),
+    }
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cnn_baselines_count_every_parameter() {
+        for name in ["vgg16-cifar", "resnet56-cifar"] {
+            let e = zoo_entry(name).unwrap();
+            let ZooSpec::Cnn { arch, ctx } = &e.spec else { panic!() };
+            let m: AnyBackbone<Cpu> = build(arch, &toml::Table::new(), ctx, &Default::default()).unwrap();
+            // PyTorch's parameters(): burn's num_params also counts BN running statistics.
+            let trainable: usize = crate::nn::params::param_shapes::<Cpu, _>(&m)
+                .iter()
+                .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            assert_eq!(e.params, trainable as u64, "{name}");
+        }
+    }
+
+    #[test]
+    fn arch_cost_follows_options() {
+        let fashion = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };
+        let opts: toml::Table = toml::from_str("patch_size = 4\nembed_dim = 32\ndepth = 2").unwrap();
+        let c = arch_cost("gfnet-ti", &opts, &fashion).unwrap();
+        let m: AnyBackbone<Cpu> = build("gfnet-ti", &opts, &fashion, &Default::default()).unwrap();
+        assert_eq!(c.params(), burn::module::Module::num_params(&m) as u64);
+        assert_eq!(c.img_size, 28);
+        let small = arch_cost("small-cnn", &toml::Table::new(), &fashion).unwrap();
+        assert!(small.macs() > 0 && small.stages.len() == 5);
+        assert!(arch_cost("gfnet-ti", &toml::from_str("depth = 0").unwrap(), &fashion).is_err());
+    }
+
+    #[test]
+    fn every_model_name_is_in_the_zoo() {
+        for n in ModelSpec::names() {
+            assert!(ZOO_NAMES.contains(&n), "{n} missing from ZOO_NAMES");
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Compute accounting: analytic parameter counts and multiply-accumulates (`flops`).
+
+pub mod flops;

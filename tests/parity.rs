@@ -1,0 +1,137 @@
+//! Parity with the reference PyTorch implementations (`../shared/parity`): each fixture is
+//! built from its `config.json` `args`, loads the reference `state_dict` strictly and must
+//! reproduce the reference logits in eval mode (the inner, non-autodiff backend).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use rlprune::backbones::{infer, AnyBackbone, Backbone, ModelSpec};
+use rlprune::import::{read_safetensors, read_tensor};
+use rlprune::nn::params::{load_strict, HostTensor};
+use rlprune::Cpu;
+
+const MAX_ABS: f64 = 1e-4;
+const REL_L2: f64 = 1e-5;
+
+/// `../shared/parity` next to the checkout (`../../shared` from a worktree under `wt/`), or
+/// `$RLPRUNE_PARITY_DIR`. Missing fixtures fail the tests rather than skip them.
+fn parity_root() -> PathBuf {
+    if let Ok(d) = std::env::var("RLPRUNE_PARITY_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    [root.join("../shared/parity"), root.join("../../shared/parity")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("parity fixtures not found next to {} (set RLPRUNE_PARITY_DIR)", root.display()))
+}
+
+struct Fixture {
+    dir: PathBuf,
+    spec: ModelSpec,
+    num_params: u64,
+}
+
+/// The model family from the fixture's constructor call (`gfnet.GFNetPyramid(...)`, ...).
+fn family(constructor: &str) -> &'static str {
+    let name = constructor.split('(').next().unwrap_or_default().trim();
+    match name {
+        "gfnet.GFNet" => "gfnet",
+        "gfnet.GFNetPyramid" => "gfnet-pyramid",
+        "hornet.HorNet" => "hornet",
+        other => panic!("no family for constructor {other}"),
+    }
+}
+
+fn fixture(name: &str) -> Option<Fixture> {
+    let dir = parity_root().join(name);
+    assert!(dir.exists(), "fixture {} not found", dir.display());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let fam = family(config["constructor"].as_str().unwrap());
+    let spec = ModelSpec::from_args(fam, &config["args"]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let num_params = config["num_params"].as_u64().unwrap();
+    Some(Fixture { dir, spec, num_params })
+}
+
+/// (max abs error, relative L2 error) of `got` against `want`.
+fn errors(got: &HostTensor, want: &HostTensor) -> (f64, f64) {
+    assert_eq!(got.shape, want.shape);
+    let (mut max, mut num, mut den) = (0f64, 0f64, 0f64);
+    for (&g, &w) in got.data.iter().zip(&want.data) {
+        let d = (g as f64 - w as f64).abs();
+        max = max.max(d);
+        num += d * d;
+        den += (w as f64) * (w as f64);
+    }
+    (max, (num / den).sqrt())
+}
+
+fn check(name: &str) {
+    let Some(fx) = fixture(name) else { return };
+    let device = Default::default();
+    let model: AnyBackbone<Cpu> = fx.spec.build(&device).unwrap();
+    assert_eq!(model.num_params() as u64, fx.num_params, "{name}: parameter count");
+    assert_eq!(fx.spec.cost_native().params(), fx.num_params, "{name}: analytic parameter count");
+    let weights = read_safetensors(&fx.dir.join("weights.safetensors")).unwrap();
+    let model = load_strict(model, &weights, name).unwrap_or_else(|e| panic!("{e:#}"));
+    let input = read_tensor(&fx.dir.join("input.safetensors"), "input").unwrap();
+    let want = read_tensor(&fx.dir.join("output.safetensors"), "output").unwrap();
+    let got = HostTensor::from_tensor(&model.forward(input.to_tensor::<Cpu, 4>(&device)));
+    let (max_abs, rel_l2) = errors(&got, &want);
+    println!("{name}: max abs err {max_abs:.3e}, rel L2 {rel_l2:.3e}");
+    assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name}: max abs {max_abs:.3e}, rel L2 {rel_l2:.3e}");
+}
+
+#[test]
+fn gfnet_iso() {
+    check("gfnet_iso_seed0");
+}
+
+#[test]
+fn gfnet_h() {
+    check("gfnet_h_seed0");
+}
+
+#[test]
+fn hornet_7x7() {
+    check("hornet_7x7_seed0");
+}
+
+#[test]
+fn hornet_gf() {
+    check("hornet_gf_seed0");
+}
+
+/// The same fixture through the library's `infer` (model TOML → weights → input → output file).
+#[test]
+fn infer_writes_reference_logits() {
+    let name = "hornet_gf_seed0";
+    let Some(fx) = fixture(name) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let toml_path = tmp.path().join("model.toml");
+    std::fs::write(&toml_path, fx.spec.to_toml_string()).unwrap();
+    // The TOML round-trips to the same spec.
+    assert_eq!(rlprune::backbones::model_from_toml(&toml_path).unwrap(), fx.spec);
+    let out = tmp.path().join("out.safetensors");
+    infer(&toml_path, fx.dir.join("weights.safetensors"), fx.dir.join("input.safetensors"), &out).unwrap();
+    let got = read_tensor(&out, "output").unwrap();
+    let want = read_tensor(&fx.dir.join("output.safetensors"), "output").unwrap();
+    let (max_abs, rel_l2) = errors(&got, &want);
+    assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name} via infer: {max_abs:.3e} / {rel_l2:.3e}");
+}
+
+#[test]
+fn infer_rejects_wrong_weights() {
+    let Some(fx) = fixture("gfnet_iso_seed0") else { return };
+    let Some(other) = fixture("gfnet_h_seed0") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let toml_path = tmp.path().join("model.toml");
+    std::fs::write(&toml_path, fx.spec.to_toml_string()).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let err = infer(&toml_path, other.dir.join("weights.safetensors"), fx.dir.join("input.safetensors"), &out)
+        .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("missing keys") && msg.contains("unexpected keys"), "{msg}");
+    assert!(!out.exists());
+}

@@ -1,0 +1,145 @@
+//! The model zoo against the official parameter counts and GMACs
+//! (`../shared/reference/official_models.json`), and the analytic counts against built models.
+
+use std::path::Path;
+
+use burn::module::Module;
+use rlprune::backbones::zoo::{official_name, zoo, ZooSpec};
+use rlprune::backbones::{AnyBackbone, ModelSpec};
+use rlprune::Cpu;
+
+fn official() -> Option<Vec<(String, u64, f64)>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p = [root.join("../shared/reference"), root.join("../../shared/reference")]
+        .into_iter()
+        .find(|p| p.exists())?
+        .join("official_models.json");
+    let text = std::fs::read_to_string(&p).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    Some(
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (m["name"].as_str().unwrap().to_string(), m["params"].as_u64().unwrap(), m["gflops"].as_f64().unwrap())
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn zoo_matches_official_numbers() {
+    let official = official().expect("../shared/reference/official_models.json not found");
+    let mut matched = 0;
+    println!("{:<16} {:>12} {:>12} {:>9} {:>9} {:>7}", "name", "params", "official", "GMACs", "official", "diff");
+    for e in zoo() {
+        let Some(off) = official_name(e.name) else {
+            println!("{:<16} {:>12} {:>12} {:>9.3} {:>9} {:>7}", e.name, e.params, "-", e.gmacs, "-", "-");
+            continue;
+        };
+        let (_, params, gflops) = official.iter().find(|(n, ..)| n == off).unwrap_or_else(|| panic!("{off} not in json"));
+        let rel = (e.gmacs - gflops).abs() / gflops;
+        println!("{:<16} {:>12} {:>12} {:>9.3} {:>9.3} {:>6.3}%", e.name, e.params, params, e.gmacs, gflops, 100.0 * rel);
+        assert_eq!(e.params, *params, "{}: parameter count", e.name);
+        assert!(rel <= 0.02, "{}: {:.3} GMACs vs official {gflops}", e.name, e.gmacs);
+        matched += 1;
+    }
+    assert!(matched >= 18, "only {matched} zoo entries were compared");
+}
+
+/// Small models of every reference family: the built model's parameter count equals the
+/// analytic one (the same code that counts the full-size zoo).
+#[test]
+fn analytic_counts_match_built_models() {
+    let specs = [
+        r#"[model]
+family = "gfnet"
+img_size = 32
+patch_size = 4
+embed_dim = 24
+depth = 2
+num_classes = 7"#,
+        r#"[model]
+family = "gfnet-pyramid"
+img_size = 64
+embed_dim = [8, 16, 24, 32]
+depth = [1, 1, 2, 1]
+num_classes = 5
+no_layerscale = true"#,
+        r#"[model]
+family = "gfnet-pyramid"
+img_size = 32
+in_chans = 1
+embed_dim = [8, 16, 24, 32]
+depth = [1, 2, 1, 1]"#,
+        r#"[model]
+family = "hornet"
+base_dim = 8
+depths = [1, 1, 2, 1]
+num_classes = 3
+gnconv = [{ order = 2, s = 0.5 }, { order = 3 }, { order = 4, gflayer = "GlobalLocalFilter", h = 6, w = 4 }, { order = 1, gflayer = "GlobalLocalFilter" }]"#,
+        r#"[model]
+family = "hornet"
+base_dim = 16
+depths = [1, 1, 1, 1]
+layer_scale_init_value = 0.0
+in_chans = 1"#,
+        r#"[model]
+family = "deit"
+img_size = 32
+patch_size = 8
+embed_dim = 24
+depth = 2
+num_heads = 3
+num_classes = 10
+representation_size = 12"#,
+    ];
+    for text in specs {
+        let spec = ModelSpec::from_toml_str(text).unwrap_or_else(|e| panic!("{text}: {e:#}"));
+        let model: AnyBackbone<Cpu> = spec.build(&Default::default()).unwrap();
+        assert_eq!(spec.cost_native().params(), model.num_params() as u64, "{text}");
+    }
+}
+
+/// Full-size models that are cheap to build: built count = analytic count = official count.
+#[test]
+fn full_size_built_models_match() {
+    for name in ["gfnet-ti", "gfnet-h-ti", "deit-256"] {
+        let spec = ModelSpec::named(name).unwrap();
+        let model: AnyBackbone<Cpu> = spec.build(&Default::default()).unwrap();
+        assert_eq!(spec.cost_native().params(), model.num_params() as u64, "{name}");
+    }
+}
+
+#[test]
+fn cnn_entries_are_built_models() {
+    for e in zoo() {
+        if let ZooSpec::Cnn { ctx, .. } = e.spec {
+            assert!(e.params > 0 && e.gmacs > 0.0, "{}", e.name);
+            assert_eq!(e.img_size, ctx.img_size[0]);
+        }
+    }
+    let by = |n: &str| zoo().into_iter().find(|e| e.name == n).unwrap();
+    // torchvision's ResNet-18: 11,689,512 parameters, 1.81 GMACs (convs + fc).
+    assert_eq!(by("resnet18").params, 11_689_512);
+    assert!((by("resnet18").gmacs - 1.814).abs() < 0.01, "{}", by("resnet18").gmacs);
+}
+
+#[test]
+fn model_toml_errors_name_the_key() {
+    let err = ModelSpec::from_toml_str("[model]\nfamily = \"gfnet\"\nembed_dims = 3\n").unwrap_err();
+    assert!(format!("{err:#}").contains("embed_dims"), "{err:#}");
+    let err = ModelSpec::from_toml_str("[model]\nfamily = \"hornet\"\ngnconv = [{order = 2, kernel = 7}]\n").unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("gnconv") , "{msg}");
+    let err = ModelSpec::from_toml_str("[model]\nfamily = \"gfnet-pyramid\"\nimg_size = 28\n").unwrap_err();
+    assert!(format!("{err:#}").contains("img_size"), "{err:#}");
+    // gnConv's default order 5 needs stage widths of at least 16.
+    let err = ModelSpec::from_toml_str("[model]\nfamily = \"hornet\"\nbase_dim = 8\n").unwrap_err();
+    assert!(format!("{err:#}").contains("order 5"), "{err:#}");
+    let err = ModelSpec::from_toml_str("[model]\nfamily = \"resnet\"\n").unwrap_err();
+    assert!(format!("{err:#}").contains("unknown model family"), "{err:#}");
+    let err = ModelSpec::from_toml_str("[model]\nfamily = \"deit\"\n[other]\n").unwrap_err();
+    assert!(format!("{err:#}").contains("other"), "{err:#}");
+}
