@@ -60,6 +60,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a reference model (model TOML + weights) on `input` of a safetensors file; writes `output` (logits).
+    Infer {
+        /// Model TOML: one [model] table with `family` and the reference constructor arguments.
+        #[arg(long, value_name = "MODEL.toml")]
+        model: PathBuf,
+        /// Weights with the reference key names (.safetensors or a PyTorch .pth zip; no pickle code is run).
+        #[arg(long, value_name = "W")]
+        weights: PathBuf,
+        /// safetensors file with tensor `input` [N, C, H, W].
+        #[arg(long, value_name = "X.safetensors")]
+        input: PathBuf,
+        /// safetensors file to write with tensor `output`.
+        #[arg(long, value_name = "Y.safetensors")]
+        output: PathBuf,
+    },
+    /// List the named model variants with parameters and GMACs (224×224, 1000 classes; CIFAR nets at 32×32).
+    Zoo {
+        /// One JSON object per line: {"name", "params", "gmacs"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Parameters and GMACs per stage of a zoo model or a model TOML.
+    Flops {
+        /// A zoo name (see `rlprune zoo`) or a model TOML file.
+        model: String,
+    },
     /// Download or check datasets.
     Data {
         #[command(subcommand)]
@@ -122,6 +148,36 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("{:<12} {:.2}%", "top-1", 100.0 * report["top1"].as_f64().unwrap_or(f64::NAN));
                 println!("{:<12} {:.4}", "loss", report["loss"].as_f64().unwrap_or(f64::NAN));
             }
+            Ok(())
+        }
+        Command::Infer { model, weights, input, output } => {
+            crate::backbones::infer(&model, &weights, &input, &output)?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Command::Zoo { json } => {
+            let entries = crate::backbones::zoo::zoo();
+            if !json {
+                println!("{:<18} {:>14} {:>9} {:>5}", "name", "params", "GMACs", "img");
+            }
+            for e in entries {
+                if json {
+                    println!("{}", serde_json::json!({"name": e.name, "params": e.params, "gmacs": e.gmacs}));
+                } else {
+                    println!("{:<18} {:>14} {:>9.3} {:>5}", e.name, e.params, e.gmacs, e.img_size);
+                }
+            }
+            Ok(())
+        }
+        Command::Flops { model } => {
+            let path = Path::new(&model);
+            let report = if path.is_file() {
+                let spec = crate::backbones::model_from_toml(path)?;
+                spec.cost_native()
+            } else {
+                crate::backbones::zoo::zoo_entry(&model)?.cost
+            };
+            print!("{report}");
             Ok(())
         }
         Command::Data { action } => match action {
