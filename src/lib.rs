@@ -6,6 +6,7 @@
 
 pub mod backbones;
 pub mod cli;
+pub mod controllers;
 pub mod data;
 pub mod device;
 pub mod experiment;
