@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod import;
 pub mod logging;
 pub mod nn;
+pub mod rl;
 pub mod train;
 
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU

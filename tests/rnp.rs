@@ -12,6 +12,13 @@ use rlprune::backbones::{Backbone, BuildContext};
 use rlprune::controllers::{channels_for, Controller, Decision, DecisionPoint, Mode};
 use rlprune::Cpu;
 
+/// The backend RNG is process-global: tests that seed it and draw from it take this lock.
+static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Replays fixed actions, uniform log-probs.
 struct Fixed {
     actions: Vec<Vec<usize>>,
@@ -73,6 +80,7 @@ fn max_abs_diff(a: Tensor<Cpu, 2>, b: Tensor<Cpu, 2>) -> f32 {
 
 #[test]
 fn sliced_grouped_execution_equals_masked_full_computation() {
+    let _guard = lock();
     let m = small_cnn();
     let dev = Default::default();
     let n = 7;
@@ -98,6 +106,7 @@ fn sliced_grouped_execution_equals_masked_full_computation() {
 
 #[test]
 fn reorder_by_filter_norm_preserves_logits() {
+    let _guard = lock();
     let mut m = small_cnn();
     let dev = Default::default();
     let x = Tensor::<Cpu, 4>::random([5, 1, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
@@ -112,4 +121,83 @@ fn reorder_by_filter_norm_preserves_logits() {
         let norms: Vec<f32> = w.powf_scalar(2.0).reshape([o as i32, -1]).sum_dim(1).into_data().to_vec().unwrap();
         assert!(norms.windows(2).all(|p| p[0] >= p[1]), "{norms:?}");
     }
+}
+
+#[test]
+fn reinforce_solves_a_three_armed_bandit() {
+    let _guard = lock();
+    use rlprune::controllers::channel_router::{ChannelRouter, RouterPolicy};
+    use rlprune::controllers::ControllerConfig;
+    use rlprune::rl::reinforce::policy_gradient_loss;
+    use rlprune::rl::RlConfig;
+    use rlprune::train::optim::{Optimizer, OptimizerConfig};
+    use rlprune::CpuAutodiff as Ad;
+    use burn::module::AutodiffModule;
+    use burn::optim::GradientsParams;
+
+    let dev = Default::default();
+    <Ad as burn::tensor::backend::Backend>::seed(&dev, 1);
+    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 3, hidden: 8, rnn: "gru".into() };
+    let cfg = RlConfig { baseline: "value".into(), entropy_bonus: 0.0, ..Default::default() };
+    let mut router = ChannelRouter::<Ad>::new(&ctl, &[1], true, &dev);
+    let mut opt = Optimizer::<Ad>::new(OptimizerConfig::Adamw { lr: 0.05, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
+    let arm_reward = [0.2f32, 1.0, 0.5];
+    let point = DecisionPoint { index: 0, name: "bandit".into(), groups: 3, out_channels: 3, macs_full: 0 };
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let n = 32;
+    for _ in 0..60 {
+        let obs = Tensor::<rlprune::Cpu, 2>::ones([n, 1], &dev);
+        let mut policy = RouterPolicy::new(router.valid());
+        let d = policy.decide(&point, obs.clone(), Mode::Sample, &mut rng).unwrap();
+        let returns = vec![d.actions.iter().map(|&a| arm_reward[a - 1]).collect::<Vec<f32>>()];
+        let obs_ad = Tensor::<Ad, 2>::ones([n, 1], &dev);
+        let evals = router.evaluate(&[obs_ad], &[d.actions.clone()]).unwrap();
+        let (loss, ..) = policy_gradient_loss(evals, &returns, None, &cfg).unwrap();
+        let grads = GradientsParams::from_grads(loss.backward(), &router);
+        router = opt.step(router, grads, 0.05, 1.0);
+    }
+    let mut policy = RouterPolicy::new(router.valid());
+    let d = policy.decide(&point, Tensor::ones([4, 1], &dev), Mode::Greedy, &mut rng).unwrap();
+    assert_eq!(d.actions, vec![2; 4], "greedy arm after training");
+    let p_best: f32 = d.log_prob.exp().mean().into_scalar();
+    assert!(p_best > 0.9, "probability of the best arm {p_best}");
+}
+
+fn synthetic_batch(n: usize, seed: u64) -> rlprune::data::Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let images: Vec<f32> = (0..n * 16 * 16).map(|_| rand::Rng::random_range(&mut rng, -1.0..1.0)).collect();
+    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
+    rlprune::data::Batch { images, labels, shape: [n, 1, 16, 16], indices: (0..n).collect() }
+}
+
+fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
+    use rlprune::backbones::AnyBackbone;
+    use rlprune::controllers::ControllerConfig;
+    use rlprune::rl::train::RnpLearner;
+    use rlprune::rl::RlConfig;
+    let dev = Default::default();
+    <rlprune::CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, seed);
+    let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };
+    let bb = SmallCnn::new(&SmallCnnOptions { channels: [8, 8, 16, 16] }, &ctx, &dev);
+    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 16, rnn: "gru".into() };
+    let cfg = RlConfig { workers, alternate_every: 2, ..Default::default() };
+    let mut l = RnpLearner::new(AnyBackbone::SmallCnn(bb), 1, &ctl, &cfg, seed);
+    (0..5)
+        .map(|s| {
+            let r = l.step(&synthetic_batch(16, s), 1e-2, 1e-2).unwrap();
+            assert!(r.stats.flops_ratio > 0.0 && r.stats.flops_ratio <= 1.0);
+            (r.stats.reward_mean, r.stats.reward_std)
+        })
+        .collect()
+}
+
+#[test]
+fn same_seed_and_workers_give_identical_rewards() {
+    let _guard = lock();
+    let a = learner_rewards(2, 7);
+    let b = learner_rewards(2, 7);
+    assert_eq!(a, b);
+    let c = learner_rewards(1, 7);
+    let d = learner_rewards(1, 7);
+    assert_eq!(c, d);
 }
