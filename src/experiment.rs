@@ -32,6 +32,12 @@ pub struct Experiment {
     pub train: TrainConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[controller]`: the pruning agent (RNP's `"channel-router"`); absent = plain training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<crate::controllers::ControllerConfig>,
+    /// `[rl]`: how the controller is trained (defaults apply when `[controller]` is present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl: Option<crate::rl::RlConfig>,
 }
 
 fn default_device() -> String {
@@ -316,6 +322,19 @@ impl Experiment {
         }
         for (k, m) in self.train.validate() {
             problems.push((join("train", &k), m));
+        }
+        if let Some(c) = &self.controller {
+            for (k, m) in c.validate() {
+                problems.push((join("controller", &k), m));
+            }
+        }
+        if let Some(rl) = &self.rl {
+            if self.controller.is_none() {
+                problems.push(("rl".into(), "needs a [controller] section (e.g. kind = \"channel-router\")".into()));
+            }
+            for (k, m) in rl.validate() {
+                problems.push((join("rl", &k), m));
+            }
         }
         if self.log.every_steps == 0 {
             problems.push(("log.every_steps".into(), "must be > 0, got 0".into()));
