@@ -287,7 +287,14 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
         // serde reports an unknown key at its parent: point at the key itself.
         if let Some(rest) = msg.strip_prefix("unknown field `") {
             if let Some(name) = rest.split('`').next() {
-                let key = if path.is_empty() || path == "." { name.to_string() } else { join(&path, name) };
+                // Through an `Option` the path already ends with the unknown key itself.
+                let key = if path.is_empty() || path == "." {
+                    name.to_string()
+                } else if path == name || path.ends_with(&format!(".{name}")) {
+                    path.clone()
+                } else {
+                    join(&path, name)
+                };
                 return anyhow!("{}: unknown key '{key}' ({msg})", layered.origin_of(&key));
             }
         }

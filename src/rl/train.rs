@@ -437,6 +437,7 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     let router = ChannelRouter::<Cpu>::new(&ctl, &in_ch, rl.baseline == "value", &device);
     let router = load_strict(router, &crate::import::read_safetensors(&rfile)?, &rfile.display().to_string())?;
     let ev = evaluate_controlled(&backbone, &router, &test_loader)?;
+    // The same (fine-tuned) weights with every channel computed.
     let (_, unpruned_top1) = supervised::evaluate(&backbone, &test_loader, &device)?;
 
     // Latency and throughput, same weights, routed vs unpruned.
@@ -478,7 +479,7 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
         "images": ev.images,
         "top1": ev.top1,
         "loss": ev.loss,
-        "unpruned_top1": unpruned_top1,
+        "full_compute_top1": unpruned_top1,
         "flops_ratio": ev.flops_ratio,
         "layers": ev.layers,
         "layer_flops_ratio": ev.layer_flops_ratio,
