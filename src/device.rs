@@ -19,10 +19,10 @@ impl DeviceSpec {
                 _ => bail!("must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{s}\""),
             },
         };
-        if let DeviceSpec::Cuda(_) = spec {
-            if !cfg!(feature = "cuda") {
-                bail!("\"{s}\" needs CUDA, but this rlprune was built without it (rebuild with `cargo build --release --features cuda`)");
-            }
+        if let DeviceSpec::Cuda(_) = spec
+            && !cfg!(feature = "cuda")
+        {
+            bail!("\"{s}\" needs CUDA, but this rlprune was built without it (rebuild with `cargo build --release --features cuda`)");
         }
         Ok(spec)
     }

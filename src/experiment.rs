@@ -285,8 +285,10 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
         }
         let msg = e.inner().message().to_string();
         // serde reports an unknown key at its parent: point at the key itself.
-        if let Some(rest) = msg.strip_prefix("unknown field `") {
-            if let Some(name) = rest.split('`').next() {
+        if let Some(rest) = msg.strip_prefix("unknown field `")
+            && let Some(name) = rest.split('`').next()
+        {
+            {
                 // Through an `Option` the path already ends with the unknown key itself.
                 let key = if path.is_empty() || path == "." {
                     name.to_string()

@@ -151,7 +151,7 @@ fn reinforce_solves_a_three_armed_bandit() {
         let d = policy.decide(&point, obs.clone(), Mode::Sample, &mut rng).unwrap();
         let returns = vec![d.actions.iter().map(|&a| arm_reward[a - 1]).collect::<Vec<f32>>()];
         let obs_ad = Tensor::<Ad, 2>::ones([n, 1], &dev);
-        let evals = router.evaluate(&[obs_ad], &[d.actions.clone()]).unwrap();
+        let evals = router.evaluate(&[obs_ad], std::slice::from_ref(&d.actions)).unwrap();
         let (loss, ..) = policy_gradient_loss(evals, &returns, None, &cfg).unwrap();
         let grads = GradientsParams::from_grads(loss.backward(), &router);
         router = opt.step(router, grads, 0.05, 1.0);

@@ -18,10 +18,10 @@ struct Tee;
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let _ = std::io::stderr().write_all(buf);
-        if let Ok(mut guard) = RUN_LOG.lock() {
-            if let Some(f) = guard.as_mut() {
-                let _ = f.write_all(buf);
-            }
+        if let Ok(mut guard) = RUN_LOG.lock()
+            && let Some(f) = guard.as_mut()
+        {
+            let _ = f.write_all(buf);
         }
         Ok(buf.len())
     }
@@ -60,10 +60,10 @@ pub fn attach_run_log(path: &Path) -> Result<()> {
 }
 
 pub fn flush_run_log() {
-    if let Ok(mut guard) = RUN_LOG.lock() {
-        if let Some(f) = guard.as_mut() {
-            let _ = f.flush();
-            let _ = f.sync_data();
-        }
+    if let Ok(mut guard) = RUN_LOG.lock()
+        && let Some(f) = guard.as_mut()
+    {
+        let _ = f.flush();
+        let _ = f.sync_data();
     }
 }

@@ -128,6 +128,7 @@ pub fn rollout_shard(
     let y = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
     let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
     let k = router.groups();
+    #[allow(clippy::type_complexity)]
     let episode = |mode: Mode, rng: &mut ChaCha8Rng| -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, crate::controllers::Trace<Cpu>)> {
         let mut policy = RouterPolicy::new(router.clone());
         let (logits, trace) = backbone.forward_controlled(x.clone(), &mut policy, mode, rng)?;

@@ -86,7 +86,7 @@ impl RnpLearner {
         self.router = router;
         self.step += 1;
         let mut backbone_loss = None;
-        if self.cfg.alternate_every > 0 && self.step % self.cfg.alternate_every as u64 == 0 {
+        if self.cfg.alternate_every > 0 && self.step.is_multiple_of(self.cfg.alternate_every as u64) {
             let (x, y) = batch.to_tensors::<Ad>(&self.device);
             let mut policy = RouterPolicy::new(self.router.valid());
             // The policy runs on the inner backend through a thin adapter: sample actions
@@ -305,8 +305,10 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             count += 1;
             bar.inc(1);
             let step = learner.step as i64;
-            if learner.step % exp.log.every_steps as u64 == 0 {
-                if let Some(tb) = tb.as_mut() {
+            if learner.step.is_multiple_of(exp.log.every_steps as u64)
+                && let Some(tb) = tb.as_mut()
+            {
+                {
                     tb.scalar("rl/reward_mean", step, s.reward_mean)?;
                     tb.scalar("rl/reward_std", step, s.reward_std)?;
                     tb.scalar("rl/accuracy_term", step, s.accuracy_term)?;

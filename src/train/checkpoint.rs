@@ -79,13 +79,15 @@ pub fn read_state(run_dir: &Path) -> Result<TrainState> {
 /// Plain safetensors without our metadata (e.g. converted reference weights) are accepted.
 pub fn read_model(path: &Path, arch: &str, epoch: Option<usize>) -> Result<StateDict> {
     let meta = read_safetensors_metadata(path)?;
-    if let Some(a) = meta.get("arch") {
-        if a != arch {
-            bail!("{}: checkpoint is for architecture '{a}', but the experiment builds '{arch}'", path.display());
-        }
+    if let Some(a) = meta.get("arch")
+        && a != arch
+    {
+        bail!("{}: checkpoint is for architecture '{a}', but the experiment builds '{arch}'", path.display());
     }
-    if let (Some(want), Some(got)) = (epoch, meta.get("epoch")) {
-        if got != &want.to_string() {
+    if let (Some(want), Some(got)) = (epoch, meta.get("epoch"))
+        && got != &want.to_string()
+    {
+        {
             bail!("{}: written at epoch {got} but state.json says epoch {want}: the run was interrupted while checkpointing; resume from the previous run or remove the checkpoint", path.display());
         }
     }

@@ -230,11 +230,11 @@ where
             model = optim.step(model, grads, lr, scale);
             state.step += 1;
             bar.inc(1);
-            if state.step % exp.log.every_steps as u64 == 0 {
-                if let Some(tb) = tb.as_mut() {
-                    tb.scalar("train/loss", state.step as i64, loss_value)?;
-                    tb.scalar("train/lr", state.step as i64, lr)?;
-                }
+            if state.step.is_multiple_of(exp.log.every_steps as u64)
+                && let Some(tb) = tb.as_mut()
+            {
+                tb.scalar("train/loss", state.step as i64, loss_value)?;
+                tb.scalar("train/lr", state.step as i64, lr)?;
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
                 interrupted = true;
