@@ -7,10 +7,10 @@ use burn::tensor::module::max_pool2d;
 use burn::tensor::{Distribution, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rlprune::Cpu;
 use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
 use rlprune::backbones::{Backbone, BuildContext};
-use rlprune::controllers::{channels_for, Controller, Decision, DecisionPoint, Mode};
-use rlprune::Cpu;
+use rlprune::controllers::{Controller, Decision, DecisionPoint, Mode, channels_for};
 
 /// The backend RNG is process-global: tests that seed it and draw from it take this lock.
 static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -30,7 +30,13 @@ impl Controller<Cpu> for Fixed {
         self.k
     }
     fn reset(&mut self, _batch: usize) {}
-    fn decide(&mut self, point: &DecisionPoint, obs: Tensor<Cpu, 2>, _mode: Mode, _rng: &mut ChaCha8Rng) -> Result<Decision<Cpu>> {
+    fn decide(
+        &mut self,
+        point: &DecisionPoint,
+        obs: Tensor<Cpu, 2>,
+        _mode: Mode,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<Decision<Cpu>> {
         let n = obs.dims()[0];
         let z = Tensor::zeros([n], &obs.device());
         Ok(Decision { actions: self.actions[point.index].clone(), log_prob: z.clone(), entropy: z })
@@ -44,7 +50,8 @@ fn small_cnn() -> SmallCnn<Cpu> {
     // Non-trivial BN statistics and affine parameters.
     for l in m.features.iter_mut() {
         let c = l.bn.num_features();
-        l.bn.running_mean = burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(-0.2, 0.2), &dev));
+        l.bn.running_mean =
+            burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(-0.2, 0.2), &dev));
         l.bn.running_var = burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &dev));
         l.bn.weight = burn::module::Param::from_tensor(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &dev));
         l.bn.bias = burn::module::Param::from_tensor(Tensor::random([c], Distribution::Uniform(-0.1, 0.1), &dev));
@@ -87,7 +94,8 @@ fn sliced_grouped_execution_equals_masked_full_computation() {
     let x = Tensor::<Cpu, 4>::random([n, 1, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
     let k = 4;
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let actions: Vec<Vec<usize>> = (0..4).map(|_| (0..n).map(|_| rand::Rng::random_range(&mut rng, 1..=k)).collect()).collect();
+    let actions: Vec<Vec<usize>> =
+        (0..4).map(|_| (0..n).map(|_| rand::Rng::random_range(&mut rng, 1..=k)).collect()).collect();
     let mut ctl = Fixed { actions: actions.clone(), k };
     let (logits, trace) = m.forward_controlled(x.clone(), &mut ctl, Mode::Greedy, &mut rng).unwrap();
     let reference = masked_forward(&m, x.clone(), &actions, k);
@@ -126,21 +134,22 @@ fn reorder_by_filter_norm_preserves_logits() {
 #[test]
 fn reinforce_solves_a_three_armed_bandit() {
     let _guard = lock();
-    use rlprune::controllers::channel_router::{ChannelRouter, RouterPolicy};
-    use rlprune::controllers::ControllerConfig;
-    use rlprune::rl::reinforce::policy_gradient_loss;
-    use rlprune::rl::RlConfig;
-    use rlprune::train::optim::{Optimizer, OptimizerConfig};
-    use rlprune::CpuAutodiff as Ad;
     use burn::module::AutodiffModule;
     use burn::optim::GradientsParams;
+    use rlprune::CpuAutodiff as Ad;
+    use rlprune::controllers::ControllerConfig;
+    use rlprune::controllers::channel_router::{ChannelRouter, RouterPolicy};
+    use rlprune::rl::RlConfig;
+    use rlprune::rl::reinforce::policy_gradient_loss;
+    use rlprune::train::optim::{Optimizer, OptimizerConfig};
 
     let dev = Default::default();
     <Ad as burn::tensor::backend::Backend>::seed(&dev, 1);
     let ctl = ControllerConfig { kind: "channel-router".into(), groups: 3, hidden: 8, rnn: "gru".into() };
     let cfg = RlConfig { baseline: "value".into(), entropy_bonus: 0.0, ..Default::default() };
     let mut router = ChannelRouter::<Ad>::new(&ctl, &[1], true, &dev);
-    let mut opt = Optimizer::<Ad>::new(OptimizerConfig::Adamw { lr: 0.05, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
+    let mut opt =
+        Optimizer::<Ad>::new(OptimizerConfig::Adamw { lr: 0.05, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
     let arm_reward = [0.2f32, 1.0, 0.5];
     let point = DecisionPoint { index: 0, name: "bandit".into(), groups: 3, out_channels: 3, macs_full: 0 };
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -173,8 +182,8 @@ fn synthetic_batch(n: usize, seed: u64) -> rlprune::data::Batch {
 fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
     use rlprune::backbones::AnyBackbone;
     use rlprune::controllers::ControllerConfig;
-    use rlprune::rl::train::RnpLearner;
     use rlprune::rl::RlConfig;
+    use rlprune::rl::train::RnpLearner;
     let dev = Default::default();
     <rlprune::CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, seed);
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };

@@ -4,7 +4,7 @@
 //! over "compute the first a of k channel groups". An optional value head (Linear d → 1)
 //! provides the learned baseline for REINFORCE.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, sigmoid, softmax, tanh};
 use burn::tensor::backend::Backend;
@@ -14,8 +14,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{Controller, ControllerConfig, Decision, DecisionPoint, Mode};
 use crate::backbones::PrunableConv;
-use crate::nn::layers::torch_default_uniform;
 use crate::nn::Linear;
+use crate::nn::layers::torch_default_uniform;
 
 /// A GRU cell with PyTorch's parameter names and gate order (r, z, n).
 #[derive(Module, Debug)]
@@ -119,8 +119,14 @@ impl<B: Backend> ChannelRouter<B> {
     /// Re-evaluates the stored observation sequence: per decision, log-prob of the stored
     /// actions `[N]`, entropy `[N]` and value `[N]` (if the router has a value head).
     #[allow(clippy::type_complexity)]
-    pub fn evaluate(&self, observations: &[Tensor<B, 2>], actions: &[Vec<usize>]) -> Result<Vec<(Tensor<B, 1>, Tensor<B, 1>, Option<Tensor<B, 1>>)>> {
-        let Some(first) = observations.first() else { return Ok(Vec::new()) };
+    pub fn evaluate(
+        &self,
+        observations: &[Tensor<B, 2>],
+        actions: &[Vec<usize>],
+    ) -> Result<Vec<(Tensor<B, 1>, Tensor<B, 1>, Option<Tensor<B, 1>>)>> {
+        let Some(first) = observations.first() else {
+            return Ok(Vec::new());
+        };
         let n = first.dims()[0];
         let device = first.device();
         let mut h = Tensor::zeros([n, self.hidden()], &device);
@@ -179,7 +185,13 @@ impl<B: Backend> Controller<B> for RouterPolicy<B> {
         self.h = None;
     }
 
-    fn decide(&mut self, point: &DecisionPoint, observation: Tensor<B, 2>, mode: Mode, rng: &mut ChaCha8Rng) -> Result<Decision<B>> {
+    fn decide(
+        &mut self,
+        point: &DecisionPoint,
+        observation: Tensor<B, 2>,
+        mode: Mode,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Decision<B>> {
         let [n, _] = observation.dims();
         let device = observation.device();
         let h = match self.h.take() {
@@ -196,7 +208,9 @@ impl<B: Backend> Controller<B> for RouterPolicy<B> {
                 let row = &probs[i * k..(i + 1) * k];
                 1 + match mode {
                     Mode::Sample => sample_categorical(row, rng),
-                    Mode::Greedy => row.iter().enumerate().fold(0, |best, (j, &p)| if p > row[best] { j } else { best }),
+                    Mode::Greedy => {
+                        row.iter().enumerate().fold(0, |best, (j, &p)| if p > row[best] { j } else { best })
+                    }
                 }
             })
             .collect();

@@ -9,17 +9,17 @@
 //! BatchNorm uses its running statistics in the controlled pass (also under autodiff: the
 //! backbone is fine-tuned with frozen BN statistics, since per-action sub-batches can be tiny).
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use burn::module::Param;
 use burn::tensor::activation::relu;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Controller, DecisionPoint, Mode, Trace, TraceStep};
-use crate::backbones::cnn::ConvBn;
-use crate::backbones::PrunableConv;
-use crate::nn::Linear;
 use crate::ModelBackend;
+use crate::backbones::PrunableConv;
+use crate::backbones::cnn::ConvBn;
+use crate::nn::Linear;
 
 struct Part<B: burn::tensor::backend::Backend> {
     /// Batch rows (original indices) held by this part, in tensor order.
@@ -34,7 +34,12 @@ fn index_tensor<B: burn::tensor::backend::Backend>(idx: &[usize], device: &B::De
 
 /// Global-average-pools every part into one `[N, c_full]` host-assembled tensor (zeros for
 /// channels a part did not compute), rows in original batch order.
-fn pooled_observation<B: ModelBackend>(parts: &[Part<B>], n: usize, c_full: usize, device: &B::Device) -> Result<Tensor<B, 2>> {
+fn pooled_observation<B: ModelBackend>(
+    parts: &[Part<B>],
+    n: usize,
+    c_full: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>> {
     let mut obs = vec![0f32; n * c_full];
     for p in parts {
         let [m, c, _, _] = p.x.dims();
@@ -71,7 +76,13 @@ pub fn controlled_stack<B: ModelBackend>(
     let mut c_full_in = c0;
     let mut steps = Vec::with_capacity(layers.len());
     for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
-        let point = DecisionPoint { index: t, name: pc.name.clone(), groups: k, out_channels: pc.out_channels, macs_full: pc.macs };
+        let point = DecisionPoint {
+            index: t,
+            name: pc.name.clone(),
+            groups: k,
+            out_channels: pc.out_channels,
+            macs_full: pc.macs,
+        };
         let observation = pooled_observation(&parts, n, c_full_in, &device)?;
         let decision = ctl.decide(&point, observation.clone(), mode, rng)?;
         if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
@@ -89,7 +100,11 @@ pub fn controlled_stack<B: ModelBackend>(
                 if local.is_empty() {
                     continue;
                 }
-                let xs = if local.len() == m { p.x.clone() } else { p.x.clone().select(0, index_tensor::<B>(&local, &device)) };
+                let xs = if local.len() == m {
+                    p.x.clone()
+                } else {
+                    p.x.clone().select(0, index_tensor::<B>(&local, &device))
+                };
                 let c_out = point.channels_for(a);
                 let y = layer.conv.forward_sliced(xs, c_out);
                 let [_, _, h, w] = y.dims();
@@ -106,7 +121,17 @@ pub fn controlled_stack<B: ModelBackend>(
         parts = next
             .into_iter()
             .filter(|(rows, _)| !rows.is_empty())
-            .map(|(rows, ts)| Part { rows, x: pool(t, if ts.len() == 1 { ts.into_iter().next().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(ts, 0) }) })
+            .map(|(rows, ts)| Part {
+                rows,
+                x: pool(
+                    t,
+                    if ts.len() == 1 {
+                        ts.into_iter().next().unwrap_or_else(|| unreachable!())
+                    } else {
+                        Tensor::cat(ts, 0)
+                    },
+                ),
+            })
             .collect();
         steps.push(TraceStep { point, observation, actions: decision.actions, log_prob: decision.log_prob, macs });
         c_full_in = pc.out_channels;
@@ -155,7 +180,10 @@ pub fn reorder_stack_by_filter_norm<B: ModelBackend>(layers: &mut [ConvBn<B>], h
         let idx = index_tensor::<B>(&perm, &device);
         let l = &mut layers[i];
         let conv_w = std::mem::replace(&mut l.conv.weight, Param::from_tensor(Tensor::zeros([1, 1, 1, 1], &device)));
-        l.conv.weight = { let idx = idx.clone(); conv_w.map(|t| t.select(0, idx)) };
+        l.conv.weight = {
+            let idx = idx.clone();
+            conv_w.map(|t| t.select(0, idx))
+        };
         if let Some(b) = l.conv.bias.take() {
             l.conv.bias = Some(permute1(b, &idx));
         }
@@ -168,10 +196,16 @@ pub fn reorder_stack_by_filter_norm<B: ModelBackend>(layers: &mut [ConvBn<B>], h
         if i + 1 < layers.len() {
             let next = &mut layers[i + 1].conv;
             let w = std::mem::replace(&mut next.weight, Param::from_tensor(Tensor::zeros([1, 1, 1, 1], &device)));
-            next.weight = { let idx = idx.clone(); w.map(|t| t.select(1, idx)) };
+            next.weight = {
+                let idx = idx.clone();
+                w.map(|t| t.select(1, idx))
+            };
         } else {
             let w = std::mem::replace(&mut head.weight, Param::from_tensor(Tensor::zeros([1, 1], &device)));
-            head.weight = { let idx = idx.clone(); w.map(|t| t.select(1, idx)) };
+            head.weight = {
+                let idx = idx.clone();
+                w.map(|t| t.select(1, idx))
+            };
         }
     }
 }

@@ -8,8 +8,8 @@ pub mod channel_router;
 pub mod exec;
 
 use anyhow::Result;
-use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -70,7 +70,13 @@ pub trait Controller<B: Backend> {
     fn reset(&mut self, batch: usize);
     /// Decides for every image of the batch. `observation` is the decision layer's input,
     /// global-average-pooled: `[N, C_in]` (channels that were skipped upstream are zero).
-    fn decide(&mut self, point: &DecisionPoint, observation: Tensor<B, 2>, mode: Mode, rng: &mut ChaCha8Rng) -> Result<Decision<B>>;
+    fn decide(
+        &mut self,
+        point: &DecisionPoint,
+        observation: Tensor<B, 2>,
+        mode: Mode,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Decision<B>>;
 }
 
 /// One decision as it happened.
@@ -144,7 +150,10 @@ impl ControllerConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
         if !CONTROLLER_KINDS.contains(&self.kind.as_str()) {
-            v.push(("kind".into(), format!("'{}' is not a known controller (available: {})", self.kind, CONTROLLER_KINDS.join(", "))));
+            v.push((
+                "kind".into(),
+                format!("'{}' is not a known controller (available: {})", self.kind, CONTROLLER_KINDS.join(", ")),
+            ));
         }
         if !(1..=64).contains(&self.groups) {
             v.push(("groups".into(), format!("must be in 1..=64, got {}", self.groups)));

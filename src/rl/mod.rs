@@ -109,7 +109,10 @@ impl RlConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
         if !ALGORITHMS.contains(&self.algorithm.as_str()) {
-            v.push(("algorithm".into(), format!("'{}' is not available in this build (available: {})", self.algorithm, ALGORITHMS.join(", "))));
+            v.push((
+                "algorithm".into(),
+                format!("'{}' is not available in this build (available: {})", self.algorithm, ALGORITHMS.join(", ")),
+            ));
         }
         if self.epochs == 0 {
             v.push(("epochs".into(), "must be > 0, got 0".into()));
@@ -118,9 +121,17 @@ impl RlConfig {
             v.push(("compute_penalty".into(), format!("must be >= 0, got {}", self.compute_penalty)));
         }
         if !["neg-ce", "correct"].contains(&self.accuracy_reward.as_str()) {
-            v.push(("accuracy_reward".into(), format!("must be \"neg-ce\" or \"correct\", got \"{}\"", self.accuracy_reward)));
+            v.push((
+                "accuracy_reward".into(),
+                format!("must be \"neg-ce\" or \"correct\", got \"{}\"", self.accuracy_reward),
+            ));
         }
-        for (k, x) in [("alpha", self.alpha), ("gamma_wrong", self.gamma_wrong), ("entropy_bonus", self.entropy_bonus), ("value_coef", self.value_coef)] {
+        for (k, x) in [
+            ("alpha", self.alpha),
+            ("gamma_wrong", self.gamma_wrong),
+            ("entropy_bonus", self.entropy_bonus),
+            ("value_coef", self.value_coef),
+        ] {
             if !(x >= 0.0 && x.is_finite()) {
                 v.push((k.into(), format!("must be >= 0, got {x}")));
             }

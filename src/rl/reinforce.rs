@@ -4,14 +4,14 @@
 //! The learner never runs the backbone: it re-evaluates the router (with autodiff) on the
 //! stored per-decision observations to get the log-probabilities of the stored actions.
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 
-use super::rollout::Trajectory;
 use super::RlConfig;
+use super::rollout::Trajectory;
 use crate::controllers::channel_router::ChannelRouter;
 use crate::train::optim::Optimizer;
 
@@ -51,7 +51,9 @@ pub fn policy_gradient_loss<B: AutodiffBackend>(
     for (t, (_, _, value)) in evals.iter().enumerate() {
         let b: Vec<f32> = match (baseline, value) {
             (Some(b), _) => b[t].clone(),
-            (None, Some(v)) => v.clone().detach().into_data().convert::<f32>().to_vec().unwrap_or_else(|_| vec![0.0; n]),
+            (None, Some(v)) => {
+                v.clone().detach().into_data().convert::<f32>().to_vec().unwrap_or_else(|_| vec![0.0; n])
+            }
             (None, None) => vec![0.0; n],
         };
         adv.push(returns[t].iter().zip(&b).map(|(r, b)| r - b).collect());

@@ -6,20 +6,20 @@
 
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, Result};
+use anyhow::{Result, anyhow};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::RlConfig;
 use super::reinforce::UpdateStats;
 use super::reward;
-use super::RlConfig;
-use crate::backbones::{AnyBackbone, Backbone};
-use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
-use crate::controllers::Mode;
 use crate::Cpu;
+use crate::backbones::{AnyBackbone, Backbone};
+use crate::controllers::Mode;
+use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
 
 /// A batch of episodes: per decision the observations and actions, per image the rewards.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,7 +107,8 @@ impl Trajectory {
 
 /// Per-worker RNG seed: a pure function of (seed, step, worker).
 pub fn worker_seed(seed: u64, step: u64, worker: usize) -> u64 {
-    let mut z = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (worker as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (worker as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 30)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
@@ -129,24 +130,28 @@ pub fn rollout_shard(
     let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
     let k = router.groups();
     #[allow(clippy::type_complexity)]
-    let episode = |mode: Mode, rng: &mut ChaCha8Rng| -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, crate::controllers::Trace<Cpu>)> {
-        let mut policy = RouterPolicy::new(router.clone());
-        let (logits, trace) = backbone.forward_controlled(x.clone(), &mut policy, mode, rng)?;
-        let ce: Vec<f32> = log_softmax(logits.clone(), 1)
-            .gather(1, y.clone().reshape([n, 1]))
-            .reshape([n])
-            .neg()
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .map_err(|e| anyhow!("{e:?}"))?;
-        let pred: Vec<i64> = logits.argmax(1).reshape([n]).into_data().convert::<i64>().to_vec().map_err(|e| anyhow!("{e:?}"))?;
-        let correct: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
-        let acc: Vec<f32> = ce.iter().zip(&correct).map(|(&c, &ok)| reward::accuracy_term(cfg, c, ok)).collect();
-        let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
-        let rewards = reward::rewards(&actions, k, cfg.compute_penalty, &acc);
-        Ok((actions, rewards, acc, correct, trace))
-    };
+    let episode =
+        |mode: Mode,
+         rng: &mut ChaCha8Rng|
+         -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, crate::controllers::Trace<Cpu>)> {
+            let mut policy = RouterPolicy::new(router.clone());
+            let (logits, trace) = backbone.forward_controlled(x.clone(), &mut policy, mode, rng)?;
+            let ce: Vec<f32> = log_softmax(logits.clone(), 1)
+                .gather(1, y.clone().reshape([n, 1]))
+                .reshape([n])
+                .neg()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| anyhow!("{e:?}"))?;
+            let pred: Vec<i64> =
+                logits.argmax(1).reshape([n]).into_data().convert::<i64>().to_vec().map_err(|e| anyhow!("{e:?}"))?;
+            let correct: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
+            let acc: Vec<f32> = ce.iter().zip(&correct).map(|(&c, &ok)| reward::accuracy_term(cfg, c, ok)).collect();
+            let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
+            let rewards = reward::rewards(&actions, k, cfg.compute_penalty, &acc);
+            Ok((actions, rewards, acc, correct, trace))
+        };
     let (actions, rewards, accuracy_term, correct, trace) = episode(Mode::Sample, &mut rng)?;
     let greedy_returns = if cfg.baseline == "self-critical" {
         let (_, r, _, _, _) = episode(Mode::Greedy, &mut rng)?;
@@ -206,7 +211,15 @@ impl RolloutPool {
                 .name(format!("rollout-{w}"))
                 .spawn(move || {
                     for job in rx.iter() {
-                        let out = rollout_shard(&job.backbone, &job.router, job.images, job.shape, job.labels, &job.cfg, job.seed);
+                        let out = rollout_shard(
+                            &job.backbone,
+                            &job.router,
+                            job.images,
+                            job.shape,
+                            job.labels,
+                            &job.cfg,
+                            job.seed,
+                        );
                         if res_tx.send((job.worker, out)).is_err() {
                             break;
                         }

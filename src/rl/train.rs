@@ -7,24 +7,22 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use burn::module::AutodiffModule;
-use burn::tensor::{Tensor, TensorData};
-use serde_json::json;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
+use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
-use super::reinforce::{learner_step, UpdateStats};
-use super::rollout::{worker_seed, RolloutPool, Trajectory};
 use super::RlConfig;
+use super::reinforce::{UpdateStats, learner_step};
+use super::rollout::{RolloutPool, Trajectory, worker_seed};
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
 use crate::controllers::{ControllerConfig, Mode};
 use crate::data::Batch;
-use crate::train::losses::cross_entropy;
-use crate::train::optim::{Optimizer, OptimizerConfig};
 use crate::data::{self, Loader};
 use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
@@ -32,8 +30,12 @@ use crate::logging::tensorboard::{EventWriter, HParamValue};
 use crate::nn::params::{load_strict, state_dict};
 use crate::train::checkpoint;
 use crate::train::losses::correct;
-use crate::train::run::{new_run_dir, MetricsLog};
-use crate::train::supervised::{self, build_backbone, build_context, EpochMetrics, TrainOptions, TrainSummary, INTERRUPTED};
+use crate::train::losses::cross_entropy;
+use crate::train::optim::{Optimizer, OptimizerConfig};
+use crate::train::run::{MetricsLog, new_run_dir};
+use crate::train::supervised::{
+    self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
+};
 use crate::{Cpu, CpuAutodiff};
 
 type Ad = CpuAutodiff;
@@ -63,7 +65,13 @@ pub struct StepReport {
 
 impl RnpLearner {
     /// A fresh router for `backbone` (which should already be reordered by filter norm).
-    pub fn new(backbone: AnyBackbone<Ad>, image_channels: usize, ctl: &ControllerConfig, cfg: &RlConfig, seed: u64) -> Self {
+    pub fn new(
+        backbone: AnyBackbone<Ad>,
+        image_channels: usize,
+        ctl: &ControllerConfig,
+        cfg: &RlConfig,
+        seed: u64,
+    ) -> Self {
         let device = Default::default();
         let in_ch = ChannelRouter::<Ad>::input_channels(image_channels, &backbone.prunable_convs());
         let router = ChannelRouter::new(ctl, &in_ch, cfg.baseline == "value", &device);
@@ -71,9 +79,25 @@ impl RnpLearner {
     }
 
     pub fn with_router(backbone: AnyBackbone<Ad>, router: ChannelRouter<Ad>, cfg: &RlConfig, seed: u64) -> Self {
-        let router_opt = Optimizer::new(OptimizerConfig::Adamw { lr: cfg.lr, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
-        let backbone_opt = Optimizer::new(OptimizerConfig::Sgd { lr: cfg.backbone_lr, momentum: 0.9, weight_decay: 5e-4, nesterov: false });
-        Self { backbone, router, cfg: cfg.clone(), seed, step: 0, router_opt, backbone_opt, pool: RolloutPool::new(cfg.workers), device: Default::default() }
+        let router_opt =
+            Optimizer::new(OptimizerConfig::Adamw { lr: cfg.lr, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
+        let backbone_opt = Optimizer::new(OptimizerConfig::Sgd {
+            lr: cfg.backbone_lr,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+        });
+        Self {
+            backbone,
+            router,
+            cfg: cfg.clone(),
+            seed,
+            step: 0,
+            router_opt,
+            backbone_opt,
+            pool: RolloutPool::new(cfg.workers),
+            device: Default::default(),
+        }
     }
 
     /// One router update on `batch` (rollouts on the workers), then, every
@@ -81,8 +105,18 @@ impl RnpLearner {
     pub fn step(&mut self, batch: &Batch, router_lr: f64, backbone_lr: f64) -> Result<StepReport> {
         let backbone_snap = self.backbone.valid();
         let router_snap = self.router.valid();
-        let traj = self.pool.run(&backbone_snap, &router_snap, &batch.images, batch.shape, &batch.labels, &self.cfg, self.seed, self.step)?;
-        let (router, stats) = learner_step(self.router.clone(), &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?;
+        let traj = self.pool.run(
+            &backbone_snap,
+            &router_snap,
+            &batch.images,
+            batch.shape,
+            &batch.labels,
+            &self.cfg,
+            self.seed,
+            self.step,
+        )?;
+        let (router, stats) =
+            learner_step(self.router.clone(), &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?;
         self.router = router;
         self.step += 1;
         let mut backbone_loss = None;
@@ -92,7 +126,8 @@ impl RnpLearner {
             // The policy runs on the inner backend through a thin adapter: sample actions
             // first, then replay them on the autodiff backbone.
             let mut rng = ChaCha8Rng::seed_from_u64(worker_seed(self.seed, self.step, usize::MAX >> 1));
-            let (_, trace) = backbone_snap.forward_controlled(x.clone().inner(), &mut policy, Mode::Sample, &mut rng)?;
+            let (_, trace) =
+                backbone_snap.forward_controlled(x.clone().inner(), &mut policy, Mode::Sample, &mut rng)?;
             let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
             let mut replay = Replay { actions, k: self.router.groups() };
             let (logits, _) = self.backbone.forward_controlled(x, &mut replay, Mode::Sample, &mut rng)?;
@@ -152,7 +187,11 @@ pub struct ControlledEval {
 }
 
 /// Runs the router greedily on every batch of `loader`.
-pub fn evaluate_controlled(backbone: &AnyBackbone<Cpu>, router: &ChannelRouter<Cpu>, loader: &Loader) -> Result<ControlledEval> {
+pub fn evaluate_controlled(
+    backbone: &AnyBackbone<Cpu>,
+    router: &ChannelRouter<Cpu>,
+    loader: &Loader,
+) -> Result<ControlledEval> {
     let device = Default::default();
     let k = router.groups();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -187,7 +226,11 @@ pub fn evaluate_controlled(backbone: &AnyBackbone<Cpu>, router: &ChannelRouter<C
     }
     let action_distribution = actions
         .iter()
-        .map(|acts| (1..=k).map(|a| acts.iter().filter(|&&x| x as usize == a).count() as f64 / acts.len().max(1) as f64).collect())
+        .map(|acts| {
+            (1..=k)
+                .map(|a| acts.iter().filter(|&&x| x as usize == a).count() as f64 / acts.len().max(1) as f64)
+                .collect()
+        })
         .collect();
     Ok(ControlledEval {
         images: n_seen,
@@ -201,7 +244,13 @@ pub fn evaluate_controlled(backbone: &AnyBackbone<Cpu>, router: &ChannelRouter<C
     })
 }
 
-fn save_weights(path: &Path, dict: &crate::nn::params::StateDict, arch: &str, epoch: usize, content: &str) -> Result<()> {
+fn save_weights(
+    path: &Path,
+    dict: &crate::nn::params::StateDict,
+    arch: &str,
+    epoch: usize,
+    content: &str,
+) -> Result<()> {
     let meta = BTreeMap::from([
         ("format".to_string(), checkpoint::FORMAT.to_string()),
         ("arch".to_string(), arch.to_string()),
@@ -250,7 +299,13 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
         let s = supervised::train_on::<Ad>(exp, layered, &sup, &device)?;
         if s.interrupted {
-            return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true });
+            return Ok(TrainSummary {
+                run_dir,
+                epochs_done: 0,
+                history: s.history,
+                best_top1: s.best_top1,
+                interrupted: true,
+            });
         }
         let model = build_backbone::<Ad>(exp, layered, &ctx, base, &device)?;
         let file = checkpoint::dir(&sub).join("last.safetensors");
@@ -337,8 +392,16 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         let secs = t0.elapsed().as_secs_f64();
         tracing::info!(
             "rl epoch {}/{}: reward {:.4} ± {:.4}, train flops {:.3}, entropy {:.3} | test top-1 {:.2}% at flops ratio {:.3} | {:.1}s ({:.0} img/s rollout+update)",
-            epoch + 1, rl.epochs, sum.reward_mean / c, sum.reward_std / c, sum.flops_ratio / c, sum.entropy / c,
-            100.0 * ev.top1, ev.flops_ratio, secs, rollout_images as f64 / rollout_secs.max(1e-9)
+            epoch + 1,
+            rl.epochs,
+            sum.reward_mean / c,
+            sum.reward_std / c,
+            sum.flops_ratio / c,
+            sum.entropy / c,
+            100.0 * ev.top1,
+            ev.flops_ratio,
+            secs,
+            rollout_images as f64 / rollout_secs.max(1e-9)
         );
         metrics.write(&json!({
             "rl_epoch": epoch + 1, "step": learner.step, "reward_mean": sum.reward_mean / c, "reward_std": sum.reward_std / c,
@@ -360,7 +423,8 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             tb.flush()?;
         }
         let ck = checkpoint::dir(&run_dir);
-        std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
+        std::fs::create_dir_all(&ck)
+            .with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
         let bb = state_dict(&learner.backbone.valid());
         let rt = state_dict(&learner.router.valid());
         save_weights(&ck.join("last.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;
@@ -434,7 +498,8 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     let mut nobase = exp.clone();
     nobase.backbone.weights = None;
     let model: AnyBackbone<Cpu> = build_backbone(&nobase, layered, &ctx, base, &device)?;
-    let backbone = load_strict(model, &checkpoint::read_model(&bfile, &exp.backbone.arch, None)?, &bfile.display().to_string())?;
+    let backbone =
+        load_strict(model, &checkpoint::read_model(&bfile, &exp.backbone.arch, None)?, &bfile.display().to_string())?;
     let in_ch = ChannelRouter::<Cpu>::input_channels(ctx.in_channels, &backbone.prunable_convs());
     let router = ChannelRouter::<Cpu>::new(&ctl, &in_ch, rl.baseline == "value", &device);
     let router = load_strict(router, &crate::import::read_safetensors(&rfile)?, &rfile.display().to_string())?;
@@ -446,7 +511,9 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     let first = test_loader.batch(0, 0)?;
     let per = first.shape[1] * first.shape[2] * first.shape[3];
     let make = |b: usize| {
-        let imgs: Vec<f32> = (0..b).flat_map(|i| first.images[(i % first.len()) * per..(i % first.len() + 1) * per].iter().copied()).collect();
+        let imgs: Vec<f32> = (0..b)
+            .flat_map(|i| first.images[(i % first.len()) * per..(i % first.len() + 1) * per].iter().copied())
+            .collect();
         Tensor::<Cpu, 4>::from_data(TensorData::new(imgs, [b, first.shape[1], first.shape[2], first.shape[3]]), &device)
     };
     let mut bench = serde_json::Map::new();
