@@ -32,6 +32,12 @@ pub struct Experiment {
     pub train: TrainConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// `[controller]`: the pruning agent (RNP's `"channel-router"`); absent = plain training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<crate::controllers::ControllerConfig>,
+    /// `[rl]`: how the controller is trained (defaults apply when `[controller]` is present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rl: Option<crate::rl::RlConfig>,
 }
 
 fn default_device() -> String {
@@ -282,7 +288,7 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
         if let Some(rest) = msg.strip_prefix("unknown field `")
             && let Some(name) = rest.split('`').next()
         {
-            {
+                // Through an `Option` the path already ends with the unknown key itself.
                 let key = if path.is_empty() || path == "." {
                     name.to_string()
                 } else if path == name || path.ends_with(&format!(".{name}")) {
@@ -290,8 +296,7 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
                 } else {
                     join(&path, name)
                 };
-                return anyhow!("{}: unknown key '{key}' ({msg})", layered.origin_of(&key));
-            }
+            return anyhow!("{}: unknown key '{key}' ({msg})", layered.origin_of(&key));
         }
         let shown = if path.is_empty() || path == "." { "(top level)".to_string() } else { path.clone() };
         anyhow!("{}: {shown}: {msg}", layered.origin_of(&path))
@@ -324,6 +329,19 @@ impl Experiment {
         }
         for (k, m) in self.train.validate() {
             problems.push((join("train", &k), m));
+        }
+        if let Some(c) = &self.controller {
+            for (k, m) in c.validate() {
+                problems.push((join("controller", &k), m));
+            }
+        }
+        if let Some(rl) = &self.rl {
+            if self.controller.is_none() {
+                problems.push(("rl".into(), "needs a [controller] section (e.g. kind = \"channel-router\")".into()));
+            }
+            for (k, m) in rl.validate() {
+                problems.push((join("rl", &k), m));
+            }
         }
         if self.log.every_steps == 0 {
             problems.push(("log.every_steps".into(), "must be > 0, got 0".into()));

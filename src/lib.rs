@@ -6,6 +6,7 @@
 
 pub mod backbones;
 pub mod cli;
+pub mod controllers;
 pub mod data;
 pub mod device;
 pub mod experiment;
@@ -14,6 +15,7 @@ pub mod import;
 pub mod logging;
 pub mod metrics;
 pub mod nn;
+pub mod rl;
 pub mod train;
 
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU

@@ -11,7 +11,10 @@ use burn::tensor::Tensor;
 use serde::Deserialize;
 
 use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::controllers::exec::{controlled_stack, reorder_stack_by_filter_norm};
+use crate::controllers::{Controller, Mode, Trace};
 use crate::ModelBackend;
+use rand_chacha::ChaCha8Rng;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,6 +98,23 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
             }
         }
         out
+    }
+
+    fn forward_controlled(
+        &self,
+        x: Tensor<B, 4>,
+        controller: &mut dyn Controller<B>,
+        mode: Mode,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Tensor<B, 2>, Trace<B>)> {
+        let pool = move |i: usize, x: Tensor<B, 4>| if Self::pools_after(i) { max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false) } else { x };
+        let (feats, trace) = controlled_stack(&self.features, &self.prunable_convs(), &pool, x, controller, mode, rng)?;
+        Ok((self.fc.forward(feats), trace))
+    }
+
+    fn reorder_by_filter_norm(&mut self) -> Result<()> {
+        reorder_stack_by_filter_norm(&mut self.features, &mut self.fc);
+        Ok(())
     }
 }
 

@@ -2,6 +2,10 @@
 //! registered by one line in the `registry!` invocation below, which generates the
 //! [`AnyBackbone`] enum that the trainers and the CLI work with.
 
+// `AnyBackbone` and the record type its `Module` derive generates hold whole models by value;
+// the variants' sizes differ by design (models are moved rarely).
+#![allow(clippy::large_enum_variant)]
+
 pub mod cnn;
 pub mod gfnet;
 pub mod hornet;
@@ -18,8 +22,10 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use crate::controllers::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use crate::metrics::flops::CostReport;
+use rand_chacha::ChaCha8Rng;
 
 /// What a backbone is built for: the dataset's classes and image shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +52,24 @@ pub trait Backbone<B: ModelBackend>: Module<B> {
     /// Convolutions whose output channels can be sliced at run time (RNP's decision points).
     fn prunable_convs(&self) -> Vec<PrunableConv> {
         Vec::new()
+    }
+
+    /// Runs the backbone under `controller`, which decides at every decision point how many
+    /// channel groups the layer computes. Families without decision points answer an error.
+    fn forward_controlled(
+        &self,
+        _x: Tensor<B, 4>,
+        _controller: &mut dyn Controller<B>,
+        _mode: Mode,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<(Tensor<B, 2>, Trace<B>)> {
+        anyhow::bail!("this backbone has no runtime decision points (controlled execution is implemented for small-cnn and vgg16-cifar)")
+    }
+
+    /// Permutes every prunable conv's output channels by filter L2 norm, largest first, without
+    /// changing the function the network computes. Families without support answer an error.
+    fn reorder_by_filter_norm(&mut self) -> Result<()> {
+        anyhow::bail!("channel reordering is not implemented for this backbone")
     }
 }
 
@@ -81,6 +105,18 @@ macro_rules! registry {
             }
             fn prunable_convs(&self) -> Vec<PrunableConv> {
                 match self { $(Self::$variant(m) => m.prunable_convs(),)+ }
+            }
+            fn forward_controlled(
+                &self,
+                x: Tensor<B, 4>,
+                controller: &mut dyn Controller<B>,
+                mode: Mode,
+                rng: &mut ChaCha8Rng,
+            ) -> Result<(Tensor<B, 2>, Trace<B>)> {
+                match self { $(Self::$variant(m) => m.forward_controlled(x, controller, mode, rng),)+ }
+            }
+            fn reorder_by_filter_norm(&mut self) -> Result<()> {
+                match self { $(Self::$variant(m) => m.reorder_by_filter_norm(),)+ }
             }
         }
 
@@ -205,6 +241,12 @@ macro_rules! registry {
             }
         }
     };
+}
+
+/// Permutes the output channels of every prunable conv by filter norm (see
+/// [`Backbone::reorder_by_filter_norm`]).
+pub fn reorder_by_filter_norm<B: ModelBackend, M: Backbone<B>>(model: &mut M) -> Result<()> {
+    model.reorder_by_filter_norm()
 }
 
 registry! {

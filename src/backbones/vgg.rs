@@ -12,7 +12,10 @@ use serde::Deserialize;
 
 use super::cnn::ConvBn;
 use super::{Backbone, BuildContext, Family, PrunableConv};
+use crate::controllers::exec::{controlled_stack, reorder_stack_by_filter_norm};
+use crate::controllers::{Controller, Mode, Trace};
 use crate::ModelBackend;
+use rand_chacha::ChaCha8Rng;
 use crate::nn::Linear;
 
 /// `0` marks a 2×2 max-pool.
@@ -85,6 +88,24 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
             }
         }
         out
+    }
+
+    fn forward_controlled(
+        &self,
+        x: Tensor<B, 4>,
+        controller: &mut dyn Controller<B>,
+        mode: Mode,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Tensor<B, 2>, Trace<B>)> {
+        let pool_after = self.pool_after.clone();
+        let pool = move |i: usize, x: Tensor<B, 4>| if pool_after.contains(&i) && x.dims()[2] >= 2 && x.dims()[3] >= 2 { max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false) } else { x };
+        let (feats, trace) = controlled_stack(&self.features, &self.prunable_convs(), &pool, x, controller, mode, rng)?;
+        Ok((self.classifier.forward(feats), trace))
+    }
+
+    fn reorder_by_filter_norm(&mut self) -> Result<()> {
+        reorder_stack_by_filter_norm(&mut self.features, &mut self.classifier);
+        Ok(())
     }
 }
 

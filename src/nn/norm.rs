@@ -87,6 +87,19 @@ impl<B: Backend> BatchNorm2d<B> {
         self.forward_channels(x, self.num_features())
     }
 
+    /// Like [`forward_channels`](Self::forward_channels) but always with the running
+    /// statistics (eval-mode normalisation; under autodiff the affine parameters still train).
+    pub fn forward_channels_frozen(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4> {
+        let full = self.num_features();
+        let pick = |t: Tensor<B, 1>| if c == full { t } else { t.slice(0..c) };
+        let device = x.device();
+        let mean = pick(self.running_mean.value().to_device(&device));
+        let var = pick(self.running_var.value().to_device(&device));
+        let scale = pick(self.weight.val()) / (var + self.eps).sqrt();
+        let shift = pick(self.bias.val()) - mean * scale.clone();
+        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+    }
+
     /// Normalises the first `c` channels only: with RNP's sliced convolutions the skipped
     /// channels were never computed.
     pub fn forward_channels(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4> {

@@ -84,12 +84,10 @@ pub fn read_model(path: &Path, arch: &str, epoch: Option<usize>) -> Result<State
     {
         bail!("{}: checkpoint is for architecture '{a}', but the experiment builds '{arch}'", path.display());
     }
-    if let (Some(want), Some(got)) = (epoch, meta.get("epoch")) {
-        {
-            if got != &want.to_string() {
-            bail!("{}: written at epoch {got} but state.json says epoch {want}: the run was interrupted while checkpointing; resume from the previous run or remove the checkpoint", path.display());
-            }
-        }
+    if let (Some(want), Some(got)) = (epoch, meta.get("epoch"))
+        && got != &want.to_string()
+    {
+        bail!("{}: written at epoch {got} but state.json says epoch {want}: the run was interrupted while checkpointing; resume from the previous run or remove the checkpoint", path.display());
     }
     read_safetensors(path)
 }

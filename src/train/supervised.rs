@@ -72,6 +72,12 @@ pub struct TrainSummary {
 }
 
 pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    if exp.controller.is_some() {
+        return match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
+            DeviceSpec::Cpu => crate::rl::train::train_rnp(exp, layered, opts),
+            DeviceSpec::Cuda(_n) => crate::device::cuda_unavailable(),
+        };
+    }
     match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
         DeviceSpec::Cpu => train_on::<crate::CpuAutodiff>(exp, layered, opts, &Default::default()),
         DeviceSpec::Cuda(_n) => crate::device::cuda_unavailable(),
@@ -224,7 +230,7 @@ where
             model = optim.step(model, grads, lr, scale);
             state.step += 1;
             bar.inc(1);
-            if state.step % exp.log.every_steps as u64 == 0
+            if state.step.is_multiple_of(exp.log.every_steps as u64)
                 && let Some(tb) = tb.as_mut()
             {
                 tb.scalar("train/loss", state.step as i64, loss_value)?;
@@ -351,6 +357,9 @@ pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[S
         }
         None => bail!("{}: an experiment file needs --checkpoint FILE (or pass a run directory)", target.display()),
     };
+    if exp.controller.is_some() && target.is_dir() && checkpoint_file.is_none() {
+        return crate::rl::train::eval_rnp_run(&exp, &layered, target, base);
+    }
     match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
         DeviceSpec::Cpu => eval_on::<crate::Cpu>(&exp, &layered, &weights, base, &Default::default(), target),
         DeviceSpec::Cuda(_) => crate::device::cuda_unavailable(),

@@ -1,0 +1,211 @@
+//! Controlled execution of a conv-BN-ReLU stack with real compute savings.
+//!
+//! Samples are carried as *parts*: the rows of the batch that share the previous layer's action,
+//! with exactly the channels that layer computed. At each decision layer every (previous action,
+//! new action) pair runs the conv with the weight slice `[0..c_out(new), 0..c_in(prev)]` on its
+//! rows only, and the results are regrouped by the new action. Skipped channels are never
+//! computed, and the MACs per image are counted from the shapes that actually ran.
+//!
+//! BatchNorm uses its running statistics in the controlled pass (also under autodiff: the
+//! backbone is fine-tuned with frozen BN statistics, since per-action sub-batches can be tiny).
+
+use anyhow::{Result, bail};
+use burn::module::Param;
+use burn::tensor::activation::relu;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand_chacha::ChaCha8Rng;
+
+use super::{Controller, DecisionPoint, Mode, Trace, TraceStep};
+use crate::ModelBackend;
+use crate::backbones::PrunableConv;
+use crate::backbones::cnn::ConvBn;
+use crate::nn::Linear;
+
+struct Part<B: burn::tensor::backend::Backend> {
+    /// Batch rows (original indices) held by this part, in tensor order.
+    rows: Vec<usize>,
+    x: Tensor<B, 4>,
+}
+
+fn index_tensor<B: burn::tensor::backend::Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [idx.len()]), device)
+}
+
+/// Global-average-pools every part into one `[N, c_full]` host-assembled tensor (zeros for
+/// channels a part did not compute), rows in original batch order.
+fn pooled_observation<B: ModelBackend>(
+    parts: &[Part<B>],
+    n: usize,
+    c_full: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>> {
+    let mut obs = vec![0f32; n * c_full];
+    for p in parts {
+        let [m, c, _, _] = p.x.dims();
+        let pooled = p.x.clone().detach().mean_dim(3).mean_dim(2).reshape([m, c]);
+        let data = pooled.into_data().convert::<f32>();
+        let vals = data.as_slice::<f32>().map_err(|e| anyhow::anyhow!("observation readback: {e:?}"))?;
+        for (j, &row) in p.rows.iter().enumerate() {
+            obs[row * c_full..row * c_full + c].copy_from_slice(&vals[j * c..(j + 1) * c]);
+        }
+    }
+    Ok(Tensor::from_data(TensorData::new(obs, [n, c_full]), device))
+}
+
+/// Runs `layers` under `ctl`: one decision per layer. `pool(i, x)` applies whatever follows
+/// layer `i` (max-pool or identity). Returns the final features global-average-pooled to
+/// `[N, C_last]` (skipped channels zero) and the trace.
+pub fn controlled_stack<B: ModelBackend>(
+    layers: &[ConvBn<B>],
+    points: &[PrunableConv],
+    pool: &dyn Fn(usize, Tensor<B, 4>) -> Tensor<B, 4>,
+    x: Tensor<B, 4>,
+    ctl: &mut dyn Controller<B>,
+    mode: Mode,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Tensor<B, 2>, Trace<B>)> {
+    if points.len() != layers.len() {
+        bail!("controlled forward: {} decision points for {} layers", points.len(), layers.len());
+    }
+    let device = x.device();
+    let [n, c0, _, _] = x.dims();
+    let k = ctl.groups();
+    ctl.reset(n);
+    let mut parts = vec![Part { rows: (0..n).collect(), x }];
+    let mut c_full_in = c0;
+    let mut steps = Vec::with_capacity(layers.len());
+    for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
+        let point = DecisionPoint {
+            index: t,
+            name: pc.name.clone(),
+            groups: k,
+            out_channels: pc.out_channels,
+            macs_full: pc.macs,
+        };
+        let observation = pooled_observation(&parts, n, c_full_in, &device)?;
+        let decision = ctl.decide(&point, observation.clone(), mode, rng)?;
+        if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
+            bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
+        }
+        let mut macs = vec![0u64; n];
+        // New parts keyed by action (index a-1): rows and tensors to concatenate.
+        let mut next: Vec<(Vec<usize>, Vec<Tensor<B, 4>>)> = (0..k).map(|_| (Vec::new(), Vec::new())).collect();
+        let kk = layer.conv.kernel_size() as u64;
+        for p in parts {
+            let c_in = p.x.dims()[1] as u64;
+            let m = p.rows.len();
+            for a in 1..=k {
+                let local: Vec<usize> = (0..m).filter(|&j| decision.actions[p.rows[j]] == a).collect();
+                if local.is_empty() {
+                    continue;
+                }
+                let xs = if local.len() == m {
+                    p.x.clone()
+                } else {
+                    p.x.clone().select(0, index_tensor::<B>(&local, &device))
+                };
+                let c_out = point.channels_for(a);
+                let y = layer.conv.forward_sliced(xs, c_out);
+                let [_, _, h, w] = y.dims();
+                let y = relu(layer.bn.forward_channels_frozen(y, c_out));
+                let cost = (h * w) as u64 * kk * kk * c_in * c_out as u64;
+                let slot = &mut next[a - 1];
+                for &j in &local {
+                    macs[p.rows[j]] = cost;
+                    slot.0.push(p.rows[j]);
+                }
+                slot.1.push(y);
+            }
+        }
+        parts = next
+            .into_iter()
+            .filter(|(rows, _)| !rows.is_empty())
+            .map(|(rows, ts)| Part {
+                rows,
+                x: pool(
+                    t,
+                    if ts.len() == 1 {
+                        ts.into_iter().next().unwrap_or_else(|| unreachable!())
+                    } else {
+                        Tensor::cat(ts, 0)
+                    },
+                ),
+            })
+            .collect();
+        steps.push(TraceStep { point, observation, actions: decision.actions, log_prob: decision.log_prob, macs });
+        c_full_in = pc.out_channels;
+    }
+    // Pool, zero-pad to the full width, restore the batch order.
+    let mut feats = Vec::with_capacity(parts.len());
+    let mut order = Vec::with_capacity(n);
+    for p in parts {
+        let [m, c, _, _] = p.x.dims();
+        let mut f = p.x.mean_dim(3).mean_dim(2).reshape([m, c]);
+        if c < c_full_in {
+            f = Tensor::cat(vec![f, Tensor::zeros([m, c_full_in - c], &device)], 1);
+        }
+        feats.push(f);
+        order.extend(p.rows);
+    }
+    let stacked = Tensor::cat(feats, 0);
+    let mut inverse = vec![0usize; n];
+    for (pos, &row) in order.iter().enumerate() {
+        inverse[row] = pos;
+    }
+    let identity = inverse.iter().enumerate().all(|(i, &p)| i == p);
+    let feats = if identity { stacked } else { stacked.select(0, index_tensor::<B>(&inverse, &device)) };
+    Ok((feats, Trace { steps }))
+}
+
+/// Permutes a 1-D tensor parameter.
+fn permute1<B: ModelBackend>(p: Param<burn::tensor::Tensor<B, 1>>, idx: &Tensor<B, 1, Int>) -> Param<Tensor<B, 1>> {
+    let idx = idx.clone();
+    p.map(|t| t.select(0, idx))
+}
+
+/// Reorders every layer's output channels by the L2 norm of its filters (largest first),
+/// permuting its BN and the next layer's input channels (or the classifier's inputs) to match:
+/// the network computes exactly the same function, and RNP's "first a groups" are the most
+/// important filters.
+pub fn reorder_stack_by_filter_norm<B: ModelBackend>(layers: &mut [ConvBn<B>], head: &mut Linear<B>) {
+    for i in 0..layers.len() {
+        let w = layers[i].conv.weight.val();
+        let [o, _, _, _] = w.dims();
+        let norms = w.powf_scalar(2.0).reshape([o as i32, -1]).sum_dim(1).reshape([o]);
+        let vals: Vec<f32> = norms.into_data().convert::<f32>().to_vec().unwrap_or_default();
+        let mut perm: Vec<usize> = (0..o).collect();
+        perm.sort_by(|&a, &b| vals[b].partial_cmp(&vals[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+        let device = layers[i].conv.weight.device();
+        let idx = index_tensor::<B>(&perm, &device);
+        let l = &mut layers[i];
+        let conv_w = std::mem::replace(&mut l.conv.weight, Param::from_tensor(Tensor::zeros([1, 1, 1, 1], &device)));
+        l.conv.weight = {
+            let idx = idx.clone();
+            conv_w.map(|t| t.select(0, idx))
+        };
+        if let Some(b) = l.conv.bias.take() {
+            l.conv.bias = Some(permute1(b, &idx));
+        }
+        let bn = &mut l.bn;
+        let dummy = || Param::from_tensor(Tensor::zeros([1], &device));
+        bn.weight = permute1(std::mem::replace(&mut bn.weight, dummy()), &idx);
+        bn.bias = permute1(std::mem::replace(&mut bn.bias, dummy()), &idx);
+        bn.running_mean = burn::module::RunningState::new(bn.running_mean.value().select(0, idx.clone()));
+        bn.running_var = burn::module::RunningState::new(bn.running_var.value().select(0, idx.clone()));
+        if i + 1 < layers.len() {
+            let next = &mut layers[i + 1].conv;
+            let w = std::mem::replace(&mut next.weight, Param::from_tensor(Tensor::zeros([1, 1, 1, 1], &device)));
+            next.weight = {
+                let idx = idx.clone();
+                w.map(|t| t.select(1, idx))
+            };
+        } else {
+            let w = std::mem::replace(&mut head.weight, Param::from_tensor(Tensor::zeros([1, 1], &device)));
+            head.weight = {
+                let idx = idx.clone();
+                w.map(|t| t.select(1, idx))
+            };
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Parallel rollout workers (actor–learner). Each worker thread receives a policy snapshot
+//! (the router on the inner backend) and a read-only backbone snapshot with its share of the
+//! batch, samples actions with its own RNG seeded from (seed, step, worker id), computes the
+//! rewards, and sends the trajectory back over a crossbeam channel. `workers = 1` runs the same
+//! algorithm; the same seed and worker count give identical rollouts.
+
+use std::thread::JoinHandle;
+
+use anyhow::{Result, anyhow};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::RlConfig;
+use super::reinforce::UpdateStats;
+use super::reward;
+use crate::Cpu;
+use crate::backbones::{AnyBackbone, Backbone};
+use crate::controllers::Mode;
+use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
+
+/// A batch of episodes: per decision the observations and actions, per image the rewards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trajectory {
+    /// Number of images.
+    pub n: usize,
+    /// Per decision: observations `[n * C_t]` row-major and `C_t`.
+    pub observations: Vec<(Vec<f32>, usize)>,
+    /// Per decision, per image: groups computed (1..=k).
+    pub actions: Vec<Vec<usize>>,
+    /// Per decision, per image.
+    pub rewards: Vec<Vec<f32>>,
+    /// Per image: the final accuracy term and whether top-1 was right.
+    pub accuracy_term: Vec<f32>,
+    pub correct: Vec<bool>,
+    /// Per decision, per image: MACs spent.
+    pub macs: Vec<Vec<u64>>,
+    /// Per decision: MACs of the full layer.
+    pub macs_full: Vec<u64>,
+    /// Self-critical baseline: the greedy rollout's returns-to-go `[T][n]`.
+    pub greedy_returns: Option<Vec<Vec<f32>>>,
+    pub groups: usize,
+}
+
+impl Trajectory {
+    /// Concatenates per-worker trajectories (in worker order) along the images.
+    pub fn concat(parts: Vec<Trajectory>) -> Result<Trajectory> {
+        let mut it = parts.into_iter();
+        let mut acc = it.next().ok_or_else(|| anyhow!("no trajectories to merge"))?;
+        for p in it {
+            if p.actions.len() != acc.actions.len() {
+                return Err(anyhow!("trajectories of different lengths"));
+            }
+            acc.n += p.n;
+            for (a, b) in acc.observations.iter_mut().zip(p.observations) {
+                a.0.extend(b.0);
+            }
+            for (a, b) in acc.actions.iter_mut().zip(p.actions) {
+                a.extend(b);
+            }
+            for (a, b) in acc.rewards.iter_mut().zip(p.rewards) {
+                a.extend(b);
+            }
+            for (a, b) in acc.macs.iter_mut().zip(p.macs) {
+                a.extend(b);
+            }
+            acc.accuracy_term.extend(p.accuracy_term);
+            acc.correct.extend(p.correct);
+            acc.greedy_returns = match (acc.greedy_returns.take(), p.greedy_returns) {
+                (Some(mut a), Some(b)) => {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        x.extend(y);
+                    }
+                    Some(a)
+                }
+                _ => None,
+            };
+        }
+        Ok(acc)
+    }
+
+    /// Episode returns per image.
+    pub fn episode_returns(&self) -> Vec<f32> {
+        (0..self.n).map(|i| self.rewards.iter().map(|r| r[i]).sum()).collect()
+    }
+
+    /// Reward, accuracy and FLOPs statistics (the learner adds entropy and losses).
+    pub fn stats(&self) -> UpdateStats {
+        let r = self.episode_returns();
+        let n = r.len().max(1) as f64;
+        let mean = r.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = r.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let spent: u64 = self.macs.iter().flatten().sum();
+        let full: u64 = self.macs_full.iter().sum::<u64>() * self.n as u64;
+        UpdateStats {
+            reward_mean: mean,
+            reward_std: var.sqrt(),
+            accuracy_term: self.accuracy_term.iter().map(|&x| x as f64).sum::<f64>() / n,
+            top1: self.correct.iter().filter(|&&c| c).count() as f64 / n,
+            flops_ratio: spent as f64 / full.max(1) as f64,
+            ..Default::default()
+        }
+    }
+}
+
+/// Per-worker RNG seed: a pure function of (seed, step, worker).
+pub fn worker_seed(seed: u64, step: u64, worker: usize) -> u64 {
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (worker as u64 + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 30)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Runs episodes for `images [n, C, H, W]` (row-major) with `labels`.
+pub fn rollout_shard(
+    backbone: &AnyBackbone<Cpu>,
+    router: &ChannelRouter<Cpu>,
+    images: Vec<f32>,
+    shape: [usize; 4],
+    labels: Vec<i64>,
+    cfg: &RlConfig,
+    rng_seed: u64,
+) -> Result<Trajectory> {
+    let device = Default::default();
+    let n = shape[0];
+    let x = Tensor::<Cpu, 4>::from_data(TensorData::new(images, shape), &device);
+    let y = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
+    let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
+    let k = router.groups();
+    #[allow(clippy::type_complexity)]
+    let episode =
+        |mode: Mode,
+         rng: &mut ChaCha8Rng|
+         -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, crate::controllers::Trace<Cpu>)> {
+            let mut policy = RouterPolicy::new(router.clone());
+            let (logits, trace) = backbone.forward_controlled(x.clone(), &mut policy, mode, rng)?;
+            let ce: Vec<f32> = log_softmax(logits.clone(), 1)
+                .gather(1, y.clone().reshape([n, 1]))
+                .reshape([n])
+                .neg()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| anyhow!("{e:?}"))?;
+            let pred: Vec<i64> =
+                logits.argmax(1).reshape([n]).into_data().convert::<i64>().to_vec().map_err(|e| anyhow!("{e:?}"))?;
+            let correct: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
+            let acc: Vec<f32> = ce.iter().zip(&correct).map(|(&c, &ok)| reward::accuracy_term(cfg, c, ok)).collect();
+            let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
+            let rewards = reward::rewards(&actions, k, cfg.compute_penalty, &acc);
+            Ok((actions, rewards, acc, correct, trace))
+        };
+    let (actions, rewards, accuracy_term, correct, trace) = episode(Mode::Sample, &mut rng)?;
+    let greedy_returns = if cfg.baseline == "self-critical" {
+        let (_, r, _, _, _) = episode(Mode::Greedy, &mut rng)?;
+        Some(reward::returns_to_go(&r))
+    } else {
+        None
+    };
+    let mut observations = Vec::with_capacity(trace.steps.len());
+    for s in &trace.steps {
+        let c = s.observation.dims()[1];
+        let v: Vec<f32> = s.observation.clone().into_data().convert::<f32>().to_vec().map_err(|e| anyhow!("{e:?}"))?;
+        observations.push((v, c));
+    }
+    Ok(Trajectory {
+        n,
+        observations,
+        actions,
+        rewards,
+        accuracy_term,
+        correct,
+        macs: trace.steps.iter().map(|s| s.macs.clone()).collect(),
+        macs_full: trace.steps.iter().map(|s| s.point.macs_full).collect(),
+        greedy_returns,
+        groups: k,
+    })
+}
+
+struct Job {
+    worker: usize,
+    backbone: AnyBackbone<Cpu>,
+    router: ChannelRouter<Cpu>,
+    images: Vec<f32>,
+    shape: [usize; 4],
+    labels: Vec<i64>,
+    cfg: RlConfig,
+    seed: u64,
+}
+
+type JobResult = (usize, Result<Trajectory>);
+
+/// A fixed set of rollout threads.
+pub struct RolloutPool {
+    jobs: Vec<Sender<Job>>,
+    results: Receiver<JobResult>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl RolloutPool {
+    pub fn new(workers: usize) -> Self {
+        let (res_tx, results) = unbounded::<JobResult>();
+        let mut jobs = Vec::new();
+        let mut handles = Vec::new();
+        for w in 0..workers.max(1) {
+            let (tx, rx) = unbounded::<Job>();
+            let res_tx = res_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("rollout-{w}"))
+                .spawn(move || {
+                    for job in rx.iter() {
+                        let out = rollout_shard(
+                            &job.backbone,
+                            &job.router,
+                            job.images,
+                            job.shape,
+                            job.labels,
+                            &job.cfg,
+                            job.seed,
+                        );
+                        if res_tx.send((job.worker, out)).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .unwrap_or_else(|e| panic!("cannot spawn rollout thread: {e}"));
+            jobs.push(tx);
+            handles.push(handle);
+        }
+        Self { jobs, results, handles }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Splits the batch into contiguous shares, one per worker, runs them with the given
+    /// snapshots, and merges the trajectories in worker order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        backbone: &AnyBackbone<Cpu>,
+        router: &ChannelRouter<Cpu>,
+        images: &[f32],
+        shape: [usize; 4],
+        labels: &[i64],
+        cfg: &RlConfig,
+        seed: u64,
+        step: u64,
+    ) -> Result<Trajectory> {
+        let n = shape[0];
+        let per = shape[1] * shape[2] * shape[3];
+        let w = self.workers().min(n.max(1));
+        for (wid, tx) in self.jobs.iter().enumerate().take(w) {
+            let (a, b) = (wid * n / w, (wid + 1) * n / w);
+            let job = Job {
+                worker: wid,
+                backbone: backbone.clone(),
+                router: router.clone(),
+                images: images[a * per..b * per].to_vec(),
+                shape: [b - a, shape[1], shape[2], shape[3]],
+                labels: labels[a..b].to_vec(),
+                cfg: cfg.clone(),
+                seed: worker_seed(seed, step, wid),
+            };
+            tx.send(job).map_err(|_| anyhow!("rollout worker {wid} has stopped"))?;
+        }
+        let mut parts: Vec<Option<Trajectory>> = (0..w).map(|_| None).collect();
+        for _ in 0..w {
+            let (wid, r) = self.results.recv().map_err(|_| anyhow!("rollout workers have stopped"))?;
+            parts[wid] = Some(r.map_err(|e| e.context(format!("rollout worker {wid}")))?);
+        }
+        Trajectory::concat(parts.into_iter().flatten().collect())
+    }
+}
+
+impl Drop for RolloutPool {
+    fn drop(&mut self) {
+        self.jobs.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! RNP training: the learner that alternates router updates (REINFORCE on parallel rollouts)
+//! with backbone fine-tuning under sampled policies, and the `rlprune train` pipeline for
+//! experiments with `[controller] kind = "channel-router"`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::ElementConversion;
+use burn::tensor::{Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::RlConfig;
+use super::reinforce::{UpdateStats, learner_step};
+use super::rollout::{RolloutPool, Trajectory, worker_seed};
+use crate::backbones::{AnyBackbone, Backbone};
+use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
+use crate::controllers::{ControllerConfig, Mode};
+use crate::data::Batch;
+use crate::data::{self, Loader};
+use crate::experiment::{Experiment, Layered};
+use crate::logging::progress;
+use crate::logging::tensorboard::{EventWriter, HParamValue};
+use crate::nn::params::{load_strict, state_dict};
+use crate::train::checkpoint;
+use crate::train::losses::correct;
+use crate::train::losses::cross_entropy;
+use crate::train::optim::{Optimizer, OptimizerConfig};
+use crate::train::run::{MetricsLog, new_run_dir};
+use crate::train::supervised::{
+    self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
+};
+use crate::{Cpu, CpuAutodiff};
+
+type Ad = CpuAutodiff;
+
+/// Backbone + router + their optimizers + the rollout pool.
+pub struct RnpLearner {
+    pub backbone: AnyBackbone<Ad>,
+    pub router: ChannelRouter<Ad>,
+    pub cfg: RlConfig,
+    pub seed: u64,
+    /// Router updates done.
+    pub step: u64,
+    router_opt: Optimizer<Ad>,
+    backbone_opt: Optimizer<Ad>,
+    pool: RolloutPool,
+    device: burn::tensor::Device<Ad>,
+}
+
+/// What one learner step did.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub stats: UpdateStats,
+    pub trajectory: Trajectory,
+    /// Cross-entropy of the backbone fine-tuning step, if one ran.
+    pub backbone_loss: Option<f64>,
+}
+
+impl RnpLearner {
+    /// A fresh router for `backbone` (which should already be reordered by filter norm).
+    pub fn new(
+        backbone: AnyBackbone<Ad>,
+        image_channels: usize,
+        ctl: &ControllerConfig,
+        cfg: &RlConfig,
+        seed: u64,
+    ) -> Self {
+        let device = Default::default();
+        let in_ch = ChannelRouter::<Ad>::input_channels(image_channels, &backbone.prunable_convs());
+        let router = ChannelRouter::new(ctl, &in_ch, cfg.baseline == "value", &device);
+        Self::with_router(backbone, router, cfg, seed)
+    }
+
+    pub fn with_router(backbone: AnyBackbone<Ad>, router: ChannelRouter<Ad>, cfg: &RlConfig, seed: u64) -> Self {
+        let router_opt =
+            Optimizer::new(OptimizerConfig::Adamw { lr: cfg.lr, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
+        let backbone_opt = Optimizer::new(OptimizerConfig::Sgd {
+            lr: cfg.backbone_lr,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+        });
+        Self {
+            backbone,
+            router,
+            cfg: cfg.clone(),
+            seed,
+            step: 0,
+            router_opt,
+            backbone_opt,
+            pool: RolloutPool::new(cfg.workers),
+            device: Default::default(),
+        }
+    }
+
+    /// One router update on `batch` (rollouts on the workers), then, every
+    /// `alternate_every` updates, one backbone fine-tuning step under sampled policies.
+    pub fn step(&mut self, batch: &Batch, router_lr: f64, backbone_lr: f64) -> Result<StepReport> {
+        let backbone_snap = self.backbone.valid();
+        let router_snap = self.router.valid();
+        let traj = self.pool.run(
+            &backbone_snap,
+            &router_snap,
+            &batch.images,
+            batch.shape,
+            &batch.labels,
+            &self.cfg,
+            self.seed,
+            self.step,
+        )?;
+        let (router, stats) =
+            learner_step(self.router.clone(), &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?;
+        self.router = router;
+        self.step += 1;
+        let mut backbone_loss = None;
+        if self.cfg.alternate_every > 0 && self.step.is_multiple_of(self.cfg.alternate_every as u64) {
+            let (x, y) = batch.to_tensors::<Ad>(&self.device);
+            let mut policy = RouterPolicy::new(self.router.valid());
+            // The policy runs on the inner backend through a thin adapter: sample actions
+            // first, then replay them on the autodiff backbone.
+            let mut rng = ChaCha8Rng::seed_from_u64(worker_seed(self.seed, self.step, usize::MAX >> 1));
+            let (_, trace) =
+                backbone_snap.forward_controlled(x.clone().inner(), &mut policy, Mode::Sample, &mut rng)?;
+            let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
+            let mut replay = Replay { actions, k: self.router.groups() };
+            let (logits, _) = self.backbone.forward_controlled(x, &mut replay, Mode::Sample, &mut rng)?;
+            let loss = cross_entropy(logits, y, 0.0);
+            backbone_loss = Some(loss.clone().into_scalar().elem::<f64>());
+            let grads = GradientsParams::from_grads(loss.backward(), &self.backbone);
+            self.backbone = self.backbone_opt.step(self.backbone.clone(), grads, backbone_lr, 1.0);
+        }
+        Ok(StepReport { stats, trajectory: traj, backbone_loss })
+    }
+}
+
+/// Replays given actions (used to fine-tune the backbone under actions sampled elsewhere).
+pub struct Replay {
+    pub actions: Vec<Vec<usize>>,
+    pub k: usize,
+}
+
+impl<B: burn::tensor::backend::Backend> crate::controllers::Controller<B> for Replay {
+    fn groups(&self) -> usize {
+        self.k
+    }
+    fn reset(&mut self, _batch: usize) {}
+    fn decide(
+        &mut self,
+        point: &crate::controllers::DecisionPoint,
+        observation: burn::tensor::Tensor<B, 2>,
+        _mode: Mode,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<crate::controllers::Decision<B>> {
+        let n = observation.dims()[0];
+        let actions = self
+            .actions
+            .get(point.index)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("replay has no actions for decision {}", point.index))?;
+        let z = burn::tensor::Tensor::zeros([n], &observation.device());
+        Ok(crate::controllers::Decision { actions, log_prob: z.clone(), entropy: z })
+    }
+}
+
+/// Greedy evaluation of a routed backbone on a loader's split.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ControlledEval {
+    pub images: usize,
+    pub top1: f64,
+    pub loss: f64,
+    /// Decision-layer MACs spent / full, over the split.
+    pub flops_ratio: f64,
+    pub layers: Vec<String>,
+    pub layer_flops_ratio: Vec<f64>,
+    /// Per layer, the fraction of images choosing 1..=k groups.
+    pub action_distribution: Vec<Vec<f64>>,
+    /// Per layer, every image's action (for histograms).
+    #[serde(skip)]
+    pub actions: Vec<Vec<f64>>,
+}
+
+/// Runs the router greedily on every batch of `loader`.
+pub fn evaluate_controlled(
+    backbone: &AnyBackbone<Cpu>,
+    router: &ChannelRouter<Cpu>,
+    loader: &Loader,
+) -> Result<ControlledEval> {
+    let device = Default::default();
+    let k = router.groups();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (mut n_seen, mut n_correct, mut loss_sum) = (0usize, 0usize, 0.0f64);
+    let mut spent: Vec<u64> = Vec::new();
+    let mut full: Vec<u64> = Vec::new();
+    let mut layers = Vec::new();
+    let mut actions: Vec<Vec<f64>> = Vec::new();
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let (x, y) = batch.to_tensors::<Cpu>(&device);
+        let n = batch.len();
+        let mut policy = RouterPolicy::new(router.clone());
+        let (logits, trace) = backbone.forward_controlled(x, &mut policy, Mode::Greedy, &mut rng)?;
+        loss_sum += cross_entropy(logits.clone(), y.clone(), 0.0).into_scalar().elem::<f64>() * n as f64;
+        n_correct += correct(logits, y);
+        n_seen += n;
+        if spent.is_empty() {
+            spent = vec![0; trace.steps.len()];
+            full = vec![0; trace.steps.len()];
+            actions = vec![Vec::new(); trace.steps.len()];
+            layers = trace.steps.iter().map(|s| s.point.name.clone()).collect();
+        }
+        for (t, s) in trace.steps.iter().enumerate() {
+            spent[t] += s.macs.iter().sum::<u64>();
+            full[t] += s.point.macs_full * n as u64;
+            actions[t].extend(s.actions.iter().map(|&a| a as f64));
+        }
+    }
+    if n_seen == 0 {
+        bail!("the evaluation split is empty");
+    }
+    let action_distribution = actions
+        .iter()
+        .map(|acts| {
+            (1..=k)
+                .map(|a| acts.iter().filter(|&&x| x as usize == a).count() as f64 / acts.len().max(1) as f64)
+                .collect()
+        })
+        .collect();
+    Ok(ControlledEval {
+        images: n_seen,
+        top1: n_correct as f64 / n_seen as f64,
+        loss: loss_sum / n_seen as f64,
+        flops_ratio: spent.iter().sum::<u64>() as f64 / full.iter().sum::<u64>().max(1) as f64,
+        layers,
+        layer_flops_ratio: spent.iter().zip(&full).map(|(&s, &f)| s as f64 / f.max(1) as f64).collect(),
+        action_distribution,
+        actions,
+    })
+}
+
+fn save_weights(
+    path: &Path,
+    dict: &crate::nn::params::StateDict,
+    arch: &str,
+    epoch: usize,
+    content: &str,
+) -> Result<()> {
+    let meta = BTreeMap::from([
+        ("format".to_string(), checkpoint::FORMAT.to_string()),
+        ("arch".to_string(), arch.to_string()),
+        ("epoch".to_string(), epoch.to_string()),
+        ("content".to_string(), content.to_string()),
+    ]);
+    crate::import::write_safetensors(path, dict, &meta)
+}
+
+/// `rlprune train` for an experiment with `[controller] kind = "channel-router"`: supervised
+/// backbone training (unless `[backbone] weights` is given) into `<run>/backbone/`, channel
+/// reordering by filter norm, then `rl.epochs` of router training alternating with backbone
+/// fine-tuning. Writes `checkpoints/{last,best}.safetensors` (backbone),
+/// `checkpoints/router{,_best}.safetensors`, `metrics.jsonl` and TensorBoard events.
+pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    if opts.resume.is_some() {
+        bail!("--resume is not supported yet for runs with a [controller] section");
+    }
+    let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_rnp needs a [controller] section"))?;
+    let rl = exp.rl.clone().unwrap_or_default();
+    let base = &opts.base_dir;
+    let run_dir = match &opts.out {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
+            d.clone()
+        }
+        None => new_run_dir(&base.join(&exp.log.dir), &exp.name)?,
+    };
+    let splits = data::open(&exp.data, base)?;
+    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    if train_loader.num_batches() == 0 {
+        bail!("{}: the training split has no full batch (data.batch_size too large?)", splits.train.describe());
+    }
+    let ctx = build_context(splits.train.as_ref(), &train_loader);
+    let device: burn::tensor::Device<Ad> = Default::default();
+    let t_start = Instant::now();
+
+    // 1. The backbone.
+    let mut backbone: AnyBackbone<Ad> = if exp.backbone.weights.is_some() {
+        <Ad as burn::tensor::backend::Backend>::seed(&device, exp.seed);
+        build_backbone(exp, layered, &ctx, base, &device)?
+    } else {
+        let sub = run_dir.join("backbone");
+        tracing::info!("phase 1: supervised backbone training for {} epochs into {}", exp.train.epochs, sub.display());
+        let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
+        let s = supervised::train_on::<Ad>(exp, layered, &sup, &device)?;
+        if s.interrupted {
+            return Ok(TrainSummary {
+                run_dir,
+                epochs_done: 0,
+                history: s.history,
+                best_top1: s.best_top1,
+                interrupted: true,
+            });
+        }
+        let model = build_backbone::<Ad>(exp, layered, &ctx, base, &device)?;
+        let file = checkpoint::dir(&sub).join("last.safetensors");
+        load_strict(model, &checkpoint::read_model(&file, &exp.backbone.arch, None)?, &file.display().to_string())?
+    };
+    let backbone_seconds = t_start.elapsed().as_secs_f64();
+    crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
+    let config_toml = exp.to_toml()?;
+    crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+    let mut metrics = MetricsLog::open(&run_dir)?;
+    let mut tb = if exp.log.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
+    if let Some(tb) = tb.as_mut() {
+        tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
+    }
+
+    // 2. Reorder channels by filter norm (function-preserving).
+    let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), &test_loader, &Default::default())?;
+    backbone.reorder_by_filter_norm()?;
+    tracing::info!("phase 2: channels reordered by filter norm; unpruned test top-1 {:.2}%", 100.0 * unpruned_top1);
+
+    // 3. Router training, alternating with backbone fine-tuning.
+    let mut learner = RnpLearner::new(backbone, ctx.in_channels, &ctl, &rl, exp.seed);
+    let steps_per_epoch = train_loader.num_batches();
+    let mut history = Vec::new();
+    let mut best = f64::NEG_INFINITY;
+    let mut interrupted = false;
+    let mut last_eval = None;
+    for epoch in 0..rl.epochs {
+        let t0 = Instant::now();
+        let bar = progress::bar(steps_per_epoch as u64, &format!("rl epoch {}/{}", epoch + 1, rl.epochs));
+        let (mut sum, mut count) = (UpdateStats::default(), 0usize);
+        let mut rollout_images = 0usize;
+        let mut rollout_secs = 0.0;
+        for batch in train_loader.epoch(exp.train.epochs + epoch) {
+            let batch = batch?;
+            let ts = Instant::now();
+            let rep = learner.step(&batch, rl.lr, rl.backbone_lr)?;
+            rollout_secs += ts.elapsed().as_secs_f64();
+            rollout_images += batch.len();
+            let s = &rep.stats;
+            for (a, b) in [
+                (&mut sum.reward_mean, s.reward_mean),
+                (&mut sum.reward_std, s.reward_std),
+                (&mut sum.accuracy_term, s.accuracy_term),
+                (&mut sum.top1, s.top1),
+                (&mut sum.flops_ratio, s.flops_ratio),
+                (&mut sum.entropy, s.entropy),
+                (&mut sum.value_loss, s.value_loss),
+            ] {
+                *a += b;
+            }
+            count += 1;
+            bar.inc(1);
+            let step = learner.step as i64;
+            if learner.step.is_multiple_of(exp.log.every_steps as u64)
+                && let Some(tb) = tb.as_mut()
+            {
+                {
+                    tb.scalar("rl/reward_mean", step, s.reward_mean)?;
+                    tb.scalar("rl/reward_std", step, s.reward_std)?;
+                    tb.scalar("rl/accuracy_term", step, s.accuracy_term)?;
+                    tb.scalar("rl/flops_ratio", step, s.flops_ratio)?;
+                    tb.scalar("rl/entropy", step, s.entropy)?;
+                    tb.scalar("rl/value_loss", step, s.value_loss)?;
+                    tb.scalar("rl/train_top1", step, s.top1)?;
+                    tb.scalar("rl/lr", step, rl.lr)?;
+                    tb.scalar("rl/backbone_lr", step, rl.backbone_lr)?;
+                    if let Some(l) = rep.backbone_loss {
+                        tb.scalar("rl/backbone_loss", step, l)?;
+                    }
+                }
+            }
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        if interrupted {
+            break;
+        }
+        let c = count.max(1) as f64;
+        let ev = evaluate_controlled(&learner.backbone.valid(), &learner.router.valid(), &test_loader)?;
+        let secs = t0.elapsed().as_secs_f64();
+        tracing::info!(
+            "rl epoch {}/{}: reward {:.4} ± {:.4}, train flops {:.3}, entropy {:.3} | test top-1 {:.2}% at flops ratio {:.3} | {:.1}s ({:.0} img/s rollout+update)",
+            epoch + 1,
+            rl.epochs,
+            sum.reward_mean / c,
+            sum.reward_std / c,
+            sum.flops_ratio / c,
+            sum.entropy / c,
+            100.0 * ev.top1,
+            ev.flops_ratio,
+            secs,
+            rollout_images as f64 / rollout_secs.max(1e-9)
+        );
+        metrics.write(&json!({
+            "rl_epoch": epoch + 1, "step": learner.step, "reward_mean": sum.reward_mean / c, "reward_std": sum.reward_std / c,
+            "accuracy_term": sum.accuracy_term / c, "train_flops_ratio": sum.flops_ratio / c, "entropy": sum.entropy / c,
+            "value_loss": sum.value_loss / c, "train_top1": sum.top1 / c, "test_top1": ev.top1, "test_loss": ev.loss,
+            "test_flops_ratio": ev.flops_ratio, "layer_flops_ratio": ev.layer_flops_ratio,
+            "action_distribution": ev.action_distribution, "seconds": secs,
+            "rollout_images_per_s": rollout_images as f64 / rollout_secs.max(1e-9), "workers": rl.workers,
+        }))?;
+        if let Some(tb) = tb.as_mut() {
+            let step = learner.step as i64;
+            tb.scalar("test/top1", step, ev.top1)?;
+            tb.scalar("test/loss", step, ev.loss)?;
+            tb.scalar("test/flops_ratio", step, ev.flops_ratio)?;
+            for (t, acts) in ev.actions.iter().enumerate() {
+                tb.histogram(&format!("rl/actions/layer{t}"), step, acts)?;
+                tb.scalar(&format!("test/flops_ratio/layer{t}"), step, ev.layer_flops_ratio[t])?;
+            }
+            tb.flush()?;
+        }
+        let ck = checkpoint::dir(&run_dir);
+        std::fs::create_dir_all(&ck)
+            .with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
+        let bb = state_dict(&learner.backbone.valid());
+        let rt = state_dict(&learner.router.valid());
+        save_weights(&ck.join("last.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;
+        save_weights(&ck.join("router.safetensors"), &rt, "channel-router", epoch + 1, "router")?;
+        if ev.top1 > best {
+            best = ev.top1;
+            save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;
+            save_weights(&ck.join("router_best.safetensors"), &rt, "channel-router", epoch + 1, "router")?;
+        }
+        history.push(EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: -sum.reward_mean / c,
+            train_top1: sum.top1 / c,
+            test_loss: ev.loss,
+            test_top1: ev.top1,
+            lr: rl.lr,
+            seconds: secs,
+        });
+        last_eval = Some(ev);
+    }
+    if let (Some(tb), Some(ev), false) = (tb.as_mut(), &last_eval, interrupted) {
+        let hp = vec![
+            ("arch".to_string(), HParamValue::Text(exp.backbone.arch.clone())),
+            ("controller".to_string(), HParamValue::Text(ctl.kind.clone())),
+            ("groups".to_string(), HParamValue::Number(ctl.groups as f64)),
+            ("hidden".to_string(), HParamValue::Number(ctl.hidden as f64)),
+            ("compute_penalty".to_string(), HParamValue::Number(rl.compute_penalty)),
+            ("accuracy_reward".to_string(), HParamValue::Text(rl.accuracy_reward.clone())),
+            ("baseline".to_string(), HParamValue::Text(rl.baseline.clone())),
+            ("lr".to_string(), HParamValue::Number(rl.lr)),
+            ("workers".to_string(), HParamValue::Number(rl.workers as f64)),
+            ("seed".to_string(), HParamValue::Number(exp.seed as f64)),
+        ];
+        let finals = vec![
+            ("hparams/test_top1".to_string(), ev.top1),
+            ("hparams/flops_ratio".to_string(), ev.flops_ratio),
+            ("hparams/unpruned_top1".to_string(), unpruned_top1),
+        ];
+        tb.hparams(&hp, &finals, learner.step as i64)?;
+        tb.flush()?;
+    }
+    tracing::info!("done in {:.1}s (backbone phase {:.1}s)", t_start.elapsed().as_secs_f64(), backbone_seconds);
+    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted })
+}
+
+fn time_per_call(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// `rlprune eval RUN_DIR` for an RNP run: greedy top-1, mean and per-layer FLOPs ratio, the
+/// action distribution per layer, and measured latency / throughput at batch 1 and 64 of the
+/// routed backbone against the same backbone unpruned.
+pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &Path) -> Result<serde_json::Value> {
+    let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("eval_rnp_run needs a [controller] section"))?;
+    let rl = exp.rl.clone().unwrap_or_default();
+    let ck = checkpoint::dir(run_dir);
+    let (bfile, rfile) = if ck.join("best.safetensors").is_file() && ck.join("router_best.safetensors").is_file() {
+        (ck.join("best.safetensors"), ck.join("router_best.safetensors"))
+    } else {
+        (ck.join("last.safetensors"), ck.join("router.safetensors"))
+    };
+    let splits = data::open(&exp.data, base)?;
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let device = Default::default();
+    let mut nobase = exp.clone();
+    nobase.backbone.weights = None;
+    let model: AnyBackbone<Cpu> = build_backbone(&nobase, layered, &ctx, base, &device)?;
+    let backbone =
+        load_strict(model, &checkpoint::read_model(&bfile, &exp.backbone.arch, None)?, &bfile.display().to_string())?;
+    let in_ch = ChannelRouter::<Cpu>::input_channels(ctx.in_channels, &backbone.prunable_convs());
+    let router = ChannelRouter::<Cpu>::new(&ctl, &in_ch, rl.baseline == "value", &device);
+    let router = load_strict(router, &crate::import::read_safetensors(&rfile)?, &rfile.display().to_string())?;
+    let ev = evaluate_controlled(&backbone, &router, &test_loader)?;
+    // The same (fine-tuned) weights with every channel computed.
+    let (_, unpruned_top1) = supervised::evaluate(&backbone, &test_loader, &device)?;
+
+    // Latency and throughput, same weights, routed vs unpruned.
+    let first = test_loader.batch(0, 0)?;
+    let per = first.shape[1] * first.shape[2] * first.shape[3];
+    let make = |b: usize| {
+        let imgs: Vec<f32> = (0..b)
+            .flat_map(|i| first.images[(i % first.len()) * per..(i % first.len() + 1) * per].iter().copied())
+            .collect();
+        Tensor::<Cpu, 4>::from_data(TensorData::new(imgs, [b, first.shape[1], first.shape[2], first.shape[3]]), &device)
+    };
+    let mut bench = serde_json::Map::new();
+    for (b, reps) in [(1usize, 30usize), (64, 5)] {
+        let x = make(b);
+        let plain = time_per_call(reps, || {
+            let _ = backbone.forward(x.clone()).into_data();
+            Ok(())
+        })?;
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let routed = time_per_call(reps, || {
+            let mut p = RouterPolicy::new(router.clone());
+            let (l, _) = backbone.forward_controlled(x.clone(), &mut p, Mode::Greedy, &mut rng)?;
+            let _ = l.into_data();
+            Ok(())
+        })?;
+        bench.insert(
+            format!("batch{b}"),
+            json!({
+                "unpruned_ms": plain * 1e3, "routed_ms": routed * 1e3,
+                "unpruned_images_per_s": b as f64 / plain, "routed_images_per_s": b as f64 / routed,
+                "speedup": plain / routed,
+            }),
+        );
+    }
+    Ok(json!({
+        "source": run_dir.display().to_string(),
+        "arch": exp.backbone.arch,
+        "controller": ctl.kind,
+        "weights": bfile.display().to_string(),
+        "router": rfile.display().to_string(),
+        "images": ev.images,
+        "top1": ev.top1,
+        "loss": ev.loss,
+        "full_compute_top1": unpruned_top1,
+        "flops_ratio": ev.flops_ratio,
+        "layers": ev.layers,
+        "layer_flops_ratio": ev.layer_flops_ratio,
+        "action_distribution": ev.action_distribution,
+        "latency": bench,
+    }))
+}

@@ -1,0 +1,212 @@
+//! RNP: controlled execution, channel reordering, router, REINFORCE, rollout reproducibility,
+//! configuration errors.
+
+use anyhow::Result;
+use burn::tensor::activation::relu;
+use burn::tensor::module::max_pool2d;
+use burn::tensor::{Distribution, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rlprune::Cpu;
+use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
+use rlprune::backbones::{Backbone, BuildContext};
+use rlprune::controllers::{Controller, Decision, DecisionPoint, Mode, channels_for};
+
+/// The backend RNG is process-global: tests that seed it and draw from it take this lock.
+static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Replays fixed actions, uniform log-probs.
+struct Fixed {
+    actions: Vec<Vec<usize>>,
+    k: usize,
+}
+
+impl Controller<Cpu> for Fixed {
+    fn groups(&self) -> usize {
+        self.k
+    }
+    fn reset(&mut self, _batch: usize) {}
+    fn decide(
+        &mut self,
+        point: &DecisionPoint,
+        obs: Tensor<Cpu, 2>,
+        _mode: Mode,
+        _rng: &mut ChaCha8Rng,
+    ) -> Result<Decision<Cpu>> {
+        let n = obs.dims()[0];
+        let z = Tensor::zeros([n], &obs.device());
+        Ok(Decision { actions: self.actions[point.index].clone(), log_prob: z.clone(), entropy: z })
+    }
+}
+
+fn small_cnn() -> SmallCnn<Cpu> {
+    let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };
+    let dev = Default::default();
+    let mut m = SmallCnn::<Cpu>::new(&SmallCnnOptions { channels: [8, 12, 16, 8] }, &ctx, &dev);
+    // Non-trivial BN statistics and affine parameters.
+    for l in m.features.iter_mut() {
+        let c = l.bn.num_features();
+        l.bn.running_mean =
+            burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(-0.2, 0.2), &dev));
+        l.bn.running_var = burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &dev));
+        l.bn.weight = burn::module::Param::from_tensor(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &dev));
+        l.bn.bias = burn::module::Param::from_tensor(Tensor::random([c], Distribution::Uniform(-0.1, 0.1), &dev));
+    }
+    m
+}
+
+/// The reference: full convolutions, skipped output channels zeroed per image.
+fn masked_forward(m: &SmallCnn<Cpu>, mut x: Tensor<Cpu, 4>, actions: &[Vec<usize>], k: usize) -> Tensor<Cpu, 2> {
+    let dev = x.device();
+    for (i, layer) in m.features.iter().enumerate() {
+        let y = relu(layer.bn.forward(layer.conv.forward(x)));
+        let [n, c, _, _] = y.dims();
+        let mut mask = vec![0f32; n * c];
+        for (s, &a) in actions[i].iter().enumerate() {
+            for ch in 0..channels_for(c, k, a) {
+                mask[s * c + ch] = 1.0;
+            }
+        }
+        let mask = Tensor::<Cpu, 2>::from_data(TensorData::new(mask, [n, c]), &dev).reshape([n, c, 1, 1]);
+        x = y * mask;
+        if SmallCnn::<Cpu>::pools_after(i) {
+            x = max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+        }
+    }
+    let [n, c, _, _] = x.dims();
+    m.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+}
+
+fn max_abs_diff(a: Tensor<Cpu, 2>, b: Tensor<Cpu, 2>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn sliced_grouped_execution_equals_masked_full_computation() {
+    let _guard = lock();
+    let m = small_cnn();
+    let dev = Default::default();
+    let n = 7;
+    let x = Tensor::<Cpu, 4>::random([n, 1, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+    let k = 4;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let actions: Vec<Vec<usize>> =
+        (0..4).map(|_| (0..n).map(|_| rand::Rng::random_range(&mut rng, 1..=k)).collect()).collect();
+    let mut ctl = Fixed { actions: actions.clone(), k };
+    let (logits, trace) = m.forward_controlled(x.clone(), &mut ctl, Mode::Greedy, &mut rng).unwrap();
+    let reference = masked_forward(&m, x.clone(), &actions, k);
+    let d = max_abs_diff(logits, reference);
+    assert!(d < 1e-5, "grouped vs masked: max |diff| = {d}");
+    // All-full actions equal the plain forward; MACs per image are counted from what ran.
+    let mut full = Fixed { actions: vec![vec![k; n]; 4], k };
+    let (lf, tf) = m.forward_controlled(x.clone(), &mut full, Mode::Greedy, &mut rng).unwrap();
+    assert!(max_abs_diff(lf, m.forward(x)) < 1e-5);
+    assert_eq!(tf.macs_per_image(), vec![tf.macs_full(); n]);
+    let spent = trace.macs_per_image();
+    for (i, s) in spent.iter().enumerate() {
+        assert!(*s < tf.macs_full() || actions.iter().all(|a| a[i] == k));
+    }
+}
+
+#[test]
+fn reorder_by_filter_norm_preserves_logits() {
+    let _guard = lock();
+    let mut m = small_cnn();
+    let dev = Default::default();
+    let x = Tensor::<Cpu, 4>::random([5, 1, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
+    let before = m.forward(x.clone());
+    rlprune::backbones::reorder_by_filter_norm(&mut m).unwrap();
+    let after = m.forward(x);
+    assert!(max_abs_diff(before, after) < 1e-5);
+    // Norms are now non-increasing.
+    for l in &m.features {
+        let w = l.conv.weight.val();
+        let o = w.dims()[0];
+        let norms: Vec<f32> = w.powf_scalar(2.0).reshape([o as i32, -1]).sum_dim(1).into_data().to_vec().unwrap();
+        assert!(norms.windows(2).all(|p| p[0] >= p[1]), "{norms:?}");
+    }
+}
+
+#[test]
+fn reinforce_solves_a_three_armed_bandit() {
+    let _guard = lock();
+    use burn::module::AutodiffModule;
+    use burn::optim::GradientsParams;
+    use rlprune::CpuAutodiff as Ad;
+    use rlprune::controllers::ControllerConfig;
+    use rlprune::controllers::channel_router::{ChannelRouter, RouterPolicy};
+    use rlprune::rl::RlConfig;
+    use rlprune::rl::reinforce::policy_gradient_loss;
+    use rlprune::train::optim::{Optimizer, OptimizerConfig};
+
+    let dev = Default::default();
+    <Ad as burn::tensor::backend::Backend>::seed(&dev, 1);
+    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 3, hidden: 8, rnn: "gru".into() };
+    let cfg = RlConfig { baseline: "value".into(), entropy_bonus: 0.0, ..Default::default() };
+    let mut router = ChannelRouter::<Ad>::new(&ctl, &[1], true, &dev);
+    let mut opt =
+        Optimizer::<Ad>::new(OptimizerConfig::Adamw { lr: 0.05, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
+    let arm_reward = [0.2f32, 1.0, 0.5];
+    let point = DecisionPoint { index: 0, name: "bandit".into(), groups: 3, out_channels: 3, macs_full: 0 };
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let n = 32;
+    for _ in 0..60 {
+        let obs = Tensor::<rlprune::Cpu, 2>::ones([n, 1], &dev);
+        let mut policy = RouterPolicy::new(router.valid());
+        let d = policy.decide(&point, obs.clone(), Mode::Sample, &mut rng).unwrap();
+        let returns = vec![d.actions.iter().map(|&a| arm_reward[a - 1]).collect::<Vec<f32>>()];
+        let obs_ad = Tensor::<Ad, 2>::ones([n, 1], &dev);
+        let evals = router.evaluate(&[obs_ad], std::slice::from_ref(&d.actions)).unwrap();
+        let (loss, ..) = policy_gradient_loss(evals, &returns, None, &cfg).unwrap();
+        let grads = GradientsParams::from_grads(loss.backward(), &router);
+        router = opt.step(router, grads, 0.05, 1.0);
+    }
+    let mut policy = RouterPolicy::new(router.valid());
+    let d = policy.decide(&point, Tensor::ones([4, 1], &dev), Mode::Greedy, &mut rng).unwrap();
+    assert_eq!(d.actions, vec![2; 4], "greedy arm after training");
+    let p_best: f32 = d.log_prob.exp().mean().into_scalar();
+    assert!(p_best > 0.9, "probability of the best arm {p_best}");
+}
+
+fn synthetic_batch(n: usize, seed: u64) -> rlprune::data::Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let images: Vec<f32> = (0..n * 16 * 16).map(|_| rand::Rng::random_range(&mut rng, -1.0..1.0)).collect();
+    let labels: Vec<i64> = (0..n).map(|i| (i % 10) as i64).collect();
+    rlprune::data::Batch { images, labels, shape: [n, 1, 16, 16], indices: (0..n).collect() }
+}
+
+fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
+    use rlprune::backbones::AnyBackbone;
+    use rlprune::controllers::ControllerConfig;
+    use rlprune::rl::RlConfig;
+    use rlprune::rl::train::RnpLearner;
+    let dev = Default::default();
+    <rlprune::CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, seed);
+    let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };
+    let bb = SmallCnn::new(&SmallCnnOptions { channels: [8, 8, 16, 16] }, &ctx, &dev);
+    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 16, rnn: "gru".into() };
+    let cfg = RlConfig { workers, alternate_every: 2, ..Default::default() };
+    let mut l = RnpLearner::new(AnyBackbone::SmallCnn(bb), 1, &ctl, &cfg, seed);
+    (0..5)
+        .map(|s| {
+            let r = l.step(&synthetic_batch(16, s), 1e-2, 1e-2).unwrap();
+            assert!(r.stats.flops_ratio > 0.0 && r.stats.flops_ratio <= 1.0);
+            (r.stats.reward_mean, r.stats.reward_std)
+        })
+        .collect()
+}
+
+#[test]
+fn same_seed_and_workers_give_identical_rewards() {
+    let _guard = lock();
+    let a = learner_rewards(2, 7);
+    let b = learner_rewards(2, 7);
+    assert_eq!(a, b);
+    let c = learner_rewards(1, 7);
+    let d = learner_rewards(1, 7);
+    assert_eq!(c, d);
+}
