@@ -86,6 +86,37 @@ pub enum Command {
         /// A zoo name (see `rlprune zoo`) or a model TOML file.
         model: String,
     },
+    /// Measure images/s and latency per batch of a zoo model or a model TOML: inference, or a
+    /// full training step with --train (median over timed repeats after warm-up; peak RSS).
+    Bench {
+        /// A zoo name (see `rlprune zoo`) or a model TOML file.
+        model: String,
+        /// Images per step.
+        #[arg(long, default_value_t = 8, value_name = "N")]
+        batch: usize,
+        /// Limit the compute threads (GEMM via MATMUL_NUM_THREADS, at most 4; global filter via
+        /// RLPRUNE_GF_THREADS). Default: all cores.
+        #[arg(long, value_name = "T")]
+        threads: Option<usize>,
+        /// Time a training step (forward, cross-entropy, backward, SGD update) instead of inference.
+        #[arg(long)]
+        train: bool,
+        /// Untimed steps first.
+        #[arg(long, default_value_t = 2, value_name = "W")]
+        warmup: usize,
+        /// Timed steps (the median is reported).
+        #[arg(long, default_value_t = 10, value_name = "R")]
+        repeats: usize,
+        /// Input side (default: the model's own; 224 for fully convolutional models).
+        #[arg(long, value_name = "S")]
+        img_size: Option<usize>,
+        /// Classes of the head (default: the model's own).
+        #[arg(long, value_name = "C")]
+        num_classes: Option<usize>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download or check datasets.
     Data {
         #[command(subcommand)]
@@ -178,6 +209,29 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::backbones::zoo::zoo_entry(&model)?.cost
             };
             print!("{report}");
+            Ok(())
+        }
+        Command::Bench { model, batch, threads, train, warmup, repeats, img_size, num_classes, json } => {
+            use crate::metrics::bench;
+            if let Some(t) = threads {
+                bench::limit_threads(t)?;
+            }
+            let opts = bench::BenchOptions {
+                batch,
+                threads,
+                train,
+                warmup,
+                repeats,
+                img_size,
+                num_classes,
+                ..Default::default()
+            };
+            let report = bench::bench(&model, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
             Ok(())
         }
         Command::Data { action } => match action {
