@@ -60,6 +60,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train and evaluate a controller experiment at several values of one key (e.g.
+    /// --set rl.compute_penalty=0.02,0.05,0.1), plus an optional static baseline; writes
+    /// sweep.csv and sweep.png (top-1 against FLOPs and measured latency).
+    Sweep {
+        /// Controller experiment file (TOML).
+        experiment: PathBuf,
+        /// KEY=V1,V2,... for the swept key (exactly one), KEY=VALUE for fixed overrides (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE[,VALUE...]")]
+        set: Vec<String>,
+        /// A static baseline experiment (e.g. experiments/static_fashion_mnist.toml), trained on the same backbone.
+        #[arg(long = "static", value_name = "STATIC.toml")]
+        static_experiment: Option<PathBuf>,
+        /// Sweep directory (default: <log.dir>/<name>-sweep/<timestamp>).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Run a reference model (model TOML + weights) on `input` of a safetensors file; writes `output` (logits).
     Infer {
         /// Model TOML: one [model] table with `family` and the reference constructor arguments.
@@ -172,13 +188,15 @@ pub fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                println!("{:<12} {}", "run", report["source"].as_str().unwrap_or(""));
-                println!("{:<12} {}", "arch", report["arch"].as_str().unwrap_or(""));
-                println!("{:<12} {}", "weights", report["weights"].as_str().unwrap_or(""));
-                println!("{:<12} {}", "images", report["images"]);
-                println!("{:<12} {:.2}%", "top-1", 100.0 * report["top1"].as_f64().unwrap_or(f64::NAN));
-                println!("{:<12} {:.4}", "loss", report["loss"].as_f64().unwrap_or(f64::NAN));
+                print!("{}", crate::controllers::eval::table(&report));
             }
+            Ok(())
+        }
+        Command::Sweep { experiment, set, static_experiment, out } => {
+            let opts = crate::sweep::SweepOptions { experiment, sets: set, static_experiment, out, base_dir: cwd };
+            let dir = crate::sweep::run_sweep(&opts)?;
+            print!("{}", std::fs::read_to_string(dir.join("sweep.csv")).unwrap_or_default());
+            println!("wrote {0}/sweep.csv and {0}/sweep.png", dir.display());
             Ok(())
         }
         Command::Infer { model, weights, input, output } => {

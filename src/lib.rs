@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod nn;
 pub mod rl;
+pub mod sweep;
 pub mod train;
 
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU

@@ -112,6 +112,89 @@ fn sliced_grouped_execution_equals_masked_full_computation() {
     }
 }
 
+/// A ResNet with random BN statistics everywhere (eval-mode BN on the plain backend).
+fn resnet(arch: &str) -> rlprune::backbones::resnet::ResNet<Cpu> {
+    use rlprune::backbones::resnet::{ResNet, ResNetOptions};
+    let dev = Default::default();
+    let ctx = BuildContext { num_classes: 10, in_channels: 3, img_size: [8, 8] };
+    let opts = ResNetOptions { width: 0.25 };
+    let mut m = if arch == "resnet18" { ResNet::<Cpu>::resnet18(&opts, &ctx, &dev) } else { ResNet::<Cpu>::cifar(20, &opts, &ctx, &dev) };
+    let mut bns = vec![&mut m.bn1];
+    for b in m.layers.iter_mut().flatten() {
+        bns.push(&mut b.bn1);
+        bns.push(&mut b.bn2);
+        if let Some(p) = b.downsample.as_mut() {
+            bns.push(&mut p.bn);
+        }
+    }
+    for bn in bns {
+        let c = bn.num_features();
+        bn.running_mean = burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(-0.2, 0.2), &dev));
+        bn.running_var = burn::module::RunningState::new(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &dev));
+        bn.weight = burn::module::Param::from_tensor(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &dev));
+        bn.bias = burn::module::Param::from_tensor(Tensor::random([c], Distribution::Uniform(-0.1, 0.1), &dev));
+    }
+    m
+}
+
+/// ResNet reference: full blocks, each image's skipped inner channels zeroed after ReLU.
+fn masked_resnet(m: &rlprune::backbones::resnet::ResNet<Cpu>, x: Tensor<Cpu, 4>, actions: &[Vec<usize>], k: usize) -> Tensor<Cpu, 2> {
+    let dev = x.device();
+    let mut h = relu(m.bn1.forward(m.conv1.forward(x)));
+    if m.stem_pool {
+        h = max_pool2d(h, [3, 3], [2, 2], [1, 1], [1, 1], false);
+    }
+    for (b, acts) in m.layers.iter().flatten().zip(actions) {
+        let inner = relu(b.bn1.forward(b.conv1.forward(h.clone())));
+        let [n, c, _, _] = inner.dims();
+        let mut mask = vec![0f32; n * c];
+        for (s, &a) in acts.iter().enumerate() {
+            for ch in 0..channels_for(c, k, a) {
+                mask[s * c + ch] = 1.0;
+            }
+        }
+        let mask = Tensor::<Cpu, 2>::from_data(TensorData::new(mask, [n, c]), &dev).reshape([n, c, 1, 1]);
+        h = relu(b.bn2.forward(b.conv2.forward(inner * mask)) + b.shortcut(h, false));
+    }
+    let [n, c, _, _] = h.dims();
+    m.fc.forward(h.mean_dim(3).mean_dim(2).reshape([n, c]))
+}
+
+#[test]
+fn resnet_routing_equals_masked_full_computation() {
+    let _guard = lock();
+    let dev = Default::default();
+    for arch in ["resnet20-cifar", "resnet18"] {
+        let mut m = resnet(arch);
+        let n = 6;
+        let x = Tensor::<Cpu, 4>::random([n, 3, 8, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let before = m.forward(x.clone());
+        m.reorder_by_filter_norm().unwrap();
+        assert!(max_abs_diff(before, m.forward(x.clone())) < 1e-4, "{arch}: reorder changed the logits");
+        let points = m.prunable_convs();
+        assert_eq!(points.len(), if arch == "resnet18" { 8 } else { 9 });
+        // Decisions observe the block input: the residual stream's full width.
+        let in_ch = rlprune::controllers::channel_router::ChannelRouter::<Cpu>::input_channels(3, &points);
+        assert_eq!(in_ch, points.iter().map(|p| p.in_channels).collect::<Vec<_>>());
+        let k = 4;
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let actions: Vec<Vec<usize>> =
+            points.iter().map(|_| (0..n).map(|_| rand::Rng::random_range(&mut rng, 1..=k)).collect()).collect();
+        let mut ctl = Fixed { actions: actions.clone(), k };
+        let (logits, trace) = m.forward_controlled(x.clone(), &mut ctl, Mode::Greedy, &mut rng).unwrap();
+        let d = max_abs_diff(logits, masked_resnet(&m, x.clone(), &actions, k));
+        assert!(d < 1e-4, "{arch}: routed vs masked: max |diff| = {d}");
+        let mut full = Fixed { actions: vec![vec![k; n]; points.len()], k };
+        let (lf, tf) = m.forward_controlled(x.clone(), &mut full, Mode::Greedy, &mut rng).unwrap();
+        assert!(max_abs_diff(lf, m.forward(x)) < 1e-4, "{arch}: all-groups routing != forward");
+        assert_eq!(tf.macs_per_image(), vec![tf.macs_full(); n]);
+        assert_eq!(tf.macs_full(), points.iter().map(|p| p.macs).sum::<u64>());
+        for (i, s) in trace.macs_per_image().iter().enumerate() {
+            assert!(*s < tf.macs_full() || actions.iter().all(|a| a[i] == k));
+        }
+    }
+}
+
 #[test]
 fn reorder_by_filter_norm_preserves_logits() {
     let _guard = lock();
@@ -145,7 +228,7 @@ fn reinforce_solves_a_three_armed_bandit() {
 
     let dev = Default::default();
     <Ad as burn::tensor::backend::Backend>::seed(&dev, 1);
-    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 3, hidden: 8, rnn: "gru".into() };
+    let ctl = ControllerConfig { groups: 3, hidden: 8, ..Default::default() };
     let cfg = RlConfig { baseline: "value".into(), entropy_bonus: 0.0, ..Default::default() };
     let mut router = ChannelRouter::<Ad>::new(&ctl, &[1], true, &dev);
     let mut opt =
@@ -188,7 +271,7 @@ fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
     <rlprune::CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, seed);
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };
     let bb = SmallCnn::new(&SmallCnnOptions { channels: [8, 8, 16, 16] }, &ctx, &dev);
-    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 16, rnn: "gru".into() };
+    let ctl = ControllerConfig { groups: 4, hidden: 16, ..Default::default() };
     let cfg = RlConfig { workers, alternate_every: 2, ..Default::default() };
     let mut l = RnpLearner::new(AnyBackbone::SmallCnn(bb), 1, &ctl, &cfg, seed);
     (0..5)

@@ -89,6 +89,7 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
             let k = conv.kernel_size() as u64;
             out.push(PrunableConv {
                 name: format!("features.{i}.conv"),
+                in_channels: conv.in_channels(),
                 out_channels: conv.out_channels(),
                 macs: (h * w) as u64 * k * k * (conv.in_channels() * conv.out_channels()) as u64,
             });
@@ -115,6 +116,10 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
     fn reorder_by_filter_norm(&mut self) -> Result<()> {
         reorder_stack_by_filter_norm(&mut self.features, &mut self.fc);
         Ok(())
+    }
+
+    fn prune_channels(&mut self, keep: &[usize]) -> Result<()> {
+        crate::controllers::static_prune::prune_stack(&mut self.features, &mut self.fc, keep)
     }
 }
 

@@ -40,8 +40,12 @@ pub struct BuildContext {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PrunableConv {
     pub name: String,
+    /// Channels of the conv's input (what a router observes, pooled, at this decision).
+    pub in_channels: usize,
     pub out_channels: usize,
-    /// Multiply-accumulates of the full layer for one image at the backbone's build resolution.
+    /// Multiply-accumulates for one image at the backbone's build resolution of every layer whose
+    /// cost scales with this conv's output channels and is not another decision's: the conv
+    /// itself, and for ResNet blocks also the block's second conv, which reads these channels.
     pub macs: u64,
 }
 
@@ -63,13 +67,20 @@ pub trait Backbone<B: ModelBackend>: Module<B> {
         _mode: Mode,
         _rng: &mut ChaCha8Rng,
     ) -> Result<(Tensor<B, 2>, Trace<B>)> {
-        anyhow::bail!("this backbone has no runtime decision points (controlled execution is implemented for small-cnn and vgg16-cifar)")
+        anyhow::bail!("this backbone has no runtime decision points (controlled execution is implemented for small-cnn, vgg16-cifar and the ResNets)")
     }
 
     /// Permutes every prunable conv's output channels by filter L2 norm, largest first, without
     /// changing the function the network computes. Families without support answer an error.
     fn reorder_by_filter_norm(&mut self) -> Result<()> {
         anyhow::bail!("channel reordering is not implemented for this backbone")
+    }
+
+    /// Static pruning: physically removes output channels of every prunable conv, keeping the
+    /// `keep[i]` filters of largest L1 norm of conv `i` (and the matching BN entries and input
+    /// channels of the layer that reads them). The result is a smaller dense network.
+    fn prune_channels(&mut self, _keep: &[usize]) -> Result<()> {
+        anyhow::bail!("static channel pruning is implemented for small-cnn, vgg16-cifar and the ResNets")
     }
 }
 
@@ -117,6 +128,9 @@ macro_rules! registry {
             }
             fn reorder_by_filter_norm(&mut self) -> Result<()> {
                 match self { $(Self::$variant(m) => m.reorder_by_filter_norm(),)+ }
+            }
+            fn prune_channels(&mut self, keep: &[usize]) -> Result<()> {
+                match self { $(Self::$variant(m) => m.prune_channels(keep),)+ }
             }
         }
 

@@ -10,11 +10,13 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 
 use burn::tensor::module::max_pool2d;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor, TensorData};
+use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use super::{Backbone, BuildContext, Family, PrunableConv};
 use crate::ModelBackend;
+use crate::controllers::{Controller, DecisionPoint, Mode, Trace, TraceStep};
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,9 +67,11 @@ impl<B: ModelBackend> BasicBlock<B> {
         }
     }
 
-    fn shortcut(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    /// The residual branch's input. `frozen`: BN with running statistics (controlled passes).
+    pub fn shortcut(&self, x: Tensor<B, 4>, frozen: bool) -> Tensor<B, 4> {
         if let Some(p) = &self.downsample {
-            return p.bn.forward(p.conv.forward(x));
+            let y = p.conv.forward(x);
+            return if frozen { p.bn.forward_channels_frozen(y, p.bn.num_features()) } else { p.bn.forward(y) };
         }
         let x = if self.stride > 1 {
             let [n, c, h, w] = x.dims();
@@ -92,8 +96,34 @@ impl<B: ModelBackend> BasicBlock<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
         let out = self.bn2.forward(self.conv2.forward(out));
-        relu(out + self.shortcut(x))
+        relu(out + self.shortcut(x, false))
     }
+
+    /// The block on rows that all compute the first `c_mid` channels of the inner conv (the
+    /// sliced weights only; BN with running statistics). Returns the output and its MACs per image.
+    fn forward_sliced(&self, x: Tensor<B, 4>, c_mid: usize) -> (Tensor<B, 4>, u64) {
+        let c_in = x.dims()[1];
+        let h = relu(self.bn1.forward_channels_frozen(self.conv1.forward_sliced(x.clone(), c_mid), c_mid));
+        let [_, _, oh, ow] = h.dims();
+        let c_out = self.conv2.out_channels();
+        let y = self.bn2.forward_channels_frozen(self.conv2.forward_sliced(h, c_out), c_out);
+        let k1 = self.conv1.kernel_size() * self.conv1.kernel_size();
+        let k2 = self.conv2.kernel_size() * self.conv2.kernel_size();
+        let macs = (oh * ow * (k1 * c_in * c_mid + k2 * c_mid * c_out)) as u64;
+        (relu(y + self.shortcut(x, true)), macs)
+    }
+
+    /// Keeps (and orders) the inner conv's output channels `idx`: conv1's filters, bn1, and
+    /// conv2's input channels. The residual stream is untouched.
+    fn select_inner(&mut self, idx: &[usize]) {
+        crate::controllers::static_prune::prune_conv_out(&mut self.conv1, &mut self.bn1, idx);
+        crate::controllers::static_prune::prune_conv_in(&mut self.conv2, idx);
+    }
+}
+
+fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
 #[derive(Module, Debug)]
@@ -172,7 +202,8 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
     }
 
     /// The first conv of each basic block: its output feeds only the block's second conv, so
-    /// slicing it never breaks the residual sum.
+    /// slicing it never breaks the residual sum. Its MACs include the second conv's, whose input
+    /// channels are the ones this decision computes.
     fn prunable_convs(&self) -> Vec<PrunableConv> {
         let [mut h, mut w] = self.img_size;
         h = h.div_ceil(self.conv1.stride);
@@ -186,15 +217,105 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
             for (b, block) in stage.iter().enumerate() {
                 h = h.div_ceil(block.stride);
                 w = w.div_ceil(block.stride);
-                let c = &block.conv1;
+                let (c1, c2) = (&block.conv1, &block.conv2);
+                let (k1, k2) = (c1.kernel_size().pow(2), c2.kernel_size().pow(2));
                 out.push(PrunableConv {
                     name: format!("layers.{s}.{b}.conv1"),
-                    out_channels: c.out_channels(),
-                    macs: (h * w * 9 * c.in_channels() * c.out_channels()) as u64,
+                    in_channels: c1.in_channels(),
+                    out_channels: c1.out_channels(),
+                    macs: (h * w * (k1 * c1.in_channels() * c1.out_channels() + k2 * c2.in_channels() * c2.out_channels()))
+                        as u64,
                 });
             }
         }
         out
+    }
+
+    /// Decisions at every block's inner conv. The residual stream always has all its channels,
+    /// so per block the rows are grouped by action, each group runs the block with the sliced
+    /// inner conv (and conv2 on the matching input channels), and the rows are put back in
+    /// batch order. BN uses running statistics throughout, as in the stack version.
+    fn forward_controlled(
+        &self,
+        x: Tensor<B, 4>,
+        controller: &mut dyn Controller<B>,
+        mode: Mode,
+        rng: &mut ChaCha8Rng,
+    ) -> anyhow::Result<(Tensor<B, 2>, Trace<B>)> {
+        let device = x.device();
+        let n = x.dims()[0];
+        let k = controller.groups();
+        controller.reset(n);
+        let points = self.prunable_convs();
+        let mut x = relu(self.bn1.forward_channels_frozen(self.conv1.forward(x), self.bn1.num_features()));
+        if self.stem_pool {
+            x = max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        let mut steps = Vec::with_capacity(points.len());
+        for (t, (block, pc)) in self.layers.iter().flatten().zip(&points).enumerate() {
+            let point =
+                DecisionPoint { index: t, name: pc.name.clone(), groups: k, out_channels: pc.out_channels, macs_full: pc.macs };
+            let c = x.dims()[1];
+            let observation = x.clone().detach().mean_dim(3).mean_dim(2).reshape([n, c]);
+            let decision = controller.decide(&point, observation.clone(), mode, rng)?;
+            if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
+                anyhow::bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
+            }
+            let mut macs = vec![0u64; n];
+            let mut outs = Vec::new();
+            let mut order = Vec::with_capacity(n);
+            for a in 1..=k {
+                let rows: Vec<usize> = (0..n).filter(|&i| decision.actions[i] == a).collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let xs = if rows.len() == n { x.clone() } else { x.clone().select(0, index_tensor::<B>(&rows, &device)) };
+                let (y, cost) = block.forward_sliced(xs, point.channels_for(a));
+                for &r in &rows {
+                    macs[r] = cost;
+                }
+                order.extend(rows);
+                outs.push(y);
+            }
+            let stacked = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(outs, 0) };
+            let mut inverse = vec![0usize; n];
+            for (pos, &row) in order.iter().enumerate() {
+                inverse[row] = pos;
+            }
+            x = if inverse.iter().enumerate().all(|(i, &p)| i == p) {
+                stacked
+            } else {
+                stacked.select(0, index_tensor::<B>(&inverse, &device))
+            };
+            steps.push(TraceStep { point, observation, actions: decision.actions, log_prob: decision.log_prob, macs });
+        }
+        let c = x.dims()[1];
+        Ok((self.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c])), Trace { steps }))
+    }
+
+    /// Orders every block's inner channels by the L2 norm of conv1's filters (largest first);
+    /// conv2's input channels follow, so the function is unchanged.
+    fn reorder_by_filter_norm(&mut self) -> anyhow::Result<()> {
+        for block in self.layers.iter_mut().flatten() {
+            let w = block.conv1.weight.val();
+            let o = w.dims()[0];
+            let norms: Vec<f32> =
+                w.powf_scalar(2.0).reshape([o as i32, -1]).sum_dim(1).into_data().convert::<f32>().to_vec().unwrap_or_default();
+            let mut perm: Vec<usize> = (0..o).collect();
+            perm.sort_by(|&a, &b| norms[b].partial_cmp(&norms[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+            block.select_inner(&perm);
+        }
+        Ok(())
+    }
+
+    fn prune_channels(&mut self, keep: &[usize]) -> anyhow::Result<()> {
+        let outs: Vec<usize> = self.layers.iter().flatten().map(|b| b.conv1.out_channels()).collect();
+        crate::controllers::static_prune::check_keep(keep, &outs)?;
+        for (block, &k) in self.layers.iter_mut().flatten().zip(keep) {
+            let idx = crate::controllers::static_prune::top_l1_filters(&block.conv1.weight.val(), k);
+            block.select_inner(&idx);
+        }
+        Ok(())
     }
 }
 

@@ -79,6 +79,7 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
             let conv = &layer.conv;
             out.push(PrunableConv {
                 name: format!("features.{i}.conv"),
+                in_channels: conv.in_channels(),
                 out_channels: conv.out_channels(),
                 macs: (h * w * 9 * conv.in_channels() * conv.out_channels()) as u64,
             });
@@ -106,6 +107,10 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
     fn reorder_by_filter_norm(&mut self) -> Result<()> {
         reorder_stack_by_filter_norm(&mut self.features, &mut self.classifier);
         Ok(())
+    }
+
+    fn prune_channels(&mut self, keep: &[usize]) -> Result<()> {
+        crate::controllers::static_prune::prune_stack(&mut self.features, &mut self.classifier, keep)
     }
 }
 

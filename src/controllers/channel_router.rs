@@ -84,12 +84,10 @@ impl<B: Backend> ChannelRouter<B> {
         }
     }
 
-    /// Input channels of each decision layer, from the backbone's prunable convs and the image
-    /// channels (decision t observes the input of conv t).
-    pub fn input_channels(image_channels: usize, convs: &[PrunableConv]) -> Vec<usize> {
-        let mut v = vec![image_channels];
-        v.extend(convs.iter().take(convs.len().saturating_sub(1)).map(|c| c.out_channels));
-        v
+    /// Input channels of each decision layer (decision t observes the input of conv t).
+    /// `image_channels` is kept for callers; the convs know their inputs.
+    pub fn input_channels(_image_channels: usize, convs: &[PrunableConv]) -> Vec<usize> {
+        convs.iter().map(|c| c.in_channels).collect()
     }
 
     pub fn groups(&self) -> usize {

@@ -1,11 +1,16 @@
 //! Controllers: agents that decide, at each decision point of a backbone, how much of the next
-//! layer to compute. [`channel_router`] is RNP's recurrent channel-group router.
+//! layer to compute. [`channel_router`] is RNP's recurrent channel-group router;
+//! [`static_prune`] is the static L1-norm filter-pruning baseline.
 //!
 //! The backbone side lives in [`exec`]: a conv-BN-ReLU stack run under a controller with real
 //! sliced execution (samples grouped by action, sliced weights per group).
+//!
+//! A controller kind is one file plus one line in [`KINDS`].
 
 pub mod channel_router;
+pub mod eval;
 pub mod exec;
+pub mod static_prune;
 
 use anyhow::Result;
 use burn::tensor::Tensor;
@@ -116,11 +121,12 @@ impl<B: Backend> Trace<B> {
     }
 }
 
-/// `[controller]`
+/// `[controller]`. The router keys are typed here; every other key is collected in `options`
+/// and checked by the kind's own `check_options` (serde cannot combine `flatten` with
+/// `deny_unknown_fields`, so unknown keys are rejected there).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// `"channel-router"` (RNP).
+    /// A name from [`KINDS`]: `"channel-router"` (RNP) or `"static-l1"`.
     pub kind: String,
     /// Channel groups per decision layer (k).
     #[serde(default = "default_groups")]
@@ -131,6 +137,15 @@ pub struct ControllerConfig {
     /// Recurrent cell: `"gru"`.
     #[serde(default = "default_rnn")]
     pub rnn: String,
+    /// Keys specific to the kind (e.g. `static-l1`'s `target_flops`).
+    #[serde(flatten, default, skip_serializing_if = "toml::Table::is_empty")]
+    pub options: toml::Table,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        Self { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: "gru".into(), options: toml::Table::new() }
+    }
 }
 
 fn default_groups() -> usize {
@@ -143,17 +158,69 @@ fn default_rnn() -> String {
     "gru".into()
 }
 
-pub const CONTROLLER_KINDS: &[&str] = &["channel-router"];
+/// A controller kind: how its extra `[controller]` keys are checked, and what `rlprune train`
+/// and `rlprune eval RUN_DIR` run for it.
+pub struct ControllerKind {
+    pub name: &'static str,
+    /// Problems with the kind-specific keys in `options`, as (key relative to `[controller]`,
+    /// message).
+    pub check_options: fn(&ControllerConfig) -> Vec<(String, String)>,
+    pub train: fn(
+        &crate::experiment::Experiment,
+        &crate::experiment::Layered,
+        &crate::train::supervised::TrainOptions,
+    ) -> Result<crate::train::supervised::TrainSummary>,
+    /// `(experiment, layered, run_dir, base_dir)` → the JSON report of `rlprune eval`.
+    pub eval: fn(
+        &crate::experiment::Experiment,
+        &crate::experiment::Layered,
+        &std::path::Path,
+        &std::path::Path,
+    ) -> Result<serde_json::Value>,
+}
+
+/// The controller registry: one line per kind.
+pub const KINDS: &[ControllerKind] = &[
+    ControllerKind {
+        name: "channel-router",
+        check_options: no_extra_options,
+        train: crate::rl::train::train_rnp,
+        eval: crate::rl::train::eval_rnp_run,
+    },
+    ControllerKind {
+        name: "static-l1",
+        check_options: static_prune::check_options,
+        train: static_prune::train_static,
+        eval: static_prune::eval_static_run,
+    },
+];
+
+/// The registered kind called `name`.
+pub fn kind(name: &str) -> Result<&'static ControllerKind> {
+    KINDS.iter().find(|k| k.name == name).ok_or_else(|| {
+        anyhow::anyhow!("'{name}' is not a known controller (available: {})", kind_names().join(", "))
+    })
+}
+
+pub fn kind_names() -> Vec<&'static str> {
+    KINDS.iter().map(|k| k.name).collect()
+}
+
+/// For kinds without extra keys: every key in `options` is unknown.
+pub fn no_extra_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
+    cfg.options
+        .keys()
+        .map(|k| (k.clone(), format!("is not a key of controller '{}' (unknown key)", cfg.kind)))
+        .collect()
+}
 
 impl ControllerConfig {
     /// Problems as (key relative to `[controller]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
-        if !CONTROLLER_KINDS.contains(&self.kind.as_str()) {
-            v.push((
-                "kind".into(),
-                format!("'{}' is not a known controller (available: {})", self.kind, CONTROLLER_KINDS.join(", ")),
-            ));
+        match kind(&self.kind) {
+            Ok(k) => v.extend((k.check_options)(self)),
+            Err(e) => v.push(("kind".into(), e.to_string())),
         }
         if !(1..=64).contains(&self.groups) {
             v.push(("groups".into(), format!("must be in 1..=64, got {}", self.groups)));

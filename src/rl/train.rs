@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
-use burn::tensor::{Tensor, TensorData};
+
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -470,15 +470,6 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted })
 }
 
-fn time_per_call(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let t = Instant::now();
-    for _ in 0..reps {
-        f()?;
-    }
-    Ok(t.elapsed().as_secs_f64() / reps as f64)
-}
-
 /// `rlprune eval RUN_DIR` for an RNP run: greedy top-1, mean and per-layer FLOPs ratio, the
 /// action distribution per layer, and measured latency / throughput at batch 1 and 64 of the
 /// routed backbone against the same backbone unpruned.
@@ -507,38 +498,37 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     // The same (fine-tuned) weights with every channel computed.
     let (_, unpruned_top1) = supervised::evaluate(&backbone, &test_loader, &device)?;
 
-    // Latency and throughput, same weights, routed vs unpruned.
-    let first = test_loader.batch(0, 0)?;
-    let per = first.shape[1] * first.shape[2] * first.shape[3];
-    let make = |b: usize| {
-        let imgs: Vec<f32> = (0..b)
-            .flat_map(|i| first.images[(i % first.len()) * per..(i % first.len() + 1) * per].iter().copied())
-            .collect();
-        Tensor::<Cpu, 4>::from_data(TensorData::new(imgs, [b, first.shape[1], first.shape[2], first.shape[3]]), &device)
+    // The backbone as trained before routing (phase 1, or `[backbone] weights`).
+    let original = [run_dir.join("backbone/checkpoints/last.safetensors")]
+        .into_iter()
+        .chain(exp.backbone.weights.as_ref().map(|w| base.join(w)))
+        .find(|p| p.is_file());
+    let backbone_top1 = match original {
+        Some(p) => {
+            let mut dict = crate::import::read_weights(&p)?;
+            crate::import::drop_ignored_keys(&mut dict);
+            let m = load_strict(build_backbone::<Cpu>(&nobase, layered, &ctx, base, &device)?, &dict, &p.display().to_string())?;
+            Some(supervised::evaluate(&m, &test_loader, &device)?.1)
+        }
+        None => None,
     };
-    let mut bench = serde_json::Map::new();
-    for (b, reps) in [(1usize, 30usize), (64, 5)] {
-        let x = make(b);
-        let plain = time_per_call(reps, || {
-            let _ = backbone.forward(x.clone()).into_data();
+    // Latency and throughput, same weights, routed vs unpruned.
+    let sample = crate::controllers::eval::example_images(&test_loader)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let bench = crate::controllers::eval::latency_against_unpruned(
+        &sample,
+        ev.flops_ratio,
+        |x| {
+            let _ = backbone.forward(x).into_data();
             Ok(())
-        })?;
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let routed = time_per_call(reps, || {
+        },
+        |x| {
             let mut p = RouterPolicy::new(router.clone());
-            let (l, _) = backbone.forward_controlled(x.clone(), &mut p, Mode::Greedy, &mut rng)?;
+            let (l, _) = backbone.forward_controlled(x, &mut p, Mode::Greedy, &mut rng)?;
             let _ = l.into_data();
             Ok(())
-        })?;
-        bench.insert(
-            format!("batch{b}"),
-            json!({
-                "unpruned_ms": plain * 1e3, "routed_ms": routed * 1e3,
-                "unpruned_images_per_s": b as f64 / plain, "routed_images_per_s": b as f64 / routed,
-                "speedup": plain / routed,
-            }),
-        );
-    }
+        },
+    )?;
     Ok(json!({
         "source": run_dir.display().to_string(),
         "arch": exp.backbone.arch,
@@ -549,7 +539,9 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
         "top1": ev.top1,
         "loss": ev.loss,
         "full_compute_top1": unpruned_top1,
+        "backbone_top1": backbone_top1,
         "flops_ratio": ev.flops_ratio,
+        "flops_reduction": 1.0 / ev.flops_ratio.max(1e-12),
         "layers": ev.layers,
         "layer_flops_ratio": ev.layer_flops_ratio,
         "action_distribution": ev.action_distribution,

@@ -72,9 +72,10 @@ pub struct TrainSummary {
 }
 
 pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
-    if exp.controller.is_some() {
+    if let Some(ctl) = &exp.controller {
+        let kind = crate::controllers::kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
         return match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
-            DeviceSpec::Cpu => crate::rl::train::train_rnp(exp, layered, opts),
+            DeviceSpec::Cpu => (kind.train)(exp, layered, opts),
             DeviceSpec::Cuda(_n) => crate::device::cuda_unavailable(),
         };
     }
@@ -357,8 +358,14 @@ pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[S
         }
         None => bail!("{}: an experiment file needs --checkpoint FILE (or pass a run directory)", target.display()),
     };
-    if exp.controller.is_some() && target.is_dir() && checkpoint_file.is_none() {
-        return crate::rl::train::eval_rnp_run(&exp, &layered, target, base);
+    if let Some(ctl) = &exp.controller
+        && target.is_dir()
+        && checkpoint_file.is_none()
+    {
+        let kind = crate::controllers::kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
+        let report = (kind.eval)(&exp, &layered, target, base)?;
+        crate::fsutil::atomic_write(&target.join("eval.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        return Ok(report);
     }
     match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
         DeviceSpec::Cpu => eval_on::<crate::Cpu>(&exp, &layered, &weights, base, &Default::default(), target),

@@ -1,0 +1,159 @@
+//! What `rlprune eval RUN_DIR` shares between controller kinds: measured latency and throughput
+//! of a pruned network against the unpruned backbone in the same process, and the table view of
+//! the JSON report.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use burn::tensor::{Tensor, TensorData};
+use serde_json::{Value, json};
+
+use crate::Cpu;
+use crate::data::Loader;
+
+/// Batch sizes the latency report measures.
+pub const LATENCY_BATCHES: [usize; 2] = [1, 64];
+
+/// `n` test images (the first batch, repeated if it is smaller), `[n, C, H, W]`.
+pub fn images(loader: &Loader, n: usize) -> Result<Tensor<Cpu, 4>> {
+    let first = loader.batch(0, 0)?;
+    let [_, c, h, w] = first.shape;
+    let per = c * h * w;
+    let m = first.len().max(1);
+    let data: Vec<f32> =
+        (0..n).flat_map(|i| first.images[(i % m) * per..(i % m + 1) * per].iter().copied()).collect();
+    Ok(Tensor::from_data(TensorData::new(data, [n, c, h, w]), &Default::default()))
+}
+
+/// The first test batch, for [`latency_against_unpruned`].
+pub fn example_images(loader: &Loader) -> Result<Tensor<Cpu, 4>> {
+    images(loader, LATENCY_BATCHES[LATENCY_BATCHES.len() - 1])
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Times `unpruned` and `pruned` (each a full forward that reads its result back) at batch 1
+/// and 64 built from `sample`. The two alternate call by call and the median is kept, so a load
+/// change on a shared machine hits both alike. Per batch: `unpruned_ms`, `pruned_ms`, images/s,
+/// `speedup` and `speedup_over_flops_reduction` (1.0 = the speedup the FLOPs ratio promises).
+pub fn latency_against_unpruned(
+    sample: &Tensor<Cpu, 4>,
+    flops_ratio: f64,
+    mut unpruned: impl FnMut(Tensor<Cpu, 4>) -> Result<()>,
+    mut pruned: impl FnMut(Tensor<Cpu, 4>) -> Result<()>,
+) -> Result<Value> {
+    let [n, c, h, w] = sample.dims();
+    let mut out = serde_json::Map::new();
+    for b in LATENCY_BATCHES {
+        let x = if b == n {
+            sample.clone()
+        } else {
+            let idx: Vec<i64> = (0..b).map(|i| (i % n) as i64).collect();
+            sample.clone().select(0, Tensor::from_data(TensorData::new(idx, [b]), &sample.device()))
+        };
+        debug_assert_eq!(x.dims(), [b, c, h, w]);
+        let reps = if b == 1 { 40 } else { 8 };
+        unpruned(x.clone())?;
+        pruned(x.clone())?;
+        let (mut tu, mut tp) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
+        for _ in 0..reps {
+            let t = Instant::now();
+            unpruned(x.clone())?;
+            tu.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            pruned(x.clone())?;
+            tp.push(t.elapsed().as_secs_f64());
+        }
+        let (u, p) = (median(tu), median(tp));
+        let speedup = u / p;
+        out.insert(
+            format!("batch{b}"),
+            json!({
+                "unpruned_ms": u * 1e3, "pruned_ms": p * 1e3,
+                "unpruned_images_per_s": b as f64 / u, "pruned_images_per_s": b as f64 / p,
+                "speedup": speedup,
+                "speedup_over_flops_reduction": speedup * flops_ratio,
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The table view of an eval report (plain runs and controller runs).
+pub fn table(report: &Value) -> String {
+    let mut s = String::new();
+    let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<22} {v}\n"));
+    for k in ["source", "arch", "controller", "allocation", "weights", "router"] {
+        if let Some(v) = report.get(k).and_then(|v| v.as_str()) {
+            line(&mut s, k, v.to_string());
+        }
+    }
+    line(&mut s, "images", report["images"].to_string());
+    line(&mut s, "top-1", format!("{:.2}%", 100.0 * f(&report["top1"])));
+    line(&mut s, "loss", format!("{:.4}", f(&report["loss"])));
+    if report.get("full_compute_top1").is_some() {
+        line(&mut s, "full-compute top-1", format!("{:.2}%", 100.0 * f(&report["full_compute_top1"])));
+    }
+    if report.get("backbone_top1").is_some_and(|v| v.is_number()) {
+        line(&mut s, "unpruned backbone top-1", format!("{:.2}%", 100.0 * f(&report["backbone_top1"])));
+    }
+    let Some(ratio) = report.get("flops_ratio").and_then(|v| v.as_f64()) else {
+        return s;
+    };
+    line(&mut s, "FLOPs ratio", format!("{ratio:.3} ({:.2}× fewer decision-layer MACs)", 1.0 / ratio.max(1e-12)));
+    let layers: Vec<&str> =
+        report["layers"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+    let lfr = report["layer_flops_ratio"].as_array().cloned().unwrap_or_default();
+    let dist = report.get("action_distribution").and_then(|v| v.as_array()).cloned();
+    let kept = report.get("kept_channels").and_then(|v| v.as_array()).cloned();
+    let outs = report.get("out_channels").and_then(|v| v.as_array()).cloned();
+    s.push('\n');
+    match &dist {
+        Some(d) => {
+            let k = d.first().and_then(|r| r.as_array()).map(|r| r.len()).unwrap_or(0);
+            let head: String = (1..=k).map(|a| format!(" {:>6}", format!("a={a}"))).collect();
+            s.push_str(&format!("{:<20} {:>6} {head}\n", "layer", "FLOPs"));
+        }
+        None => s.push_str(&format!("{:<20} {:>6} {:>12}\n", "layer", "FLOPs", "channels")),
+    }
+    for (t, name) in layers.iter().enumerate() {
+        let r = lfr.get(t).map(f).unwrap_or(f64::NAN);
+        let tail = match (&dist, &kept, &outs) {
+            (Some(d), _, _) => d
+                .get(t)
+                .and_then(|r| r.as_array())
+                .map(|r| r.iter().map(|p| format!(" {:>5.1}%", 100.0 * f(p))).collect())
+                .unwrap_or_default(),
+            (None, Some(kc), Some(oc)) => format!("{:>12}", format!("{}/{}", kc[t], oc[t])),
+            _ => String::new(),
+        };
+        s.push_str(&format!("{name:<20} {r:>6.3} {tail}\n"));
+    }
+    if let Some(lat) = report.get("latency").and_then(|v| v.as_object()) {
+        s.push_str(&format!(
+            "\n{:<8} {:>13} {:>11} {:>14} {:>12} {:>9} {:>20}\n",
+            "batch", "unpruned ms", "pruned ms", "unpruned img/s", "pruned img/s", "speedup", "speedup / FLOPs red."
+        ));
+        for b in LATENCY_BATCHES {
+            if let Some(m) = lat.get(&format!("batch{b}")) {
+                s.push_str(&format!(
+                    "{b:<8} {:>13.3} {:>11.3} {:>14.1} {:>12.1} {:>8.2}× {:>20.2}\n",
+                    f(&m["unpruned_ms"]),
+                    f(&m["pruned_ms"]),
+                    f(&m["unpruned_images_per_s"]),
+                    f(&m["pruned_images_per_s"]),
+                    f(&m["speedup"]),
+                    f(&m["speedup_over_flops_reduction"])
+                ));
+            }
+        }
+    }
+    s
+}

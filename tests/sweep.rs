@@ -1,0 +1,99 @@
+//! `rlprune sweep` on the synthetic dataset: one backbone, two penalties and a static baseline;
+//! checks the CSV rows, the shared backbone and the PNG's dimensions.
+
+use std::path::{Path, PathBuf};
+
+use rlprune::sweep::{PLOT_SIZE, SweepOptions, run_sweep, split_sets};
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const COMMON: &str = r#"
+seed = 3
+[data]
+dataset = "synthetic"
+size = 16
+train_size = 128
+test_size = 64
+batch_size = 32
+eval_batch_size = 64
+[backbone]
+arch = "small-cnn"
+channels = [8, 8, 16, 16]
+[train]
+epochs = 1
+optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9 }
+[log]
+every_steps = 2
+histograms = false
+"#;
+
+#[test]
+fn split_sets_finds_the_swept_key() {
+    let sets = vec!["rl.compute_penalty=0.02,0.05".to_string(), "data.mean=[0.1,0.2]".to_string(), "rl.epochs=1".to_string()];
+    let (k, v, fixed) = split_sets(&sets).unwrap();
+    assert_eq!(k, "rl.compute_penalty");
+    assert_eq!(v, vec!["0.02", "0.05"]);
+    assert_eq!(fixed, vec!["data.mean=[0.1,0.2]", "rl.epochs=1"]);
+    assert!(split_sets(&["rl.epochs=1".to_string()]).is_err());
+    assert!(split_sets(&["a=1,2".to_string(), "b=3,4".to_string()]).is_err());
+}
+
+#[test]
+fn tiny_sweep_writes_csv_and_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let rnp = write(
+        dir.path(),
+        "rnp.toml",
+        &format!("name = \"rnp-syn\"\n{COMMON}[controller]\nkind = \"channel-router\"\nhidden = 8\n[rl]\nepochs = 1\nworkers = 1\n"),
+    );
+    let stat = write(
+        dir.path(),
+        "static.toml",
+        &format!("name = \"static-syn\"\n{COMMON}[controller]\nkind = \"static-l1\"\ntarget_flops = 0.5\nfine_tune_epochs = 1\n"),
+    );
+    let opts = SweepOptions {
+        experiment: rnp,
+        sets: vec!["rl.compute_penalty=0.05,0.5".into()],
+        static_experiment: Some(stat),
+        out: Some(PathBuf::from("sweep")),
+        base_dir: dir.path().into(),
+    };
+    let out = run_sweep(&opts).unwrap();
+    assert_eq!(out, dir.path().join("sweep"));
+    // The backbone was trained once, by the first value's run; the others reused its weights.
+    let first = out.join("rl.compute_penalty=0.05");
+    assert!(first.join("backbone/checkpoints/last.safetensors").is_file());
+    assert!(!out.join("rl.compute_penalty=0.5/backbone").exists());
+    assert!(!out.join("static/backbone").exists());
+    let cfg = std::fs::read_to_string(out.join("static/config.toml")).unwrap();
+    assert!(cfg.contains("rl.compute_penalty=0.05/backbone/checkpoints/last.safetensors"), "{cfg}");
+
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "method,rl.compute_penalty,top1,flops_ratio,latency_b1_ms,latency_b64_ms,throughput_b64");
+    assert_eq!(lines.len(), 5, "{csv}");
+    let methods: Vec<(&str, &str)> = lines[1..].iter().map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f[0], f[1])
+    }).collect();
+    assert_eq!(methods, vec![("unpruned", ""), ("rnp", "0.05"), ("rnp", "0.5"), ("static", "")]);
+    for l in &lines[1..] {
+        let nums: Vec<f64> = l.split(',').skip(2).map(|x| x.parse().unwrap()).collect();
+        assert!((0.0..=1.0).contains(&nums[0]), "top1 in {l}");
+        assert!(nums[1] > 0.0 && nums[1] <= 1.0 + 1e-9, "flops ratio in {l}");
+        assert!(nums[2..].iter().all(|v| v.is_finite() && *v > 0.0), "timings in {l}");
+    }
+    assert!(lines[1].split(',').nth(3) == Some("1.000000"));
+    let static_flops: f64 = lines[4].split(',').nth(3).unwrap().parse().unwrap();
+    assert!(static_flops <= 0.5, "{csv}");
+
+    let png = image::open(out.join("sweep.png")).unwrap();
+    assert_eq!((png.width(), png.height()), PLOT_SIZE);
+    // Something was drawn: not a blank canvas.
+    let rgb = png.to_rgb8();
+    assert!(rgb.pixels().filter(|p| p.0 != [255, 255, 255]).count() > 1000);
+}
