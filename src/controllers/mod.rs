@@ -128,7 +128,7 @@ pub struct ControllerConfig {
     /// Encoder output and GRU hidden size.
     #[serde(default = "default_hidden")]
     pub hidden: usize,
-    /// Recurrent cell: `"gru"`.
+    /// Recurrent cell: `"gru"` or `"lstm"`.
     #[serde(default = "default_rnn")]
     pub rnn: String,
 }
@@ -144,6 +144,8 @@ fn default_rnn() -> String {
 }
 
 pub const CONTROLLER_KINDS: &[&str] = &["channel-router"];
+/// Recurrent cells of the channel router.
+pub const RNN_CELLS: &[&str] = &["gru", "lstm"];
 
 impl ControllerConfig {
     /// Problems as (key relative to `[controller]`, message).
@@ -161,8 +163,8 @@ impl ControllerConfig {
         if !(1..=4096).contains(&self.hidden) {
             v.push(("hidden".into(), format!("must be in 1..=4096, got {}", self.hidden)));
         }
-        if self.rnn != "gru" {
-            v.push(("rnn".into(), format!("'{}' is not available (available: gru)", self.rnn)));
+        if !RNN_CELLS.contains(&self.rnn.as_str()) {
+            v.push(("rnn".into(), format!("'{}' is not a known cell (available: {})", self.rnn, RNN_CELLS.join(", "))));
         }
         v
     }
