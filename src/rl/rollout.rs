@@ -140,6 +140,7 @@ pub fn worker_seed(seed: u64, step: u64, worker: usize) -> u64 {
 }
 
 /// Runs episodes for `images [n, C, H, W]` (row-major) with `labels`.
+#[allow(clippy::too_many_arguments)]
 pub fn rollout_shard(
     backbone: &AnyBackbone<Cpu>,
     router: &ChannelRouter<Cpu>,
