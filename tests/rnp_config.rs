@@ -20,14 +20,14 @@ fn err(extra: &str) -> String {
 
 #[test]
 fn bad_rl_and_controller_keys_are_named() {
-    let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nalgorithm = \"ppo\"\n");
-    assert!(e.contains("e.toml:9: rl.algorithm") && e.contains("available: reinforce"), "{e}");
+    let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nalgorithm = \"a2c\"\n");
+    assert!(e.contains("e.toml:9: rl.algorithm") && e.contains("available: reinforce, ppo, dqn"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\ngroups = 0\n");
     assert!(e.contains("e.toml:8: controller.groups must be in 1..=64"), "{e}");
     let e = err("[controller]\nkind = \"gumbel\"\n");
     assert!(e.contains("controller.kind") && e.contains("channel-router"), "{e}");
-    let e = err("[controller]\nkind = \"channel-router\"\nrnn = \"lstm\"\n");
-    assert!(e.contains("controller.rnn"), "{e}");
+    let e = err("[controller]\nkind = \"channel-router\"\nrnn = \"foo\"\n");
+    assert!(e.contains("e.toml:8: controller.rnn") && e.contains("available: gru, lstm"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nbaseline = \"mean\"\n");
     assert!(e.contains("e.toml:9: rl.baseline"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\n[rl]\naccuracy_reward = \"acc\"\n");
@@ -40,6 +40,41 @@ fn bad_rl_and_controller_keys_are_named() {
     assert!(e.contains("unknown key 'rl.learning_rate'"), "{e}");
     let e = err("[rl]\nlr = 0.1\n");
     assert!(e.contains("rl needs a [controller] section"), "{e}");
+}
+
+#[test]
+fn bad_ppo_and_dqn_keys_are_named() {
+    let rl = |body: &str| err(&format!("[controller]\nkind = \"channel-router\"\n[rl]\nalgorithm = \"ppo\"\n{body}"));
+    let e = rl("clip = 0.0\n");
+    assert!(e.contains("e.toml:10: rl.clip must be in (0, 1), got 0"), "{e}");
+    let e = rl("clip = -0.2\n");
+    assert!(e.contains("e.toml:10: rl.clip must be in (0, 1)"), "{e}");
+    let e = rl("gae_lambda = 1.5\n");
+    assert!(e.contains("e.toml:10: rl.gae_lambda must be in [0, 1], got 1.5"), "{e}");
+    let e = rl("ppo_epochs = 0\n");
+    assert!(e.contains("e.toml:10: rl.ppo_epochs must be > 0"), "{e}");
+    let e = rl("baseline = \"self-critical\"\n");
+    assert!(e.contains("e.toml:10: rl.baseline") && e.contains("reinforce"), "{e}");
+    let dqn = |body: &str| err(&format!("[controller]\nkind = \"channel-router\"\n[rl]\nalgorithm = \"dqn\"\n{body}"));
+    let e = dqn("epsilon_start = 1.2\n");
+    assert!(e.contains("e.toml:10: rl.epsilon_start must be in [0, 1], got 1.2"), "{e}");
+    let e = dqn("epsilon_end = -0.1\n");
+    assert!(e.contains("e.toml:10: rl.epsilon_end must be in [0, 1]"), "{e}");
+    let e = dqn("target_sync_every = 0\n");
+    assert!(e.contains("e.toml:10: rl.target_sync_every must be > 0"), "{e}");
+    let e = dqn("replay_capacity = 0\n");
+    assert!(e.contains("e.toml:10: rl.replay_capacity must be > 0"), "{e}");
+    let e = dqn("epsilon = 0.1\n");
+    assert!(e.contains("unknown key 'rl.epsilon'"), "{e}");
+    // Good PPO / DQN / LSTM settings load.
+    let dir = tempfile::tempdir().unwrap();
+    for extra in [
+        "[controller]\nkind = \"channel-router\"\nrnn = \"lstm\"\n[rl]\nalgorithm = \"ppo\"\nclip = 0.1\n",
+        "[controller]\nkind = \"channel-router\"\n[rl]\nalgorithm = \"dqn\"\nepsilon_end = 0.0\n",
+    ] {
+        let p = write(&dir, "ok.toml", &format!("{BASE}{extra}"));
+        Experiment::load(&p, &[]).unwrap();
+    }
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! RNP's channel router (Lin et al., NeurIPS 2017): per decision layer an encoder
-//! `encoders.{t}` (Linear C_in_t → d) of the layer's pooled input, a GRU cell shared over
-//! layers carrying state from layer to layer, and a head (Linear d → k) giving the distribution
-//! over "compute the first a of k channel groups". An optional value head (Linear d → 1)
-//! provides the learned baseline for REINFORCE.
+//! `encoders.{t}` (Linear C_in_t → d) of the layer's pooled input, a recurrent cell shared over
+//! layers carrying state from layer to layer (`gru`, or `lstm` with `[controller] rnn =
+//! "lstm"`), and a head (Linear d → k) over "compute the first a of k channel groups": policy
+//! logits for REINFORCE / PPO, Q-values for DQN. An optional value head (Linear d → 1) provides
+//! the learned baseline (REINFORCE) or critic (PPO).
 
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
@@ -55,11 +56,59 @@ impl<B: Backend> GruCell<B> {
     }
 }
 
+/// An LSTM cell with PyTorch's parameter names and gate order (i, f, g, o).
+#[derive(Module, Debug)]
+pub struct LstmCell<B: Backend> {
+    pub weight_ih: Param<Tensor<B, 2>>,
+    pub weight_hh: Param<Tensor<B, 2>>,
+    pub bias_ih: Param<Tensor<B, 1>>,
+    pub bias_hh: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> LstmCell<B> {
+    pub fn new(input: usize, hidden: usize, device: &B::Device) -> Self {
+        Self {
+            weight_ih: Param::from_tensor(torch_default_uniform([4 * hidden, input], hidden, device)),
+            weight_hh: Param::from_tensor(torch_default_uniform([4 * hidden, hidden], hidden, device)),
+            bias_ih: Param::from_tensor(torch_default_uniform([4 * hidden], hidden, device)),
+            bias_hh: Param::from_tensor(torch_default_uniform([4 * hidden], hidden, device)),
+        }
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.weight_hh.dims()[1]
+    }
+
+    /// One step: `x [N, in]`, `(h, c) [N, H]` → `(h', c')`.
+    pub fn forward(&self, x: Tensor<B, 2>, h: Tensor<B, 2>, c: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let hd = self.hidden();
+        let n = x.dims()[0];
+        let gates = x.matmul(self.weight_ih.val().transpose())
+            + self.bias_ih.val().unsqueeze::<2>()
+            + h.matmul(self.weight_hh.val().transpose())
+            + self.bias_hh.val().unsqueeze::<2>();
+        let part = |i: usize| gates.clone().slice([0..n, i * hd..(i + 1) * hd]);
+        let (i, f, g, o) = (sigmoid(part(0)), sigmoid(part(1)), tanh(part(2)), sigmoid(part(3)));
+        let c = f * c + i * g;
+        let h = o * tanh(c.clone());
+        (h, c)
+    }
+}
+
+/// The router's recurrent state for a batch: `h`, plus the cell state `c` for an LSTM.
+#[derive(Debug, Clone)]
+pub struct RnnState<B: Backend> {
+    pub h: Tensor<B, 2>,
+    pub c: Option<Tensor<B, 2>>,
+}
+
 #[derive(Module, Debug)]
 pub struct ChannelRouter<B: Backend> {
     /// One encoder per decision layer: Linear(C_in_t → hidden).
     pub encoders: Vec<Linear<B>>,
-    pub gru: GruCell<B>,
+    /// Exactly one of `gru` / `lstm` is present.
+    pub gru: Option<GruCell<B>>,
+    pub lstm: Option<LstmCell<B>>,
     /// Linear(hidden → groups).
     pub head: Linear<B>,
     /// Linear(hidden → 1), the learned baseline.
@@ -68,6 +117,8 @@ pub struct ChannelRouter<B: Backend> {
 
 /// What the router computes at one step, for the learner.
 pub struct StepOutput<B: Backend> {
+    /// The head's raw output `[N, k]`: policy logits, or Q-values under DQN.
+    pub scores: Tensor<B, 2>,
     pub log_probs: Tensor<B, 2>,
     pub value: Option<Tensor<B, 1>>,
 }
@@ -76,9 +127,11 @@ impl<B: Backend> ChannelRouter<B> {
     /// A router for a backbone whose decision layers take `in_channels[t]` input channels.
     pub fn new(cfg: &ControllerConfig, in_channels: &[usize], value_head: bool, device: &B::Device) -> Self {
         let d = cfg.hidden;
+        let lstm = cfg.rnn == "lstm";
         Self {
             encoders: in_channels.iter().map(|&c| Linear::new(c, d, true, device)).collect(),
-            gru: GruCell::new(d, d, device),
+            gru: (!lstm).then(|| GruCell::new(d, d, device)),
+            lstm: lstm.then(|| LstmCell::new(d, d, device)),
             head: Linear::new(d, cfg.groups, true, device),
             value: value_head.then(|| Linear::new(d, 1, true, device)),
         }
@@ -95,11 +148,21 @@ impl<B: Backend> ChannelRouter<B> {
     }
 
     pub fn hidden(&self) -> usize {
-        self.gru.hidden()
+        match (&self.gru, &self.lstm) {
+            (Some(g), _) => g.hidden(),
+            (None, Some(l)) => l.hidden(),
+            (None, None) => self.head.in_features(),
+        }
     }
 
-    /// One recurrent step from observation `obs [N, C_t]` and state `h`.
-    pub fn step(&self, t: usize, obs: Tensor<B, 2>, h: Tensor<B, 2>) -> Result<(Tensor<B, 2>, StepOutput<B>)> {
+    /// The zero state for a batch of `n`.
+    pub fn initial_state(&self, n: usize, device: &B::Device) -> RnnState<B> {
+        let z = || Tensor::zeros([n, self.hidden()], device);
+        RnnState { h: z(), c: self.lstm.is_some().then(z) }
+    }
+
+    /// One recurrent step from observation `obs [N, C_t]` and `state`.
+    pub fn step(&self, t: usize, obs: Tensor<B, 2>, state: RnnState<B>) -> Result<(RnnState<B>, StepOutput<B>)> {
         let Some(enc) = self.encoders.get(t) else {
             bail!("router has {} encoders, asked for decision {t}", self.encoders.len())
         };
@@ -107,11 +170,36 @@ impl<B: Backend> ChannelRouter<B> {
             bail!("decision {t}: observation has {} channels, encoder expects {}", obs.dims()[1], enc.in_features());
         }
         let e = burn::tensor::activation::relu(enc.forward(obs));
-        let h = self.gru.forward(e, h);
-        let log_probs = log_softmax(self.head.forward(h.clone()), 1);
+        let state = match (&self.gru, &self.lstm, state.c) {
+            (Some(g), _, _) => RnnState { h: g.forward(e, state.h), c: None },
+            (None, Some(l), Some(c)) => {
+                let (h, c) = l.forward(e, state.h, c);
+                RnnState { h, c: Some(c) }
+            }
+            (None, Some(_), None) => bail!("LSTM router stepped without a cell state"),
+            (None, None, _) => bail!("router has no recurrent cell"),
+        };
+        let h = state.h.clone();
+        let scores = self.head.forward(h.clone());
+        let log_probs = log_softmax(scores.clone(), 1);
         let n = h.dims()[0];
-        let value = self.value.as_ref().map(|v| v.forward(h.clone()).reshape([n]));
-        Ok((h.clone(), StepOutput { log_probs, value }))
+        let value = self.value.as_ref().map(|v| v.forward(h).reshape([n]));
+        Ok((state, StepOutput { scores, log_probs, value }))
+    }
+
+    /// Runs the router over a stored observation sequence and returns every step's output.
+    pub fn unroll(&self, observations: &[Tensor<B, 2>]) -> Result<Vec<StepOutput<B>>> {
+        let Some(first) = observations.first() else {
+            return Ok(Vec::new());
+        };
+        let mut state = self.initial_state(first.dims()[0], &first.device());
+        let mut out = Vec::with_capacity(observations.len());
+        for (t, obs) in observations.iter().enumerate() {
+            let (s2, o) = self.step(t, obs.clone(), state)?;
+            state = s2;
+            out.push(o);
+        }
+        Ok(out)
     }
 
     /// Re-evaluates the stored observation sequence: per decision, log-prob of the stored
@@ -122,25 +210,23 @@ impl<B: Backend> ChannelRouter<B> {
         observations: &[Tensor<B, 2>],
         actions: &[Vec<usize>],
     ) -> Result<Vec<(Tensor<B, 1>, Tensor<B, 1>, Option<Tensor<B, 1>>)>> {
-        let Some(first) = observations.first() else {
-            return Ok(Vec::new());
-        };
-        let n = first.dims()[0];
-        let device = first.device();
-        let mut h = Tensor::zeros([n, self.hidden()], &device);
-        let mut out = Vec::new();
-        for (t, (obs, acts)) in observations.iter().zip(actions).enumerate() {
-            let (h2, s) = self.step(t, obs.clone(), h)?;
-            h = h2;
-            let (lp, ent) = pick(s.log_probs, acts, &device);
-            out.push((lp, ent, s.value));
+        if actions.len() != observations.len() {
+            bail!("{} observation steps for {} action steps", observations.len(), actions.len());
         }
-        Ok(out)
+        let steps = self.unroll(observations)?;
+        Ok(steps
+            .into_iter()
+            .zip(actions)
+            .map(|(s, acts)| {
+                let (lp, ent) = pick(s.log_probs, acts, &s.scores.device());
+                (lp, ent, s.value)
+            })
+            .collect())
     }
 }
 
 /// Log-probs of `actions` (1-based) and the entropy, both `[N]`.
-fn pick<B: Backend>(log_probs: Tensor<B, 2>, actions: &[usize], device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
+pub fn pick<B: Backend>(log_probs: Tensor<B, 2>, actions: &[usize], device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
     let n = actions.len();
     let idx: Vec<i64> = actions.iter().map(|&a| a as i64 - 1).collect();
     let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, 1]), device);
@@ -149,15 +235,30 @@ fn pick<B: Backend>(log_probs: Tensor<B, 2>, actions: &[usize], device: &B::Devi
     (lp, ent)
 }
 
+/// How [`Mode::Sample`] picks actions from the head's output.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ActionRule {
+    /// Sample from softmax(head) (policy-gradient algorithms).
+    Softmax,
+    /// A uniformly random action with probability ε, else argmax of the head (DQN).
+    EpsilonGreedy(f64),
+}
+
 /// The router as a [`Controller`]: the module plus the recurrent state of the current batch.
+/// [`Mode::Greedy`] takes the argmax of the head under every rule.
 pub struct RouterPolicy<B: Backend> {
     pub router: ChannelRouter<B>,
-    h: Option<Tensor<B, 2>>,
+    pub rule: ActionRule,
+    state: Option<RnnState<B>>,
 }
 
 impl<B: Backend> RouterPolicy<B> {
     pub fn new(router: ChannelRouter<B>) -> Self {
-        Self { router, h: None }
+        Self::with_rule(router, ActionRule::Softmax)
+    }
+
+    pub fn with_rule(router: ChannelRouter<B>, rule: ActionRule) -> Self {
+        Self { router, rule, state: None }
     }
 }
 
@@ -180,7 +281,7 @@ impl<B: Backend> Controller<B> for RouterPolicy<B> {
     }
 
     fn reset(&mut self, _batch: usize) {
-        self.h = None;
+        self.state = None;
     }
 
     fn decide(
@@ -192,23 +293,28 @@ impl<B: Backend> Controller<B> for RouterPolicy<B> {
     ) -> Result<Decision<B>> {
         let [n, _] = observation.dims();
         let device = observation.device();
-        let h = match self.h.take() {
-            Some(h) => h,
-            None => Tensor::zeros([n, self.router.hidden()], &device),
+        let state = match self.state.take() {
+            Some(s) => s,
+            None => self.router.initial_state(n, &device),
         };
-        let (h, s) = self.router.step(point.index, observation, h)?;
-        self.h = Some(h);
+        let (state, s) = self.router.step(point.index, observation, state)?;
+        self.state = Some(state);
         let k = self.router.groups();
         let probs = softmax(s.log_probs.clone().detach(), 1).into_data().convert::<f32>();
         let probs = probs.as_slice::<f32>().map_err(|e| anyhow::anyhow!("router probabilities: {e:?}"))?;
         let actions: Vec<usize> = (0..n)
             .map(|i| {
                 let row = &probs[i * k..(i + 1) * k];
-                1 + match mode {
-                    Mode::Sample => sample_categorical(row, rng),
-                    Mode::Greedy => {
-                        row.iter().enumerate().fold(0, |best, (j, &p)| if p > row[best] { j } else { best })
+                let argmax = || row.iter().enumerate().fold(0, |best, (j, &p)| if p > row[best] { j } else { best });
+                1 + match (mode, self.rule) {
+                    (Mode::Sample, ActionRule::Softmax) => sample_categorical(row, rng),
+                    (Mode::Sample, ActionRule::EpsilonGreedy(eps)) => {
+                        // Always two draws per image, so the stream does not depend on outcomes.
+                        let explore = rng.random::<f64>() < eps;
+                        let random = rng.random_range(0..k);
+                        if explore { random } else { argmax() }
                     }
+                    (Mode::Greedy, _) => argmax(),
                 }
             })
             .collect();

@@ -134,7 +134,7 @@ pub struct ControllerConfig {
     /// Encoder output and GRU hidden size.
     #[serde(default = "default_hidden")]
     pub hidden: usize,
-    /// Recurrent cell: `"gru"`.
+    /// Recurrent cell: `"gru"` or `"lstm"`.
     #[serde(default = "default_rnn")]
     pub rnn: String,
     /// Keys specific to the kind (e.g. `static-l1`'s `target_flops`).
@@ -213,6 +213,8 @@ pub fn no_extra_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
         .map(|k| (k.clone(), format!("is not a key of controller '{}' (unknown key)", cfg.kind)))
         .collect()
 }
+/// Recurrent cells of the channel router.
+pub const RNN_CELLS: &[&str] = &["gru", "lstm"];
 
 impl ControllerConfig {
     /// Problems as (key relative to `[controller]`, message).
@@ -228,8 +230,8 @@ impl ControllerConfig {
         if !(1..=4096).contains(&self.hidden) {
             v.push(("hidden".into(), format!("must be in 1..=4096, got {}", self.hidden)));
         }
-        if self.rnn != "gru" {
-            v.push(("rnn".into(), format!("'{}' is not available (available: gru)", self.rnn)));
+        if !RNN_CELLS.contains(&self.rnn.as_str()) {
+            v.push(("rnn".into(), format!("'{}' is not a known cell (available: {})", self.rnn, RNN_CELLS.join(", "))));
         }
         v
     }

@@ -4,8 +4,13 @@
 //! 50× slower than its forward (11 s for the backward of one 32→32 3×3 layer at 28×28, batch
 //! 64, on 2 cores), which made CNN training impractical. [`ConvBackend`] routes our `Conv2d`
 //! through an op that NdArray implements as im2col + one GEMM per image and group
-//! (`matrixmultiply`, the kernel behind ndarray's own matmul), with an analytic backward:
+//! (the `gemm` crate, single-threaded per call), with an analytic backward:
 //! `dW = Σ_n G_n · cols_nᵀ`, `dx = col2im(Wᵀ · G_n)`. Other backends (CUDA) keep burn's conv.
+//!
+//! Threads: a call splits its images over [`conv_threads`] threads (a per-thread setting,
+//! default all cores). The GEMM itself never spawns, so N rollout workers that each set
+//! `set_conv_threads(1)` get N-way parallelism instead of fighting over one GEMM thread pool
+//! (matrixmultiply's pool is process-global and was the reason two workers gained nothing).
 
 use std::borrow::Cow;
 
@@ -19,6 +24,23 @@ use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
 use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
+
+thread_local! {
+    static CONV_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Threads a convolution called from this thread may use (default: all cores).
+pub fn conv_threads() -> usize {
+    match CONV_THREADS.with(|c| c.get()) {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    }
+}
+
+/// Sets [`conv_threads`] for the calling thread; `0` restores the default (all cores).
+pub fn set_conv_threads(threads: usize) {
+    CONV_THREADS.with(|c| c.set(threads));
+}
 
 /// Geometry of one convolution (square kernels' stride/padding, any kernel shape, no dilation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,59 +300,138 @@ mod cpu {
         }
     }
 
-    /// `c[m×n] = alpha·a·b + beta·c` with explicit strides (row, column) for each matrix.
+    /// `c[m×n] = a·b (+ c when accumulate)` with explicit strides (row, column) for `a` and `b`;
+    /// `c` is row-major. Single-threaded: parallelism comes from splitting images over threads.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(m: usize, k: usize, n: usize, a: &[f32], (rsa, csa): (usize, usize), b: &[f32], (rsb, csb): (usize, usize), beta: f32, c: &mut [f32]) {
+    fn gemm(m: usize, k: usize, n: usize, a: &[f32], (rsa, csa): (usize, usize), b: &[f32], (rsb, csb): (usize, usize), accumulate: bool, c: &mut [f32]) {
         if m == 0 || n == 0 {
             return;
         }
-        assert!(a.len() > (m - 1) * rsa + (k.max(1) - 1) * csa || k == 0);
-        assert!(b.len() > (k.max(1) - 1) * rsb + (n - 1) * csb || k == 0);
+        if k == 0 {
+            if !accumulate {
+                c[..m * n].fill(0.0);
+            }
+            return;
+        }
+        assert!(a.len() > (m - 1) * rsa + (k - 1) * csa);
+        assert!(b.len() > (k - 1) * rsb + (n - 1) * csb);
         assert!(c.len() >= m * n);
-        // SAFETY: the asserts above bound every index the kernel reads or writes.
+        // SAFETY: the asserts above bound every index the kernel reads or writes; `c` does not
+        // alias `a` or `b` (distinct borrows).
         unsafe {
-            matrixmultiply::sgemm(
-                m, k, n, 1.0,
-                a.as_ptr(), rsa as isize, csa as isize,
-                b.as_ptr(), rsb as isize, csb as isize,
-                beta, c.as_mut_ptr(), n as isize, 1,
+            // gemm's convention: dst = alpha·dst + beta·lhs·rhs (dst read only when asked).
+            gemm::gemm(
+                m, n, k,
+                c.as_mut_ptr(), 1, n as isize, accumulate,
+                a.as_ptr(), csa as isize, rsa as isize,
+                b.as_ptr(), csb as isize, rsb as isize,
+                1.0, 1.0, false, false, false,
+                gemm::Parallelism::None,
             );
         }
     }
 
-    pub fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
+    /// How many threads a call over `images` images of `macs_per_image` MACs uses: the
+    /// caller's [`super::conv_threads`], fewer when the work is too small to pay for a spawn.
+    fn split(images: usize, macs_per_image: usize) -> usize {
+        // About 0.5 ms of work per thread at least (a spawn costs tens of microseconds).
+        const MIN_MACS_PER_THREAD: usize = 1 << 21;
+        let by_work = (images * macs_per_image / MIN_MACS_PER_THREAD).max(1);
+        super::conv_threads().min(images).min(by_work).max(1)
+    }
+
+    /// Runs `f(first_image, images)` over `threads` contiguous image ranges, the first on the
+    /// calling thread.
+    fn for_image_ranges<R: Send>(n: usize, threads: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
+        let ranges: Vec<(usize, usize)> =
+            (0..threads).map(|t| (t * n / threads, (t + 1) * n / threads)).filter(|(a, b)| b > a).collect();
+        if ranges.len() <= 1 {
+            return vec![f(0, n)];
+        }
+        std::thread::scope(|scope| {
+            let f = &f;
+            let handles: Vec<_> =
+                ranges[1..].iter().map(|&(a, b)| scope.spawn(move || f(a, b - a))).collect();
+            let mut out = vec![f(ranges[0].0, ranges[0].1 - ranges[0].0)];
+            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
+            out
+        })
+    }
+
+    /// Output of images `first..first + count`, `[count, O, Ho, Wo]`.
+    fn forward_range(x: &[f32], w: &[f32], g: &Geometry, first: usize, count: usize) -> Vec<f32> {
         let (k, pix, og) = (g.k(), g.pixels(), g.og());
-        let mut out = vec![0.0f32; g.n * g.o * pix];
+        let mut out = vec![0.0f32; count * g.o * pix];
         let mut cols = vec![0.0f32; k * pix];
-        for img in 0..g.n {
+        for i in 0..count {
             for grp in 0..g.groups {
-                im2col(x, g, img, grp, &mut cols);
+                im2col(x, g, first + i, grp, &mut cols);
                 let wg = &w[grp * og * k..][..og * k];
-                let dst = &mut out[(img * g.o + grp * og) * pix..][..og * pix];
-                gemm(og, k, pix, wg, (k, 1), &cols, (pix, 1), 0.0, dst);
+                let dst = &mut out[(i * g.o + grp * og) * pix..][..og * pix];
+                gemm(og, k, pix, wg, (k, 1), &cols, (pix, 1), false, dst);
             }
         }
         out
     }
 
-    pub fn backward(grad: &[f32], x: Option<&[f32]>, w: Option<&[f32]>, g: &Geometry) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    pub fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
+        let threads = split(g.n, g.o * g.k() * g.pixels());
+        let parts = for_image_ranges(g.n, threads, |first, count| forward_range(x, w, g, first, count));
+        if parts.len() == 1 {
+            return parts.into_iter().next().unwrap_or_default();
+        }
+        parts.concat()
+    }
+
+    /// `(dx of images first..first+count, this range's share of dW)`.
+    fn backward_range(
+        grad: &[f32],
+        x: Option<&[f32]>,
+        w: Option<&[f32]>,
+        g: &Geometry,
+        first: usize,
+        count: usize,
+    ) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
         let (k, pix, og) = (g.k(), g.pixels(), g.og());
         let mut dw = x.map(|_| vec![0.0f32; g.o * k]);
-        let mut dx = w.map(|_| vec![0.0f32; g.n * g.c * g.h * g.w]);
+        let mut dx = w.map(|_| vec![0.0f32; count * g.c * g.h * g.w]);
         let mut cols = vec![0.0f32; k * pix];
-        for img in 0..g.n {
+        for i in 0..count {
+            let img = first + i;
             for grp in 0..g.groups {
                 let gr = &grad[(img * g.o + grp * og) * pix..][..og * pix];
                 if let (Some(x), Some(dw)) = (x, dw.as_mut()) {
                     im2col(x, g, img, grp, &mut cols);
                     // dW_g[og×k] += G[og×pix] · colsᵀ[pix×k]
-                    gemm(og, pix, k, gr, (pix, 1), &cols, (1, pix), 1.0, &mut dw[grp * og * k..][..og * k]);
+                    gemm(og, pix, k, gr, (pix, 1), &cols, (1, pix), true, &mut dw[grp * og * k..][..og * k]);
                 }
                 if let (Some(w), Some(dx)) = (w, dx.as_mut()) {
                     // cols[k×pix] = W_gᵀ[k×og] · G[og×pix]
                     let wg = &w[grp * og * k..][..og * k];
-                    gemm(k, og, pix, wg, (1, k), gr, (pix, 1), 0.0, &mut cols);
-                    col2im(&cols, g, img, grp, dx);
+                    gemm(k, og, pix, wg, (1, k), gr, (pix, 1), false, &mut cols);
+                    col2im(&cols, g, i, grp, dx);
+                }
+            }
+        }
+        (dx, dw)
+    }
+
+    pub fn backward(grad: &[f32], x: Option<&[f32]>, w: Option<&[f32]>, g: &Geometry) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        let threads = split(g.n, 2 * g.o * g.k() * g.pixels());
+        let parts = for_image_ranges(g.n, threads, |first, count| backward_range(grad, x, w, g, first, count));
+        let mut dx: Option<Vec<f32>> = None;
+        let mut dw: Option<Vec<f32>> = None;
+        for (pdx, pdw) in parts {
+            if let Some(p) = pdx {
+                match dx.as_mut() {
+                    Some(d) => d.extend(p),
+                    None => dx = Some(p),
+                }
+            }
+            if let Some(p) = pdw {
+                match dw.as_mut() {
+                    Some(d) => d.iter_mut().zip(p).for_each(|(d, v)| *d += v),
+                    None => dw = Some(p),
                 }
             }
         }

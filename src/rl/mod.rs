@@ -1,6 +1,8 @@
-//! Reinforcement learning of controllers: `[rl]` configuration, rewards, REINFORCE, and the
-//! parallel rollout workers (actor–learner).
+//! Reinforcement learning of controllers: `[rl]` configuration, rewards, REINFORCE, PPO, DQN,
+//! and the parallel rollout workers (actor–learner).
 
+pub mod dqn;
+pub mod ppo;
 pub mod reinforce;
 pub mod reward;
 pub mod rollout;
@@ -9,13 +11,13 @@ pub mod train;
 use serde::{Deserialize, Serialize};
 
 /// Algorithms this build implements.
-pub const ALGORITHMS: &[&str] = &["reinforce"];
+pub const ALGORITHMS: &[&str] = &["reinforce", "ppo", "dqn"];
 
 /// `[rl]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RlConfig {
-    /// `"reinforce"`.
+    /// `"reinforce"`, `"ppo"` or `"dqn"`.
     #[serde(default = "d_algorithm")]
     pub algorithm: String,
     /// Epochs of router training (alternating with backbone fine-tuning).
@@ -56,6 +58,66 @@ pub struct RlConfig {
     /// (0 = never).
     #[serde(default = "d_alt")]
     pub alternate_every: usize,
+    /// Discount over the layer sequence (PPO's GAE, DQN's TD targets; REINFORCE uses 1).
+    #[serde(default = "d_one")]
+    pub gamma: f64,
+    /// PPO: clip range ε of the probability ratio.
+    #[serde(default = "d_clip")]
+    pub clip: f64,
+    /// PPO: λ of generalised advantage estimation over the layers.
+    #[serde(default = "d_gae_lambda")]
+    pub gae_lambda: f64,
+    /// PPO: passes over each rollout batch.
+    #[serde(default = "d_ppo_epochs")]
+    pub ppo_epochs: usize,
+    /// Images (whole layer sequences) per minibatch: PPO's minibatches, DQN's replay samples.
+    #[serde(default = "d_minibatch")]
+    pub minibatch: usize,
+    /// DQN: ε of ε-greedy, linearly from `epsilon_start` to `epsilon_end` over
+    /// `epsilon_decay_steps` router updates.
+    #[serde(default = "d_one")]
+    pub epsilon_start: f64,
+    #[serde(default = "d_eps_end")]
+    pub epsilon_end: f64,
+    #[serde(default = "d_eps_decay")]
+    pub epsilon_decay_steps: usize,
+    /// DQN: replay buffer size in episodes (images).
+    #[serde(default = "d_replay")]
+    pub replay_capacity: usize,
+    /// DQN: copy the online network into the target network every this many gradient updates.
+    #[serde(default = "d_target_sync")]
+    pub target_sync_every: usize,
+    /// DQN: gradient updates (replay minibatches) per rollout batch.
+    #[serde(default = "d_one_usize")]
+    pub updates_per_batch: usize,
+}
+
+fn d_clip() -> f64 {
+    0.2
+}
+fn d_gae_lambda() -> f64 {
+    0.95
+}
+fn d_ppo_epochs() -> usize {
+    4
+}
+fn d_minibatch() -> usize {
+    32
+}
+fn d_eps_end() -> f64 {
+    0.05
+}
+fn d_eps_decay() -> usize {
+    500
+}
+fn d_replay() -> usize {
+    10_000
+}
+fn d_target_sync() -> usize {
+    50
+}
+fn d_one_usize() -> usize {
+    1
 }
 
 fn d_algorithm() -> String {
@@ -105,6 +167,24 @@ impl Default for RlConfig {
 }
 
 impl RlConfig {
+    /// Whether the router carries a value head: REINFORCE's learned baseline, PPO's critic.
+    pub fn value_head(&self) -> bool {
+        match self.algorithm.as_str() {
+            "ppo" => true,
+            "dqn" => false,
+            _ => self.baseline == "value",
+        }
+    }
+
+    /// DQN's exploration rate after `step` router updates (linear schedule).
+    pub fn epsilon(&self, step: u64) -> f64 {
+        if self.epsilon_decay_steps == 0 {
+            return self.epsilon_end;
+        }
+        let f = (step as f64 / self.epsilon_decay_steps as f64).min(1.0);
+        self.epsilon_start + f * (self.epsilon_end - self.epsilon_start)
+    }
+
     /// Problems as (key relative to `[rl]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
@@ -145,6 +225,36 @@ impl RlConfig {
         for (k, x) in [("lr", self.lr), ("backbone_lr", self.backbone_lr)] {
             if !(x > 0.0 && x.is_finite()) {
                 v.push((k.into(), format!("must be > 0, got {x}")));
+            }
+        }
+        if self.baseline == "self-critical" && self.algorithm != "reinforce" {
+            v.push((
+                "baseline".into(),
+                format!("\"self-critical\" applies to algorithm = \"reinforce\" only, not \"{}\"", self.algorithm),
+            ));
+        }
+        if !(self.clip > 0.0 && self.clip < 1.0) {
+            v.push(("clip".into(), format!("must be in (0, 1), got {}", self.clip)));
+        }
+        for (k, x) in [
+            ("gamma", self.gamma),
+            ("gae_lambda", self.gae_lambda),
+            ("epsilon_start", self.epsilon_start),
+            ("epsilon_end", self.epsilon_end),
+        ] {
+            if !(0.0..=1.0).contains(&x) {
+                v.push((k.into(), format!("must be in [0, 1], got {x}")));
+            }
+        }
+        for (k, x) in [
+            ("ppo_epochs", self.ppo_epochs),
+            ("minibatch", self.minibatch),
+            ("replay_capacity", self.replay_capacity),
+            ("target_sync_every", self.target_sync_every),
+            ("updates_per_batch", self.updates_per_batch),
+        ] {
+            if x == 0 {
+                v.push((k.into(), "must be > 0, got 0".into()));
             }
         }
         v

@@ -28,6 +28,30 @@ pub struct UpdateStats {
     pub entropy: f64,
     pub value_loss: f64,
     pub policy_loss: f64,
+    /// PPO: fraction of (image, decision) pairs whose ratio left [1-ε, 1+ε], and the
+    /// approximate KL(old ‖ new), both averaged over the minibatch updates.
+    pub clip_fraction: f64,
+    pub approx_kl: f64,
+    /// DQN: exploration rate of the rollout, TD loss (Huber) and mean Q of the taken actions.
+    pub epsilon: f64,
+    pub td_loss: f64,
+    pub q_mean: f64,
+}
+
+impl UpdateStats {
+    /// The algorithm-specific scalars for TensorBoard (`rl/<name>`).
+    pub fn algorithm_scalars(&self, algorithm: &str) -> Vec<(&'static str, f64)> {
+        match algorithm {
+            "ppo" => vec![
+                ("value_loss", self.value_loss),
+                ("policy_loss", self.policy_loss),
+                ("clip_fraction", self.clip_fraction),
+                ("approx_kl", self.approx_kl),
+            ],
+            "dqn" => vec![("epsilon", self.epsilon), ("td_loss", self.td_loss), ("q_mean", self.q_mean)],
+            _ => vec![("value_loss", self.value_loss), ("policy_loss", self.policy_loss)],
+        }
+    }
 }
 
 /// The REINFORCE loss from per-decision `(log_prob [N], entropy [N], value [N]?)` and returns

@@ -3,6 +3,9 @@
 //! batch, samples actions with its own RNG seeded from (seed, step, worker id), computes the
 //! rewards, and sends the trajectory back over a crossbeam channel. `workers = 1` runs the same
 //! algorithm; the same seed and worker count give identical rollouts.
+//!
+//! Each worker sets its convolutions' thread count to `cores / workers` (at least 1), so N
+//! workers split the cores instead of oversubscribing them (see `nn::conv`).
 
 use std::thread::JoinHandle;
 
@@ -19,7 +22,7 @@ use super::reward;
 use crate::Cpu;
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::controllers::Mode;
-use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
+use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
 
 /// A batch of episodes: per decision the observations and actions, per image the rewards.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,6 +84,29 @@ impl Trajectory {
         Ok(acc)
     }
 
+    /// Per decision, the observations of images `rows` (in that order) as `[rows.len(), C_t]`.
+    pub fn observation_rows<B: burn::tensor::backend::Backend>(
+        &self,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> Vec<Tensor<B, 2>> {
+        self.observations
+            .iter()
+            .map(|(data, c)| {
+                let mut v = Vec::with_capacity(rows.len() * c);
+                for &i in rows {
+                    v.extend_from_slice(&data[i * c..(i + 1) * c]);
+                }
+                Tensor::from_data(TensorData::new(v, [rows.len(), *c]), device)
+            })
+            .collect()
+    }
+
+    /// Per decision, the actions of images `rows`.
+    pub fn action_rows(&self, rows: &[usize]) -> Vec<Vec<usize>> {
+        self.actions.iter().map(|a| rows.iter().map(|&i| a[i]).collect()).collect()
+    }
+
     /// Episode returns per image.
     pub fn episode_returns(&self) -> Vec<f32> {
         (0..self.n).map(|i| self.rewards.iter().map(|r| r[i]).sum()).collect()
@@ -114,6 +140,7 @@ pub fn worker_seed(seed: u64, step: u64, worker: usize) -> u64 {
 }
 
 /// Runs episodes for `images [n, C, H, W]` (row-major) with `labels`.
+#[allow(clippy::too_many_arguments)]
 pub fn rollout_shard(
     backbone: &AnyBackbone<Cpu>,
     router: &ChannelRouter<Cpu>,
@@ -121,6 +148,7 @@ pub fn rollout_shard(
     shape: [usize; 4],
     labels: Vec<i64>,
     cfg: &RlConfig,
+    rule: ActionRule,
     rng_seed: u64,
 ) -> Result<Trajectory> {
     let device = Default::default();
@@ -134,7 +162,7 @@ pub fn rollout_shard(
         |mode: Mode,
          rng: &mut ChaCha8Rng|
          -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, crate::controllers::Trace<Cpu>)> {
-            let mut policy = RouterPolicy::new(router.clone());
+            let mut policy = RouterPolicy::with_rule(router.clone(), rule);
             let (logits, trace) = backbone.forward_controlled(x.clone(), &mut policy, mode, rng)?;
             let ce: Vec<f32> = log_softmax(logits.clone(), 1)
                 .gather(1, y.clone().reshape([n, 1]))
@@ -187,6 +215,7 @@ struct Job {
     shape: [usize; 4],
     labels: Vec<i64>,
     cfg: RlConfig,
+    rule: ActionRule,
     seed: u64,
 }
 
@@ -199,8 +228,21 @@ pub struct RolloutPool {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// Convolution threads per worker when `workers` share the machine: `cores / workers`, at
+/// least 1.
+pub fn threads_per_worker(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / workers.max(1)).max(1)
+}
+
 impl RolloutPool {
+    /// `workers` threads, each with [`threads_per_worker`] convolution threads.
     pub fn new(workers: usize) -> Self {
+        Self::with_conv_threads(workers, threads_per_worker(workers))
+    }
+
+    /// `workers` threads whose convolutions each use `conv_threads` threads.
+    pub fn with_conv_threads(workers: usize, conv_threads: usize) -> Self {
         let (res_tx, results) = unbounded::<JobResult>();
         let mut jobs = Vec::new();
         let mut handles = Vec::new();
@@ -210,6 +252,7 @@ impl RolloutPool {
             let handle = std::thread::Builder::new()
                 .name(format!("rollout-{w}"))
                 .spawn(move || {
+                    crate::nn::conv::set_conv_threads(conv_threads.max(1));
                     for job in rx.iter() {
                         let out = rollout_shard(
                             &job.backbone,
@@ -218,6 +261,7 @@ impl RolloutPool {
                             job.shape,
                             job.labels,
                             &job.cfg,
+                            job.rule,
                             job.seed,
                         );
                         if res_tx.send((job.worker, out)).is_err() {
@@ -247,6 +291,7 @@ impl RolloutPool {
         shape: [usize; 4],
         labels: &[i64],
         cfg: &RlConfig,
+        rule: ActionRule,
         seed: u64,
         step: u64,
     ) -> Result<Trajectory> {
@@ -263,6 +308,7 @@ impl RolloutPool {
                 shape: [b - a, shape[1], shape[2], shape[3]],
                 labels: labels[a..b].to_vec(),
                 cfg: cfg.clone(),
+                rule,
                 seed: worker_seed(seed, step, wid),
             };
             tx.send(job).map_err(|_| anyhow!("rollout worker {wid} has stopped"))?;

@@ -1,4 +1,5 @@
-//! RNP training: the learner that alternates router updates (REINFORCE on parallel rollouts)
+//! RNP training: the learner that alternates router updates (REINFORCE, PPO or DQN on parallel
+//! rollouts)
 //! with backbone fine-tuning under sampled policies, and the `rlprune train` pipeline for
 //! experiments with `[controller] kind = "channel-router"`.
 
@@ -17,10 +18,11 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 use super::RlConfig;
+use super::ppo::ppo_update;
 use super::reinforce::{UpdateStats, learner_step};
 use super::rollout::{RolloutPool, Trajectory, worker_seed};
 use crate::backbones::{AnyBackbone, Backbone};
-use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
+use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
 use crate::controllers::{ControllerConfig, Mode};
 use crate::data::Batch;
 use crate::data::{self, Loader};
@@ -52,6 +54,8 @@ pub struct RnpLearner {
     backbone_opt: Optimizer<Ad>,
     pool: RolloutPool,
     device: burn::tensor::Device<Ad>,
+    /// Replay buffer and target network when `[rl] algorithm = "dqn"`.
+    dqn: Option<super::dqn::DqnState<Ad>>,
 }
 
 /// What one learner step did.
@@ -74,7 +78,7 @@ impl RnpLearner {
     ) -> Self {
         let device = Default::default();
         let in_ch = ChannelRouter::<Ad>::input_channels(image_channels, &backbone.prunable_convs());
-        let router = ChannelRouter::new(ctl, &in_ch, cfg.baseline == "value", &device);
+        let router = ChannelRouter::new(ctl, &in_ch, cfg.value_head(), &device);
         Self::with_router(backbone, router, cfg, seed)
     }
 
@@ -87,7 +91,9 @@ impl RnpLearner {
             weight_decay: 5e-4,
             nesterov: false,
         });
+        let dqn = (cfg.algorithm == "dqn").then(|| super::dqn::DqnState::new(&router, cfg));
         Self {
+            dqn,
             backbone,
             router,
             cfg: cfg.clone(),
@@ -105,6 +111,8 @@ impl RnpLearner {
     pub fn step(&mut self, batch: &Batch, router_lr: f64, backbone_lr: f64) -> Result<StepReport> {
         let backbone_snap = self.backbone.valid();
         let router_snap = self.router.valid();
+        let epsilon = self.cfg.epsilon(self.step);
+        let rule = if self.dqn.is_some() { ActionRule::EpsilonGreedy(epsilon) } else { ActionRule::Softmax };
         let traj = self.pool.run(
             &backbone_snap,
             &router_snap,
@@ -112,17 +120,36 @@ impl RnpLearner {
             batch.shape,
             &batch.labels,
             &self.cfg,
+            rule,
             self.seed,
             self.step,
         )?;
-        let (router, stats) =
-            learner_step(self.router.clone(), &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?;
+        // The learner's own draws (minibatch order, replay samples) use a stream apart from
+        // every worker's.
+        let learner_seed = worker_seed(self.seed, self.step, usize::MAX >> 2);
+        let router = self.router.clone();
+        let (router, stats) = match (self.cfg.algorithm.as_str(), self.dqn.as_mut()) {
+            ("dqn", Some(dqn)) => dqn.update(
+                router,
+                &mut self.router_opt,
+                &traj,
+                &self.cfg,
+                router_lr,
+                epsilon,
+                &self.device,
+                learner_seed,
+            )?,
+            ("ppo", _) => {
+                ppo_update(router, &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device, learner_seed)?
+            }
+            _ => learner_step(router, &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?,
+        };
         self.router = router;
         self.step += 1;
         let mut backbone_loss = None;
         if self.cfg.alternate_every > 0 && self.step.is_multiple_of(self.cfg.alternate_every as u64) {
             let (x, y) = batch.to_tensors::<Ad>(&self.device);
-            let mut policy = RouterPolicy::new(self.router.valid());
+            let mut policy = RouterPolicy::with_rule(self.router.valid(), rule);
             // The policy runs on the inner backend through a thin adapter: sample actions
             // first, then replay them on the autodiff backbone.
             let mut rng = ChaCha8Rng::seed_from_u64(worker_seed(self.seed, self.step, usize::MAX >> 1));
@@ -354,6 +381,11 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 (&mut sum.flops_ratio, s.flops_ratio),
                 (&mut sum.entropy, s.entropy),
                 (&mut sum.value_loss, s.value_loss),
+                (&mut sum.clip_fraction, s.clip_fraction),
+                (&mut sum.approx_kl, s.approx_kl),
+                (&mut sum.epsilon, s.epsilon),
+                (&mut sum.td_loss, s.td_loss),
+                (&mut sum.q_mean, s.q_mean),
             ] {
                 *a += b;
             }
@@ -369,7 +401,9 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                     tb.scalar("rl/accuracy_term", step, s.accuracy_term)?;
                     tb.scalar("rl/flops_ratio", step, s.flops_ratio)?;
                     tb.scalar("rl/entropy", step, s.entropy)?;
-                    tb.scalar("rl/value_loss", step, s.value_loss)?;
+                    for (name, v) in s.algorithm_scalars(&rl.algorithm) {
+                        tb.scalar(&format!("rl/{name}"), step, v)?;
+                    }
                     tb.scalar("rl/train_top1", step, s.top1)?;
                     tb.scalar("rl/lr", step, rl.lr)?;
                     tb.scalar("rl/backbone_lr", step, rl.backbone_lr)?;
@@ -406,6 +440,8 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         metrics.write(&json!({
             "rl_epoch": epoch + 1, "step": learner.step, "reward_mean": sum.reward_mean / c, "reward_std": sum.reward_std / c,
             "accuracy_term": sum.accuracy_term / c, "train_flops_ratio": sum.flops_ratio / c, "entropy": sum.entropy / c,
+            "algorithm": rl.algorithm, "algorithm_stats": sum.algorithm_scalars(&rl.algorithm).into_iter()
+                .map(|(k, v)| (k.to_string(), json!(v / c))).collect::<serde_json::Map<_, _>>(),
             "value_loss": sum.value_loss / c, "train_top1": sum.top1 / c, "test_top1": ev.top1, "test_loss": ev.loss,
             "test_flops_ratio": ev.flops_ratio, "layer_flops_ratio": ev.layer_flops_ratio,
             "action_distribution": ev.action_distribution, "seconds": secs,
@@ -453,6 +489,8 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             ("hidden".to_string(), HParamValue::Number(ctl.hidden as f64)),
             ("compute_penalty".to_string(), HParamValue::Number(rl.compute_penalty)),
             ("accuracy_reward".to_string(), HParamValue::Text(rl.accuracy_reward.clone())),
+            ("algorithm".to_string(), HParamValue::Text(rl.algorithm.clone())),
+            ("rnn".to_string(), HParamValue::Text(ctl.rnn.clone())),
             ("baseline".to_string(), HParamValue::Text(rl.baseline.clone())),
             ("lr".to_string(), HParamValue::Number(rl.lr)),
             ("workers".to_string(), HParamValue::Number(rl.workers as f64)),
@@ -492,7 +530,7 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     let backbone =
         load_strict(model, &checkpoint::read_model(&bfile, &exp.backbone.arch, None)?, &bfile.display().to_string())?;
     let in_ch = ChannelRouter::<Cpu>::input_channels(ctx.in_channels, &backbone.prunable_convs());
-    let router = ChannelRouter::<Cpu>::new(&ctl, &in_ch, rl.baseline == "value", &device);
+    let router = ChannelRouter::<Cpu>::new(&ctl, &in_ch, rl.value_head(), &device);
     let router = load_strict(router, &crate::import::read_safetensors(&rfile)?, &rfile.display().to_string())?;
     let ev = evaluate_controlled(&backbone, &router, &test_loader)?;
     // The same (fine-tuned) weights with every channel computed.

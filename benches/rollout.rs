@@ -1,0 +1,136 @@
+//! Rollout throughput: sampled controlled forward passes of the RNP router on the small CNN
+//! (Fashion-MNIST shape, 28×28×1, batch 64), including building and sending the trajectories
+//! back to the learner, with 1 worker against 2 workers in the same run.
+//! `cargo bench --bench rollout` (set `ROLLOUT_BENCH_ROUNDS` for longer runs).
+//!
+//! Arms (interleaved round by round so load drift hits all of them alike):
+//! - 1 worker, convolutions on all cores (image-parallel conv): the best single-worker setup;
+//! - 1 worker, convolutions on 1 thread;
+//! - N workers (N = cores, at least 2), convolutions on 1 thread each (what `workers = N` uses).
+//!
+//! The ratio printed is N workers against the *better* of the two single-worker arms. It also
+//! times what the learner does serially around the rollouts: publishing snapshots
+//! (`valid()` of the autodiff backbone and router) and one REINFORCE update.
+
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
+use rlprune::backbones::{AnyBackbone, Backbone, BuildContext};
+use rlprune::controllers::ControllerConfig;
+use rlprune::controllers::channel_router::{ActionRule, ChannelRouter};
+use rlprune::rl::RlConfig;
+use rlprune::rl::rollout::RolloutPool;
+use rlprune::train::optim::{Optimizer, OptimizerConfig};
+use rlprune::{Cpu, CpuAutodiff};
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+struct Arm {
+    name: String,
+    pool: RolloutPool,
+    images: usize,
+    seconds: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let rounds: usize = std::env::var("ROLLOUT_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let batches_per_round = 4;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let n_workers = cores.max(2);
+    let batch = 64;
+    let dev = Default::default();
+    <CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, 0);
+    let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };
+    let backbone_ad = AnyBackbone::SmallCnn(SmallCnn::<CpuAutodiff>::new(&SmallCnnOptions { channels: [32, 32, 64, 64] }, &ctx, &dev));
+    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: "gru".into(), options: Default::default() };
+    let in_ch = ChannelRouter::<CpuAutodiff>::input_channels(1, &backbone_ad.prunable_convs());
+    let router_ad = ChannelRouter::<CpuAutodiff>::new(&ctl, &in_ch, true, &dev);
+    let backbone: AnyBackbone<Cpu> = backbone_ad.valid();
+    let router: ChannelRouter<Cpu> = router_ad.valid();
+    let cfg = RlConfig::default();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let images: Vec<f32> = (0..batch * 28 * 28).map(|_| rng.random_range(0.0..1.0)).collect();
+    let labels: Vec<i64> = (0..batch).map(|i| (i % 10) as i64).collect();
+    let shape = [batch, 1, 28, 28];
+
+    println!("rollout throughput: small-cnn 28x28x1, batch {batch}, router gru hidden 64, k = 4");
+    println!("cores {cores}, load average at start {}", loadavg());
+    let mut arms = vec![
+        Arm {
+            name: format!("1 worker,  conv threads {cores} (image-parallel)"),
+            pool: RolloutPool::with_conv_threads(1, cores),
+            images: 0,
+            seconds: 0.0,
+        },
+        Arm { name: "1 worker,  conv threads 1".into(), pool: RolloutPool::with_conv_threads(1, 1), images: 0, seconds: 0.0 },
+        Arm {
+            name: format!("{n_workers} workers, conv threads 1 each"),
+            pool: RolloutPool::with_conv_threads(n_workers, 1),
+            images: 0,
+            seconds: 0.0,
+        },
+    ];
+    let mut step = 0u64;
+    for round in 0..=rounds {
+        for arm in arms.iter_mut() {
+            let t = Instant::now();
+            for _ in 0..batches_per_round {
+                let traj =
+                    arm.pool.run(&backbone, &router, &images, shape, &labels, &cfg, ActionRule::Softmax, 0, step)?;
+                step += 1;
+                assert_eq!(traj.n, batch);
+            }
+            // Round 0 warms caches and threads up; it is not counted.
+            if round > 0 {
+                arm.seconds += t.elapsed().as_secs_f64();
+                arm.images += batches_per_round * batch;
+            }
+        }
+    }
+    let rate = |a: &Arm| a.images as f64 / a.seconds.max(1e-9);
+    for a in &arms {
+        println!("  {:<44} {:>8.1} img/s  ({} images in {:.2} s)", a.name, rate(a), a.images, a.seconds);
+    }
+    let best_single = rate(&arms[0]).max(rate(&arms[1]));
+    let multi = rate(&arms[2]);
+    println!(
+        "ratio {n_workers} workers / best single worker: {:.2}x   ({n_workers} workers / 1 worker at 1 thread: {:.2}x)",
+        multi / best_single,
+        multi / rate(&arms[1])
+    );
+
+    // The learner's serial share: snapshot publishing and one REINFORCE update per batch.
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        let b: AnyBackbone<Cpu> = backbone_ad.valid();
+        let r: ChannelRouter<Cpu> = router_ad.valid();
+        std::hint::black_box((b, r));
+    }
+    let publish_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let traj = arms[2].pool.run(&backbone, &router, &images, shape, &labels, &cfg, ActionRule::Softmax, 0, 0)?;
+    let mut opt = Optimizer::<CpuAutodiff>::new(OptimizerConfig::Adamw {
+        lr: 1e-3,
+        betas: [0.9, 0.999],
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
+    let mut r = router_ad.clone();
+    let t = Instant::now();
+    for _ in 0..reps {
+        let (r2, _) = rlprune::rl::reinforce::learner_step(r, &mut opt, &traj, &cfg, 1e-3, &dev)?;
+        r = r2;
+    }
+    let update_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+    let rollout_ms = batch as f64 / multi * 1e3;
+    println!(
+        "learner per batch: snapshot publish {publish_ms:.2} ms, REINFORCE update {update_ms:.2} ms; rollout ({n_workers} workers) {rollout_ms:.1} ms"
+    );
+    println!("load average at end {}", loadavg());
+    Ok(())
+}
