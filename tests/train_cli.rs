@@ -241,3 +241,26 @@ fn bad_inputs_exit_cleanly() {
     let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
     assert!(err.contains("idx"), "{err}");
 }
+
+#[test]
+fn gfnet_and_hornet_experiments_train_a_step() {
+    // The shipped Fashion-MNIST experiments with their own backbones, on a few synthetic
+    // 1×28×28 images of 10 classes (HorNet's file resizes them to 32×32).
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for name in ["gfnet_fashion_mnist", "hornet_fashion_mnist"] {
+        let exp = root.join(format!("experiments/{name}.toml"));
+        let args = [
+            "train", exp.to_str().unwrap(), "--out", name,
+            "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
+            "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
+            "--set", "data.batch_size=16", "--set", "train.epochs=1",
+        ];
+        let text = ok(&rlprune(&args, dir.path()));
+        assert!(text.contains("test top-1"), "{name}: {text}");
+        let m = metrics(&dir.path().join(name));
+        assert_eq!(m.len(), 1, "{name}");
+        assert_eq!(m[0]["step"].as_u64(), Some(2), "{name}");
+        assert!(m[0]["train_loss"].as_f64().unwrap().is_finite(), "{name}");
+    }
+}

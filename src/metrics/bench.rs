@@ -22,19 +22,19 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use serde::Serialize;
 
-use crate::backbones::zoo::{zoo_entry, ZooSpec};
-use crate::backbones::{build, model_from_toml, AnyBackbone, Backbone, BuildContext, ModelSpec};
+use crate::ModelBackend;
+use crate::backbones::zoo::{ZooSpec, zoo_entry};
+use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec, build, model_from_toml};
 use crate::device::DeviceSpec;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::ModelBackend;
 
 /// Environment variable `matrixmultiply` reads once, at its first GEMM, for its thread count
 /// (it uses at most 4).
@@ -119,7 +119,13 @@ impl Stats {
             let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
             s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
         };
-        Self { median: q(0.5), min: s[0], max: s[s.len() - 1], p10: q(0.1), p90: q(0.9) }
+        Self {
+            median: q(0.5),
+            min: s[0],
+            max: s[s.len() - 1],
+            p10: q(0.1),
+            p90: q(0.9),
+        }
     }
 }
 
@@ -145,7 +151,11 @@ fn sync<B: Backend>(device: &B::Device) -> Result<()> {
 }
 
 /// A random normal batch `[n, c, h, w]` and labels `0, 1, ..` modulo `classes`.
-fn random_batch<B: Backend>(shape: [usize; 4], classes: usize, device: &B::Device) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
+fn random_batch<B: Backend>(
+    shape: [usize; 4],
+    classes: usize,
+    device: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 1, Int>) {
     let x = Tensor::random(shape, Distribution::Normal(0.0, 1.0), device);
     let labels: Vec<i64> = (0..shape[0]).map(|i| (i % classes) as i64).collect();
     let y = Tensor::from_data(TensorData::new(labels, [shape[0]]), device);
@@ -163,7 +173,12 @@ pub fn bench_inference<B: ModelBackend, M: Backbone<B>>(
     let (x, _) = random_batch::<B>(shape, 1, device);
     time_steps(warmup, repeats, || {
         let logits = model.forward(x.clone());
-        ensure!(logits.dims()[0] == shape[0], "the model returned {:?} logits for a batch of {}", logits.dims(), shape[0]);
+        ensure!(
+            logits.dims()[0] == shape[0],
+            "the model returned {:?} logits for a batch of {}",
+            logits.dims(),
+            shape[0]
+        );
         sync::<B>(device)
     })
 }
@@ -247,8 +262,16 @@ impl BenchModel {
                     Some(toml::Value::Integer(c)) => *c as usize,
                     _ => 3,
                 };
-                let ctx = BuildContext { num_classes: spec.num_classes(), in_channels, img_size: [img, img] };
-                Ok(Self { name: target.to_string(), kind: BenchModelKind::Reference(spec), ctx })
+                let ctx = BuildContext {
+                    num_classes: spec.num_classes(),
+                    in_channels,
+                    img_size: [img, img],
+                };
+                Ok(Self {
+                    name: target.to_string(),
+                    kind: BenchModelKind::Reference(spec),
+                    ctx,
+                })
             }
             ZooSpec::Cnn { arch, ctx } => {
                 let ctx = BuildContext {
@@ -256,7 +279,11 @@ impl BenchModel {
                     in_channels: ctx.in_channels,
                     img_size: [img, img],
                 };
-                Ok(Self { name: target.to_string(), kind: BenchModelKind::Registry { arch: arch.to_string() }, ctx })
+                Ok(Self {
+                    name: target.to_string(),
+                    kind: BenchModelKind::Registry { arch: arch.to_string() },
+                    ctx,
+                })
             }
         }
     }
@@ -343,7 +370,9 @@ impl BenchReport {
 
     /// A short table for people.
     pub fn table(&self) -> String {
-        let rss = self.peak_rss_mb.map_or("n/a".to_string(), |m| format!("{m:.0} MiB (process peak, VmHWM)"));
+        let rss = self
+            .peak_rss_mb
+            .map_or("n/a".to_string(), |m| format!("{m:.0} MiB (process peak, VmHWM)"));
         format!(
             "{model} ({params} params), {mode} on {device}, batch {batch} at {img}×{img}, {threads} threads, \
              {warmup} warm-up + {repeats} timed steps\n\
@@ -351,9 +380,24 @@ impl BenchReport {
              {:<12} {:>10.2} {:>10.2} {:>10.2} {:>10.2} {:>10.2}\n\
              {:<12} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}\n\
              peak RSS     {rss}\n",
-            "", "median", "min", "p10", "p90", "max",
-            "images/s", self.images_per_s, self.images_per_s_min, self.images_per_s_p10, self.images_per_s_p90, self.images_per_s_max,
-            "ms/batch", self.latency_ms, self.latency_ms_min, self.latency_ms_p10, self.latency_ms_p90, self.latency_ms_max,
+            "",
+            "median",
+            "min",
+            "p10",
+            "p90",
+            "max",
+            "images/s",
+            self.images_per_s,
+            self.images_per_s_min,
+            self.images_per_s_p10,
+            self.images_per_s_p90,
+            self.images_per_s_max,
+            "ms/batch",
+            self.latency_ms,
+            self.latency_ms_min,
+            self.latency_ms_p10,
+            self.latency_ms_p90,
+            self.latency_ms_max,
             model = self.model,
             params = self.params,
             mode = self.mode,
@@ -385,14 +429,25 @@ pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     opts.validate()?;
     let model = BenchModel::resolve(target, opts.img_size, opts.num_classes)?;
     if let DeviceSpec::Cuda(_) = opts.device {
-        bail!("bench runs on the CPU only for now (device {} requested)", device_name(opts.device));
+        bail!(
+            "bench runs on the CPU only for now (device {} requested)",
+            device_name(opts.device)
+        );
     }
     let shape = model.input_shape(opts.batch);
     let device = Default::default();
     let (seconds, params) = if opts.train {
         let m: AnyBackbone<crate::CpuAutodiff> = model.build(&device)?;
         let params = burn::module::Module::num_params(&m);
-        let (s, _) = bench_train_step(m, shape, model.ctx.num_classes, &opts.optimizer, opts.warmup, opts.repeats, &device)?;
+        let (s, _) = bench_train_step(
+            m,
+            shape,
+            model.ctx.num_classes,
+            &opts.optimizer,
+            opts.warmup,
+            opts.repeats,
+            &device,
+        )?;
         (s, params)
     } else {
         let m: AnyBackbone<crate::Cpu> = model.build(&device)?;
@@ -475,8 +530,17 @@ mod tests {
     #[test]
     fn overrides_reach_the_model() {
         let m = BenchModel::resolve("gfnet-ti", Some(64), Some(7)).unwrap();
-        assert_eq!(m.ctx, BuildContext { num_classes: 7, in_channels: 3, img_size: [64, 64] });
-        let BenchModelKind::Reference(spec) = &m.kind else { panic!("gfnet-ti is a reference model") };
+        assert_eq!(
+            m.ctx,
+            BuildContext {
+                num_classes: 7,
+                in_channels: 3,
+                img_size: [64, 64]
+            }
+        );
+        let BenchModelKind::Reference(spec) = &m.kind else {
+            panic!("gfnet-ti is a reference model")
+        };
         assert_eq!((spec.img_size(), spec.num_classes()), (Some(64), 7));
         let cnn = BenchModel::resolve("vgg16-cifar", None, None).unwrap();
         assert_eq!(cnn.input_shape(5), [5, 3, 32, 32]);
@@ -493,10 +557,18 @@ mod tests {
         let device = Default::default();
         let m: AnyBackbone<crate::CpuAutodiff> = spec.build(&device).unwrap();
         let before = crate::nn::params::state_dict(&m.valid());
-        let opt = OptimizerConfig::Sgd { lr: 0.1, momentum: 0.0, weight_decay: 0.0, nesterov: false };
+        let opt = OptimizerConfig::Sgd {
+            lr: 0.1,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+        };
         let (s, m) = bench_train_step(m, [2, 3, 8, 8], 3, &opt, 1, 2, &device).unwrap();
         assert_eq!(s.len(), 2);
         let after = crate::nn::params::state_dict(&m.valid());
-        assert!(before.iter().any(|(k, v)| after[k].data != v.data), "three SGD steps left every weight unchanged");
+        assert!(
+            before.iter().any(|(k, v)| after[k].data != v.data),
+            "three SGD steps left every weight unchanged"
+        );
     }
 }
