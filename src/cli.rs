@@ -110,7 +110,7 @@ pub enum Command {
         /// Images per step.
         #[arg(long, default_value_t = 8, value_name = "N")]
         batch: usize,
-        /// Limit the compute threads (GEMM via MATMUL_NUM_THREADS, at most 4; global filter via
+        /// Limit the compute threads (convolutions; matmuls via MATMUL_NUM_THREADS, at most 4; global filter via
         /// RLPRUNE_GF_THREADS). Default: all cores.
         #[arg(long, value_name = "T")]
         threads: Option<usize>,

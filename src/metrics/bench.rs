@@ -10,9 +10,9 @@
 //! The timing loop ([`time_steps`]) takes any closure, so other models or devices reuse it:
 //! [`bench_inference`] and [`bench_train_step`] are generic over the backend and the backbone.
 //!
-//! Threads: the CPU backend computes on as many threads as two pools allow (see
-//! [`limit_threads`]): `matrixmultiply`'s GEMM pool (every convolution and matmul) and the
-//! global filter's FFT workers. burn-ndarray is built without its `multi-threads` feature, so
+//! Threads: the CPU backend computes on as many threads as three settings allow (see
+//! [`limit_threads`]): the convolution op's image-parallel threads, `matrixmultiply`'s GEMM pool
+//! (burn's matmuls) and the global filter's FFT workers. burn-ndarray is built without its `multi-threads` feature, so
 //! there is no rayon pool.
 //!
 //! Peak memory is the process's `VmHWM` from `/proc/self/status`: the high-water mark of the
@@ -457,8 +457,9 @@ pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     Ok(BenchReport::from_seconds(&model, opts, params, &seconds))
 }
 
-/// Limits the CPU backend to `threads` threads by setting [`GEMM_THREADS_VAR`] (every
-/// convolution and matmul; `matrixmultiply` caps it at [`GEMM_MAX_THREADS`]) and
+/// Limits the CPU backend to `threads` threads: the convolution op's per-thread setting
+/// ([`crate::nn::conv::set_conv_threads`], for the calling thread), [`GEMM_THREADS_VAR`]
+/// (burn's matmuls through `matrixmultiply`, which caps it at [`GEMM_MAX_THREADS`]) and
 /// [`GLOBAL_FILTER_THREADS_VAR`] (the global filter's FFT workers).
 ///
 /// Both libraries read their variable once, at first use, so this must run before the
@@ -474,6 +475,7 @@ pub fn limit_threads(threads: usize) -> Result<()> {
         std::env::set_var(GEMM_THREADS_VAR, &value);
         std::env::set_var(GLOBAL_FILTER_THREADS_VAR, &value);
     }
+    crate::nn::conv::set_conv_threads(threads);
     Ok(())
 }
 
