@@ -72,6 +72,9 @@ pub enum Command {
         /// A static baseline experiment (e.g. experiments/static_fashion_mnist.toml), trained on the same backbone.
         #[arg(long = "static", value_name = "STATIC.toml")]
         static_experiment: Option<PathBuf>,
+        /// Override a key of the static experiment only (repeatable); the sweep's data.* overrides apply to it too.
+        #[arg(long = "static-set", value_name = "KEY=VALUE")]
+        static_set: Vec<String>,
         /// Sweep directory (default: <log.dir>/<name>-sweep/<timestamp>).
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -192,8 +195,15 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sweep { experiment, set, static_experiment, out } => {
-            let opts = crate::sweep::SweepOptions { experiment, sets: set, static_experiment, out, base_dir: cwd };
+        Command::Sweep { experiment, set, static_experiment, static_set, out } => {
+            let opts = crate::sweep::SweepOptions {
+                experiment,
+                sets: set,
+                static_experiment,
+                static_sets: static_set,
+                out,
+                base_dir: cwd,
+            };
             let dir = crate::sweep::run_sweep(&opts)?;
             print!("{}", std::fs::read_to_string(dir.join("sweep.csv")).unwrap_or_default());
             println!("wrote {0}/sweep.csv and {0}/sweep.png", dir.display());

@@ -30,6 +30,8 @@ pub struct SweepOptions {
     /// `--set` flags; exactly one has a comma-separated list of values.
     pub sets: Vec<String>,
     pub static_experiment: Option<PathBuf>,
+    /// `--static-set` overrides for the static experiment only.
+    pub static_sets: Vec<String>,
     pub out: Option<PathBuf>,
     pub base_dir: PathBuf,
 }
@@ -71,7 +73,9 @@ pub fn split_sets(sets: &[String]) -> Result<(String, Vec<String>, Vec<String>)>
         swept = Some((k.trim().to_string(), values));
     }
     let (key, values) = swept.ok_or_else(|| {
-        anyhow::anyhow!("sweep needs one --set with several comma-separated values, e.g. --set rl.compute_penalty=0.02,0.05,0.1")
+        anyhow::anyhow!(
+            "sweep needs one --set with several comma-separated values, e.g. --set rl.compute_penalty=0.02,0.05,0.1"
+        )
     })?;
     Ok((key, values, fixed))
 }
@@ -97,7 +101,8 @@ fn train_and_eval(exp_path: &Path, sets: &[String], run_dir: &Path, base: &Path)
     if exp.controller.is_none() {
         bail!("{}: sweep needs an experiment with a [controller] section", exp_path.display());
     }
-    let opts = TrainOptions { out: Some(run_dir.to_path_buf()), resume: None, stop_after_epoch: None, base_dir: base.into() };
+    let opts =
+        TrainOptions { out: Some(run_dir.to_path_buf()), resume: None, stop_after_epoch: None, base_dir: base.into() };
     let summary = supervised::train(&exp, &layered, &opts)?;
     if summary.interrupted {
         bail!("interrupted during {}", run_dir.display());
@@ -176,6 +181,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
                 sets.push(s.clone());
             }
         }
+        sets.extend(opts.static_sets.iter().cloned());
         let run_dir = out.join("static");
         tracing::info!("sweep: static baseline {} → {}", sp.display(), run_dir.display());
         let report = train_and_eval(sp, &sets, &run_dir, base)?;
@@ -248,21 +254,30 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
         let panels = root.split_evenly((1, 2));
         let e = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the sweep plot: {e:?}");
         let finite: Vec<&SweepRow> = rows.iter().filter(|r| r.top1.is_finite()).collect();
-        let (mut ylo, mut yhi) = finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), r| (a.min(r.top1), b.max(r.top1)));
+        let (mut ylo, mut yhi) =
+            finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), r| (a.min(r.top1), b.max(r.top1)));
         if !ylo.is_finite() {
             (ylo, yhi) = (0.0, 1.0);
         }
         let pad = ((yhi - ylo) * 0.1).max(0.005);
         let (ylo, yhi) = ((ylo - pad) * 100.0, (yhi + pad) * 100.0);
-        let lat_max = rows.iter().map(|r| r.latency_b64_ms).filter(|x| x.is_finite()).fold(0.0f64, f64::max).max(1e-3) * 1.1;
+        let lat_max =
+            rows.iter().map(|r| r.latency_b64_ms).filter(|x| x.is_finite()).fold(0.0f64, f64::max).max(1e-3) * 1.1;
         for (panel, (xlabel, xmax, xof)) in panels.iter().zip([
-            ("decision-layer FLOPs ratio", 1.05, Box::new(|r: &SweepRow| r.flops_ratio) as Box<dyn Fn(&SweepRow) -> f64>),
+            (
+                "decision-layer FLOPs ratio",
+                1.05,
+                Box::new(|r: &SweepRow| r.flops_ratio) as Box<dyn Fn(&SweepRow) -> f64>,
+            ),
             ("latency at batch 64 (ms, measured)", lat_max, Box::new(|r: &SweepRow| r.latency_b64_ms)),
         ]) {
             let mut builder = ChartBuilder::on(panel);
             builder.margin(15);
             if text {
-                builder.caption(format!("top-1 vs {xlabel}"), ("sans-serif", 18)).x_label_area_size(40).y_label_area_size(50);
+                builder
+                    .caption(format!("top-1 vs {xlabel}"), ("sans-serif", 18))
+                    .x_label_area_size(40)
+                    .y_label_area_size(50);
             }
             let mut chart = builder.build_cartesian_2d(0.0..xmax, ylo..yhi).map_err(e)?;
             let mut mesh = chart.configure_mesh();
@@ -273,7 +288,11 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
             }
             mesh.draw().map_err(e)?;
             let pts = |m: &str| -> Vec<(f64, f64)> {
-                rows.iter().filter(|r| r.method == m).map(|r| (xof(r), r.top1 * 100.0)).filter(|p| p.0.is_finite() && p.1.is_finite()).collect()
+                rows.iter()
+                    .filter(|r| r.method == m)
+                    .map(|r| (xof(r), r.top1 * 100.0))
+                    .filter(|p| p.0.is_finite() && p.1.is_finite())
+                    .collect()
             };
             let rnp = pts("rnp");
             let mut sorted = rnp.clone();
@@ -283,7 +302,9 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
                 s.label(format!("RNP ({key})")).legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
             }
             chart.draw_series(rnp.iter().map(|&p| Circle::new(p, 5, BLUE.filled()))).map_err(e)?;
-            let s = chart.draw_series(pts("static").into_iter().map(|p| TriangleMarker::new(p, 8, RED.filled()))).map_err(e)?;
+            let s = chart
+                .draw_series(pts("static").into_iter().map(|p| TriangleMarker::new(p, 8, RED.filled())))
+                .map_err(e)?;
             if text {
                 s.label("static L1").legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, RED.filled()));
             }
@@ -303,7 +324,8 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
         }
         root.present().map_err(e)?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| anyhow::anyhow!("sweep plot buffer has the wrong size"))?;
+    let img =
+        image::RgbImage::from_raw(w, h, buf).ok_or_else(|| anyhow::anyhow!("sweep plot buffer has the wrong size"))?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .context("encoding the sweep plot as PNG")?;

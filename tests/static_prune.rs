@@ -49,7 +49,8 @@ fn pruned_small_cnn_equals_masked_full_network() {
     let mut m = SmallCnn::<Cpu>::new(&SmallCnnOptions { channels: [8, 12, 16, 8] }, &ctx, &dev);
     m.features.iter_mut().for_each(|l| randomize_bn(&mut l.bn));
     let keep = [5, 7, 9, 3];
-    let kept: Vec<Vec<usize>> = m.features.iter().zip(keep).map(|(l, k)| top_l1_filters(&l.conv.weight.val(), k)).collect();
+    let kept: Vec<Vec<usize>> =
+        m.features.iter().zip(keep).map(|(l, k)| top_l1_filters(&l.conv.weight.val(), k)).collect();
     let x = Tensor::<Cpu, 4>::random([6, 1, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
     // Reference: the full network with the pruned channels zeroed after ReLU.
     let mut h = x.clone();
@@ -80,7 +81,11 @@ fn resnet(arch: &str, width: f64, img: usize) -> ResNet<Cpu> {
     let dev = Default::default();
     let ctx = BuildContext { num_classes: 10, in_channels: 3, img_size: [img, img] };
     let opts = ResNetOptions { width };
-    let mut m = if arch == "resnet18" { ResNet::<Cpu>::resnet18(&opts, &ctx, &dev) } else { ResNet::<Cpu>::cifar(20, &opts, &ctx, &dev) };
+    let mut m = if arch == "resnet18" {
+        ResNet::<Cpu>::resnet18(&opts, &ctx, &dev)
+    } else {
+        ResNet::<Cpu>::cifar(20, &opts, &ctx, &dev)
+    };
     randomize_bn(&mut m.bn1);
     for b in m.layers.iter_mut().flatten() {
         randomize_bn(&mut b.bn1);
@@ -99,7 +104,8 @@ fn pruned_resnets_equal_masked_full_networks() {
     for arch in ["resnet20-cifar", "resnet18"] {
         let m = resnet(arch, 0.25, 8);
         let x = Tensor::<Cpu, 4>::random([4, 3, 8, 8], Distribution::Normal(0.0, 1.0), &dev);
-        let keep: Vec<usize> = m.prunable_convs().iter().enumerate().map(|(i, c)| (c.out_channels / 2 + i % 2).max(1)).collect();
+        let keep: Vec<usize> =
+            m.prunable_convs().iter().enumerate().map(|(i, c)| (c.out_channels / 2 + i % 2).max(1)).collect();
         // Reference: every block's inner channels outside the kept set zeroed after ReLU.
         let mut h = relu(m.bn1.forward(m.conv1.forward(x.clone())));
         if m.stem_pool {

@@ -20,8 +20,7 @@ pub fn images(loader: &Loader, n: usize) -> Result<Tensor<Cpu, 4>> {
     let [_, c, h, w] = first.shape;
     let per = c * h * w;
     let m = first.len().max(1);
-    let data: Vec<f32> =
-        (0..n).flat_map(|i| first.images[(i % m) * per..(i % m + 1) * per].iter().copied()).collect();
+    let data: Vec<f32> = (0..n).flat_map(|i| first.images[(i % m) * per..(i % m + 1) * per].iter().copied()).collect();
     Ok(Tensor::from_data(TensorData::new(data, [n, c, h, w]), &Default::default()))
 }
 

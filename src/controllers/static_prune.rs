@@ -115,7 +115,10 @@ impl StaticL1Options {
             v.push(("target_flops".into(), format!("must be in (0, 1], got {}", self.target_flops)));
         }
         if !["uniform", "sensitivity"].contains(&self.allocation.as_str()) {
-            v.push(("allocation".into(), format!("must be \"uniform\" or \"sensitivity\", got \"{}\"", self.allocation)));
+            v.push((
+                "allocation".into(),
+                format!("must be \"uniform\" or \"sensitivity\", got \"{}\"", self.allocation),
+            ));
         }
         if !(self.fine_tune_lr > 0.0 && self.fine_tune_lr.is_finite()) {
             v.push(("fine_tune_lr".into(), format!("must be > 0, got {}", self.fine_tune_lr)));
@@ -173,8 +176,15 @@ fn select_running<B: Backend>(s: &mut RunningState<Tensor<B, 1>>, idx: &[usize])
 /// original order (ties: lower index first).
 pub fn top_l1_filters<B: Backend>(weight: &Tensor<B, 4>, keep: usize) -> Vec<usize> {
     let [o, _, _, _] = weight.dims();
-    let norms: Vec<f32> =
-        weight.clone().abs().reshape([o as i32, -1]).sum_dim(1).into_data().convert::<f32>().to_vec().unwrap_or_default();
+    let norms: Vec<f32> = weight
+        .clone()
+        .abs()
+        .reshape([o as i32, -1])
+        .sum_dim(1)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
     let mut order: Vec<usize> = (0..o).collect();
     order.sort_by(|&a, &b| norms[b].partial_cmp(&norms[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
     let mut kept: Vec<usize> = order.into_iter().take(keep.clamp(1, o.max(1))).collect();
@@ -221,13 +231,17 @@ pub fn check_keep(keep: &[usize], out_channels: &[usize]) -> Result<()> {
 pub fn prune_stack<B: Backend>(layers: &mut [ConvBn<B>], head: &mut Linear<B>, keep: &[usize]) -> Result<()> {
     let outs: Vec<usize> = layers.iter().map(|l| l.conv.weight.dims()[0]).collect();
     check_keep(keep, &outs)?;
-    for i in 0..layers.len() {
-        let idx = top_l1_filters(&layers[i].conv.weight.val(), keep[i]);
+    // Li et al.'s "independent" strategy: every layer ranks its filters by their full L1 norm,
+    // before any input channel is removed (so a layer's choice does not depend on the others').
+    let kept: Vec<Vec<usize>> =
+        layers.iter().zip(keep).map(|(l, &k)| top_l1_filters(&l.conv.weight.val(), k)).collect();
+    for (i, idx) in kept.iter().enumerate() {
+        let idx = idx.as_slice();
         let l = &mut layers[i];
-        prune_conv_out(&mut l.conv, &mut l.bn, &idx);
+        prune_conv_out(&mut l.conv, &mut l.bn, idx);
         match layers.get_mut(i + 1) {
-            Some(next) => prune_conv_in(&mut next.conv, &idx),
-            None => prune_linear_in(head, &idx),
+            Some(next) => prune_conv_in(&mut next.conv, idx),
+            None => prune_linear_in(head, idx),
         }
     }
     Ok(())
@@ -442,7 +456,13 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
         let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
         let s = supervised::train_on::<Ad>(exp, layered, &sup, &device)?;
         if s.interrupted {
-            return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true });
+            return Ok(TrainSummary {
+                run_dir,
+                epochs_done: 0,
+                history: s.history,
+                best_top1: s.best_top1,
+                interrupted: true,
+            });
         }
         let m = build_backbone::<Ad>(exp, layered, &ctx, base, &device)?;
         let file = checkpoint::dir(&sub).join("last.safetensors");
@@ -634,7 +654,8 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
 /// Reads a run's `pruning.json`.
 pub fn read_plan(run_dir: &Path) -> Result<PruningPlan> {
     let path = run_dir.join(PLAN_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read the pruning plan", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read the pruning plan", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid pruning plan", path.display()))
 }
 
@@ -643,7 +664,8 @@ pub fn read_plan(run_dir: &Path) -> Result<PruningPlan> {
 pub fn eval_static_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &Path) -> Result<serde_json::Value> {
     let plan = read_plan(run_dir)?;
     let ck = checkpoint::dir(run_dir);
-    let wfile = if ck.join("best.safetensors").is_file() { ck.join("best.safetensors") } else { ck.join("last.safetensors") };
+    let wfile =
+        if ck.join("best.safetensors").is_file() { ck.join("best.safetensors") } else { ck.join("last.safetensors") };
     let ufile = ck.join("unpruned.safetensors");
     let splits = data::open(&exp.data, base)?;
     let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
@@ -667,7 +689,8 @@ pub fn eval_static_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base
     let part = pruned.prunable_convs();
     let full_macs: u64 = full.iter().map(|c| c.macs).sum();
     let flops_ratio = part.iter().map(|c| c.macs).sum::<u64>() as f64 / full_macs.max(1) as f64;
-    let layer_flops_ratio: Vec<f64> = part.iter().zip(&full).map(|(p, f)| p.macs as f64 / f.macs.max(1) as f64).collect();
+    let layer_flops_ratio: Vec<f64> =
+        part.iter().zip(&full).map(|(p, f)| p.macs as f64 / f.macs.max(1) as f64).collect();
     let sample = super::eval::example_images(&test_loader)?;
     let latency = super::eval::latency_against_unpruned(
         &sample,
