@@ -163,8 +163,8 @@ fn train_loss_and_gradients_match_reference() {
 
     let grads = loss.total.backward();
     let vit = student.vit();
-    let g_head = vit.head.weight.grad(&grads).expect("head gradient");
-    let g_pred = vit.score_predictor[0].out_conv.4.weight.grad(&grads).expect("predictor gradient");
+    let g_head = vit.head.weight.val().grad(&grads).expect("head gradient");
+    let g_pred = vit.score_predictor[0].out_conv.4.weight.val().grad(&grads).expect("predictor gradient");
     let (_, r_head) = errors(&HostTensor::from_tensor(&g_head), &want["grad_head_weight"]);
     let (_, r_pred) = errors(&HostTensor::from_tensor(&g_pred), &want["grad_score_predictor0_out_conv4_weight"]);
     println!("dynamicvit train: grad head rel L2 {r_head:.3e}, grad score_predictor.0.out_conv.4 rel L2 {r_pred:.3e}");
