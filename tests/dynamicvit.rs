@@ -128,7 +128,7 @@ fn train_loss_and_gradients_match_reference() {
     let x_inner = inputs["input"].to_tensor::<Cpu, 4>(&dev);
     let tokens = teacher.blocks.iter().fold(teacher.embed(x_inner), |x, b| b.forward(x, None));
     let tokens = teacher.norm.forward(tokens);
-    let [n, t, c] = tokens.dims();
+    let [n, t, _] = tokens.dims();
     let teacher_logits = teacher.head_from_normed(tokens.clone());
     let teacher_tokens = tokens.narrow(1, 1, t - 1);
     let (e_logit, _) = errors(&HostTensor::from_tensor(&teacher_logits), &want["teacher_logits"]);
@@ -159,7 +159,6 @@ fn train_loss_and_gradients_match_reference() {
     let rel_loss = (got_loss - want_loss).abs() / want_loss.abs();
     println!("dynamicvit train: loss {got_loss:.7} vs {want_loss:.7} (rel err {rel_loss:.3e})");
     assert!(rel_loss <= 1e-4, "loss {got_loss} vs reference {want_loss}");
-    let _ = c;
 
     let grads = loss.total.backward();
     let vit = student.vit();

@@ -198,7 +198,7 @@ impl ModelArgs for DynamicVitArgs {
         for (s, (&loc, &r)) in self.pruning_loc.iter().zip(&self.token_ratio).enumerate() {
             scored.push(if s == 0 { patches } else { kept[loc - 1] });
             let k = keep_count(patches, r);
-            kept[loc..].iter_mut().for_each(|t| *t = k);
+            kept[loc..].fill(k);
         }
         let tokens: Vec<usize> = kept.iter().map(|k| k + 1).collect();
         let d = self.embed_dim;

@@ -97,7 +97,7 @@ pub fn keep_count(patches: usize, ratio: f64) -> usize {
 /// (`log_probs[..., 0]`), best first — the reference's `argsort(score, descending)[:, :k]`.
 pub fn top_k_keep<B: Backend>(log_probs: Tensor<B, 3>, k: usize) -> Tensor<B, 2, Int> {
     let [n, t, _] = log_probs.dims();
-    assert!(k >= 1 && k <= t, "cannot keep {k} of {t} tokens");
+    assert!((1..=t).contains(&k), "cannot keep {k} of {t} tokens");
     let score = log_probs.narrow(2, 0, 1).reshape([n, t]);
     score.argsort_descending(1).narrow(1, 0, k)
 }
