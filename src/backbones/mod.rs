@@ -7,6 +7,7 @@
 #![allow(clippy::large_enum_variant)]
 
 pub mod cnn;
+pub mod dynamicvit;
 pub mod gfnet;
 pub mod hornet;
 pub mod resnet;
@@ -271,6 +272,7 @@ registry! {
     GfnetPyramid => gfnet::GfnetPyramid [gfnet::GfnetPyramidArgs],
     Hornet => hornet::Hornet [hornet::HornetArgs],
     Deit => vit::VisionTransformer [vit::DeitArgs],
+    DynamicVit => dynamicvit::DynamicVit [dynamicvit::DynamicVitArgs],
 }
 
 /// Parses a family's options table into its typed options, naming the offending key.

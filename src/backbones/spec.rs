@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [model]
-//! family = "hornet"            # gfnet | gfnet-pyramid | hornet | deit (see ModelSpec::families)
+//! family = "hornet"            # gfnet | gfnet-pyramid | hornet | deit | dynamicvit-deit
 //! depths = [2, 3, 18, 2]
 //! base_dim = 64
 //! gnconv = [{ order = 2, s = 0.3333333333333333 }, { order = 3, s = 0.3333333333333333 },
@@ -139,7 +139,8 @@ impl ModelSpec {
 /// PyTorch `.pth`, reference key names; a `{"model": ...}` wrapper is handled by
 /// [`crate::import`]) strictly — every parameter, no extra keys — runs the tensor `input`
 /// (`[N, C, H, W]`) in eval mode on the CPU and writes the logits as tensor `output` to
-/// `output` (safetensors, atomically).
+/// `output` (safetensors, atomically); token-pruning models (DynamicViT) also write, per
+/// pruning stage `i`, the kept patch indices in original-grid numbering as int64 `keep_abs_s{i}`.
 pub fn infer(
     model_toml: impl AsRef<Path>,
     weights: impl AsRef<Path>,
@@ -163,7 +164,20 @@ pub fn infer(
     {
         bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
     }
-    let logits = model.forward(x.to_tensor::<B, 4>(&device));
+    let x = x.to_tensor::<B, 4>(&device);
+    let (logits, kept) = match &model {
+        // Token-pruning models also report what they kept at each stage.
+        AnyBackbone::DynamicVit(m) => m.forward_pruned(x),
+        other => (other.forward(x), Vec::new()),
+    };
     let out = StateDict::from([("output".to_string(), HostTensor::from_tensor(&logits))]);
-    import::write_safetensors(output.as_ref(), &out, &Default::default())
+    let ints = kept
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let t = import::IntTensor { shape: k.dims().to_vec(), data: k.to_data().convert::<i64>().to_vec::<i64>().unwrap_or_default() };
+            (format!("keep_abs_s{i}"), t)
+        })
+        .collect();
+    import::write_safetensors_with_ints(output.as_ref(), &out, &ints, &Default::default())
 }

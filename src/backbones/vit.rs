@@ -19,6 +19,7 @@ use crate::metrics::flops::CostReport;
 use crate::nn::attention::Attention;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::nn::layers::trunc_normal;
+use crate::controllers::token_predictor::PredictorLG;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 
 /// timm's `VisionTransformer` constructor arguments (DeiT uses `qkv_bias = true` and
@@ -123,18 +124,37 @@ impl ModelArgs for DeitArgs {
     }
 
     fn cost(&self, img_size: usize) -> CostReport {
+        let g = img_size / self.patch_size;
+        self.cost_with(img_size, &vec![g * g + 1; self.depth], &mut |c, i| {
+            if i == 0 {
+                c.stage("blocks");
+            }
+        })
+    }
+}
+
+impl DeitArgs {
+    /// The model's cost when block `i` runs on `tokens[i]` tokens (class token included) and
+    /// `before_block(c, i)` counts whatever runs before block `i` (it may start a stage; DynamicViT
+    /// adds its predictors there). The final norm runs on the last block's tokens.
+    pub fn cost_with(
+        &self,
+        img_size: usize,
+        tokens: &[usize],
+        before_block: &mut dyn FnMut(&mut CostReport, usize),
+    ) -> CostReport {
+        assert_eq!(tokens.len(), self.depth, "one token count per block");
         let d = self.embed_dim;
         let g = img_size / self.patch_size;
-        let t = g * g + 1;
         let mut c = CostReport::new(img_size);
         c.stage("patch_embed")
             .conv2d(self.in_chans, d, self.patch_size, 1, true, [g, g])
             .add_params(d + (self.grid() * self.grid() + 1) * d);
-        c.stage("blocks");
-        for _ in 0..self.depth {
+        for (i, &t) in tokens.iter().enumerate() {
+            before_block(&mut c, i);
             block_cost(&mut c, d, self.num_heads, self.mlp_hidden(), self.qkv_bias, t);
         }
-        c.stage("head").layer_norm(d, t);
+        c.stage("head").layer_norm(d, tokens.last().copied().unwrap_or(g * g + 1));
         let mut feat = d;
         if let Some(r) = self.representation_size {
             c.linear(d, r, true, 1);
@@ -203,6 +223,14 @@ pub struct VisionTransformer<B: Backend> {
     pub norm: LayerNorm<B>,
     pub pre_logits: Option<PreLogits<B>>,
     pub head: Linear<B>,
+    /// DynamicViT's token predictors (`score_predictor.{i}`), one per entry of `pruning_loc`;
+    /// empty for plain DeiT. They live here, not in a wrapper, so that their parameter names
+    /// sit next to `blocks` as in the reference state dict (see `backbones::dynamicvit`).
+    pub score_predictor: Vec<PredictorLG<B>>,
+    /// Blocks before which a predictor runs.
+    pub pruning_loc: Vec<usize>,
+    /// Keep ratio of each pruning stage, relative to the original patch count.
+    pub token_ratio: Vec<f64>,
     pub img_size: usize,
     pub drop_rate: f64,
 }
@@ -225,6 +253,9 @@ impl<B: ModelBackend> VisionTransformer<B> {
             norm: LayerNorm::new(d, 1e-6, device),
             pre_logits,
             head: Linear::new_trunc_normal(feat, args.num_classes, true, device),
+            score_predictor: Vec::new(),
+            pruning_loc: Vec::new(),
+            token_ratio: Vec::new(),
             img_size: args.img_size,
             drop_rate: args.drop_rate,
         })
@@ -251,7 +282,11 @@ impl<B: ModelBackend> VisionTransformer<B> {
 
     /// Final norm, class token, (pre-logits) and head: `[N, T, C]` → logits.
     pub fn head_from_tokens(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        let x = self.norm.forward(x);
+        self.head_from_normed(self.norm.forward(x))
+    }
+
+    /// Class token (pre-logits) and head of tokens that went through the final norm.
+    pub fn head_from_normed(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [n, _, d] = x.dims();
         let mut f = x.narrow(1, 0, 1).reshape([n, d]);
         if let Some(p) = &self.pre_logits {

@@ -1,6 +1,6 @@
 //! The model zoo: every named variant with its parameter count and MACs.
 //!
-//! Reference families (GFNet, GFNet-H, HorNet, DeiT) are counted analytically from their
+//! Reference families (GFNet, GFNet-H, HorNet, DeiT, DynamicViT) are counted analytically from their
 //! arguments at 224×224 and 1000 classes — nothing is allocated, so `hornet-l-gf` (196 M
 //! parameters) costs microseconds — and match `official_models.json` exactly. The CNN
 //! baselines (`vgg16-cifar`, `resnet56-cifar` at 32×32 and 10 classes, `resnet18` at 224×224
@@ -35,6 +35,13 @@ pub const ZOO_NAMES: &[&str] = &[
     "deit-s",
     "deit-b",
     "deit-256",
+    "dynamicvit-deit-s-0.9",
+    "dynamicvit-deit-s-0.8",
+    "dynamicvit-deit-s-0.7",
+    "dynamicvit-deit-s-0.6",
+    "dynamicvit-deit-s-0.5",
+    "dynamicvit-deit-b-0.7",
+    "dynamicvit-deit-256-0.7",
     "vgg16-cifar",
     "resnet56-cifar",
     "resnet18",
@@ -84,6 +91,13 @@ pub fn official_name(name: &str) -> Option<&'static str> {
         "deit-s" => "deit-s (teacher/plain)",
         "deit-b" => "deit-b (plain)",
         "deit-256" => "deit-256 (plain)",
+        "dynamicvit-deit-s-0.9" => "dynamicvit-deit-s rho=0.9",
+        "dynamicvit-deit-s-0.8" => "dynamicvit-deit-s rho=0.8",
+        "dynamicvit-deit-s-0.7" => "dynamicvit-deit-s rho=0.7",
+        "dynamicvit-deit-s-0.6" => "dynamicvit-deit-s rho=0.6",
+        "dynamicvit-deit-s-0.5" => "dynamicvit-deit-s rho=0.5",
+        "dynamicvit-deit-b-0.7" => "dynamicvit-deit-b rho=0.7",
+        "dynamicvit-deit-256-0.7" => "dynamicvit-deit-256 rho=0.7",
         _ => return None,
     })
 }

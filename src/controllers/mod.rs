@@ -1,6 +1,8 @@
 //! Controllers: agents that decide, at each decision point of a backbone, how much of the next
 //! layer to compute. [`channel_router`] is RNP's recurrent channel-group router;
 //! [`static_prune`] is the static L1-norm filter-pruning baseline.
+//! [`token_predictor`] is DynamicViT's token keep predictor (its decisions are token sets, so it
+//! has its own interface there rather than the channel-group [`Controller`]).
 //!
 //! The backbone side lives in [`exec`]: a conv-BN-ReLU stack run under a controller with real
 //! sliced execution (samples grouped by action, sliced weights per group).
@@ -11,6 +13,7 @@ pub mod channel_router;
 pub mod eval;
 pub mod exec;
 pub mod static_prune;
+pub mod token_predictor;
 
 use anyhow::Result;
 use burn::tensor::Tensor;

@@ -300,6 +300,63 @@ impl View for F32View<'_> {
     }
 }
 
+/// An integer tensor to write next to the float ones (e.g. DynamicViT's kept indices).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<i64>,
+}
+
+struct I64View<'a>(&'a IntTensor);
+
+impl View for I64View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::I64
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into()
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len() * 8
+    }
+}
+
+/// A tensor view of either kind, for one `serialize` call.
+enum AnyView<'a> {
+    F32(F32View<'a>),
+    I64(I64View<'a>),
+}
+
+impl View for AnyView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self {
+            Self::F32(v) => v.dtype(),
+            Self::I64(v) => v.dtype(),
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            Self::F32(v) => v.shape(),
+            Self::I64(v) => v.shape(),
+        }
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self {
+            Self::F32(v) => v.data(),
+            Self::I64(v) => v.data(),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.data_len(),
+            Self::I64(v) => v.data_len(),
+        }
+    }
+}
+
 /// Writes a StateDict as safetensors atomically (see [`crate::fsutil::atomic_write`]):
 /// on error the previous file at `path`, if any, is untouched and no temp file is left behind.
 pub fn write_safetensors(
@@ -307,15 +364,25 @@ pub fn write_safetensors(
     dict: &StateDict,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
+    write_safetensors_with_ints(path, dict, &BTreeMap::new(), metadata)
+}
+
+/// [`write_safetensors`] plus int64 tensors (names must not collide with `dict`'s).
+pub fn write_safetensors_with_ints(
+    path: &Path,
+    dict: &StateDict,
+    ints: &BTreeMap<String, IntTensor>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let p = path.display();
-    for (k, t) in dict {
-        let n = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        if n != Some(t.data.len()) {
-            bail!(
-                "{p}: tensor '{k}': shape {:?} does not match its {} values",
-                t.shape,
-                t.data.len()
-            );
+    let shapes = dict.iter().map(|(k, t)| (k, &t.shape, t.data.len())).chain(ints.iter().map(|(k, t)| (k, &t.shape, t.data.len())));
+    for (k, shape, len) in shapes {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n != Some(len) {
+            bail!("{p}: tensor '{k}': shape {shape:?} does not match its {len} values");
+        }
+        if dict.contains_key(k) && ints.contains_key(k) {
+            bail!("{p}: tensor '{k}' given twice");
         }
     }
     let info: Option<HashMap<String, String>> = if metadata.is_empty() {
@@ -323,7 +390,11 @@ pub fn write_safetensors(
     } else {
         Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
     };
-    let bytes = safetensors::tensor::serialize(dict.iter().map(|(k, t)| (k.as_str(), F32View(t))), info)
+    let views = dict
+        .iter()
+        .map(|(k, t)| (k.as_str(), AnyView::F32(F32View(t))))
+        .chain(ints.iter().map(|(k, t)| (k.as_str(), AnyView::I64(I64View(t)))));
+    let bytes = safetensors::tensor::serialize(views, info)
         .with_context(|| format!("{p}: cannot serialise safetensors"))?;
     crate::fsutil::atomic_write(path, &bytes).with_context(|| format!("{p}: cannot write safetensors"))
 }
