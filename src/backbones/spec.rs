@@ -138,7 +138,7 @@ impl ModelSpec {
 /// `rlprune infer`: builds the model of `model_toml`, loads `weights` (safetensors or a
 /// PyTorch `.pth`, reference key names; a `{"model": ...}` wrapper is handled by
 /// [`crate::import`]) strictly — every parameter, no extra keys — runs the tensor `input`
-/// (`[N, C, H, W]`) in eval mode on the CPU and writes the logits as tensor `output` to
+/// (`[N, C, H, W]`) in eval mode on the CPU ([`infer_on`]: any device) and writes the logits as tensor `output` to
 /// `output` (safetensors, atomically).
 pub fn infer(
     model_toml: impl AsRef<Path>,
@@ -146,15 +146,28 @@ pub fn infer(
     input: impl AsRef<Path>,
     output: impl AsRef<Path>,
 ) -> Result<()> {
-    type B = crate::Cpu;
-    let device = Default::default();
-    let spec = model_from_toml(&model_toml)?;
-    let weights = weights.as_ref();
+    infer_on(model_toml, weights, input, output, crate::device::DeviceSpec::Cpu)
+}
+
+/// [`infer`] on a chosen device (`rlprune infer --device`).
+pub fn infer_on(
+    model_toml: impl AsRef<Path>,
+    weights: impl AsRef<Path>,
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    device: crate::device::DeviceSpec,
+) -> Result<()> {
+    let (model_toml, weights, input, output) = (model_toml.as_ref(), weights.as_ref(), input.as_ref(), output.as_ref());
+    crate::with_backend!(device, |B, device| infer_with::<B>(model_toml, weights, input, output, &device))
+}
+
+fn infer_with<B: crate::ModelBackend>(model_toml: &Path, weights: &Path, input: &Path, output: &Path, device: &B::Device) -> Result<()> {
+    let spec = model_from_toml(model_toml)?;
     let mut dict = import::read_weights(weights)?;
     import::drop_ignored_keys(&mut dict);
-    let model: AnyBackbone<B> = build_model(&spec, &device)?;
+    let model: AnyBackbone<B> = build_model(&spec, device)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;
-    let x = import::read_tensor(input.as_ref(), "input")?;
+    let x = import::read_tensor(input, "input")?;
     if x.shape.len() != 4 {
         bail!("input must be [N, C, H, W], got shape {:?}", x.shape);
     }
@@ -163,7 +176,7 @@ pub fn infer(
     {
         bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
     }
-    let logits = model.forward(x.to_tensor::<B, 4>(&device));
+    let logits = model.forward(x.to_tensor::<B, 4>(device));
     let out = StateDict::from([("output".to_string(), HostTensor::from_tensor(&logits))]);
-    import::write_safetensors(output.as_ref(), &out, &Default::default())
+    import::write_safetensors(output, &out, &Default::default())
 }
