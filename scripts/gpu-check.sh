@@ -52,11 +52,14 @@ CARD=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohe
 [ -n "$CARD" ] || CARD="unknown (nvidia-smi failed)"
 DATE=$(date -u +%Y-%m-%dT%H:%MZ)
 T0=$(date +%s)
+# The whole check stays under 10 minutes: a step that would start after 8 is recorded as skipped (each step is capped at 2 minutes).
+BUDGET_S=480
+over_budget() { [ $(( $(date +%s) - T0 )) -ge $BUDGET_S ]; }
 
 # 1. Parity on the GPU.
 if [ -n "$PARITY_TEST" ] && [ -x "$PARITY_TEST" ] && [ -n "$PARITY_DIR" ]; then
     log="$LOG_DIR/parity.log"
-    RLPRUNE_TEST_DEVICE="$DEVICE" RLPRUNE_PARITY_DIR="$PARITY_DIR" timeout 240 "$PARITY_TEST" --test-threads 1 --nocapture > "$log" 2>&1
+    RLPRUNE_TEST_DEVICE="$DEVICE" RLPRUNE_PARITY_DIR="$PARITY_DIR" timeout 150 "$PARITY_TEST" --test-threads 1 --nocapture > "$log" 2>&1
     rc=$?
     while IFS= read -r line; do
         name=${line%%:*}
@@ -65,7 +68,7 @@ if [ -n "$PARITY_TEST" ] && [ -x "$PARITY_TEST" ] && [ -n "$PARITY_DIR" ]; then
     for t in $(grep -E '^test .* FAILED$' "$log" | awk '{print $2}'); do
         row "parity test $t" "$DEVICE" "$(grep -A3 "^---- $t" "$log" | grep -v '^----' | cell)" "FAILED"
     done
-    [ $rc -eq 124 ] && row "parity" "$DEVICE" "timed out after 240 s" "FAILED"
+    [ $rc -eq 124 ] && row "parity" "$DEVICE" "timed out after 150 s" "FAILED"
     [ $rc -ne 0 ] && [ $rc -ne 124 ] && ! grep -q FAILED "$log" && row "parity" "$DEVICE" "$(tail -3 "$log" | cell)" "FAILED (rc $rc)"
 else
     row "parity" "$DEVICE" "skipped: pass --parity-test (built with --features cuda) and the fixtures (--parity-dir)" "not run"
@@ -76,6 +79,7 @@ for model in gfnet-ti deit-s dynamicvit-deit-s-0.7 hornet-t-7x7; do
     for mode in infer train; do
         flag=""; [ "$mode" = train ] && flag="--train"
         log="$LOG_DIR/bench-$model-$mode.log"
+        if over_budget; then row "bench $model $mode b64" "$DEVICE" "skipped: 8-minute budget used" "not run"; continue; fi
         timeout 60 "$BIN" bench "$model" --batch 64 --device "$DEVICE" $flag --json > "$log" 2> "$log.err"
         rc=$?
         if [ $rc -eq 0 ]; then
@@ -94,14 +98,15 @@ done
 train_row() {
     local label="$1" exp="$2"; shift 2
     local log="$LOG_DIR/train-$label.log" start rc secs
+    if over_budget; then row "train $label" "$DEVICE" "skipped: 8-minute budget used" "not run"; return; fi
     start=$(date +%s)
-    timeout 150 "$BIN" train "$exp" --device "$DEVICE" --out "$LOG_DIR/run-$label" "$@" > "$log" 2>&1
+    timeout 120 "$BIN" train "$exp" --device "$DEVICE" --out "$LOG_DIR/run-$label" "$@" > "$log" 2>&1
     rc=$?
     secs=$(( $(date +%s) - start ))
     if [ $rc -eq 0 ]; then
         row "train $label" "$DEVICE" "$(tail -1 "$log" | cell), ${secs} s" "ok"
     elif [ $rc -eq 124 ]; then
-        row "train $label" "$DEVICE" "timed out after 150 s" "FAILED"
+        row "train $label" "$DEVICE" "timed out after 120 s" "FAILED"
     else
         row "train $label" "$DEVICE" "$(grep -E '^error' "$log" | tail -1 | cell) (${secs} s)" "FAILED (rc $rc)"
     fi
@@ -116,6 +121,7 @@ if [ -f benchmarks/pytorch_bench.py ] && python3 -c 'import torch; assert torch.
         for mode in infer train; do
             flag=""; [ "$mode" = train ] && flag="--train"
             log="$LOG_DIR/torch-$model-$mode.log"
+            if over_budget; then row "pytorch eager $model $mode b64" "cuda" "skipped: 8-minute budget used" "not run"; continue; fi
             timeout 60 python3 benchmarks/pytorch_bench.py "$model" --batch 64 --device cuda $flag --json > "$log" 2>&1
             rc=$?
             if [ $rc -eq 0 ]; then

@@ -86,7 +86,7 @@ pub fn cuda_device(index: usize) -> Result<burn::backend::cuda::CudaDevice> {
     use burn::tensor::Tensor;
     use std::panic::{catch_unwind, set_hook, take_hook, AssertUnwindSafe};
 
-    let device = burn::backend::cuda::CudaDevice::new(index);
+    let device = burn::backend::cuda::CudaDevice { index };
     let probe = || Tensor::<Cuda, 1>::from_floats([1.0, 2.0], &device).sum().into_scalar();
     let hook = take_hook();
     set_hook(Box::new(|_| {}));

@@ -43,7 +43,7 @@ fn loss<B: Backend>(logits: Tensor<B, 2>, labels: &[i64]) -> Tensor<B, 1> {
 
 /// Gradients of the mean loss of rows `rows` of `(x, labels)` on one device.
 fn single_device_grads(model: &AnyBackbone<AD>, x: &Tensor<AD, 4>, labels: &[i64], rows: std::ops::Range<usize>) -> HostGrads {
-    let xs = x.clone().slice(rows.clone());
+    let xs = x.clone().narrow(0, rows.start, rows.len());
     let l = loss(model.forward(xs), &labels[rows]);
     host_grads(model, &GradientsParams::from_grads(l.backward(), model))
 }
@@ -55,7 +55,7 @@ fn all_reduced_grads(model: &AnyBackbone<AD>, x: &Tensor<AD, 4>, labels: &[i64])
     run_peers::<AD, _, _>(&devices, |peer| {
         let replica = model.clone().fork(&peer.device);
         let rows = peer.shard(n);
-        let xs = Tensor::<AD, 4>::from_data(x.clone().slice(rows.clone()).into_data(), &peer.device);
+        let xs = Tensor::<AD, 4>::from_data(x.clone().narrow(0, rows.start, rows.len()).into_data(), &peer.device);
         let l = loss(replica.forward(xs), &labels[rows]);
         let grads = peer.all_reduce_grads(GradientsParams::from_grads(l.backward(), &replica))?;
         Ok(host_grads(&replica, &grads))
