@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::device::DeviceSpec;
 use crate::experiment::Experiment;
 use crate::train::run::Resume;
 use crate::train::supervised::{self, TrainOptions};
@@ -45,6 +46,9 @@ pub enum Command {
         /// Stop after this many completed epochs (the run can be resumed later).
         #[arg(long, value_name = "N")]
         stop_after_epoch: Option<usize>,
+        /// Device to train on (overrides the experiment's `device` and `devices`).
+        #[arg(long, value_name = "cpu|cuda|cuda:N")]
+        device: Option<String>,
     },
     /// Evaluate a trained run (or an experiment with --checkpoint): top-1 and loss on the test split.
     Eval {
@@ -59,6 +63,9 @@ pub enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Device to evaluate on (overrides the configuration's `device`).
+        #[arg(long, value_name = "cpu|cuda|cuda:N")]
+        device: Option<String>,
     },
     /// Train and evaluate a controller experiment at several values of one key (e.g.
     /// --set rl.compute_penalty=0.02,0.05,0.1), plus an optional static baseline; writes
@@ -93,6 +100,9 @@ pub enum Command {
         /// safetensors file to write with tensor `output`.
         #[arg(long, value_name = "Y.safetensors")]
         output: PathBuf,
+        /// Device to run on.
+        #[arg(long, value_name = "cpu|cuda|cuda:N", default_value = "cpu")]
+        device: String,
     },
     /// List the named model variants with parameters and GMACs (224×224, 1000 classes; CIFAR nets at 32×32).
     Zoo {
@@ -167,7 +177,8 @@ pub enum DataAction {
 pub fn run(cli: Cli) -> Result<()> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     match cli.command {
-        Command::Train { experiment, set, out, resume, stop_after_epoch } => {
+        Command::Train { experiment, mut set, out, resume, stop_after_epoch, device } => {
+            with_device_override(&mut set, device.as_deref())?;
             let (exp, layered) = Experiment::load(&experiment, &set)?;
             let opts = TrainOptions { out, resume, stop_after_epoch, base_dir: cwd };
             let summary = supervised::train(&exp, &layered, &opts)?;
@@ -186,7 +197,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { target, checkpoint, set, json } => {
+        Command::Eval { target, checkpoint, mut set, json, device } => {
+            with_device_override(&mut set, device.as_deref())?;
             let report = supervised::eval_target(&target, checkpoint.as_deref(), &set, &cwd)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -209,8 +221,9 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("wrote {0}/sweep.csv and {0}/sweep.png", dir.display());
             Ok(())
         }
-        Command::Infer { model, weights, input, output } => {
-            crate::backbones::infer(&model, &weights, &input, &output)?;
+        Command::Infer { model, weights, input, output, device } => {
+            let device = DeviceSpec::select(Some(&device), "cpu")?;
+            crate::backbones::spec::infer_on(&model, &weights, &input, &output, device)?;
             println!("wrote {}", output.display());
             Ok(())
         }
@@ -274,6 +287,17 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         },
     }
+}
+
+/// `--device X` as overrides `device = "X"`, `devices = []`, after checking `X` (so that a
+/// CUDA request on a CPU-only build is one clear error naming the flag).
+pub fn with_device_override(overrides: &mut Vec<String>, device: Option<&str>) -> Result<()> {
+    if let Some(d) = device {
+        let spec = DeviceSpec::select(Some(d), "cpu")?;
+        overrides.push(format!("device=\"{spec}\""));
+        overrides.push("devices=[]".into());
+    }
+    Ok(())
 }
 
 /// Resolves `eval`'s target: a run directory (its `config.toml`) or an experiment file.

@@ -26,6 +26,11 @@ pub struct Experiment {
     /// `"cpu"`, `"cuda"` or `"cuda:N"` (the latter need a build with `--features cuda`).
     #[serde(default = "default_device")]
     pub device: String,
+    /// Data-parallel training: one peer per entry (`["cuda:0", "cuda:1"]`, or `["cpu", "cpu"]`
+    /// to simulate peers on the CPU); each gets an equal shard of every batch and the gradients
+    /// are averaged with burn-collective. Empty (the default): one device, `device`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     pub data: DataConfig,
     pub backbone: BackboneConfig,
     #[serde(default)]
@@ -324,6 +329,14 @@ impl Experiment {
         if let Err(e) = crate::device::DeviceSpec::parse(&self.device) {
             problems.push(("device".into(), e.to_string()));
         }
+        match self.device_specs() {
+            Err(e) if !self.devices.is_empty() => problems.push(("devices".into(), e.to_string())),
+            Ok(specs) if specs.len() > 1 && !self.data.batch_size.is_multiple_of(specs.len()) => problems.push((
+                "data.batch_size".into(),
+                format!("must be a multiple of the number of devices ({}) for equal shards, got {}", specs.len(), self.data.batch_size),
+            )),
+            _ => {}
+        }
         for (k, m) in self.data.validate() {
             problems.push((join("data", &k), m));
         }
@@ -356,6 +369,25 @@ impl Experiment {
             Some((k, m)) => Err(layered.error_at(&k, m)),
             None => Ok(()),
         }
+    }
+
+    /// The devices to train on: `devices` when given, else `[device]`. All entries must be of
+    /// one kind (CPU or CUDA), CUDA indices distinct.
+    pub fn device_specs(&self) -> Result<Vec<crate::device::DeviceSpec>> {
+        use crate::device::DeviceSpec;
+        if self.devices.is_empty() {
+            return Ok(vec![DeviceSpec::parse(&self.device)?]);
+        }
+        let specs = self.devices.iter().map(|d| DeviceSpec::parse(d)).collect::<Result<Vec<_>>>()?;
+        if specs.iter().any(|s| s.is_cuda() != specs[0].is_cuda()) {
+            bail!("cannot mix CPU and CUDA peers, got {:?}", self.devices);
+        }
+        for (i, s) in specs.iter().enumerate() {
+            if s.is_cuda() && specs[..i].contains(s) {
+                bail!("{s} is listed twice");
+            }
+        }
+        Ok(specs)
     }
 
     /// The resolved configuration as TOML (written into every run directory).

@@ -8,7 +8,6 @@ use burn::module::Module;
 use rlprune::backbones::{infer, AnyBackbone, Backbone, ModelSpec};
 use rlprune::import::{read_safetensors, read_tensor};
 use rlprune::nn::params::{load_strict, HostTensor};
-use rlprune::Cpu;
 
 const MAX_ABS: f64 = 1e-4;
 const REL_L2: f64 = 1e-5;
@@ -67,17 +66,30 @@ fn errors(got: &HostTensor, want: &HostTensor) -> (f64, f64) {
     (max, (num / den).sqrt())
 }
 
+/// Runs the fixture on the CPU, or on the device named by `RLPRUNE_TEST_DEVICE` (`cuda`,
+/// `cuda:N`; a test binary built with `--features cuda`, as `scripts/gpu-check.sh` runs it).
 fn check(name: &str) {
+    let spec = match std::env::var("RLPRUNE_TEST_DEVICE") {
+        Ok(d) => rlprune::device::DeviceSpec::parse(&d).unwrap_or_else(|e| panic!("RLPRUNE_TEST_DEVICE: {e:#}")),
+        Err(_) => rlprune::device::DeviceSpec::Cpu,
+    };
+    let result: anyhow::Result<()> = rlprune::with_backend!(spec, |B, device| {
+        check_on::<B>(name, &device);
+        Ok(())
+    });
+    result.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn check_on<B: rlprune::ModelBackend>(name: &str, device: &B::Device) {
     let Some(fx) = fixture(name) else { return };
-    let device = Default::default();
-    let model: AnyBackbone<Cpu> = fx.spec.build(&device).unwrap();
+    let model: AnyBackbone<B> = fx.spec.build(device).unwrap();
     assert_eq!(model.num_params() as u64, fx.num_params, "{name}: parameter count");
     assert_eq!(fx.spec.cost_native().params(), fx.num_params, "{name}: analytic parameter count");
     let weights = read_safetensors(&fx.dir.join("weights.safetensors")).unwrap();
     let model = load_strict(model, &weights, name).unwrap_or_else(|e| panic!("{e:#}"));
     let input = read_tensor(&fx.dir.join("input.safetensors"), "input").unwrap();
     let want = read_tensor(&fx.dir.join("output.safetensors"), "output").unwrap();
-    let got = HostTensor::from_tensor(&model.forward(input.to_tensor::<Cpu, 4>(&device)));
+    let got = HostTensor::from_tensor(&model.forward(input.to_tensor::<B, 4>(device)));
     let (max_abs, rel_l2) = errors(&got, &want);
     println!("{name}: max abs err {max_abs:.3e}, rel L2 {rel_l2:.3e}");
     assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name}: max abs {max_abs:.3e}, rel L2 {rel_l2:.3e}");

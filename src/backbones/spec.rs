@@ -138,24 +138,38 @@ impl ModelSpec {
 /// `rlprune infer`: builds the model of `model_toml`, loads `weights` (safetensors or a
 /// PyTorch `.pth`, reference key names; a `{"model": ...}` wrapper is handled by
 /// [`crate::import`]) strictly — every parameter, no extra keys — runs the tensor `input`
-/// (`[N, C, H, W]`) in eval mode on the CPU and writes the logits as tensor `output` to
-/// `output` (safetensors, atomically); token-pruning models (DynamicViT) also write, per
-/// pruning stage `i`, the kept patch indices in original-grid numbering as int64 `keep_abs_s{i}`.
+/// (`[N, C, H, W]`) in eval mode on the CPU ([`infer_on`]: any device) and writes the logits as
+/// tensor `output` to `output` (safetensors, atomically); token-pruning models (DynamicViT) also
+/// write, per pruning stage `i`, the kept patch indices in original-grid numbering as int64
+/// `keep_abs_s{i}`.
 pub fn infer(
     model_toml: impl AsRef<Path>,
     weights: impl AsRef<Path>,
     input: impl AsRef<Path>,
     output: impl AsRef<Path>,
 ) -> Result<()> {
-    type B = crate::Cpu;
-    let device = Default::default();
-    let spec = model_from_toml(&model_toml)?;
-    let weights = weights.as_ref();
+    infer_on(model_toml, weights, input, output, crate::device::DeviceSpec::Cpu)
+}
+
+/// [`infer`] on a chosen device (`rlprune infer --device`).
+pub fn infer_on(
+    model_toml: impl AsRef<Path>,
+    weights: impl AsRef<Path>,
+    input: impl AsRef<Path>,
+    output: impl AsRef<Path>,
+    device: crate::device::DeviceSpec,
+) -> Result<()> {
+    let (model_toml, weights, input, output) = (model_toml.as_ref(), weights.as_ref(), input.as_ref(), output.as_ref());
+    crate::with_backend!(device, |B, device| infer_with::<B>(model_toml, weights, input, output, &device))
+}
+
+fn infer_with<B: crate::ModelBackend>(model_toml: &Path, weights: &Path, input: &Path, output: &Path, device: &B::Device) -> Result<()> {
+    let spec = model_from_toml(model_toml)?;
     let mut dict = import::read_weights(weights)?;
     import::drop_ignored_keys(&mut dict);
-    let model: AnyBackbone<B> = build_model(&spec, &device)?;
+    let model: AnyBackbone<B> = build_model(&spec, device)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;
-    let x = import::read_tensor(input.as_ref(), "input")?;
+    let x = import::read_tensor(input, "input")?;
     if x.shape.len() != 4 {
         bail!("input must be [N, C, H, W], got shape {:?}", x.shape);
     }
@@ -164,7 +178,7 @@ pub fn infer(
     {
         bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
     }
-    let x = x.to_tensor::<B, 4>(&device);
+    let x = x.to_tensor::<B, 4>(device);
     let (logits, kept) = match &model {
         // Token-pruning models also report what they kept at each stage.
         AnyBackbone::DynamicVit(m) => m.forward_pruned(x),
@@ -179,5 +193,5 @@ pub fn infer(
             (format!("keep_abs_s{i}"), t)
         })
         .collect();
-    import::write_safetensors_with_ints(output.as_ref(), &out, &ints, &Default::default())
+    import::write_safetensors_with_ints(output, &out, &ints, &Default::default())
 }

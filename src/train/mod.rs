@@ -2,6 +2,7 @@
 //! checkpoints with exact resume.
 
 pub mod checkpoint;
+pub mod data_parallel;
 pub mod losses;
 pub mod optim;
 pub mod run;

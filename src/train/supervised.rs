@@ -14,6 +14,7 @@ use burn::tensor::ElementConversion;
 use serde_json::json;
 
 use super::checkpoint::{self, RngState, TrainState};
+use super::data_parallel::{Replicas, StepFn, SyncGrads};
 use super::losses::{correct, cross_entropy};
 use super::optim::Optimizer;
 use super::run::{newest_run, new_run_dir, MetricsLog, Resume};
@@ -72,16 +73,21 @@ pub struct TrainSummary {
 }
 
 pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    let specs = exp.device_specs().map_err(|e| layered.error_at(if exp.devices.is_empty() { "device" } else { "devices" }, e))?;
     if let Some(ctl) = &exp.controller {
         let kind = crate::controllers::kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
-        return match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
-            DeviceSpec::Cpu => (kind.train)(exp, layered, opts),
-            DeviceSpec::Cuda(_n) => crate::device::cuda_unavailable(),
+        return match specs.as_slice() {
+            [DeviceSpec::Cpu] => (kind.train)(exp, layered, opts),
+            [DeviceSpec::Cpu, ..] => bail!("{}: data-parallel training of controllers is not wired yet (the supervised trainer is); use one device", layered.origin_of("devices")),
+            _ => bail!("{}: controller training runs on the CPU only for now (the supervised trainer runs on CUDA)", layered.origin_of("device")),
         };
     }
-    match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
-        DeviceSpec::Cpu => train_on::<crate::CpuAutodiff>(exp, layered, opts, &Default::default()),
-        DeviceSpec::Cuda(_n) => crate::device::cuda_unavailable(),
+    match specs[0] {
+        DeviceSpec::Cpu => train_on_devices::<crate::CpuAutodiff>(exp, layered, opts, &vec![Default::default(); specs.len()]),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(_) => train_on_devices::<crate::device::CudaAutodiff>(exp, layered, opts, &crate::device::cuda_devices(&specs)?),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => crate::device::cuda_unavailable(),
     }
 }
 
@@ -119,6 +125,40 @@ pub fn train_on<B: AutodiffBackend + ModelBackend>(exp: &Experiment, layered: &L
 where
     B::InnerBackend: ModelBackend,
 {
+    train_on_devices::<B>(exp, layered, opts, std::slice::from_ref(device))
+}
+
+/// One supervised step (see [`StepFn`]): cross-entropy on the batch, gradients through `sync`,
+/// optional clipping of the global norm, update.
+fn supervised_step<B: AutodiffBackend + ModelBackend>(label_smoothing: f64, grad_clip: f64) -> impl StepFn<B, AnyBackbone<B>>
+where
+    B::InnerBackend: ModelBackend,
+{
+    move |model: AnyBackbone<B>, optim: &mut Optimizer<B>, batch: &data::Batch, lr: f64, device: &B::Device, sync: SyncGrads<'_>| {
+        let (x, y) = batch.to_tensors::<B>(device);
+        let logits = model.forward(x);
+        let loss = cross_entropy(logits.clone(), y.clone(), label_smoothing);
+        let loss_value = loss.clone().into_scalar().elem::<f64>();
+        let n_correct = correct(logits.detach(), y);
+        let grads = sync(GradientsParams::from_grads(loss.backward(), &model))?;
+        let scale = if grad_clip > 0.0 {
+            let norm = Optimizer::<B>::grad_norm(&model, &grads);
+            (grad_clip / norm.max(1e-12)).min(1.0)
+        } else {
+            1.0
+        };
+        Ok((optim.step(model, grads, lr, scale), loss_value, n_correct))
+    }
+}
+
+/// [`train_on`] with one peer per device: more than one device trains data-parallel through
+/// burn-collective ([`Replicas`]); the first device is peer 0, which logs, evaluates and
+/// checkpoints.
+pub fn train_on_devices<B: AutodiffBackend + ModelBackend>(exp: &Experiment, layered: &Layered, opts: &TrainOptions, devices: &[B::Device]) -> Result<TrainSummary>
+where
+    B::InnerBackend: ModelBackend,
+{
+    let device = &devices[0];
     let base = &opts.base_dir;
     let splits = data::open(&exp.data, base)?;
     let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
@@ -200,6 +240,13 @@ where
     });
     let mut history = Vec::new();
     let mut interrupted = false;
+    let step = supervised_step::<B>(exp.train.label_smoothing, exp.train.grad_clip);
+    let mut replicas = if devices.len() > 1 {
+        tracing::info!("data-parallel training on {} devices (burn-collective all-reduce)", devices.len());
+        Some(Replicas::start(devices, &model, &optim, step.clone())?)
+    } else {
+        None
+    };
 
     for epoch in state.epoch..exp.train.epochs {
         let t0 = Instant::now();
@@ -209,26 +256,19 @@ where
         let mut lr = exp.train.optimizer.lr();
         for batch in train_loader.epoch(epoch) {
             let batch = batch?;
-            let (x, y) = batch.to_tensors::<B>(device);
-            let logits = model.forward(x);
-            let loss = cross_entropy(logits.clone(), y.clone(), exp.train.label_smoothing);
-            let n = y.dims()[0];
-            let loss_value = loss.clone().into_scalar().elem::<f64>();
+            let n = batch.len();
+            lr = exp.train.schedule.lr_at(exp.train.optimizer.lr(), state.step as usize, total_steps, steps_per_epoch);
+            let (next, loss_value, batch_correct) = match replicas.as_mut() {
+                Some(r) => r.step(model, &mut optim, &batch, lr, &step)?,
+                None => step(model, &mut optim, &batch, lr, device, &Ok)?,
+            };
+            model = next;
             if !loss_value.is_finite() {
                 bail!("epoch {}, step {}: the loss became {loss_value}; lower train.optimizer.lr or set train.grad_clip", epoch + 1, state.step);
             }
-            n_correct += correct(logits.detach(), y);
+            n_correct += batch_correct;
             loss_sum += loss_value * n as f64;
             n_seen += n;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let scale = if exp.train.grad_clip > 0.0 {
-                let norm = Optimizer::<B>::grad_norm(&model, &grads);
-                (exp.train.grad_clip / norm.max(1e-12)).min(1.0)
-            } else {
-                1.0
-            };
-            lr = exp.train.schedule.lr_at(exp.train.optimizer.lr(), state.step as usize, total_steps, steps_per_epoch);
-            model = optim.step(model, grads, lr, scale);
             state.step += 1;
             bar.inc(1);
             if state.step.is_multiple_of(exp.log.every_steps as u64)
@@ -300,6 +340,9 @@ where
         }
     }
 
+    if let Some(r) = replicas {
+        r.finish()?;
+    }
     if let Some(tb) = tb.as_mut() {
         if state.epoch == exp.train.epochs {
             let last = history.last();
@@ -367,10 +410,8 @@ pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[S
         crate::fsutil::atomic_write(&target.join("eval.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
         return Ok(report);
     }
-    match DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))? {
-        DeviceSpec::Cpu => eval_on::<crate::Cpu>(&exp, &layered, &weights, base, &Default::default(), target),
-        DeviceSpec::Cuda(_) => crate::device::cuda_unavailable(),
-    }
+    let spec = DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))?;
+    crate::with_backend!(spec, |B, device| eval_on::<B>(&exp, &layered, &weights, base, &device, target))
 }
 
 fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path, base: &Path, device: &B::Device, target: &Path) -> Result<serde_json::Value> {
