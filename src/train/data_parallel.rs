@@ -147,11 +147,14 @@ struct Job {
 /// What a worker answers: its shard's summed loss and correct count.
 type JobResult = Result<(f64, usize)>;
 
+/// Peer 0's handle on one worker thread: its job queue, its answers, and the thread.
+type Worker = (Sender<Job>, Receiver<JobResult>, JoinHandle<Result<()>>);
+
 /// The trainer's data-parallel group: the calling thread is peer 0, peers 1.. run in worker
 /// threads with their own model and optimizer replicas.
 pub struct Replicas<B: AutodiffBackend> {
     peer0: Peer<B>,
-    workers: Vec<(Sender<Job>, Receiver<JobResult>, JoinHandle<Result<()>>)>,
+    workers: Vec<Worker>,
     _group: std::sync::MutexGuard<'static, ()>,
 }
 
