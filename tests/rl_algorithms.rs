@@ -136,6 +136,7 @@ fn dqn_learns_the_optimal_two_step_policy() {
 
 #[test]
 fn epsilon_greedy_explores_at_the_configured_rate() {
+    let _guard = lock();
     let dev = Default::default();
     let router = ChannelRouter::<Cpu>::new(&ctl(4, 8, "gru"), &[1], false, &dev);
     let n = 4000;
@@ -155,6 +156,7 @@ fn epsilon_greedy_explores_at_the_configured_rate() {
 
 #[test]
 fn lstm_cell_matches_the_pytorch_equations() {
+    let _guard = lock();
     use rlprune::controllers::channel_router::LstmCell;
     let dev = Default::default();
     let mut cell = LstmCell::<Cpu>::new(1, 1, &dev);
