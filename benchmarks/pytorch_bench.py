@@ -134,6 +134,56 @@ class DeiT(nn.Module):
         return self.head(x[:, 0])
 
 
+# ---------------------------------------------------------------- DynamicViT (DeiT with token pruning)
+
+
+class PredictorLG(nn.Module):
+    """Keep/drop scores per token: local features concatenated with the policy-weighted mean."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.out_conv = nn.Sequential(
+            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1)
+        )
+
+    def forward(self, x):
+        x = self.in_conv(x)
+        b, n, c = x.shape
+        local = x[:, :, : c // 2]
+        glob = x[:, :, c // 2 :].mean(1, keepdim=True)  # every remaining token is kept (policy = 1)
+        return self.out_conv(torch.cat([local, glob.expand(b, n, c // 2)], dim=-1))
+
+
+class DynamicViT(DeiT):
+    """Inference as `rlprune bench` runs it: before blocks `pruning_loc`, keep the top
+    int(N * rho^(i+1)) patch tokens by keep score, gather them, and go on with fewer tokens."""
+
+    def __init__(self, base_rate, pruning_loc=(3, 6, 9), **kw):
+        super().__init__(**kw)
+        dim = self.head.in_features
+        self.pruning_loc = list(pruning_loc)
+        self.ratios = [base_rate ** (i + 1) for i in range(len(self.pruning_loc))]
+        self.score_predictor = nn.ModuleList([PredictorLG(dim) for _ in self.pruning_loc])
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        b, n0, c = x.shape
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.pos_embed
+        stage = 0
+        for i, blk in enumerate(self.blocks):
+            if stage < len(self.pruning_loc) and i == self.pruning_loc[stage]:
+                spatial = x[:, 1:]
+                score = self.score_predictor[stage](spatial)[:, :, 0]
+                keep = int(n0 * self.ratios[stage])
+                idx = torch.argsort(score, dim=1, descending=True)[:, :keep]
+                spatial = torch.gather(spatial, 1, idx.unsqueeze(-1).expand(-1, -1, c))
+                x = torch.cat([x[:, :1], spatial], dim=1)
+                stage += 1
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
 # ---------------------------------------------------------------- HorNet (gnconv, depthwise 7x7)
 
 
@@ -223,6 +273,11 @@ MODELS = {
     "deit-ti": lambda c, img: DeiT(img_size=img, num_classes=c, embed_dim=192, heads=3),
     "deit-s": lambda c, img: DeiT(img_size=img, num_classes=c, embed_dim=384, heads=6),
     "hornet-t-7x7": lambda c, img: HorNet(num_classes=c, base_dim=64),
+    **{
+        f"dynamicvit-deit-s-{r}": (lambda r: lambda c, img: DynamicViT(float(r), img_size=img, num_classes=c, embed_dim=384, heads=6))(r)
+        for r in ("0.9", "0.8", "0.7", "0.6", "0.5")
+    },
+    "dynamicvit-deit-b-0.7": lambda c, img: DynamicViT(0.7, img_size=img, num_classes=c, embed_dim=768, heads=12),
 }
 
 
@@ -261,6 +316,7 @@ def main(argv=None):
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (fp32; PyTorch's default TF32 settings)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.repeats < 1 or a.warmup < 0:
         p.error("--batch and --repeats must be >= 1, --warmup >= 0")
@@ -270,10 +326,16 @@ def main(argv=None):
         torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     img = a.img_size or 224
-    model = MODELS[a.model](a.num_classes, img)
+    device = torch.device(a.device)
+    model = MODELS[a.model](a.num_classes, img).to(device)
     params = sum(t.numel() for t in model.parameters())
-    x = torch.randn(a.batch, 3, img, img)
-    y = torch.arange(a.batch) % a.num_classes
+    x = torch.randn(a.batch, 3, img, img, device=device)
+    y = torch.arange(a.batch, device=device) % a.num_classes
+
+    def sync():
+        # CUDA runs asynchronously: a step ends when its kernels have, as rlprune's does.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     if a.train:
         model.train()
@@ -284,12 +346,14 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
+            sync()
     else:
         model.eval()
 
         def step():
             with torch.no_grad():
                 model(x)
+            sync()
 
     for _ in range(a.warmup):
         step()
@@ -305,7 +369,7 @@ def main(argv=None):
         "model": a.model,
         "framework": "pytorch",
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": str(device) if device.type == "cpu" else f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})",
         "mode": "train" if a.train else "infer",
         "batch": a.batch,
         "threads": torch.get_num_threads(),
@@ -325,7 +389,7 @@ def main(argv=None):
         print(json.dumps(report))
     else:
         print(
-            f"{a.model} ({params} params), {report['mode']} on cpu (torch {torch.__version__}), batch {a.batch} at "
+            f"{a.model} ({params} params), {report['mode']} on {report['device']} (torch {torch.__version__}), batch {a.batch} at "
             f"{img}x{img}, {report['threads']} threads, {a.warmup} warm-up + {a.repeats} timed steps"
         )
         print(f"{'':<12} {'median':>10} {'min':>10} {'p10':>10} {'p90':>10} {'max':>10}")

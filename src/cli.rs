@@ -136,6 +136,9 @@ pub enum Command {
         /// Timed steps (the median is reported).
         #[arg(long, default_value_t = 10, value_name = "R")]
         repeats: usize,
+        /// Device to run on: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Input side (default: the model's own; 224 for fully convolutional models).
         #[arg(long, value_name = "S")]
         img_size: Option<usize>,
@@ -252,7 +255,7 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{report}");
             Ok(())
         }
-        Command::Bench { model, batch, threads, train, warmup, repeats, img_size, num_classes, json } => {
+        Command::Bench { model, batch, threads, train, warmup, repeats, img_size, num_classes, json, device } => {
             use crate::metrics::bench;
             if let Some(t) = threads {
                 bench::limit_threads(t)?;
@@ -265,6 +268,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 repeats,
                 img_size,
                 num_classes,
+                device: DeviceSpec::select(Some(&device), "cpu")?,
                 ..Default::default()
             };
             let report = bench::bench(&model, &opts)?;

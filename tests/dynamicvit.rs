@@ -6,14 +6,16 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rlprune::backbones::dynamicvit::{distill_loss, DistillLossWeights, DynamicVit, DynamicVitArgs};
 use rlprune::backbones::vit::VisionTransformer;
 use rlprune::backbones::{infer, AnyBackbone, ModelSpec};
 use rlprune::controllers::token_predictor::FixedGumbel;
 use rlprune::import::{read_safetensors, read_tensor};
 use rlprune::nn::params::{load_strict, HostTensor, StateDict};
-use rlprune::{Cpu, CpuAutodiff};
+use burn::tensor::backend::AutodiffBackend;
+use rlprune::device::DeviceSpec;
+use rlprune::{Cpu, ModelBackend};
 
 fn fixture_dir(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -58,12 +60,28 @@ fn index_sets(t: &HostTensor) -> Vec<BTreeSet<i64>> {
     t.data.chunks(k).map(|r| r.iter().map(|&v| v as i64).collect()).collect()
 }
 
+/// The device named by `RLPRUNE_TEST_DEVICE` (`cuda`, `cuda:N`: a test binary built with
+/// `--features cuda`, as `scripts/gpu-check.sh` runs it), else the CPU.
+fn test_device() -> DeviceSpec {
+    match std::env::var("RLPRUNE_TEST_DEVICE") {
+        Ok(d) => DeviceSpec::parse(&d).unwrap_or_else(|e| panic!("RLPRUNE_TEST_DEVICE: {e:#}")),
+        Err(_) => DeviceSpec::Cpu,
+    }
+}
+
 #[test]
 fn eval_matches_reference_logits_and_kept_sets() {
+    let result: anyhow::Result<()> = rlprune::with_backend!(test_device(), |B, device| {
+        eval_on::<B>(&device);
+        Ok(())
+    });
+    result.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn eval_on<B: ModelBackend>(dev: &B::Device) {
     let dir = fixture_dir("dynamicvit_deit_tiny_r0.7_seed0");
     let a = args(&dir);
-    let dev = Default::default();
-    let model = DynamicVit::<Cpu>::from_args(&a, &dev).unwrap();
+    let model = DynamicVit::<B>::from_args(&a, dev).unwrap();
     let n_params = config(&dir)["num_params"].as_u64().unwrap();
     assert_eq!(model.num_params() as u64, n_params);
     assert_eq!(ModelSpec::DynamicVit(a.clone()).cost_native().params(), n_params);
@@ -71,7 +89,7 @@ fn eval_matches_reference_logits_and_kept_sets() {
     let model = load_strict(model, &weights, "dynamicvit").unwrap_or_else(|e| panic!("{e:#}"));
     let input = read_tensor(&dir.join("input.safetensors"), "input").unwrap();
     let want = read_safetensors(&dir.join("output.safetensors")).unwrap();
-    let (logits, kept) = model.forward_pruned(input.to_tensor::<Cpu, 4>(&dev));
+    let (logits, kept) = model.forward_pruned(input.to_tensor::<B, 4>(dev));
     let (max_abs, rel) = errors(&HostTensor::from_tensor(&logits), &want["output"]);
     println!("dynamicvit eval: logits max abs err {max_abs:.3e}, rel L2 {rel:.3e}");
     assert!(max_abs <= 1e-4 && rel <= 1e-5, "max abs {max_abs:.3e}, rel L2 {rel:.3e}");
@@ -110,22 +128,33 @@ fn infer_writes_logits_and_keep_abs() {
 
 #[test]
 fn train_loss_and_gradients_match_reference() {
-    type B = CpuAutodiff;
+    let result: anyhow::Result<()> = rlprune::with_autodiff_backend!(test_device(), |B, device| {
+        train_on::<B>(&device);
+        Ok(())
+    });
+    result.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn train_on<B>(dev: &B::Device)
+where
+    B: AutodiffBackend + ModelBackend,
+    B::InnerBackend: ModelBackend,
+{
+    let dev = dev.clone();
     let dir = fixture_dir("dynamicvit_deit_tiny_r0.7_train_seed0");
     let cfg = config(&dir);
     let a = args(&dir);
-    let dev = Default::default();
     let weights = read_safetensors(&dir.join("weights.safetensors")).unwrap();
     let student = load_strict(DynamicVit::<B>::from_args(&a, &dev).unwrap(), &weights, "student")
         .unwrap_or_else(|e| panic!("{e:#}"));
     // The teacher: the same weights without predictors, in eval mode.
     let teacher_weights: StateDict =
         weights.iter().filter(|(k, _)| !k.starts_with("score_predictor.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let teacher = load_strict(VisionTransformer::<Cpu>::from_args(&a.deit(), &dev).unwrap(), &teacher_weights, "teacher")
+    let teacher = load_strict(VisionTransformer::<B::InnerBackend>::from_args(&a.deit(), &dev).unwrap(), &teacher_weights, "teacher")
         .unwrap_or_else(|e| panic!("{e:#}"));
     let inputs = read_safetensors(&dir.join("input.safetensors")).unwrap();
     let want = read_safetensors(&dir.join("output.safetensors")).unwrap();
-    let x_inner = inputs["input"].to_tensor::<Cpu, 4>(&dev);
+    let x_inner = inputs["input"].to_tensor::<B::InnerBackend, 4>(&dev);
     let tokens = teacher.blocks.iter().fold(teacher.embed(x_inner), |x, b| b.forward(x, None));
     let tokens = teacher.norm.forward(tokens);
     let [n, t, _] = tokens.dims();
@@ -154,7 +183,7 @@ fn train_loss_and_gradients_match_reference() {
         &a.token_ratio,
         DistillLossWeights { clf_weight: 1.0, ratio_weight: 2.0, distill_weight: 0.5 },
     );
-    let got_loss = loss.total.clone().into_scalar() as f64;
+    let got_loss: f64 = loss.total.clone().into_scalar().elem();
     let want_loss = cfg["loss"].as_f64().unwrap();
     let rel_loss = (got_loss - want_loss).abs() / want_loss.abs();
     println!("dynamicvit train: loss {got_loss:.7} vs {want_loss:.7} (rel err {rel_loss:.3e})");

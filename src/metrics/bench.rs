@@ -423,36 +423,33 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Benchmarks `target` (a model TOML or a zoo name) as `opts` says, on the CPU backend.
-/// Call [`limit_threads`] first (before any computation in the process) to limit threads.
+/// Benchmarks `target` (a model TOML or a zoo name) as `opts` says, on `opts.device`.
+/// Call [`limit_threads`] first (before any computation in the process) to limit CPU threads.
 pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     opts.validate()?;
     let model = BenchModel::resolve(target, opts.img_size, opts.num_classes)?;
-    if let DeviceSpec::Cuda(_) = opts.device {
-        bail!(
-            "bench runs on the CPU only for now (device {} requested)",
-            device_name(opts.device)
-        );
-    }
     let shape = model.input_shape(opts.batch);
-    let device = Default::default();
     let (seconds, params) = if opts.train {
-        let m: AnyBackbone<crate::CpuAutodiff> = model.build(&device)?;
-        let params = burn::module::Module::num_params(&m);
-        let (s, _) = bench_train_step(
-            m,
-            shape,
-            model.ctx.num_classes,
-            &opts.optimizer,
-            opts.warmup,
-            opts.repeats,
-            &device,
-        )?;
-        (s, params)
+        crate::with_autodiff_backend!(opts.device, |B, device| {
+            let m: AnyBackbone<B> = model.build(&device)?;
+            let params = burn::module::Module::num_params(&m);
+            let (s, _) = bench_train_step(
+                m,
+                shape,
+                model.ctx.num_classes,
+                &opts.optimizer,
+                opts.warmup,
+                opts.repeats,
+                &device,
+            )?;
+            Ok::<_, anyhow::Error>((s, params))
+        })?
     } else {
-        let m: AnyBackbone<crate::Cpu> = model.build(&device)?;
-        let params = burn::module::Module::num_params(&m);
-        (bench_inference(&m, shape, opts.warmup, opts.repeats, &device)?, params)
+        crate::with_backend!(opts.device, |B, device| {
+            let m: AnyBackbone<B> = model.build(&device)?;
+            let params = burn::module::Module::num_params(&m);
+            Ok::<_, anyhow::Error>((bench_inference(&m, shape, opts.warmup, opts.repeats, &device)?, params))
+        })?
     };
     Ok(BenchReport::from_seconds(&model, opts, params, &seconds))
 }
