@@ -58,6 +58,14 @@ pub struct RlConfig {
     /// (0 = never).
     #[serde(default = "d_alt")]
     pub alternate_every: usize,
+    /// Epochs of backbone fine-tuning after router training, under the frozen router's greedy
+    /// decisions (the policy the network is evaluated with), as the static baseline fine-tunes
+    /// its pruned network. 0 = none.
+    #[serde(default)]
+    pub finetune_epochs: usize,
+    /// Peak SGD learning rate of that fine-tuning (momentum 0.9, cosine to 0).
+    #[serde(default = "d_finetune_lr")]
+    pub finetune_lr: f64,
     /// Discount over the layer sequence (PPO's GAE, DQN's TD targets; REINFORCE uses 1).
     #[serde(default = "d_one")]
     pub gamma: f64,
@@ -156,6 +164,9 @@ fn d_lr() -> f64 {
 fn d_blr() -> f64 {
     1e-3
 }
+fn d_finetune_lr() -> f64 {
+    0.01
+}
 fn d_alt() -> usize {
     2
 }
@@ -222,7 +233,7 @@ impl RlConfig {
         if !(1..=64).contains(&self.workers) {
             v.push(("workers".into(), format!("must be in 1..=64, got {}", self.workers)));
         }
-        for (k, x) in [("lr", self.lr), ("backbone_lr", self.backbone_lr)] {
+        for (k, x) in [("lr", self.lr), ("backbone_lr", self.backbone_lr), ("finetune_lr", self.finetune_lr)] {
             if !(x > 0.0 && x.is_finite()) {
                 v.push((k.into(), format!("must be > 0, got {x}")));
             }

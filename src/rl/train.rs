@@ -196,6 +196,31 @@ impl<B: burn::tensor::backend::Backend> crate::controllers::Controller<B> for Re
     }
 }
 
+/// One SGD step of the backbone on `batch` under `router`'s greedy decisions (taken on the
+/// inner backend, then replayed on the autodiff backbone). Returns (cross-entropy, hits).
+fn finetune_step(
+    backbone: &mut AnyBackbone<Ad>,
+    router: &ChannelRouter<Cpu>,
+    opt: &mut Optimizer<Ad>,
+    batch: &Batch,
+    lr: f64,
+) -> Result<(f64, usize)> {
+    let device = Default::default();
+    let (x, y) = batch.to_tensors::<Ad>(&device);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut policy = RouterPolicy::new(router.clone());
+    let (_, trace) = backbone.valid().forward_controlled(x.clone().inner(), &mut policy, Mode::Greedy, &mut rng)?;
+    let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
+    let mut replay = Replay { actions, k: router.groups() };
+    let (logits, _) = backbone.forward_controlled(x, &mut replay, Mode::Greedy, &mut rng)?;
+    let hits = correct(logits.clone(), y.clone());
+    let loss = cross_entropy(logits, y, 0.0);
+    let value = loss.clone().into_scalar().elem::<f64>();
+    let grads = GradientsParams::from_grads(loss.backward(), &*backbone);
+    *backbone = opt.step(backbone.clone(), grads, lr, 1.0);
+    Ok((value, hits))
+}
+
 /// Greedy evaluation of a routed backbone on a loader's split.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ControlledEval {
@@ -481,6 +506,98 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         });
         last_eval = Some(ev);
     }
+    // 4. Fine-tuning of the backbone under the frozen router's greedy decisions.
+    if rl.finetune_epochs > 0 && !interrupted {
+        let mut opt = Optimizer::<Ad>::new(OptimizerConfig::Sgd {
+            lr: rl.finetune_lr,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+        });
+        let total = (rl.finetune_epochs * steps_per_epoch) as f64;
+        let mut ft_best = f64::NEG_INFINITY;
+        let mut done = 0usize;
+        for epoch in 0..rl.finetune_epochs {
+            let t0 = Instant::now();
+            let bar = progress::bar(steps_per_epoch as u64, &format!("fine-tune epoch {}/{}", epoch + 1, rl.finetune_epochs));
+            let router = learner.router.valid();
+            let (mut loss_sum, mut n_correct, mut n_seen) = (0.0f64, 0usize, 0usize);
+            for batch in train_loader.epoch(exp.train.epochs + rl.epochs + epoch) {
+                let batch = batch?;
+                let lr = 0.5 * rl.finetune_lr * (1.0 + (std::f64::consts::PI * done as f64 / total).cos());
+                let (loss, hits) = finetune_step(&mut learner.backbone, &router, &mut opt, &batch, lr)?;
+                loss_sum += loss * batch.len() as f64;
+                n_correct += hits;
+                n_seen += batch.len();
+                done += 1;
+                bar.inc(1);
+                if done.is_multiple_of(exp.log.every_steps)
+                    && let Some(tb) = tb.as_mut()
+                {
+                    tb.scalar("finetune/loss", (learner.step + done as u64) as i64, loss)?;
+                    tb.scalar("finetune/lr", (learner.step + done as u64) as i64, lr)?;
+                }
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    interrupted = true;
+                    break;
+                }
+            }
+            bar.finish_and_clear();
+            if interrupted {
+                break;
+            }
+            let ev = evaluate_controlled(&learner.backbone.valid(), &router, &test_loader)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let step = (learner.step + done as u64) as i64;
+            let train_loss = loss_sum / n_seen.max(1) as f64;
+            let train_top1 = n_correct as f64 / n_seen.max(1) as f64;
+            tracing::info!(
+                "fine-tune epoch {}/{}: train loss {:.4}, train top-1 {:.2}% | test top-1 {:.2}% at flops ratio {:.3} | {:.1}s",
+                epoch + 1,
+                rl.finetune_epochs,
+                train_loss,
+                100.0 * train_top1,
+                100.0 * ev.top1,
+                ev.flops_ratio,
+                secs
+            );
+            metrics.write(&json!({
+                "finetune_epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_top1": train_top1,
+                "test_top1": ev.top1, "test_loss": ev.loss, "test_flops_ratio": ev.flops_ratio,
+                "layer_flops_ratio": ev.layer_flops_ratio, "action_distribution": ev.action_distribution, "seconds": secs,
+            }))?;
+            if let Some(tb) = tb.as_mut() {
+                tb.scalar("test/top1", step, ev.top1)?;
+                tb.scalar("test/loss", step, ev.loss)?;
+                tb.scalar("test/flops_ratio", step, ev.flops_ratio)?;
+                tb.flush()?;
+            }
+            // From here on the router is fixed, so `best` is the best fine-tuned backbone with it.
+            let ck = checkpoint::dir(&run_dir);
+            let bb = state_dict(&learner.backbone.valid());
+            let rt = state_dict(&router);
+            let tag = rl.epochs + epoch + 1;
+            save_weights(&ck.join("last.safetensors"), &bb, &exp.backbone.arch, tag, "model")?;
+            if ev.top1 > ft_best {
+                ft_best = ev.top1;
+                save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, tag, "model")?;
+                save_weights(&ck.join("router_best.safetensors"), &rt, "channel-router", tag, "router")?;
+            }
+            history.push(EpochMetrics {
+                epoch: tag,
+                train_loss,
+                train_top1,
+                test_loss: ev.loss,
+                test_top1: ev.top1,
+                lr: rl.finetune_lr,
+                seconds: secs,
+            });
+            last_eval = Some(ev);
+        }
+        if ft_best.is_finite() {
+            best = ft_best;
+        }
+    }
     if let (Some(tb), Some(ev), false) = (tb.as_mut(), &last_eval, interrupted) {
         let hp = vec![
             ("arch".to_string(), HParamValue::Text(exp.backbone.arch.clone())),
@@ -494,6 +611,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             ("baseline".to_string(), HParamValue::Text(rl.baseline.clone())),
             ("lr".to_string(), HParamValue::Number(rl.lr)),
             ("workers".to_string(), HParamValue::Number(rl.workers as f64)),
+            ("finetune_epochs".to_string(), HParamValue::Number(rl.finetune_epochs as f64)),
             ("seed".to_string(), HParamValue::Number(exp.seed as f64)),
         ];
         let finals = vec![
