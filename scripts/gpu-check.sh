@@ -55,7 +55,10 @@ row() { ROWS+=("| $1 | $2 | $3 | $4 |"); echo "gpu-check: $1 | $3 | $4" >&2; }
 cell() { tr '\n|' ' /' | sed 's/  */ /g' | cut -c1-200; }
 # "images/s (p10, p90), ms per batch" from a bench JSON line.
 summary() {
-    python3 -c 'import json,sys; r=json.loads(sys.stdin.read().strip().splitlines()[-1]); print(f"{r[\"images_per_s\"]:.1f} images/s (p10 {r[\"images_per_s_p10\"]:.1f}, p90 {r[\"images_per_s_p90\"]:.1f}), {r[\"latency_ms\"]:.1f} ms per batch")' 2> /dev/null || tail -1 | cell
+    local json
+    json=$(tail -1)
+    echo "$json" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); print('%.1f images/s (p10 %.1f, p90 %.1f), %.1f ms per batch' % (r['images_per_s'], r['images_per_s_p10'], r['images_per_s_p90'], r['latency_ms']))" 2> /dev/null \
+        || echo "$json" | cell
 }
 
 CARD=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
@@ -79,7 +82,7 @@ if [ ${#PARITY_TESTS[@]} -gt 0 ] && [ -n "$PARITY_DIR" ]; then
         secs=$(( $(date +%s) - start ))
         while IFS= read -r line; do
             row "parity $label: ${line%%:*}" "$DEVICE" "$(echo "${line#*: }" | cell)" "ok"
-        done < <(grep -E '^[a-z0-9_. ]+: (max abs err|logits|loss|grad|kept)' "$log")
+        done < <(sed -E 's/^test [^ ]+ \.\.\. //' "$log" | grep -E '^[a-z0-9_. ]+: (max abs err|logits|loss|grad|kept)')
         for f in $(grep -E '^test .* FAILED$' "$log" | awk '{print $2}'); do
             row "parity $label test $f" "$DEVICE" "$(grep -A4 "^---- $f" "$log" | grep -v '^----' | cell)" "FAILED"
         done
