@@ -317,6 +317,7 @@ def main(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (fp32; PyTorch's default TF32 settings)")
+    p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 tensor cores in matmuls and convs (PyTorch's default: convs only)")
     a = p.parse_args(argv)
     if a.batch < 1 or a.repeats < 1 or a.warmup < 0:
         p.error("--batch and --repeats must be >= 1, --warmup >= 0")
@@ -327,6 +328,9 @@ def main(argv=None):
     torch.manual_seed(0)
     img = a.img_size or 224
     device = torch.device(a.device)
+    if a.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = MODELS[a.model](a.num_classes, img).to(device)
     params = sum(t.numel() for t in model.parameters())
     x = torch.randn(a.batch, 3, img, img, device=device)
@@ -371,6 +375,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "device": str(device) if device.type == "cpu" else f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})",
         "mode": "train" if a.train else "infer",
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "batch": a.batch,
         "threads": torch.get_num_threads(),
         "img_size": img,

@@ -19,7 +19,7 @@
 #      the error a user gets).
 # A failing step is recorded in its row; the script goes on. Writes one markdown table (and a
 # throughput comparison) to --out (default gpu-check.md) and prints it; --logs-tar FILE packs
-# every step's log.
+# every step's log. --steps LIST runs a subset of parity,core,rest,train (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +28,8 @@ PARITY_TESTS=()
 OUT=gpu-check.md
 LOGS_TAR=""
 DEVICE=cuda
+# Which parts run: parity, core (gfnet-ti and deit-s benches), rest (the other benches), train.
+STEPS=parity,core,rest,train
 PARITY_DIR="${RLPRUNE_PARITY_DIR:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift 2 ;;
         --logs-tar) LOGS_TAR="$2"; shift 2 ;;
         --device) DEVICE="$2"; shift 2 ;;
+        --steps) STEPS="$2"; shift 2 ;;
         -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -71,7 +74,10 @@ over_budget() { [ $(( $(date +%s) - T0 )) -ge "$BUDGET_S" ]; }
 echo "gpu-check: $CARD, $DATE" >&2
 
 # 1. Parity on the GPU: the test binaries read RLPRUNE_TEST_DEVICE.
-if [ ${#PARITY_TESTS[@]} -gt 0 ] && [ -n "$PARITY_DIR" ]; then
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
+if ! want parity; then
+    :
+elif [ ${#PARITY_TESTS[@]} -gt 0 ] && [ -n "$PARITY_DIR" ]; then
     for t in "${PARITY_TESTS[@]}"; do
         label=$(basename "$t" | sed 's/-[0-9a-f]*$//')
         log="$LOG_DIR/parity-$label.log"
@@ -118,13 +124,27 @@ bench_pair() {
     if [ $rc -eq 0 ]; then row "pytorch eager $model $mode b64" "cuda" "$(summary < "$log")" "ok"
     else row "pytorch eager $model $mode b64" "cuda" "$(tail -2 "$log.err" | cell)" "FAILED (rc $rc)"
     fi
+    # rlprune's f32 matmuls run on TF32 tensor cores (cubecl picks them); PyTorch with TF32 too.
+    log="$LOG_DIR/bench-pytorchtf32-$model-$mode.json"
+    if over_budget; then row "pytorch eager tf32 $model $mode b64" "cuda" "skipped: time budget used" "not run"; return; fi
+    timeout 90 python3 benchmarks/pytorch_bench.py "$model" --batch 64 --warmup 3 --repeats 10 --device cuda --tf32 $flag --json > "$log" 2> "$log.err"
+    rc=$?
+    if [ $rc -eq 0 ]; then row "pytorch eager tf32 $model $mode b64" "cuda" "$(summary < "$log")" "ok"
+    else row "pytorch eager tf32 $model $mode b64" "cuda" "$(tail -2 "$log.err" | cell)" "FAILED (rc $rc)"
+    fi
 }
 [ $HAVE_TORCH -eq 1 ] || row "pytorch eager" "-" "skipped: no benchmarks/pytorch_bench.py or no torch with CUDA in python3" "not run"
-bench_pair gfnet-ti train
-bench_pair deit-s train
-for model in gfnet-ti deit-s dynamicvit-deit-s-0.7 hornet-t-7x7; do bench_pair "$model" infer; done
-bench_pair dynamicvit-deit-s-0.7 train
-bench_pair hornet-t-7x7 train
+if want core; then
+    bench_pair gfnet-ti train
+    bench_pair deit-s train
+    bench_pair gfnet-ti infer
+    bench_pair deit-s infer
+fi
+if want rest; then
+    for model in dynamicvit-deit-s-0.7 hornet-t-7x7; do bench_pair "$model" infer; done
+    bench_pair dynamicvit-deit-s-0.7 train
+    bench_pair hornet-t-7x7 train
+fi
 
 # 3. Short training runs on the GPU.
 train_row() {
@@ -140,9 +160,11 @@ train_row() {
     else row "train $label" "$DEVICE" "$(grep -E '^error' "$log" | tail -1 | cell) (${secs} s)" "FAILED (rc $rc)"
     fi
 }
-train_row "small-cnn fashion-subset 2 epochs" experiments/fashion_mnist_cnn.toml \
-    --set 'data.root="data/fashion-mnist-subset"' --set train.epochs=2 --set log.histograms=false
-train_row "rnp quickstart" experiments/quickstart.toml --set train.epochs=1 --set rl.epochs=1
+if want train; then
+    train_row "small-cnn fashion-subset 2 epochs" experiments/fashion_mnist_cnn.toml \
+        --set 'data.root="data/fashion-mnist-subset"' --set train.epochs=2 --set log.histograms=false
+    train_row "rnp quickstart" experiments/quickstart.toml --set train.epochs=1 --set rl.epochs=1
+fi
 
 {
     echo "GPU check: $CARD; $DATE; rlprune $("$BIN" --version 2>/dev/null | awk '{print $2}'); $(( $(date +%s) - T0 )) s"
@@ -157,16 +179,21 @@ import json, pathlib, sys
 d = pathlib.Path(sys.argv[1])
 rows = []
 for f in sorted(d.glob("bench-rlprune-*.json")):
-    p = d / f.name.replace("bench-rlprune-", "bench-pytorch-")
-    try:
-        r = json.loads(f.read_text().strip().splitlines()[-1])
-        t = json.loads(p.read_text().strip().splitlines()[-1])
-    except Exception:
+    def load(name):
+        try:
+            return json.loads((d / name).read_text().strip().splitlines()[-1])
+        except Exception:
+            return None
+    r = load(f.name)
+    t = load(f.name.replace("bench-rlprune-", "bench-pytorch-"))
+    t32 = load(f.name.replace("bench-rlprune-", "bench-pytorchtf32-"))
+    if r is None or t is None:
         continue
-    rows.append(f"| {r['model']} | {r['mode']} | {r['images_per_s']:.1f} | {t['images_per_s']:.1f} | {r['images_per_s'] / t['images_per_s']:.2f}x |")
+    tf = f"{t32['images_per_s']:.1f} ({r['images_per_s'] / t32['images_per_s']:.2f}x)" if t32 else "-"
+    rows.append(f"| {r['model']} | {r['mode']} | {r['images_per_s']:.1f} | {t['images_per_s']:.1f} | {r['images_per_s'] / t['images_per_s']:.2f}x | {tf} |")
 if rows:
-    print("| model (batch 64) | mode | rlprune images/s | PyTorch eager images/s | rlprune / PyTorch |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| model (batch 64) | mode | rlprune images/s | PyTorch eager images/s | rlprune / PyTorch | PyTorch eager, TF32 matmuls (rlprune / it) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     print()
 PY

@@ -1090,7 +1090,18 @@ mod dft {
     use super::FilterLayout;
     use burn::tensor::backend::Backend;
     use burn::tensor::{DType, Tensor, TensorData};
+    use std::any::{Any, TypeId};
+    use std::collections::HashMap;
     use std::f64::consts::PI;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    /// Backend, grid, device and dtype of a set of DFT matrices.
+    type MatsKey = (TypeId, usize, usize, String, String);
+
+    /// The DFT matrices per grid and device, built once: on a GPU, rebuilding them on the host
+    /// and uploading them at every call put four host-to-device copies into every filter call.
+    #[allow(clippy::type_complexity)]
+    static MATS: OnceLock<Mutex<HashMap<MatsKey, Box<dyn Any + Send + Sync>>>> = OnceLock::new();
 
     /// Real DFT matrices of one `H x W` grid.
     struct Mats<B: Backend> {
@@ -1110,6 +1121,18 @@ mod dft {
     }
 
     impl<B: Backend> Mats<B> {
+        /// The matrices for `h x w` on `device` in `dtype`, from the cache or built and cached.
+        fn cached(h: usize, w: usize, device: &B::Device, dtype: DType) -> Arc<Self> {
+            let key = (TypeId::of::<B>(), h, w, format!("{device:?}"), format!("{dtype:?}"));
+            let cache = MATS.get_or_init(Default::default);
+            if let Some(m) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key).and_then(|b| b.downcast_ref::<Arc<Self>>()) {
+                return m.clone();
+            }
+            let m = Arc::new(Self::new(h, w, device, dtype));
+            cache.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Box::new(m.clone()));
+            m
+        }
+
         /// Built in f64 and stored in `dtype`.
         fn new(h: usize, w: usize, device: &B::Device, dtype: DType) -> Self {
             let wf = w / 2 + 1;
@@ -1202,7 +1225,7 @@ mod dft {
         let (x, weight) = to_nhwc(x, weight, layout);
         let [_, h, w, c] = x.dims();
         let wf = w / 2 + 1;
-        let mats = Mats::<B>::new(h, w, &x.device(), x.dtype());
+        let mats = Mats::<B>::cached(h, w, &x.device(), x.dtype());
         let (xr, xi) = mats.rfft2(x);
         let wr = weight.clone().narrow(3, 0, 1).reshape([1, h, wf * c]);
         let wi = weight.narrow(3, 1, 1).reshape([1, h, wf * c]);
@@ -1228,7 +1251,7 @@ mod dft {
         let [_, h, w, c] = x.dims();
         let wf = w / 2 + 1;
         let (device, dtype) = (x.device(), x.dtype());
-        let mats = Mats::<B>::new(h, w, &device, dtype);
+        let mats = Mats::<B>::cached(h, w, &device, dtype);
         let (xr, xi) = mats.rfft2(x);
         let (gr, gi) = mats.rfft2(grad);
         let re = (gr.clone() * xr.clone() + gi.clone() * xi.clone()).sum_dim(0);
