@@ -21,16 +21,16 @@ fn small_args() -> AdaHornetArgs {
 /// Layer scales of 1e-6 would make every path nearly the identity; give them weight so that
 /// kept and dropped positions really differ.
 fn with_visible_scales<B: rlprune::ModelBackend>(mut m: AdaHornet<B>) -> AdaHornet<B> {
-    let dev = m.head.weight.device();
+    let dev = m.head.weight.val().device();
     for stage in m.stages.iter_mut() {
         for blk in stage.iter_mut() {
-            let c = blk.norm2.weight.dims()[0];
+            let c = blk.norm2.weight.val().dims()[0];
             blk.gamma1 = Some(Param::from_tensor(Tensor::full([c], 0.7, &dev)));
             blk.gamma2 = Some(Param::from_tensor(Tensor::full([c], 0.4, &dev)));
         }
     }
     for f in m.fast_path.iter_mut() {
-        let c = f.gamma.dims()[0];
+        let c = f.gamma.val().dims()[0];
         f.gamma = Param::from_tensor(Tensor::full([c], 0.9, &dev));
     }
     m
@@ -93,9 +93,9 @@ fn training_forward_sends_gradients_to_the_predictors() {
         assert!((c - want).abs() < 1e-3, "{counts:?}");
     }
     let grads = logits.sum().backward();
-    let g = m.score_predictor[1].out_conv.4.weight.grad(&grads).expect("predictor 1 gets a gradient");
+    let g = m.score_predictor[1].out_conv.4.weight.val().grad(&grads).expect("predictor 1 gets a gradient");
     assert!(g.abs().sum().into_scalar() > 0.0);
-    let g = m.fast_path[0].proj.weight.grad(&grads).expect("fast path gets a gradient");
+    let g = m.fast_path[0].proj.weight.val().grad(&grads).expect("fast path gets a gradient");
     assert!(g.abs().sum().into_scalar() > 0.0);
     // Backbone::forward on the autodiff backend is this masked path.
     assert_eq!(m.forward(x).dims(), [2, 5]);
@@ -120,7 +120,7 @@ fn registry_zoo_and_bad_options() {
     let err = format!("{:#}", build::<Cpu>("adahornet-t-7x7-0.7", &opts, &small, &Default::default()).unwrap_err());
     assert!(err.contains("too small"), "{err}");
     let bad = |extra: &str| -> String {
-        let text = format!("[model]\nfamily = \"adahornet\"\nbase_dim = 8\ndepths = [1, 1, 3, 1]\n{extra}\n");
+        let text = format!("[model]\nfamily = \"adahornet\"\nbase_dim = 16\ndepths = [1, 1, 3, 1]\n{extra}\n");
         format!("{:#}", ModelSpec::from_toml_str(&text).unwrap_err())
     };
     assert!(bad("pruning_loc = [0, 1, 2]\ntoken_ratio = [0.5, 0.7, 0.3]").contains("non-increasing"));
