@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use burn::module::{Module, Param};
+use burn::module::Param;
 use burn::tensor::{Distribution, Int, Tensor};
 use rlprune::backbones::adahornet::{AdaHornet, AdaHornetArgs};
 use rlprune::backbones::hornet::HornetArgs;
@@ -107,6 +107,8 @@ fn registry_zoo_and_bad_options() {
     let mut opts = toml::Table::new();
     opts.insert("base_dim".into(), toml::Value::Integer(8));
     opts.insert("depths".into(), toml::Value::try_from([1, 1, 3, 1]).unwrap());
+    // The named variant's predictors sit at blocks 0, 6, 12 of 18; this stage 3 has 3 blocks.
+    opts.insert("pruning_loc".into(), toml::Value::try_from([0, 1, 2]).unwrap());
     let m: AnyBackbone<Cpu> = build("adahornet-t-7x7-0.7", &opts, &ctx, &Default::default()).unwrap();
     assert!(matches!(m, AnyBackbone::AdaHornet(_)));
     let x = Tensor::<Cpu, 4>::random([2, 1, 32, 32], Distribution::Default, &Default::default());
