@@ -149,6 +149,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Draw what a token/spatial-pruning model (DynamicViT, AdaHorNet) kept: per image a PNG with the
+    /// image and one panel per pruning stage, dropped regions greyed out; plus index.json.
+    Visualize {
+        /// A run directory (config.toml + checkpoints/) or a model TOML (then --weights and --data).
+        target: PathBuf,
+        /// Number of images (the first ones of the test split or of the input file).
+        #[arg(long, default_value_t = 8, value_name = "N")]
+        images: usize,
+        /// Directory to write image_XXXX.png and index.json into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Weights (.safetensors or .pth); required with a model TOML, overrides a run's checkpoint.
+        #[arg(long, value_name = "W")]
+        weights: Option<PathBuf>,
+        /// Images: a dataset name (its test split) or a safetensors file with tensor `input` [N, C, H, W].
+        /// Default for a run directory: the experiment's test split.
+        #[arg(long, value_name = "DATASET|X.safetensors")]
+        data: Option<String>,
+        /// Where the dataset named by --data lives.
+        #[arg(long, value_name = "D")]
+        data_root: Option<PathBuf>,
+        /// Upscaling factor of the panels (default: panels of about 224 pixels).
+        #[arg(long, value_name = "K")]
+        scale: Option<usize>,
+    },
     /// Download or check datasets.
     Data {
         #[command(subcommand)]
@@ -277,6 +302,12 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", report.table());
             }
+            Ok(())
+        }
+        Command::Visualize { target, images, out, weights, data, data_root, scale } => {
+            let opts = crate::visualize::VisualizeOptions { target, weights, data, data_root, images, out, scale, base_dir: cwd };
+            let files = crate::visualize::visualize(&opts)?;
+            println!("wrote {} image(s) and index.json to {}", files.len(), opts.out.display());
             Ok(())
         }
         Command::Data { action } => match action {

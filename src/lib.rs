@@ -18,6 +18,7 @@ pub mod nn;
 pub mod rl;
 pub mod sweep;
 pub mod train;
+pub mod visualize;
 
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU
 /// convolution, the global filter). A backend implements each op trait in one line, getting the

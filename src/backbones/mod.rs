@@ -6,6 +6,7 @@
 // the variants' sizes differ by design (models are moved rarely).
 #![allow(clippy::large_enum_variant)]
 
+pub mod adahornet;
 pub mod cnn;
 pub mod dynamicvit;
 pub mod gfnet;
@@ -273,6 +274,7 @@ registry! {
     Hornet => hornet::Hornet [hornet::HornetArgs],
     Deit => vit::VisionTransformer [vit::DeitArgs],
     DynamicVit => dynamicvit::DynamicVit [dynamicvit::DynamicVitArgs],
+    AdaHornet => adahornet::AdaHornet [adahornet::AdaHornetArgs],
 }
 
 /// Parses a family's options table into its typed options, naming the offending key.

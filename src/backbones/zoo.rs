@@ -42,6 +42,7 @@ pub const ZOO_NAMES: &[&str] = &[
     "dynamicvit-deit-s-0.5",
     "dynamicvit-deit-b-0.7",
     "dynamicvit-deit-256-0.7",
+    "adahornet-t-7x7-0.7",
     "vgg16-cifar",
     "resnet56-cifar",
     "resnet18",
