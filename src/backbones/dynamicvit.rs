@@ -193,11 +193,22 @@ impl ModelArgs for DynamicVitArgs {
     fn cost(&self, img_size: usize) -> CostReport {
         let g = img_size / self.patch_size;
         let patches = g * g;
+        let kept: Vec<usize> = self.token_ratio.iter().map(|&r| keep_count(patches, r)).collect();
+        self.cost_with_kept(img_size, &kept)
+    }
+}
+
+impl DynamicVitArgs {
+    /// The model's cost when pruning stage `i` keeps `kept[i]` patch tokens (e.g. the counts a
+    /// pruned forward actually ran with), predictors included.
+    pub fn cost_with_kept(&self, img_size: usize, kept_per_stage: &[usize]) -> CostReport {
+        assert_eq!(kept_per_stage.len(), self.pruning_loc.len(), "one kept count per pruning stage");
+        let g = img_size / self.patch_size;
+        let patches = g * g;
         let mut kept = vec![patches; self.depth];
         let mut scored = Vec::new();
-        for (s, (&loc, &r)) in self.pruning_loc.iter().zip(&self.token_ratio).enumerate() {
+        for (s, (&loc, &k)) in self.pruning_loc.iter().zip(kept_per_stage).enumerate() {
             scored.push(if s == 0 { patches } else { kept[loc - 1] });
-            let k = keep_count(patches, r);
             kept[loc..].fill(k);
         }
         let tokens: Vec<usize> = kept.iter().map(|k| k + 1).collect();
@@ -283,6 +294,22 @@ impl<B: ModelBackend> DynamicVit<B> {
     /// Differentiable (Gumbel-softmax) training forward on all tokens with policy-masked
     /// attention, as the reference in training mode. Noise per stage comes from `noise`.
     pub fn forward_train(&self, x: Tensor<B, 4>, noise: &mut dyn GumbelSource<B>) -> TrainOutput<B> {
+        self.forward_with_decisions(x, &mut |stage, log_probs, prev| {
+            let [n, p, _] = log_probs.dims();
+            let g = noise.noise(stage, [n, p, 2], &log_probs.device());
+            gumbel_keep(log_probs, g, prev)
+        })
+    }
+
+    /// The training-mode forward (all tokens, policy-masked attention) with the keep decision of
+    /// each stage made by `decide(stage, log_probs [N, P, 2], prev [N, P]) -> keep [N, P]`:
+    /// the Gumbel recipe ([`Self::forward_train`]) or sampled Bernoulli decisions (the
+    /// policy-gradient variant). `keep` must already include `prev` (dropped stays dropped).
+    pub fn forward_with_decisions(
+        &self,
+        x: Tensor<B, 4>,
+        decide: &mut dyn FnMut(usize, Tensor<B, 3>, Tensor<B, 2>) -> Tensor<B, 2>,
+    ) -> TrainOutput<B> {
         let vit = self.vit();
         let mut x = vit.embed(x);
         let [n, t, _] = x.dims();
@@ -296,8 +323,7 @@ impl<B: ModelBackend> DynamicVit<B> {
             if vit.pruning_loc.get(stage) == Some(&i) {
                 let spatial = x.clone().narrow(1, 1, patches);
                 let log_probs = vit.score_predictor[stage].forward(spatial, prev.clone());
-                let g = noise.noise(stage, [n, patches, 2], &device);
-                let keep = gumbel_keep(log_probs, g, prev);
+                let keep = decide(stage, log_probs, prev);
                 decisions.push(keep.clone());
                 policy = Tensor::cat(vec![Tensor::ones([n, 1], &device), keep.clone()], 1);
                 prev = keep;

@@ -2,7 +2,9 @@
 //! layer to compute. [`channel_router`] is RNP's recurrent channel-group router;
 //! [`static_prune`] is the static L1-norm filter-pruning baseline.
 //! [`token_predictor`] is DynamicViT's token keep predictor (its decisions are token sets, so it
-//! has its own interface there rather than the channel-group [`Controller`]).
+//! has its own interface there rather than the channel-group [`Controller`]);
+//! [`token_predictor_train`] trains it (kind `"token-predictor"`: teacher, then the student by
+//! the Gumbel recipe or by policy gradient).
 //!
 //! The backbone side lives in [`exec`]: a conv-BN-ReLU stack run under a controller with real
 //! sliced execution (samples grouped by action, sliced weights per group).
@@ -14,6 +16,7 @@ pub mod eval;
 pub mod exec;
 pub mod static_prune;
 pub mod token_predictor;
+pub mod token_predictor_train;
 
 use anyhow::Result;
 use burn::tensor::Tensor;
@@ -129,7 +132,7 @@ impl<B: Backend> Trace<B> {
 /// `deny_unknown_fields`, so unknown keys are rejected there).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControllerConfig {
-    /// A name from [`KINDS`]: `"channel-router"` (RNP) or `"static-l1"`.
+    /// A name from [`KINDS`]: `"channel-router"` (RNP), `"static-l1"` or `"token-predictor"`.
     pub kind: String,
     /// Channel groups per decision layer (k).
     #[serde(default = "default_groups")]
@@ -195,6 +198,12 @@ pub const KINDS: &[ControllerKind] = &[
         check_options: static_prune::check_options,
         train: static_prune::train_static,
         eval: static_prune::eval_static_run,
+    },
+    ControllerKind {
+        name: "token-predictor",
+        check_options: token_predictor_train::check_options,
+        train: token_predictor_train::train_token_predictor,
+        eval: token_predictor_train::eval_token_predictor_run,
     },
 ];
 

@@ -1,0 +1,874 @@
+//! `rlprune train` and `rlprune eval RUN_DIR` for `[controller] kind = "token-predictor"`:
+//! DynamicViT's recipe (Rao et al., NeurIPS 2021) on a `dynamicvit-deit` backbone.
+//!
+//! 1. **Teacher**: the unpruned DeiT with the backbone's arguments (no predictors). It is trained
+//!    by the supervised trainer into `<run>/teacher/` with `[train]`, unless `[backbone] weights`
+//!    names DeiT weights (e.g. a previous run's `checkpoints/teacher.safetensors`).
+//! 2. **Student**: the teacher's weights plus fresh predictors (`score_predictor.{i}`), trained for
+//!    `controller.epochs` with the backbone's learning rate scaled by `lr_scale` and the
+//!    predictors' at the full rate (two optimizers over one model, each stepping its own
+//!    gradients). `training` picks how the keep decisions are learned:
+//!    - `"gumbel"` (the paper): hard Gumbel-softmax decisions, straight-through, with
+//!      policy-masked attention; loss = CE + ratio + KL(teacher ‖ student) + token distillation
+//!      ([`distill_loss`]).
+//!    - `"policy-gradient"`: each live token is kept with the predictor's keep probability
+//!      (Bernoulli; the class token always stays, a dropped token stays dropped); the predictors
+//!      are trained by the framework's REINFORCE ([`policy_gradient_loss`], `[rl]` baseline,
+//!      entropy bonus, advantage normalisation) on the reward `−CE − λ·Σ_i |keep_i − ρ_i|`
+//!      (per stage `−λ·|keep_i − ρ_i|`, `−CE` at the last); the backbone learns from the same
+//!      distillation loss under the sampled (constant) masks, without the ratio term.
+//!
+//!    Both are evaluated the same way: top-`int(P·ρ_i)` pruning with gathered tokens
+//!    ([`DynamicVit::forward_pruned`]), so the FLOPs saving is real.
+//!
+//! The run directory holds `checkpoints/{last,best}.safetensors` (the student, reference names),
+//! `checkpoints/teacher.safetensors`, `model.toml` (the student as a model TOML, for
+//! `rlprune infer --model`), `dynamicvit.json` (teacher vs student summary), `metrics.jsonl` and
+//! TensorBoard events.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::module::AutodiffModule;
+use burn::optim::GradientsParams;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::ControllerConfig;
+use super::token_predictor::SampledGumbel;
+use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArgs, TrainOutput, distill_loss};
+use crate::backbones::spec::{ModelArgs, args_for_arch};
+use crate::backbones::vit::VisionTransformer;
+use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec};
+use crate::data::{self, Loader};
+use crate::experiment::{Experiment, Layered};
+use crate::logging::progress;
+use crate::logging::tensorboard::{EventWriter, HParamValue};
+use crate::nn::params::{load_state_dict, load_strict, state_dict};
+use crate::rl::RlConfig;
+use crate::rl::reinforce::policy_gradient_loss;
+use crate::train::checkpoint;
+use crate::train::losses::correct;
+use crate::train::optim::{Optimizer, OptimizerConfig, ScheduleConfig};
+use crate::train::run::{MetricsLog, new_run_dir};
+use crate::train::supervised::{self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context};
+use crate::{Cpu, CpuAutodiff};
+
+type Ad = CpuAutodiff;
+
+/// `[controller] training` values.
+pub const TRAINING_MODES: &[&str] = &["gumbel", "policy-gradient"];
+
+/// The run summary file.
+pub const SUMMARY_FILE: &str = "dynamicvit.json";
+
+/// `[controller] kind = "token-predictor"` keys (besides `kind`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPredictorOptions {
+    /// `"gumbel"` (the paper's differentiable recipe) or `"policy-gradient"`.
+    #[serde(default = "d_training")]
+    pub training: String,
+    /// Epochs of student training (the teacher uses `[train] epochs`).
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// The predictors' learning rate; default `[train] optimizer.lr`. The student uses
+    /// `[train]`'s optimizer kind and schedule with this rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    /// The backbone's learning rate is `lr · lr_scale` (the paper: 0.01).
+    #[serde(default = "d_lr_scale")]
+    pub lr_scale: f64,
+    /// Loss weights of `DistillDiffPruningLoss_dynamic` (the paper's 1, 2, 0.5).
+    #[serde(default = "d_one")]
+    pub clf_weight: f64,
+    #[serde(default = "d_ratio_weight")]
+    pub ratio_weight: f64,
+    #[serde(default = "d_distill_weight")]
+    pub distill_weight: f64,
+    /// Policy-gradient only: λ, the price of each stage's keep-ratio gap in the reward.
+    #[serde(default = "d_keep_penalty")]
+    pub keep_penalty: f64,
+}
+
+fn d_training() -> String {
+    "gumbel".into()
+}
+fn d_epochs() -> usize {
+    30
+}
+fn d_lr_scale() -> f64 {
+    0.01
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_ratio_weight() -> f64 {
+    2.0
+}
+fn d_distill_weight() -> f64 {
+    0.5
+}
+fn d_keep_penalty() -> f64 {
+    2.0
+}
+
+impl TokenPredictorOptions {
+    /// Parses `[controller]`'s kind-specific keys; errors as (key, message).
+    pub fn from_config(cfg: &ControllerConfig) -> std::result::Result<Self, (String, String)> {
+        let value = toml::Value::Table(cfg.options.clone());
+        serde_path_to_error::deserialize::<_, Self>(value).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = e.inner().to_string();
+            if let Some(rest) = msg.strip_prefix("unknown field `")
+                && let Some(name) = rest.split('`').next()
+            {
+                return (name.to_string(), format!("is not a key of controller 'token-predictor' (unknown key; {msg})"));
+            }
+            (path, msg)
+        })
+    }
+
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut v = Vec::new();
+        if !TRAINING_MODES.contains(&self.training.as_str()) {
+            v.push((
+                "training".into(),
+                format!("must be \"gumbel\" or \"policy-gradient\", got \"{}\"", self.training),
+            ));
+        }
+        if self.epochs == 0 {
+            v.push(("epochs".into(), "must be > 0, got 0".into()));
+        }
+        if let Some(lr) = self.lr
+            && !(lr > 0.0 && lr.is_finite())
+        {
+            v.push(("lr".into(), format!("must be > 0, got {lr}")));
+        }
+        if !(0.0..=1.0).contains(&self.lr_scale) {
+            v.push(("lr_scale".into(), format!("must be in [0, 1], got {}", self.lr_scale)));
+        }
+        for (k, x) in [
+            ("clf_weight", self.clf_weight),
+            ("ratio_weight", self.ratio_weight),
+            ("distill_weight", self.distill_weight),
+            ("keep_penalty", self.keep_penalty),
+        ] {
+            if !(x >= 0.0 && x.is_finite()) {
+                v.push((k.into(), format!("must be >= 0, got {x}")));
+            }
+        }
+        v
+    }
+
+    fn loss_weights(&self) -> DistillLossWeights {
+        DistillLossWeights { clf_weight: self.clf_weight, ratio_weight: self.ratio_weight, distill_weight: self.distill_weight }
+    }
+}
+
+/// The registry's option check for `token-predictor`.
+pub fn check_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
+    match TokenPredictorOptions::from_config(cfg) {
+        Ok(o) => o.problems(),
+        Err(p) => vec![p],
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Teacher and student construction
+// ---------------------------------------------------------------------------------------------
+
+/// The DeiT zoo name under a `dynamicvit-<deit>-<ρ>` name (`dynamicvit-deit-s-0.7` → `deit-s`).
+pub fn teacher_arch(student_arch: &str) -> Option<String> {
+    let rest = student_arch.strip_prefix("dynamicvit-")?;
+    let (deit, _) = rest.rsplit_once('-')?;
+    Some(deit.to_string())
+}
+
+/// The student's arguments for the dataset, with errors pointing at `[backbone]`.
+fn student_args(exp: &Experiment, layered: &Layered, ctx: &BuildContext) -> Result<DynamicVitArgs> {
+    if !DynamicVitArgs::NAMES.contains(&exp.backbone.arch.as_str()) {
+        return Err(layered.error_at(
+            "backbone.arch",
+            format!(
+                "'{}' is not a DynamicViT backbone: controller 'token-predictor' needs one of {}",
+                exp.backbone.arch,
+                DynamicVitArgs::NAMES.join(", ")
+            ),
+        ));
+    }
+    args_for_arch::<DynamicVitArgs>(&exp.backbone.arch, &exp.backbone.options, ctx).map_err(|e| {
+        let msg = format!("{e:#}");
+        let key = msg
+            .split_once("backbone.")
+            .and_then(|(_, rest)| rest.split([' ', ':']).next())
+            .map(|k| format!("backbone.{k}"))
+            .unwrap_or_else(|| "backbone.arch".into());
+        anyhow::anyhow!("{}: {msg}", layered.origin_of(&key))
+    })
+}
+
+/// The teacher's experiment: the same file with `[backbone]` the plain DeiT of the student's
+/// arguments, and no controller.
+fn teacher_experiment(exp: &Experiment, args: &DynamicVitArgs) -> Result<Experiment> {
+    let arch = teacher_arch(&exp.backbone.arch)
+        .with_context(|| format!("'{}' names no DeiT teacher", exp.backbone.arch))?;
+    let mut t = exp.clone();
+    t.backbone.arch = arch;
+    t.backbone.options = toml::Table::try_from(args.deit()).context("serialising the teacher's arguments")?;
+    t.controller = None;
+    t.rl = None;
+    Ok(t)
+}
+
+fn deit_of(model: AnyBackbone<Cpu>) -> Result<VisionTransformer<Cpu>> {
+    match model {
+        AnyBackbone::Deit(v) => Ok(v),
+        _ => bail!("the teacher is not a DeiT"),
+    }
+}
+
+/// The student: `teacher`'s weights under the same names, plus fresh predictors.
+pub fn student_from_teacher<B: crate::ModelBackend>(
+    args: &DynamicVitArgs,
+    teacher: &VisionTransformer<Cpu>,
+    device: &B::Device,
+) -> Result<DynamicVit<B>> {
+    let student = DynamicVit::<B>::from_args(args, device)?;
+    let (student, report) = load_state_dict(student, &state_dict(teacher));
+    ensure!(
+        report.unexpected.is_empty()
+            && report.mis_shaped.is_empty()
+            && report.missing.iter().all(|k| k.starts_with("score_predictor.")),
+        "the teacher's weights do not fit the student: {report}"
+    );
+    Ok(student)
+}
+
+/// The teacher's logits and final tokens (after its norm, class token removed) `[N, P, C]`,
+/// what token distillation compares the student's tokens with.
+pub fn teacher_outputs(vit: &VisionTransformer<Cpu>, x: Tensor<Cpu, 4>) -> (Tensor<Cpu, 2>, Tensor<Cpu, 3>) {
+    let mut h = vit.embed(x);
+    for b in &vit.blocks {
+        h = b.forward(h, None);
+    }
+    let h = vit.norm.forward(h);
+    let t = h.dims()[1];
+    (vit.head_from_normed(h.clone()), h.narrow(1, 1, t - 1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation
+// ---------------------------------------------------------------------------------------------
+
+/// The student evaluated with top-k pruning over a split.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrunedEval {
+    pub images: usize,
+    pub top1: f64,
+    pub loss: f64,
+    /// Patch tokens the pruned forward actually ran with after each stage.
+    pub kept_tokens: Vec<usize>,
+    /// `kept_tokens[i] / P`.
+    pub keep_ratios: Vec<f64>,
+    /// MACs of the pruned forward (from the token counts that ran, predictors included) over the
+    /// unpruned DeiT's.
+    pub flops_ratio: f64,
+    pub student_gmacs: f64,
+    pub teacher_gmacs: f64,
+}
+
+/// Top-1 and cost of `model`'s pruned forward on `loader`.
+pub fn evaluate_pruned(model: &DynamicVit<Cpu>, args: &DynamicVitArgs, loader: &Loader) -> Result<PrunedEval> {
+    let device = Default::default();
+    let (mut n_seen, mut n_correct, mut loss_sum) = (0usize, 0usize, 0.0f64);
+    let mut kept_tokens: Vec<usize> = Vec::new();
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let (x, y) = batch.to_tensors::<Cpu>(&device);
+        let n = batch.len();
+        let (logits, kept) = model.forward_pruned(x);
+        let counts: Vec<usize> = kept.iter().map(|k| k.dims()[1]).collect();
+        if kept_tokens.is_empty() {
+            kept_tokens = counts;
+        } else if kept_tokens != counts {
+            bail!("the pruned forward kept {counts:?} tokens on one batch and {kept_tokens:?} on another");
+        }
+        loss_sum += crate::train::losses::cross_entropy(logits.clone(), y.clone(), 0.0).into_scalar().elem::<f64>() * n as f64;
+        n_correct += correct(logits, y);
+        n_seen += n;
+    }
+    if n_seen == 0 {
+        bail!("the evaluation split is empty");
+    }
+    let patches = args.patches();
+    let student = args.cost_with_kept(args.img_size, &kept_tokens).macs();
+    let teacher = args.deit().cost(args.img_size).macs();
+    Ok(PrunedEval {
+        images: n_seen,
+        top1: n_correct as f64 / n_seen as f64,
+        loss: loss_sum / n_seen as f64,
+        keep_ratios: kept_tokens.iter().map(|&k| k as f64 / patches as f64).collect(),
+        kept_tokens,
+        flops_ratio: student as f64 / teacher.max(1) as f64,
+        student_gmacs: student as f64 / 1e9,
+        teacher_gmacs: teacher as f64 / 1e9,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The policy-gradient variant
+// ---------------------------------------------------------------------------------------------
+
+/// What one sampled (or greedy) training forward decided.
+struct SampledStage {
+    /// The predictor's log-probabilities `[N, P, 2]` (with autodiff).
+    log_probs: Tensor<Ad, 3>,
+    /// Host copies `[N·P]`: the decision (1 = keep) and the tokens alive before the stage.
+    keep: Vec<f32>,
+    prev: Vec<f32>,
+}
+
+/// Bernoulli keep decisions from the predictor's keep probability (or `p > 0.5` when `greedy`),
+/// restricted to the tokens still alive.
+fn sample_keep(log_probs: &Tensor<Ad, 3>, prev: &Tensor<Ad, 2>, greedy: bool, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
+    let [n, p, _] = log_probs.dims();
+    let p_keep: Vec<f32> =
+        log_probs.clone().detach().narrow(2, 0, 1).reshape([n * p]).exp().into_data().convert::<f32>().to_vec().unwrap_or_default();
+    let alive: Vec<f32> = prev.clone().detach().reshape([n * p]).into_data().convert::<f32>().to_vec().unwrap_or_default();
+    let keep = p_keep
+        .iter()
+        .zip(&alive)
+        .map(|(&pk, &a)| {
+            let k = if greedy { pk > 0.5 } else { rng.random::<f32>() < pk };
+            if k && a > 0.5 { 1.0 } else { 0.0 }
+        })
+        .collect();
+    (keep, alive)
+}
+
+/// Per stage and image: the reward `−λ·|keep_i − ρ_i|`, plus `−CE` at the last stage.
+fn pg_rewards(stages: &[SampledStage], ce: &[f32], patches: usize, ratios: &[f64], lambda: f64) -> (Vec<Vec<f32>>, Vec<f64>) {
+    let n = ce.len();
+    let last = stages.len().saturating_sub(1);
+    let mut keep_means = Vec::with_capacity(stages.len());
+    let rewards = stages
+        .iter()
+        .enumerate()
+        .map(|(s, st)| {
+            let fracs: Vec<f32> = (0..n).map(|i| st.keep[i * patches..(i + 1) * patches].iter().sum::<f32>() / patches as f32).collect();
+            keep_means.push(fracs.iter().map(|&f| f as f64).sum::<f64>() / n.max(1) as f64);
+            fracs
+                .iter()
+                .enumerate()
+                .map(|(i, &f)| {
+                    let r = -(lambda as f32) * (f - ratios[s] as f32).abs();
+                    if s == last { r - ce[i] } else { r }
+                })
+                .collect()
+        })
+        .collect();
+    (rewards, keep_means)
+}
+
+/// Per-image cross-entropy `[N]` on the host.
+fn per_image_ce<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Vec<f32> {
+    let n = logits.dims()[0];
+    log_softmax(logits, 1)
+        .gather(1, labels.reshape([n, 1]))
+        .reshape([n])
+        .neg()
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default()
+}
+
+/// A forward of `student` with Bernoulli (or greedy) decisions; returns the output and the
+/// stages.
+fn sampled_forward(student: &DynamicVit<Ad>, x: Tensor<Ad, 4>, greedy: bool, rng: &mut ChaCha8Rng) -> (TrainOutput<Ad>, Vec<SampledStage>) {
+    let mut stages = Vec::new();
+    let out = student.forward_with_decisions(x, &mut |_stage, log_probs, prev| {
+        let [n, p, _] = log_probs.dims();
+        let (keep, alive) = sample_keep(&log_probs, &prev, greedy, rng);
+        let t = Tensor::<Ad, 2>::from_data(TensorData::new(keep.clone(), [n, p]), &log_probs.device());
+        stages.push(SampledStage { log_probs, keep, prev: alive });
+        t
+    });
+    (out, stages)
+}
+
+/// Per stage `(log π(decisions) [N], mean entropy per live token [N], no value)` for REINFORCE.
+#[allow(clippy::type_complexity)]
+fn stage_evals(stages: &[SampledStage]) -> Vec<(Tensor<Ad, 1>, Tensor<Ad, 1>, Option<Tensor<Ad, 1>>)> {
+    stages
+        .iter()
+        .map(|st| {
+            let [n, p, _] = st.log_probs.dims();
+            let device = st.log_probs.device();
+            let keep = Tensor::<Ad, 2>::from_data(TensorData::new(st.keep.clone(), [n, p]), &device);
+            let alive = Tensor::<Ad, 2>::from_data(TensorData::new(st.prev.clone(), [n, p]), &device);
+            let lp_keep = st.log_probs.clone().narrow(2, 0, 1).reshape([n, p]);
+            let lp_drop = st.log_probs.clone().narrow(2, 1, 1).reshape([n, p]);
+            // Tokens already dropped are not decided again: they contribute nothing.
+            let chosen = (lp_keep.clone() * keep.clone() + lp_drop.clone() * (keep.neg() + 1.0)) * alive.clone();
+            let ent = (lp_keep.clone().exp() * lp_keep + lp_drop.clone().exp() * lp_drop).neg() * alive.clone();
+            let live = alive.sum_dim(1).reshape([n]).clamp_min(1.0);
+            (chosen.sum_dim(1).reshape([n]), ent.sum_dim(1).reshape([n]) / live, None)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// `rlprune train`
+// ---------------------------------------------------------------------------------------------
+
+fn save_weights(path: &Path, dict: &crate::nn::params::StateDict, arch: &str, epoch: usize) -> Result<()> {
+    let meta = BTreeMap::from([
+        ("format".to_string(), checkpoint::FORMAT.to_string()),
+        ("arch".to_string(), arch.to_string()),
+        ("epoch".to_string(), epoch.to_string()),
+        ("content".to_string(), "model".to_string()),
+    ]);
+    crate::import::write_safetensors(path, dict, &meta)
+}
+
+fn with_lr(cfg: &OptimizerConfig, lr: f64) -> OptimizerConfig {
+    let mut c = cfg.clone();
+    match &mut c {
+        OptimizerConfig::Sgd { lr: l, .. } | OptimizerConfig::Adamw { lr: l, .. } => *l = lr,
+    }
+    c
+}
+
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03 ^ (epoch as u64 + 1))
+}
+
+/// `rlprune train` for `[controller] kind = "token-predictor"` (see the module docs).
+pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    if opts.resume.is_some() {
+        bail!("--resume is not supported for token-predictor runs yet (rerun them; the teacher can be reused with --set backbone.weights=<run>/checkpoints/teacher.safetensors)");
+    }
+    let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_token_predictor needs a [controller] section"))?;
+    let to = TokenPredictorOptions::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
+    let rl: RlConfig = exp.rl.clone().unwrap_or_default();
+    let pg = to.training == "policy-gradient";
+    if pg && rl.algorithm != "reinforce" {
+        return Err(layered.error_at(
+            "rl.algorithm",
+            format!("must be \"reinforce\" for controller.training = \"policy-gradient\", got \"{}\"", rl.algorithm),
+        ));
+    }
+    let base = &opts.base_dir;
+    let splits = data::open(&exp.data, base)?;
+    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    if train_loader.num_batches() == 0 {
+        bail!("{}: the training split has no full batch (data.batch_size too large?)", splits.train.describe());
+    }
+    let ctx = build_context(splits.train.as_ref(), &train_loader);
+    let args = student_args(exp, layered, &ctx)?;
+    let teacher_exp = teacher_experiment(exp, &args)?;
+    let run_dir = match &opts.out {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
+            d.clone()
+        }
+        None => new_run_dir(&base.join(&exp.log.dir), &exp.name)?,
+    };
+    let device: burn::tensor::Device<Ad> = Default::default();
+    let t_start = Instant::now();
+
+    // 1. The teacher.
+    let teacher: VisionTransformer<Cpu> = if teacher_exp.backbone.weights.is_some() {
+        deit_of(build_backbone::<Cpu>(&teacher_exp, layered, &ctx, base, &Default::default())?)?
+    } else {
+        let sub = run_dir.join("teacher");
+        tracing::info!("phase 1: the teacher ({}) for {} epochs into {}", teacher_exp.backbone.arch, exp.train.epochs, sub.display());
+        let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
+        let s = supervised::train_on::<Ad>(&teacher_exp, layered, &sup, &device)?;
+        if s.interrupted {
+            return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true });
+        }
+        let file = checkpoint::dir(&sub).join("last.safetensors");
+        let skeleton = build_backbone::<Cpu>(&teacher_exp, layered, &ctx, base, &Default::default())?;
+        deit_of(load_strict(skeleton, &checkpoint::read_model(&file, &teacher_exp.backbone.arch, None)?, &file.display().to_string())?)?
+    };
+
+    // 2. Run directory, logs, the teacher's numbers.
+    crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
+    let config_toml = exp.to_toml()?;
+    crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+    let mut model_table = toml::Table::new();
+    model_table.insert("model".into(), toml::Value::Table(ModelSpec::DynamicVit(args.clone()).to_table()));
+    crate::fsutil::atomic_write(&run_dir.join("model.toml"), toml::to_string_pretty(&model_table)?.as_bytes())?;
+    let mut metrics = MetricsLog::open(&run_dir)?;
+    let mut tb = if exp.log.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
+    if let Some(tb) = tb.as_mut() {
+        tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
+    }
+    let ck = checkpoint::dir(&run_dir);
+    std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
+    save_weights(&ck.join("teacher.safetensors"), &state_dict(&teacher), &teacher_exp.backbone.arch, exp.train.epochs)?;
+    let (teacher_loss, teacher_top1) = supervised::evaluate(&AnyBackbone::Deit(teacher.clone()), &test_loader, &Default::default())?;
+    tracing::info!("teacher {}: test top-1 {:.2}% (loss {teacher_loss:.4})", teacher_exp.backbone.arch, 100.0 * teacher_top1);
+
+    // 3. The student.
+    <Ad as Backend>::seed(&device, epoch_seed(exp.seed, usize::MAX));
+    let mut student = student_from_teacher::<Ad>(&args, &teacher, &device)?;
+    let before = evaluate_pruned(&student.valid(), &args, &test_loader)?;
+    tracing::info!(
+        "phase 2: student ({} training, {} epochs), keeping {:?} of {} patches (FLOPs ratio {:.3}); top-1 with untrained predictors {:.2}%",
+        to.training,
+        to.epochs,
+        before.kept_tokens,
+        args.patches(),
+        before.flops_ratio,
+        100.0 * before.top1
+    );
+    if let Some(tb) = tb.as_mut() {
+        tb.scalar("teacher/top1", 0, teacher_top1)?;
+        tb.scalar("test/top1", 0, before.top1)?;
+        tb.scalar("test/flops_ratio", 0, before.flops_ratio)?;
+    }
+    let lr = to.lr.unwrap_or(exp.train.optimizer.lr());
+    let mut opt_predictors = Optimizer::<Ad>::new(with_lr(&exp.train.optimizer, lr));
+    let mut opt_backbone = Optimizer::<Ad>::new(with_lr(&exp.train.optimizer, lr));
+    opt_predictors.decay_only_matrices = exp.train.decay_only_matrices;
+    opt_backbone.decay_only_matrices = exp.train.decay_only_matrices;
+    let schedule = match exp.train.schedule.clone() {
+        ScheduleConfig::Cosine { warmup_epochs, min_lr } => {
+            ScheduleConfig::Cosine { warmup_epochs: warmup_epochs.min(to.epochs as f64 / 2.0), min_lr: min_lr.min(lr) }
+        }
+        other => other,
+    };
+    let weights = to.loss_weights();
+    let pg_weights = DistillLossWeights { ratio_weight: 0.0, ..weights };
+    let steps_per_epoch = train_loader.num_batches();
+    let total = steps_per_epoch * to.epochs;
+    let patches = args.patches();
+    let stages = args.pruning_loc.len();
+    let mut step = 0usize;
+    let mut history = Vec::new();
+    let mut best = f64::NEG_INFINITY;
+    let mut last_eval = before.clone();
+    let mut interrupted = false;
+    for epoch in 0..to.epochs {
+        let t0 = Instant::now();
+        <Ad as Backend>::seed(&device, epoch_seed(exp.seed, exp.train.epochs + epoch));
+        let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(exp.seed ^ 0x7067, epoch));
+        let bar = progress::bar(steps_per_epoch as u64, &format!("student {}/{}", epoch + 1, to.epochs));
+        let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
+        let mut keep_sum = vec![0.0f64; stages];
+        let mut cur_lr = lr;
+        for batch in train_loader.epoch(exp.train.epochs + epoch) {
+            let batch = batch?;
+            let n = batch.len();
+            let (x, y) = batch.to_tensors::<Ad>(&device);
+            let (t_logits, t_tokens) = teacher_outputs(&teacher, x.clone().inner());
+            let (t_logits, t_tokens) = (Tensor::<Ad, 2>::from_inner(t_logits), Tensor::<Ad, 3>::from_inner(t_tokens));
+            let mut scalars: Vec<(&str, f64)> = Vec::new();
+            let (total_loss, logits, keeps) = if pg {
+                let (out, sampled) = sampled_forward(&student, x.clone(), false, &mut rng);
+                let l = distill_loss(&out, y.clone(), t_logits, t_tokens, &args.token_ratio, pg_weights);
+                let ce = per_image_ce(out.logits.clone().detach(), y.clone());
+                let (rewards, keep_means) = pg_rewards(&sampled, &ce, patches, &args.token_ratio, to.keep_penalty);
+                let returns = crate::rl::reward::returns_to_go(&rewards);
+                let baseline: Vec<Vec<f32>> = if rl.baseline == "self-critical" {
+                    let (g_out, g_stages) = sampled_forward(&student, x.clone(), true, &mut rng);
+                    let g_ce = per_image_ce(g_out.logits.detach(), y.clone());
+                    crate::rl::reward::returns_to_go(&pg_rewards(&g_stages, &g_ce, patches, &args.token_ratio, to.keep_penalty).0)
+                } else {
+                    // No value head on the predictor: the batch-mean return per stage.
+                    returns.iter().map(|r| vec![r.iter().sum::<f32>() / r.len().max(1) as f32; r.len()]).collect()
+                };
+                let (policy_loss, entropy, _, policy_value) =
+                    policy_gradient_loss(stage_evals(&sampled), &returns, Some(&baseline), &rl)?;
+                let episode: Vec<f32> = (0..n).map(|i| rewards.iter().map(|r| r[i]).sum()).collect();
+                scalars.push(("pg/reward_mean", episode.iter().map(|&r| r as f64).sum::<f64>() / n.max(1) as f64));
+                scalars.push(("pg/entropy", entropy));
+                scalars.push(("pg/policy_loss", policy_value));
+                scalars.push(("student/kl", l.kl.clone().into_scalar().elem::<f64>()));
+                scalars.push(("student/token_mse", l.token_mse.clone().into_scalar().elem::<f64>()));
+                (l.total + policy_loss, out.logits, keep_means)
+            } else {
+                let out = student.forward_train(x.clone(), &mut SampledGumbel);
+                let l = distill_loss(&out, y.clone(), t_logits, t_tokens, &args.token_ratio, weights);
+                let keep_means: Vec<f64> =
+                    out.decisions.iter().map(|d| d.clone().detach().mean().into_scalar().elem::<f64>()).collect();
+                scalars.push(("student/ratio", l.ratio.clone().into_scalar().elem::<f64>()));
+                scalars.push(("student/kl", l.kl.clone().into_scalar().elem::<f64>()));
+                scalars.push(("student/token_mse", l.token_mse.clone().into_scalar().elem::<f64>()));
+                (l.total, out.logits, keep_means)
+            };
+            let lv = total_loss.clone().into_scalar().elem::<f64>();
+            if !lv.is_finite() {
+                bail!("student epoch {}, step {step}: the loss became {lv}; lower controller.lr", epoch + 1);
+            }
+            n_correct += correct(logits.detach(), y);
+            n_seen += n;
+            loss_sum += lv * n as f64;
+            for (s, k) in keep_sum.iter_mut().zip(&keeps) {
+                *s += k * n as f64;
+            }
+            let mut raw = total_loss.backward();
+            let predictor_grads = GradientsParams::from_module(&mut raw, &student.vit().score_predictor);
+            let backbone_grads = GradientsParams::from_grads(raw, &student);
+            cur_lr = schedule.lr_at(lr, step, total, steps_per_epoch);
+            student = opt_predictors.step(student, predictor_grads, cur_lr, 1.0);
+            student = opt_backbone.step(student, backbone_grads, cur_lr * to.lr_scale, 1.0);
+            step += 1;
+            bar.inc(1);
+            if step.is_multiple_of(exp.log.every_steps)
+                && let Some(tb) = tb.as_mut()
+            {
+                tb.scalar("student/loss", step as i64, lv)?;
+                tb.scalar("student/lr", step as i64, cur_lr)?;
+                for (k, v) in &scalars {
+                    tb.scalar(k, step as i64, *v)?;
+                }
+                for (i, k) in keeps.iter().enumerate() {
+                    tb.scalar(&format!("student/train_keep/stage{i}"), step as i64, *k)?;
+                }
+            }
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        if interrupted {
+            break;
+        }
+        let ev = evaluate_pruned(&student.valid(), &args, &test_loader)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / n_seen.max(1) as f64,
+            train_top1: n_correct as f64 / n_seen.max(1) as f64,
+            test_loss: ev.loss,
+            test_top1: ev.top1,
+            lr: cur_lr,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        let train_keep: Vec<f64> = keep_sum.iter().map(|s| s / n_seen.max(1) as f64).collect();
+        tracing::info!(
+            "student {}/{}: train loss {:.4} top1 {:.2}% keep {:?} | test top-1 {:.2}% pruned (teacher {:.2}%) at FLOPs ratio {:.3} | {:.1}s",
+            m.epoch,
+            to.epochs,
+            m.train_loss,
+            100.0 * m.train_top1,
+            train_keep.iter().map(|k| (k * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
+            100.0 * ev.top1,
+            100.0 * teacher_top1,
+            ev.flops_ratio,
+            m.seconds
+        );
+        metrics.write(&json!({
+            "student_epoch": m.epoch, "step": step, "train_loss": m.train_loss, "train_top1": m.train_top1,
+            "train_keep_ratios": train_keep, "test_loss": ev.loss, "test_top1": ev.top1, "teacher_top1": teacher_top1,
+            "keep_ratios": ev.keep_ratios, "test_flops_ratio": ev.flops_ratio, "lr": m.lr, "seconds": m.seconds,
+        }))?;
+        if let Some(tb) = tb.as_mut() {
+            let s = step as i64;
+            tb.scalar("test/top1", s, ev.top1)?;
+            tb.scalar("test/loss", s, ev.loss)?;
+            tb.scalar("test/flops_ratio", s, ev.flops_ratio)?;
+            tb.scalar("teacher/top1", s, teacher_top1)?;
+            for (i, k) in ev.keep_ratios.iter().enumerate() {
+                tb.scalar(&format!("test/keep_ratio/stage{i}"), s, *k)?;
+            }
+            tb.flush()?;
+        }
+        let dict = state_dict(&student.valid());
+        save_weights(&ck.join("last.safetensors"), &dict, &exp.backbone.arch, epoch + 1)?;
+        if ev.top1 > best {
+            best = ev.top1;
+            save_weights(&ck.join("best.safetensors"), &dict, &exp.backbone.arch, epoch + 1)?;
+        }
+        last_eval = ev;
+        history.push(m);
+    }
+    if history.is_empty() {
+        save_weights(&ck.join("last.safetensors"), &state_dict(&student.valid()), &exp.backbone.arch, 0)?;
+    }
+    let seconds = t_start.elapsed().as_secs_f64();
+    let summary = json!({
+        "training": to.training,
+        "arch": exp.backbone.arch,
+        "teacher_arch": teacher_exp.backbone.arch,
+        "teacher_top1": teacher_top1,
+        "student_top1": last_eval.top1,
+        "student_best_top1": best.max(last_eval.top1),
+        "top1_drop_points": 100.0 * (teacher_top1 - last_eval.top1),
+        "student_top1_untrained_predictors": before.top1,
+        "patches": patches,
+        "kept_tokens": last_eval.kept_tokens,
+        "keep_ratios": last_eval.keep_ratios,
+        "token_ratio": args.token_ratio,
+        "flops_ratio": last_eval.flops_ratio,
+        "student_gmacs": last_eval.student_gmacs,
+        "teacher_gmacs": last_eval.teacher_gmacs,
+        "student_epochs": history.len(),
+        "teacher_epochs": if teacher_exp.backbone.weights.is_some() { 0 } else { exp.train.epochs },
+        "test_images": last_eval.images,
+        "seconds": seconds,
+        "interrupted": interrupted,
+    });
+    crate::fsutil::atomic_write(&run_dir.join(SUMMARY_FILE), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    if let (Some(tb), false) = (tb.as_mut(), interrupted) {
+        let hp = vec![
+            ("arch".to_string(), HParamValue::Text(exp.backbone.arch.clone())),
+            ("controller".to_string(), HParamValue::Text(ctl.kind.clone())),
+            ("training".to_string(), HParamValue::Text(to.training.clone())),
+            ("lr".to_string(), HParamValue::Number(lr)),
+            ("lr_scale".to_string(), HParamValue::Number(to.lr_scale)),
+            ("epochs".to_string(), HParamValue::Number(to.epochs as f64)),
+            ("seed".to_string(), HParamValue::Number(exp.seed as f64)),
+        ];
+        let finals = vec![
+            ("hparams/test_top1".to_string(), last_eval.top1),
+            ("hparams/teacher_top1".to_string(), teacher_top1),
+            ("hparams/flops_ratio".to_string(), last_eval.flops_ratio),
+        ];
+        tb.hparams(&hp, &finals, step as i64)?;
+        tb.flush()?;
+    }
+    tracing::info!(
+        "done in {seconds:.1}s: teacher {:.2}%, student {:.2}% ({} training) at FLOPs ratio {:.3}, keep ratios {:?}",
+        100.0 * teacher_top1,
+        100.0 * last_eval.top1,
+        to.training,
+        last_eval.flops_ratio,
+        last_eval.keep_ratios
+    );
+    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted })
+}
+
+/// Reads a run's `dynamicvit.json`.
+pub fn read_summary(run_dir: &Path) -> Result<serde_json::Value> {
+    let p = run_dir.join(SUMMARY_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read the run summary", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid run summary", p.display()))
+}
+
+/// `rlprune eval RUN_DIR` for a token-predictor run: the student with top-k pruning against
+/// the run's teacher, accuracy and measured latency in the same process.
+pub fn eval_token_predictor_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &Path) -> Result<serde_json::Value> {
+    let ck = checkpoint::dir(run_dir);
+    let wfile = if ck.join("best.safetensors").is_file() { ck.join("best.safetensors") } else { ck.join("last.safetensors") };
+    let tfile = ck.join("teacher.safetensors");
+    let splits = data::open(&exp.data, base)?;
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let args = student_args(exp, layered, &ctx)?;
+    let device = Default::default();
+    let teacher_arch = teacher_arch(&exp.backbone.arch).unwrap_or_default();
+    let teacher = load_strict(
+        VisionTransformer::<Cpu>::from_args(&args.deit(), &device)?,
+        &checkpoint::read_model(&tfile, &teacher_arch, None)?,
+        &tfile.display().to_string(),
+    )?;
+    let student = load_strict(
+        DynamicVit::<Cpu>::from_args(&args, &device)?,
+        &checkpoint::read_model(&wfile, &exp.backbone.arch, None)?,
+        &wfile.display().to_string(),
+    )?;
+    let ev = evaluate_pruned(&student, &args, &test_loader)?;
+    let (_, teacher_top1) = supervised::evaluate(&AnyBackbone::Deit(teacher.clone()), &test_loader, &device)?;
+    let sample = super::eval::example_images(&test_loader)?;
+    let latency = super::eval::latency_against_unpruned(
+        &sample,
+        ev.flops_ratio,
+        |x| {
+            let _ = teacher.forward(x).into_data();
+            Ok(())
+        },
+        |x| {
+            let _ = student.forward_pruned(x).0.into_data();
+            Ok(())
+        },
+    )?;
+    let training = exp
+        .controller
+        .as_ref()
+        .and_then(|c| TokenPredictorOptions::from_config(c).ok())
+        .map(|o| o.training)
+        .unwrap_or_default();
+    Ok(json!({
+        "source": run_dir.display().to_string(),
+        "arch": exp.backbone.arch,
+        "controller": "token-predictor",
+        "training": training,
+        "weights": wfile.display().to_string(),
+        "images": ev.images,
+        "top1": ev.top1,
+        "loss": ev.loss,
+        "full_compute_top1": teacher_top1,
+        "backbone_top1": teacher_top1,
+        "flops_ratio": ev.flops_ratio,
+        "flops_reduction": 1.0 / ev.flops_ratio.max(1e-12),
+        "kept_tokens": ev.kept_tokens,
+        "keep_ratios": ev.keep_ratios,
+        "patches": args.patches(),
+        "latency": latency,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lp(p_keep: &[f32], n: usize, p: usize) -> Tensor<Ad, 3> {
+        let v: Vec<f32> = p_keep.iter().flat_map(|&k| [k.ln(), (1.0 - k).ln()]).collect();
+        Tensor::from_data(TensorData::new(v, [n, p, 2]), &Default::default())
+    }
+
+    #[test]
+    fn sampled_decisions_never_revive_dropped_tokens() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (n, p) = (2, 4);
+        let probs = [0.99f32, 0.99, 0.01, 0.6, 0.99, 0.99, 0.99, 0.99];
+        let prev = Tensor::<Ad, 2>::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], [n, p]), &Default::default());
+        let (greedy, alive) = sample_keep(&lp(&probs, n, p), &prev, true, &mut rng);
+        assert_eq!(greedy, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(alive, vec![1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let mut kept3 = 0;
+        for _ in 0..400 {
+            let (s, _) = sample_keep(&lp(&probs, n, p), &prev, false, &mut rng);
+            assert_eq!((s[1], s[6], s[7]), (0.0, 0.0, 0.0), "dropped tokens stay dropped");
+            kept3 += s[3] as usize;
+        }
+        // Token 3 is kept with probability 0.6.
+        assert!((200..280).contains(&kept3), "{kept3}");
+    }
+
+    #[test]
+    fn rewards_price_each_stage_gap_and_charge_ce_at_the_last() {
+        let stage = |keep: Vec<f32>| SampledStage { log_probs: lp(&[0.5; 4], 1, 4), prev: vec![1.0; 4], keep };
+        let stages = [stage(vec![1.0, 1.0, 1.0, 0.0]), stage(vec![1.0, 0.0, 0.0, 0.0])];
+        let (r, keep) = pg_rewards(&stages, &[0.5], 4, &[0.5, 0.25], 2.0);
+        assert_eq!(keep, vec![0.75, 0.25]);
+        assert!((r[0][0] + 0.5).abs() < 1e-6, "{r:?}"); // −2·|0.75 − 0.5|
+        assert!((r[1][0] + 0.5).abs() < 1e-6, "{r:?}"); // −2·0 − CE 0.5
+        // REINFORCE's per-stage log-probability counts only the live tokens' decisions.
+        let evals = stage_evals(&stages);
+        let lp0 = evals[0].0.clone().into_scalar();
+        assert!((lp0 - 4.0 * 0.5f32.ln()).abs() < 1e-5, "{lp0}");
+    }
+
+    #[test]
+    fn teacher_arch_strips_the_ratio() {
+        assert_eq!(teacher_arch("dynamicvit-deit-s-0.7").as_deref(), Some("deit-s"));
+        assert_eq!(teacher_arch("dynamicvit-deit-256-0.7").as_deref(), Some("deit-256"));
+        assert_eq!(teacher_arch("deit-s"), None);
+    }
+}

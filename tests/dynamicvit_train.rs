@@ -1,0 +1,211 @@
+//! `rlprune train` for DynamicViT (`[controller] kind = "token-predictor"`): both training
+//! modes end to end through the binary on a tiny synthetic config (one step per phase), the
+//! checkpoints they write loaded by `rlprune eval` and `rlprune infer`, and config errors that
+//! name their key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use rlprune::import::{read_safetensors, write_safetensors};
+use rlprune::nn::params::HostTensor;
+
+fn rlprune(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().expect("run rlprune")
+}
+
+fn ok(out: &Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "rlprune failed:\n{text}");
+    text
+}
+
+fn failed(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}:\n{err}", out.status.code());
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
+    err
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// 16×16 synthetic images, 4×4 patches (16 patch tokens), one full batch per split: one
+/// optimizer step for the teacher and one for the student.
+const TINY: &str = r#"name = "dvit-tiny"
+seed = 3
+
+[data]
+dataset = "synthetic"
+classes = 4
+size = 16
+train_size = 16
+test_size = 16
+batch_size = 16
+
+[backbone]
+arch = "dynamicvit-deit-s-0.7"
+patch_size = 4
+embed_dim = 16
+depth = 3
+num_heads = 2
+mlp_ratio = 2.0
+pruning_loc = [1, 2]
+token_ratio = [0.7, 0.49]
+
+[train]
+epochs = 1
+optimizer = { kind = "adamw", lr = 1e-3 }
+
+[controller]
+kind = "token-predictor"
+epochs = 1
+lr = 1e-3
+
+[rl]
+baseline = "self-critical"
+
+[log]
+every_steps = 1
+histograms = false
+"#;
+
+#[test]
+fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = write(dir.path(), "d.toml", TINY);
+    let exp_s = exp.to_str().unwrap();
+    let gumbel = dir.path().join("gumbel");
+    ok(&rlprune(&["train", exp_s, "--out", gumbel.to_str().unwrap()], dir.path()));
+    let ck = gumbel.join("checkpoints");
+    for f in ["last.safetensors", "best.safetensors", "teacher.safetensors"] {
+        assert!(ck.join(f).is_file(), "{f} missing");
+    }
+    assert!(gumbel.join("teacher/checkpoints/last.safetensors").is_file(), "phase 1 ran the supervised trainer");
+    let student = read_safetensors(&ck.join("last.safetensors")).unwrap();
+    assert!(student.contains_key("score_predictor.1.out_conv.4.weight") && student.contains_key("blocks.2.mlp.fc2.bias"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gumbel.join("dynamicvit.json")).unwrap()).unwrap();
+    assert_eq!(summary["training"], "gumbel");
+    // int(16 · 0.7) = 11 and int(16 · 0.49) = 7 patches survive the two stages.
+    assert_eq!(summary["kept_tokens"], serde_json::json!([11, 7]));
+    let fr = summary["flops_ratio"].as_f64().unwrap();
+    assert!(fr > 0.3 && fr < 1.0, "flops ratio {fr}");
+    assert!(gumbel.join("events.out.tfevents").exists() || std::fs::read_dir(&gumbel).unwrap().any(|e| {
+        e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents")
+    }));
+
+    // The policy-gradient student from the first run's teacher (no phase 1).
+    let pg = dir.path().join("pg");
+    let teacher = format!("backbone.weights={}", ck.join("teacher.safetensors").display());
+    ok(&rlprune(
+        &["train", exp_s, "--set", "controller.training=policy-gradient", "--set", &teacher, "--out", pg.to_str().unwrap()],
+        dir.path(),
+    ));
+    assert!(!pg.join("teacher").exists(), "the referenced teacher is reused, not retrained");
+    let pg_summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pg.join("dynamicvit.json")).unwrap()).unwrap();
+    assert_eq!(pg_summary["training"], "policy-gradient");
+    assert_eq!(pg_summary["teacher_top1"], summary["teacher_top1"], "same teacher, same test split");
+    let metrics = std::fs::read_to_string(pg.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"student_epoch\":1"), "{metrics}");
+
+    // `rlprune eval RUN_DIR` loads the student and the teacher.
+    for run in [&gumbel, &pg] {
+        let text = ok(&rlprune(&["eval", run.to_str().unwrap(), "--json"], dir.path()));
+        let report: serde_json::Value = serde_json::from_str(text.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+        assert_eq!(report["controller"], "token-predictor");
+        assert_eq!(report["kept_tokens"], serde_json::json!([11, 7]));
+        assert!((report["flops_ratio"].as_f64().unwrap() - fr).abs() < 1e-12);
+        assert!(report["latency"]["batch1"]["speedup"].as_f64().is_some());
+    }
+
+    // `rlprune infer` with the run's model.toml and student checkpoint.
+    let input = dir.path().join("x.safetensors");
+    let data: Vec<f32> = (0..2 * 16 * 16).map(|i| ((i * 37) % 101) as f32 / 101.0).collect();
+    let dict = [("input".to_string(), HostTensor::new(vec![2, 1, 16, 16], data))].into_iter().collect();
+    write_safetensors(&input, &dict, &Default::default()).unwrap();
+    let out = dir.path().join("y.safetensors");
+    ok(&rlprune(
+        &[
+            "infer",
+            "--model",
+            pg.join("model.toml").to_str().unwrap(),
+            "--weights",
+            pg.join("checkpoints/last.safetensors").to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        dir.path(),
+    ));
+    let y = read_safetensors(&out).unwrap();
+    assert_eq!(y["output"].shape, vec![2, 4]);
+    assert_eq!(y["keep_abs_s0"].shape, vec![2, 11]);
+    assert_eq!(y["keep_abs_s1"].shape, vec![2, 7]);
+}
+
+fn load_err(dir: &Path, text: &str) -> String {
+    let p = write(dir, "e.toml", text);
+    format!("{:#}", rlprune::experiment::Experiment::load(&p, &[]).unwrap_err())
+}
+
+#[test]
+fn bad_token_predictor_options_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |extra: &str| TINY.replace("lr = 1e-3\n\n[rl]", &format!("lr = 1e-3\n{extra}\n\n[rl]"));
+    let e = load_err(dir.path(), &with("training = \"ppo\""));
+    assert!(e.contains("controller.training must be \"gumbel\" or \"policy-gradient\""), "{e}");
+    let e = load_err(dir.path(), &with("lr_scal = 0.1"));
+    assert!(e.contains("controller.lr_scal") && e.contains("unknown key"), "{e}");
+    let e = load_err(dir.path(), &with("lr_scale = 2.0"));
+    assert!(e.contains("controller.lr_scale must be in [0, 1]"), "{e}");
+    let e = load_err(dir.path(), &with("keep_penalty = -1"));
+    assert!(e.contains("controller.keep_penalty must be >= 0"), "{e}");
+    let e = load_err(dir.path(), &TINY.replace("epochs = 1\nlr = 1e-3", "epochs = 0\nlr = 1e-3"));
+    assert!(e.contains("controller.epochs must be > 0"), "{e}");
+    let e = load_err(dir.path(), &with("training = 3"));
+    assert!(e.contains("controller.training") || e.contains("training"), "{e}");
+
+    // Errors only the trainer can see: a backbone without predictors, an RL algorithm other
+    // than REINFORCE for the policy-gradient variant.
+    let exp = write(
+        dir.path(),
+        "deit.toml",
+        &TINY.replace("arch = \"dynamicvit-deit-s-0.7\"", "arch = \"deit-s\"").replace(
+            "pruning_loc = [1, 2]\ntoken_ratio = [0.7, 0.49]\n",
+            "",
+        ),
+    );
+    let e = failed(&rlprune(&["train", exp.to_str().unwrap(), "--out", "r"], dir.path()));
+    assert!(e.contains("backbone.arch") && e.contains("dynamicvit-deit-s-0.7"), "{e}");
+    let exp = write(dir.path(), "ppo.toml", &TINY.replace("baseline = \"self-critical\"", "algorithm = \"ppo\""));
+    let e = failed(&rlprune(
+        &["train", exp.to_str().unwrap(), "--set", "controller.training=policy-gradient", "--out", "r2"],
+        dir.path(),
+    ));
+    assert!(e.contains("rl.algorithm") && e.contains("reinforce"), "{e}");
+}
+
+#[test]
+fn the_shipped_dynamicvit_experiments_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (f, training) in
+        [("experiments/dynamicvit_fashion_mnist.toml", "gumbel"), ("experiments/dynamicvit_deit_s_imagenet.toml", "gumbel")]
+    {
+        let (e, _) = rlprune::experiment::Experiment::load(&root.join(f), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+        let ctl = e.controller.unwrap();
+        assert_eq!(ctl.kind, "token-predictor", "{f}");
+        let o = rlprune::controllers::token_predictor_train::TokenPredictorOptions::from_config(&ctl).unwrap();
+        assert_eq!(o.training, training);
+        assert_eq!(o.lr_scale, 0.01);
+    }
+    let (e, _) =
+        rlprune::experiment::Experiment::load(&root.join("experiments/dynamicvit_deit_s_imagenet.toml"), &[]).unwrap();
+    let o = rlprune::controllers::token_predictor_train::TokenPredictorOptions::from_config(&e.controller.unwrap()).unwrap();
+    assert_eq!(o.epochs, 30);
+    assert_eq!(e.backbone.arch, "dynamicvit-deit-s-0.7");
+}
