@@ -13,6 +13,8 @@ use rlprune::backbones::{AnyBackbone, Backbone, ModelSpec};
 use rlprune::train::data_parallel::{run_peers, shard_range};
 use rlprune::CpuAutodiff;
 
+mod common;
+
 type AD = CpuAutodiff;
 
 /// Gradients as host vectors, keyed by parameter id (identical across replicas of a model).
@@ -87,6 +89,7 @@ fn batch(n: usize, c: usize, s: usize, classes: i64) -> (Tensor<AD, 4>, Vec<i64>
 /// independently, so the all-reduced shard gradients equal the whole batch's gradients.
 #[test]
 fn two_peers_all_reduce_equals_single_device_gradients() {
+    let _rng = common::rng_lock();
     let spec = ModelSpec::from_toml_str("[model]\nfamily = \"gfnet\"\nimg_size = 16\npatch_size = 4\nembed_dim = 16\ndepth = 2\nnum_classes = 5\n").unwrap();
     let model: AnyBackbone<AD> = spec.build(&Default::default()).unwrap();
     let (x, labels) = batch(8, 3, 16, 5);
@@ -113,6 +116,7 @@ fn two_peers_all_reduce_equals_single_device_gradients() {
 /// single-device gradients, not the whole batch's.
 #[test]
 fn batchnorm_peers_average_per_shard_gradients() {
+    let _rng = common::rng_lock();
     let opts: toml::Table = toml::from_str("channels = [4, 4, 8, 8]").unwrap();
     let ctx = rlprune::backbones::BuildContext { num_classes: 4, in_channels: 1, img_size: [12, 12] };
     let model: AnyBackbone<AD> = rlprune::backbones::build("small-cnn", &opts, &ctx, &Default::default()).unwrap();
@@ -172,6 +176,7 @@ fn train_weights(dir: &std::path::Path, extra: &str) -> (rlprune::train::supervi
 /// images each) ends with the same weights and loss as the single-device trainer.
 #[test]
 fn data_parallel_trainer_matches_single_device() {
+    let _rng = common::rng_lock();
     let tmp = tempfile::tempdir().unwrap();
     let (single, w1) = train_weights(tmp.path(), "");
     let (dp, w2) = train_weights(tmp.path(), "devices = [\"cpu\", \"cpu\"]");

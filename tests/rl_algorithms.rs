@@ -12,12 +12,8 @@ use rlprune::rl::rollout::Trajectory;
 use rlprune::train::optim::{Optimizer, OptimizerConfig};
 use rlprune::{Cpu, CpuAutodiff as Ad};
 
-/// The backend RNG is process-global: tests that seed it take this lock.
-static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::rng_lock as lock;
 
 fn ctl(groups: usize, hidden: usize, rnn: &str) -> ControllerConfig {
     ControllerConfig { kind: "channel-router".into(), groups, hidden, rnn: rnn.into(), options: Default::default() }

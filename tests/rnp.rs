@@ -12,12 +12,8 @@ use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
 use rlprune::backbones::{Backbone, BuildContext};
 use rlprune::controllers::{Controller, Decision, DecisionPoint, Mode, channels_for};
 
-/// The backend RNG is process-global: tests that seed it and draw from it take this lock.
-static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::rng_lock as lock;
 
 /// Replays fixed actions, uniform log-probs.
 struct Fixed {

@@ -13,11 +13,8 @@ use rlprune::backbones::{AnyBackbone, Backbone, BuildContext};
 use rlprune::controllers::static_prune::{top_l1_filters, uniform_allocation};
 use rlprune::nn::BatchNorm2d;
 
-static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+mod common;
+use common::rng_lock as lock;
 
 fn randomize_bn(bn: &mut BatchNorm2d<Cpu>) {
     let dev = Default::default();

@@ -87,3 +87,11 @@ fn locate_python() -> PathBuf {
     );
     python
 }
+
+/// burn's backend RNG is process-global, and the test harness runs a binary's tests on
+/// parallel threads: a test that seeds the RNG and then draws from it (model init, dropout,
+/// a training run compared against another) holds this lock so no other test draws between.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
