@@ -36,6 +36,8 @@ fn bad_rl_and_controller_keys_are_named() {
     assert!(e.contains("rl.workers must be in 1..=64"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\n[rl]\ncompute_penalty = -1.0\n");
     assert!(e.contains("rl.compute_penalty must be >= 0"), "{e}");
+    let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nflops_target = 1.5\n");
+    assert!(e.contains("rl.flops_target must be in (0, 1]"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nlearning_rate = 0.1\n");
     assert!(e.contains("unknown key 'rl.learning_rate'"), "{e}");
     let e = err("[rl]\nlr = 0.1\n");

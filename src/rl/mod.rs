@@ -26,6 +26,13 @@ pub struct RlConfig {
     /// Price p of compute: every decision adds `-p * a/k`.
     #[serde(default = "d_penalty")]
     pub compute_penalty: f64,
+    /// A FLOPs budget instead of a price per group: when set, the only compute term is
+    /// `-p * max(0, r - flops_target)` at the last decision, r being the image's measured FLOPs
+    /// ratio over the routed layers. A per-group price makes every layer's width equally dear,
+    /// so the policy settles on one width everywhere and the reachable ratios are coarse
+    /// ((3/4)^2 = 0.56, then 0.25); a budget lets it spend where accuracy needs it.
+    #[serde(default)]
+    pub flops_target: Option<f64>,
     /// `"neg-ce"` (`-alpha * cross_entropy`, the paper) or `"correct"` (`+1` / `-gamma_wrong`).
     #[serde(default = "d_acc")]
     pub accuracy_reward: String,
@@ -210,6 +217,11 @@ impl RlConfig {
         }
         if !(self.compute_penalty >= 0.0 && self.compute_penalty.is_finite()) {
             v.push(("compute_penalty".into(), format!("must be >= 0, got {}", self.compute_penalty)));
+        }
+        if let Some(t) = self.flops_target {
+            if !(t > 0.0 && t <= 1.0) {
+                v.push(("flops_target".into(), format!("must be in (0, 1], got {t}")));
+            }
         }
         if !["neg-ce", "correct"].contains(&self.accuracy_reward.as_str()) {
             v.push((

@@ -1,4 +1,5 @@
-//! RNP's reward: `-p * a_t/k` at every decision, plus a final accuracy term.
+//! RNP's reward: `-p * a_t/k` at every decision (or a FLOPs budget, `[rl] flops_target`), plus
+//! a final accuracy term.
 
 use super::RlConfig;
 
@@ -35,6 +36,22 @@ pub fn rewards(actions: &[Vec<usize>], groups: usize, penalty: f64, accuracy: &[
         .collect()
 }
 
+/// Per-decision rewards `[T][N]` under a FLOPs budget: zero until the last decision, which gets
+/// `accuracy[i] - p * max(0, r_i - target)`, where `r_i` is image i's spent MACs over the full
+/// MACs of the routed layers (`macs[t][i]`, `macs_full[t]`).
+pub fn budget_rewards(macs: &[Vec<u64>], macs_full: &[u64], penalty: f64, target: f64, accuracy: &[f32]) -> Vec<Vec<f32>> {
+    let full = macs_full.iter().sum::<u64>().max(1) as f64;
+    let t_last = macs.len().saturating_sub(1);
+    let mut out: Vec<Vec<f32>> = macs.iter().map(|m| vec![0.0; m.len()]).collect();
+    if let Some(last) = out.get_mut(t_last) {
+        for (i, r) in last.iter_mut().enumerate() {
+            let ratio = macs.iter().map(|m| m[i]).sum::<u64>() as f64 / full;
+            *r = accuracy[i] - (penalty * (ratio - target).max(0.0)) as f32;
+        }
+    }
+    out
+}
+
 /// Returns-to-go with γ = 1 over the decision sequence, `[T][N]`.
 pub fn returns_to_go(rewards: &[Vec<f32>]) -> Vec<Vec<f32>> {
     let mut out = rewards.to_vec();
@@ -45,4 +62,19 @@ pub fn returns_to_go(rewards: &[Vec<f32>]) -> Vec<Vec<f32>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_charges_only_the_excess_over_the_target_at_the_last_decision() {
+        // Two layers of 100 and 300 MACs; image 0 spends 50 + 150 (ratio 0.5), image 1 100 + 300.
+        let macs = vec![vec![50, 100], vec![150, 300]];
+        let r = budget_rewards(&macs, &[100, 300], 2.0, 0.6, &[-0.1, -0.2]);
+        assert_eq!(r[0], vec![0.0, 0.0]);
+        assert!((r[1][0] - -0.1).abs() < 1e-6, "under budget: accuracy only, got {}", r[1][0]);
+        assert!((r[1][1] - (-0.2 - 2.0 * 0.4)).abs() < 1e-6, "over budget by 0.4, got {}", r[1][1]);
+    }
 }

@@ -177,7 +177,14 @@ pub fn rollout_shard(
             let correct: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
             let acc: Vec<f32> = ce.iter().zip(&correct).map(|(&c, &ok)| reward::accuracy_term(cfg, c, ok)).collect();
             let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
-            let rewards = reward::rewards(&actions, k, cfg.compute_penalty, &acc);
+            let rewards = match cfg.flops_target {
+                Some(target) => {
+                    let macs: Vec<Vec<u64>> = trace.steps.iter().map(|s| s.macs.clone()).collect();
+                    let full: Vec<u64> = trace.steps.iter().map(|s| s.point.macs_full).collect();
+                    reward::budget_rewards(&macs, &full, cfg.compute_penalty, target, &acc)
+                }
+                None => reward::rewards(&actions, k, cfg.compute_penalty, &acc),
+            };
             Ok((actions, rewards, acc, correct, trace))
         };
     let (actions, rewards, accuracy_term, correct, trace) = episode(Mode::Sample, &mut rng)?;

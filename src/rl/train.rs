@@ -605,6 +605,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             ("groups".to_string(), HParamValue::Number(ctl.groups as f64)),
             ("hidden".to_string(), HParamValue::Number(ctl.hidden as f64)),
             ("compute_penalty".to_string(), HParamValue::Number(rl.compute_penalty)),
+            ("flops_target".to_string(), HParamValue::Number(rl.flops_target.unwrap_or(1.0))),
             ("accuracy_reward".to_string(), HParamValue::Text(rl.accuracy_reward.clone())),
             ("algorithm".to_string(), HParamValue::Text(rl.algorithm.clone())),
             ("rnn".to_string(), HParamValue::Text(ctl.rnn.clone())),
