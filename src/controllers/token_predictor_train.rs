@@ -51,14 +51,14 @@ use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec};
 use crate::data::{self, Loader};
 use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
-use crate::logging::tensorboard::{EventWriter, HParamValue};
+use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_state_dict, load_strict, state_dict};
 use crate::rl::RlConfig;
 use crate::rl::reinforce::policy_gradient_loss;
 use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::optim::{Optimizer, OptimizerConfig, ScheduleConfig};
-use crate::train::run::{MetricsLog, new_run_dir};
+use crate::train::run::{out_or_new_run_dir, RunLogs};
 use crate::train::supervised::{self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context};
 use crate::{Cpu, CpuAutodiff};
 
@@ -478,13 +478,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     let ctx = build_context(splits.train.as_ref(), &train_loader);
     let args = student_args(exp, layered, &ctx)?;
     let teacher_exp = teacher_experiment(exp, &args)?;
-    let run_dir = match &opts.out {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
-            d.clone()
-        }
-        None => new_run_dir(&base.join(&exp.log.dir), &exp.name)?,
-    };
+    let run_dir = out_or_new_run_dir(opts.out.as_deref(), &base.join(&exp.log.dir), &exp.name)?;
     let device: burn::tensor::Device<Ad> = Default::default();
     let t_start = Instant::now();
 
@@ -505,17 +499,10 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     };
 
     // 2. Run directory, logs, the teacher's numbers.
-    crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
-    let config_toml = exp.to_toml()?;
-    crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, true)?;
     let mut model_table = toml::Table::new();
     model_table.insert("model".into(), toml::Value::Table(ModelSpec::DynamicVit(args.clone()).to_table()));
     crate::fsutil::atomic_write(&run_dir.join("model.toml"), toml::to_string_pretty(&model_table)?.as_bytes())?;
-    let mut metrics = MetricsLog::open(&run_dir)?;
-    let mut tb = if exp.log.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
-    if let Some(tb) = tb.as_mut() {
-        tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
-    }
     let ck = checkpoint::dir(&run_dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
     save_weights(&ck.join("teacher.safetensors"), &state_dict(&teacher), &teacher_exp.backbone.arch, exp.train.epochs)?;

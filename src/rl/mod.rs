@@ -218,10 +218,8 @@ impl RlConfig {
         if !(self.compute_penalty >= 0.0 && self.compute_penalty.is_finite()) {
             v.push(("compute_penalty".into(), format!("must be >= 0, got {}", self.compute_penalty)));
         }
-        if let Some(t) = self.flops_target {
-            if !(t > 0.0 && t <= 1.0) {
-                v.push(("flops_target".into(), format!("must be in (0, 1], got {t}")));
-            }
+        if let Some(t) = self.flops_target.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
+            v.push(("flops_target".into(), format!("must be in (0, 1], got {t}")));
         }
         if !["neg-ce", "correct"].contains(&self.accuracy_reward.as_str()) {
             v.push((

@@ -28,13 +28,13 @@ use crate::data::Batch;
 use crate::data::{self, Loader};
 use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
-use crate::logging::tensorboard::{EventWriter, HParamValue};
+use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
 use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{MetricsLog, new_run_dir};
+use crate::train::run::{out_or_new_run_dir, RunLogs};
 use crate::train::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
@@ -324,13 +324,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_rnp needs a [controller] section"))?;
     let rl = exp.rl.clone().unwrap_or_default();
     let base = &opts.base_dir;
-    let run_dir = match &opts.out {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
-            d.clone()
-        }
-        None => new_run_dir(&base.join(&exp.log.dir), &exp.name)?,
-    };
+    let run_dir = out_or_new_run_dir(opts.out.as_deref(), &base.join(&exp.log.dir), &exp.name)?;
     let splits = data::open(&exp.data, base)?;
     let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
     let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
@@ -342,36 +336,12 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let t_start = Instant::now();
 
     // 1. The backbone.
-    let mut backbone: AnyBackbone<Ad> = if exp.backbone.weights.is_some() {
-        <Ad as burn::tensor::backend::Backend>::seed(&device, exp.seed);
-        build_backbone(exp, layered, &ctx, base, &device)?
-    } else {
-        let sub = run_dir.join("backbone");
-        tracing::info!("phase 1: supervised backbone training for {} epochs into {}", exp.train.epochs, sub.display());
-        let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
-        let s = supervised::train_on::<Ad>(exp, layered, &sup, &device)?;
-        if s.interrupted {
-            return Ok(TrainSummary {
-                run_dir,
-                epochs_done: 0,
-                history: s.history,
-                best_top1: s.best_top1,
-                interrupted: true,
-            });
-        }
-        let model = build_backbone::<Ad>(exp, layered, &ctx, base, &device)?;
-        let file = checkpoint::dir(&sub).join("last.safetensors");
-        load_strict(model, &checkpoint::read_model(&file, &exp.backbone.arch, None)?, &file.display().to_string())?
+    let mut backbone: AnyBackbone<Ad> = match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", &device)? {
+        Ok(m) => m,
+        Err(interrupted) => return Ok(interrupted),
     };
     let backbone_seconds = t_start.elapsed().as_secs_f64();
-    crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
-    let config_toml = exp.to_toml()?;
-    crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
-    let mut metrics = MetricsLog::open(&run_dir)?;
-    let mut tb = if exp.log.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
-    if let Some(tb) = tb.as_mut() {
-        tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
-    }
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, true)?;
 
     // 2. Reorder channels by filter norm (function-preserving).
     let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), &test_loader, &Default::default())?;

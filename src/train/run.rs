@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::experiment::Experiment;
+use crate::logging::tensorboard::EventWriter;
+
 /// Where a run continues from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
@@ -36,6 +39,42 @@ pub fn new_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
         }
     }
     bail!("{}: too many runs started in the same second", base.display())
+}
+
+/// `out` (created if missing) when the user gave `--out`, else a fresh `<root>/<name>/<timestamp>`.
+pub fn out_or_new_run_dir(out: Option<&Path>, root: &Path, name: &str) -> Result<PathBuf> {
+    match out {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
+            Ok(d.to_path_buf())
+        }
+        None => new_run_dir(root, name),
+    }
+}
+
+/// The logs every run keeps: `log.txt` (attached to tracing), `metrics.jsonl` and, when
+/// `[log] tensorboard`, the event file.
+pub struct RunLogs {
+    pub metrics: MetricsLog,
+    pub tb: Option<EventWriter>,
+}
+
+impl RunLogs {
+    /// Opens the logs of `run_dir`. A fresh run also records the resolved experiment, as
+    /// `config.toml` and as TensorBoard text; a resumed one appends and keeps its original.
+    pub fn open(exp: &Experiment, run_dir: &Path, fresh: bool) -> Result<Self> {
+        crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
+        let config_toml = exp.to_toml()?;
+        if fresh {
+            crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+        }
+        let metrics = MetricsLog::open(run_dir)?;
+        let mut tb = if exp.log.tensorboard { Some(EventWriter::create(run_dir)?) } else { None };
+        if let (Some(tb), true) = (tb.as_mut(), fresh) {
+            tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
+        }
+        Ok(Self { metrics, tb })
+    }
 }
 
 /// The newest run of `name` under `root` that has `checkpoints/state.json`.

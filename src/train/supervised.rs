@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
@@ -17,13 +17,13 @@ use super::checkpoint::{self, RngState, TrainState};
 use super::data_parallel::{Replicas, StepFn, SyncGrads};
 use super::losses::{correct, cross_entropy};
 use super::optim::Optimizer;
-use super::run::{newest_run, new_run_dir, MetricsLog, Resume};
+use super::run::{newest_run, out_or_new_run_dir, Resume, RunLogs};
 use crate::backbones::{self, AnyBackbone, Backbone, BuildContext};
 use crate::data::{self, Dataset, Loader};
 use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
-use crate::logging::tensorboard::{EventWriter, HParamValue};
+use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
 use crate::ModelBackend;
 
@@ -121,6 +121,37 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64 + 1)
 }
 
+/// Phase 1 of a controller run: the backbone from `[backbone] weights` (seeded, so any layer
+/// the weights leave out starts the same), or trained here by this trainer into
+/// `<run_dir>/<sub>` and loaded back. `Ok(Err(summary))` when that training was interrupted.
+pub fn pretrained_backbone<B: AutodiffBackend + ModelBackend>(
+    exp: &Experiment,
+    layered: &Layered,
+    ctx: &BuildContext,
+    base_dir: &Path,
+    run_dir: &Path,
+    sub: &str,
+    device: &B::Device,
+) -> Result<std::result::Result<AnyBackbone<B>, TrainSummary>>
+where
+    B::InnerBackend: ModelBackend,
+{
+    if exp.backbone.weights.is_some() {
+        B::seed(device, exp.seed);
+        return Ok(Ok(build_backbone(exp, layered, ctx, base_dir, device)?));
+    }
+    let sub = run_dir.join(sub);
+    tracing::info!("phase 1: supervised training of {} for {} epochs into {}", exp.backbone.arch, exp.train.epochs, sub.display());
+    let opts = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base_dir.to_path_buf() };
+    let s = train_on::<B>(exp, layered, &opts, device)?;
+    if s.interrupted {
+        return Ok(Err(TrainSummary { run_dir: run_dir.to_path_buf(), epochs_done: 0, ..s }));
+    }
+    let model = build_backbone::<B>(exp, layered, ctx, base_dir, device)?;
+    let file = checkpoint::dir(&sub).join("last.safetensors");
+    Ok(Ok(load_strict(model, &checkpoint::read_model(&file, &exp.backbone.arch, None)?, &file.display().to_string())?))
+}
+
 pub fn train_on<B: AutodiffBackend + ModelBackend>(exp: &Experiment, layered: &Layered, opts: &TrainOptions, device: &B::Device) -> Result<TrainSummary>
 where
     B::InnerBackend: ModelBackend,
@@ -195,26 +226,10 @@ where
             (dir, Some(st))
         }
         None => {
-            let dir = match &opts.out {
-                Some(d) => {
-                    std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
-                    d.clone()
-                }
-                None => new_run_dir(&root, &exp.name)?,
-            };
-            (dir, None)
+            (out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?, None)
         }
     };
-    crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
-    let config_toml = exp.to_toml()?;
-    if resumed.is_none() {
-        crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
-    }
-    let mut metrics = MetricsLog::open(&run_dir)?;
-    let mut tb = if exp.log.tensorboard { Some(EventWriter::create(&run_dir)?) } else { None };
-    if let (Some(tb), None) = (tb.as_mut(), &resumed) {
-        tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
-    }
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, resumed.is_none())?;
     tracing::info!(
         "run {}: {} on {} ({} params), {} train / {} test images",
         run_dir.display(),
