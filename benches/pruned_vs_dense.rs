@@ -13,21 +13,38 @@ use rlprune::backbones::{AnyBackbone, ModelSpec};
 use rlprune::metrics::bench::{bench_inference, Stats};
 use rlprune::Cpu;
 
-const PAIRS: &[(&str, &str)] = &[("deit-s", "dynamicvit-deit-s-0.7"), ("hornet-t-7x7", "adahornet-t-7x7-0.7")];
+const PAIRS: &[(&str, &str)] = &[
+    ("deit-s", "dynamicvit-deit-s-0.7"),
+    ("hornet-t-7x7", "adahornet-t-7x7-0.7"),
+];
 const ROUNDS: usize = 3;
 const REPEATS: usize = 5;
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_string()
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 fn main() -> Result<()> {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let dev = Default::default();
-    let build = |name: &str| -> Result<AnyBackbone<Cpu>> { ModelSpec::named(name).ok_or_else(|| anyhow::anyhow!("{name} is not in the zoo"))?.build(&dev) };
+    let build = |name: &str| -> Result<AnyBackbone<Cpu>> {
+        ModelSpec::named(name)
+            .ok_or_else(|| anyhow::anyhow!("{name} is not in the zoo"))?
+            .build(&dev)
+    };
     println!("load average before: {}", loadavg());
     for &(dense_name, pruned_name) in PAIRS {
-        if !filter.is_empty() && !filter.iter().any(|f| dense_name.contains(f.as_str()) || pruned_name.contains(f.as_str())) {
+        if !filter.is_empty()
+            && !filter
+                .iter()
+                .any(|f| dense_name.contains(f.as_str()) || pruned_name.contains(f.as_str()))
+        {
             continue;
         }
         let (dense, pruned) = (build(dense_name)?, build(pruned_name)?);
@@ -35,8 +52,10 @@ fn main() -> Result<()> {
             let shape = [batch, 3, 224, 224];
             let (mut t_dense, mut t_pruned) = (f64::INFINITY, f64::INFINITY);
             for _ in 0..ROUNDS {
-                t_dense = t_dense.min(Stats::of(&bench_inference(&dense, shape, 1, REPEATS, &dev)?).median);
-                t_pruned = t_pruned.min(Stats::of(&bench_inference(&pruned, shape, 1, REPEATS, &dev)?).median);
+                t_dense = t_dense
+                    .min(Stats::of(&bench_inference(&dense, shape, 1, REPEATS, &dev)?).median);
+                t_pruned = t_pruned
+                    .min(Stats::of(&bench_inference(&pruned, shape, 1, REPEATS, &dev)?).median);
             }
             let ips = |s: f64| batch as f64 / s;
             println!(
