@@ -1,19 +1,13 @@
 //! `rlprune bench` through the binary: the JSON line's fields, inference and training steps,
 //! size overrides, thread limits and clear errors for bad input.
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::rlprune;
 
 const TINY_GFNET: &str =
     "[model]\nfamily = \"gfnet\"\nimg_size = 16\npatch_size = 4\nembed_dim = 16\ndepth = 2\nnum_classes = 5\n";
-
-fn rlprune(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlprune"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run rlprune")
-}
 
 fn json_line(out: &Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,14 +1,11 @@
 //! Experiment files: includes, overrides, and errors that name the file, the line and the key.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rlprune::experiment::Experiment;
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+mod common;
+use common::write;
 
 const BASE: &str = r#"name = "t"
 seed = 3

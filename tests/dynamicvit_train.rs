@@ -3,34 +3,13 @@
 //! checkpoints they write loaded by `rlprune eval` and `rlprune infer`, and config errors that
 //! name their key.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use rlprune::import::{read_safetensors, write_safetensors};
 use rlprune::nn::params::HostTensor;
 
-fn rlprune(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().expect("run rlprune")
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "rlprune failed:\n{text}");
-    text
-}
-
-fn failed(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}:\n{err}", out.status.code());
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
-    err
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+mod common;
+use common::{rlprune, ok, failed, write};
 
 /// 16×16 synthetic images, 4×4 patches (16 patch tokens), one full batch per split: one
 /// optimizer step for the teacher and one for the student.

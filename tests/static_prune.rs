@@ -1,7 +1,7 @@
 //! The static L1 baseline: physical pruning equals the masked full network, the allocations
 //! meet their FLOPs target, the train → eval pipeline on the synthetic dataset, config errors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::activation::relu;
 use burn::tensor::module::max_pool2d;
@@ -14,6 +14,7 @@ use rlprune::controllers::static_prune::{top_l1_filters, uniform_allocation};
 use rlprune::nn::BatchNorm2d;
 
 mod common;
+use common::write;
 use common::rng_lock as lock;
 
 fn randomize_bn(bn: &mut BatchNorm2d<Cpu>) {
@@ -140,12 +141,6 @@ fn uniform_allocation_meets_the_flops_target() {
     }
     let keep = uniform_allocation(&m, 1.0).unwrap();
     assert_eq!(keep, vec![32, 32, 64, 64]);
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 const SYNTHETIC: &str = r#"

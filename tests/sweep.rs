@@ -1,15 +1,12 @@
 //! `rlprune sweep` on the synthetic dataset: one backbone, two penalties and a static baseline;
 //! checks the CSV rows, the shared backbone and the PNG's dimensions.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rlprune::sweep::{PLOT_SIZE, SweepOptions, run_sweep, split_sets};
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+mod common;
+use common::write;
 
 const COMMON: &str = r#"
 seed = 3

@@ -2,24 +2,9 @@
 //! CIFAR-format training, and clear errors (never a panic) for bad checkpoints.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn rlprune(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().expect("run rlprune")
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "rlprune failed:\n{text}");
-    text
-}
-
-fn failed(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}:\n{err}", out.status.code());
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
-    err
-}
+mod common;
+use common::{rlprune, ok, failed};
 
 const SYNTH: &str = r#"name = "synth"
 seed = 7

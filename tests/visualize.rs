@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use rlprune::backbones::{AnyBackbone, ModelSpec};
 use rlprune::import::{read_safetensors, read_tensor};
@@ -12,22 +11,8 @@ use rlprune::nn::params::load_strict;
 use rlprune::visualize::{grey_out, keep_map, visualize, VisualizeOptions, GAP};
 use rlprune::Cpu;
 
-fn rlprune(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().expect("run rlprune")
-}
-
-fn ok(out: &Output) -> String {
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "rlprune failed:\n{text}");
-    text
-}
-
-fn failed(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}:\n{err}", out.status.code());
-    assert!(!err.contains("panicked"), "panic:\n{err}");
-    err
-}
+mod common;
+use common::{rlprune, ok, failed};
 
 fn fixture() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/parity/dynamicvit_deit_tiny_r0.7_seed0");

@@ -148,6 +148,23 @@ pub struct ControllerConfig {
     pub options: toml::Table,
 }
 
+impl ControllerConfig {
+    /// The kind-specific keys (`options`) as the kind's typed options `T`; errors as (key,
+    /// message), an unknown key named as such.
+    pub fn kind_options<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, (String, String)> {
+        serde_path_to_error::deserialize::<_, T>(toml::Value::Table(self.options.clone())).map_err(|e| {
+            let path = e.path().to_string();
+            let msg = e.inner().to_string();
+            if let Some(rest) = msg.strip_prefix("unknown field `")
+                && let Some(name) = rest.split('`').next()
+            {
+                return (name.to_string(), format!("is not a key of controller '{}' (unknown key; {msg})", self.kind));
+            }
+            (path, msg)
+        })
+    }
+}
+
 impl Default for ControllerConfig {
     fn default() -> Self {
         Self { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: "gru".into(), options: toml::Table::new() }

@@ -96,17 +96,7 @@ fn d_sens_ratios() -> Vec<f64> {
 impl StaticL1Options {
     /// Parses `[controller]`'s kind-specific keys; errors as (key, message).
     pub fn from_config(cfg: &ControllerConfig) -> std::result::Result<Self, (String, String)> {
-        let value = toml::Value::Table(cfg.options.clone());
-        serde_path_to_error::deserialize::<_, Self>(value).map_err(|e| {
-            let path = e.path().to_string();
-            let msg = e.inner().to_string();
-            if let Some(rest) = msg.strip_prefix("unknown field `")
-                && let Some(name) = rest.split('`').next()
-            {
-                return (name.to_string(), format!("is not a key of controller 'static-l1' (unknown key; {msg})"));
-            }
-            (path, msg)
-        })
+        cfg.kind_options()
     }
 
     fn problems(&self) -> Vec<(String, String)> {

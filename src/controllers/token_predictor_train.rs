@@ -124,17 +124,7 @@ fn d_keep_penalty() -> f64 {
 impl TokenPredictorOptions {
     /// Parses `[controller]`'s kind-specific keys; errors as (key, message).
     pub fn from_config(cfg: &ControllerConfig) -> std::result::Result<Self, (String, String)> {
-        let value = toml::Value::Table(cfg.options.clone());
-        serde_path_to_error::deserialize::<_, Self>(value).map_err(|e| {
-            let path = e.path().to_string();
-            let msg = e.inner().to_string();
-            if let Some(rest) = msg.strip_prefix("unknown field `")
-                && let Some(name) = rest.split('`').next()
-            {
-                return (name.to_string(), format!("is not a key of controller 'token-predictor' (unknown key; {msg})"));
-            }
-            (path, msg)
-        })
+        cfg.kind_options()
     }
 
     fn problems(&self) -> Vec<(String, String)> {

@@ -95,3 +95,30 @@ pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Runs the `rlprune` binary built for this test run in `cwd`.
+pub fn rlprune(args: &[&str], cwd: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().expect("run rlprune")
+}
+
+/// Asserts success; returns stdout and stderr together.
+pub fn ok(out: &std::process::Output) -> String {
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "rlprune failed:\n{text}");
+    text
+}
+
+/// Asserts the clean failure bad input must give (exit 1, no panic); returns stderr.
+pub fn failed(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}:\n{err}", out.status.code());
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic:\n{err}");
+    err
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
