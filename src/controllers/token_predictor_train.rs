@@ -16,7 +16,8 @@
 //!      are trained by the framework's REINFORCE ([`policy_gradient_loss`], `[rl]` baseline,
 //!      entropy bonus, advantage normalisation) on the reward `−CE − λ·Σ_i |keep_i − ρ_i|`
 //!      (per stage `−λ·|keep_i − ρ_i|`, `−CE` at the last); the backbone learns from the same
-//!      distillation loss under the sampled (constant) masks, without the ratio term.
+//!      distillation loss, without the ratio term, under the top-k decisions of inference (a
+//!      second forward, whose return is also the self-critical baseline).
 //!
 //!    Both are evaluated the same way: top-`int(P·ρ_i)` pruning with gathered tokens
 //!    ([`DynamicVit::forward_pruned`]), so the FLOPs saving is real.
@@ -327,21 +328,29 @@ struct SampledStage {
     prev: Vec<f32>,
 }
 
-/// Bernoulli keep decisions from the predictor's keep probability (or `p > 0.5` when `greedy`),
-/// restricted to the tokens still alive.
-fn sample_keep(log_probs: &Tensor<Ad, 3>, prev: &Tensor<Ad, 2>, greedy: bool, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
+/// Keep decisions restricted to the tokens still alive: Bernoulli from the predictor's keep
+/// probability, or, with `top_k = Some(k)`, the k alive tokens of highest keep probability per
+/// image (the decisions inference makes).
+fn sample_keep(log_probs: &Tensor<Ad, 3>, prev: &Tensor<Ad, 2>, top_k: Option<usize>, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
     let [n, p, _] = log_probs.dims();
     let p_keep: Vec<f32> =
         log_probs.clone().detach().narrow(2, 0, 1).reshape([n * p]).exp().into_data().convert::<f32>().to_vec().unwrap_or_default();
     let alive: Vec<f32> = prev.clone().detach().reshape([n * p]).into_data().convert::<f32>().to_vec().unwrap_or_default();
-    let keep = p_keep
-        .iter()
-        .zip(&alive)
-        .map(|(&pk, &a)| {
-            let k = if greedy { pk > 0.5 } else { rng.random::<f32>() < pk };
-            if k && a > 0.5 { 1.0 } else { 0.0 }
-        })
-        .collect();
+    let keep = match top_k {
+        None => p_keep.iter().zip(&alive).map(|(&pk, &a)| if a > 0.5 && rng.random::<f32>() < pk { 1.0 } else { 0.0 }).collect(),
+        Some(k) => {
+            let mut keep = vec![0.0f32; n * p];
+            for i in 0..n {
+                let row = i * p..(i + 1) * p;
+                let mut order: Vec<usize> = row.clone().filter(|&j| alive[j] > 0.5).collect();
+                order.sort_by(|&a, &b| p_keep[b].total_cmp(&p_keep[a]).then(a.cmp(&b)));
+                for &j in order.iter().take(k) {
+                    keep[j] = 1.0;
+                }
+            }
+            keep
+        }
+    };
     (keep, alive)
 }
 
@@ -382,13 +391,13 @@ fn per_image_ce<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> 
         .unwrap_or_default()
 }
 
-/// A forward of `student` with Bernoulli (or greedy) decisions; returns the output and the
-/// stages.
-fn sampled_forward(student: &DynamicVit<Ad>, x: Tensor<Ad, 4>, greedy: bool, rng: &mut ChaCha8Rng) -> (TrainOutput<Ad>, Vec<SampledStage>) {
+/// A forward of `student` with Bernoulli decisions, or with inference's top-k decisions when
+/// `top_k` gives the kept count per stage; returns the output and the stages.
+fn sampled_forward(student: &DynamicVit<Ad>, x: Tensor<Ad, 4>, top_k: Option<&[usize]>, rng: &mut ChaCha8Rng) -> (TrainOutput<Ad>, Vec<SampledStage>) {
     let mut stages = Vec::new();
-    let out = student.forward_with_decisions(x, &mut |_stage, log_probs, prev| {
+    let out = student.forward_with_decisions(x, &mut |stage, log_probs, prev| {
         let [n, p, _] = log_probs.dims();
-        let (keep, alive) = sample_keep(&log_probs, &prev, greedy, rng);
+        let (keep, alive) = sample_keep(&log_probs, &prev, top_k.map(|k| k[stage]), rng);
         let t = Tensor::<Ad, 2>::from_data(TensorData::new(keep.clone(), [n, p]), &log_probs.device());
         stages.push(SampledStage { log_probs, keep, prev: alive });
         t
@@ -533,6 +542,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     let steps_per_epoch = train_loader.num_batches();
     let total = steps_per_epoch * to.epochs;
     let patches = args.patches();
+    let keep_counts = args.keep_counts();
     let stages = args.pruning_loc.len();
     let mut step = 0usize;
     let mut history = Vec::new();
@@ -555,15 +565,19 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             let (t_logits, t_tokens) = (Tensor::<Ad, 2>::from_inner(t_logits), Tensor::<Ad, 3>::from_inner(t_tokens));
             let mut scalars: Vec<(&str, f64)> = Vec::new();
             let (total_loss, logits, keeps) = if pg {
-                let (out, sampled) = sampled_forward(&student, x.clone(), false, &mut rng);
-                let l = distill_loss(&out, y.clone(), t_logits, t_tokens, &args.token_ratio, pg_weights);
+                // The predictors learn from Bernoulli samples; the backbone learns under the
+                // top-k decisions it will be evaluated with (trained under samples instead, it
+                // tested 3 points below its sampled training accuracy).
+                let (out, sampled) = sampled_forward(&student, x.clone(), None, &mut rng);
+                let (top, top_stages) = sampled_forward(&student, x.clone(), Some(&keep_counts), &mut rng);
+                let l = distill_loss(&top, y.clone(), t_logits, t_tokens, &args.token_ratio, pg_weights);
                 let ce = per_image_ce(out.logits.clone().detach(), y.clone());
                 let (rewards, keep_means) = pg_rewards(&sampled, &ce, patches, &args.token_ratio, to.keep_penalty);
                 let returns = crate::rl::reward::returns_to_go(&rewards);
                 let baseline: Vec<Vec<f32>> = if rl.baseline == "self-critical" {
-                    let (g_out, g_stages) = sampled_forward(&student, x.clone(), true, &mut rng);
-                    let g_ce = per_image_ce(g_out.logits.detach(), y.clone());
-                    crate::rl::reward::returns_to_go(&pg_rewards(&g_stages, &g_ce, patches, &args.token_ratio, to.keep_penalty).0)
+                    // The return of inference's own decisions.
+                    let g_ce = per_image_ce(top.logits.clone().detach(), y.clone());
+                    crate::rl::reward::returns_to_go(&pg_rewards(&top_stages, &g_ce, patches, &args.token_ratio, to.keep_penalty).0)
                 } else {
                     // No value head on the predictor: the batch-mean return per stage.
                     returns.iter().map(|r| vec![r.iter().sum::<f32>() / r.len().max(1) as f32; r.len()]).collect()
@@ -576,7 +590,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                 scalars.push(("pg/policy_loss", policy_value));
                 scalars.push(("student/kl", l.kl.clone().into_scalar().elem::<f64>()));
                 scalars.push(("student/token_mse", l.token_mse.clone().into_scalar().elem::<f64>()));
-                (l.total + policy_loss, out.logits, keep_means)
+                (l.total + policy_loss, top.logits, keep_means)
             } else {
                 let out = student.forward_train(x.clone(), &mut SampledGumbel);
                 let l = distill_loss(&out, y.clone(), t_logits, t_tokens, &args.token_ratio, weights);
@@ -815,12 +829,14 @@ mod tests {
         let (n, p) = (2, 4);
         let probs = [0.99f32, 0.99, 0.01, 0.6, 0.99, 0.99, 0.99, 0.99];
         let prev = Tensor::<Ad, 2>::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], [n, p]), &Default::default());
-        let (greedy, alive) = sample_keep(&lp(&probs, n, p), &prev, true, &mut rng);
-        assert_eq!(greedy, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let (top2, alive) = sample_keep(&lp(&probs, n, p), &prev, Some(2), &mut rng);
+        assert_eq!(top2, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        let (top1, _) = sample_keep(&lp(&probs, n, p), &prev, Some(1), &mut rng);
+        assert_eq!(top1, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], "ties go to the lower index");
         assert_eq!(alive, vec![1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
         let mut kept3 = 0;
         for _ in 0..400 {
-            let (s, _) = sample_keep(&lp(&probs, n, p), &prev, false, &mut rng);
+            let (s, _) = sample_keep(&lp(&probs, n, p), &prev, None, &mut rng);
             assert_eq!((s[1], s[6], s[7]), (0.0, 0.0, 0.0), "dropped tokens stay dropped");
             kept3 += s[3] as usize;
         }
