@@ -91,6 +91,27 @@ fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
     let metrics = std::fs::read_to_string(pg.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"student_epoch\":1"), "{metrics}");
 
+    // PPO on two rollout workers: the same seed and worker count give the same student.
+    let ppo: Vec<_> = ["ppo_a", "ppo_b"]
+        .iter()
+        .map(|name| {
+            let run = dir.path().join(name);
+            ok(&rlprune(
+                &[
+                    "train", exp_s, "--set", "controller.training=policy-gradient", "--set", "rl.algorithm=ppo",
+                    "--set", "rl.baseline=value", "--set", "rl.workers=2", "--set", "rl.minibatch=8", "--set", &teacher,
+                    "--out", run.to_str().unwrap(),
+                ],
+                dir.path(),
+            ));
+            read_safetensors(&run.join("checkpoints/last.safetensors")).unwrap()
+        })
+        .collect();
+    let key = "score_predictor.0.out_conv.4.weight";
+    assert_eq!(ppo[0][key].data, ppo[1][key].data, "PPO runs with the same seed differ");
+    let reinforce = read_safetensors(&pg.join("checkpoints/last.safetensors")).unwrap();
+    assert_ne!(ppo[0][key].data, reinforce[key].data, "PPO made the same update as REINFORCE");
+
     // `rlprune eval RUN_DIR` loads the student and the teacher.
     for run in [&gumbel, &pg] {
         let text = ok(&rlprune(&["eval", run.to_str().unwrap(), "--json"], dir.path()));
@@ -150,7 +171,7 @@ fn bad_token_predictor_options_are_named() {
     assert!(e.contains("controller.training") || e.contains("training"), "{e}");
 
     // Errors only the trainer can see: a backbone without predictors, an RL algorithm other
-    // than REINFORCE for the policy-gradient variant.
+    // than REINFORCE or PPO for the policy-gradient variant.
     let exp = write(
         dir.path(),
         "deit.toml",
@@ -161,12 +182,12 @@ fn bad_token_predictor_options_are_named() {
     );
     let e = failed(&rlprune(&["train", exp.to_str().unwrap(), "--out", "r"], dir.path()));
     assert!(e.contains("backbone.arch") && e.contains("dynamicvit-deit-s-0.7"), "{e}");
-    let exp = write(dir.path(), "ppo.toml", &TINY.replace("baseline = \"self-critical\"", "algorithm = \"ppo\""));
+    let exp = write(dir.path(), "dqn.toml", &TINY.replace("baseline = \"self-critical\"", "algorithm = \"dqn\""));
     let e = failed(&rlprune(
         &["train", exp.to_str().unwrap(), "--set", "controller.training=policy-gradient", "--out", "r2"],
         dir.path(),
     ));
-    assert!(e.contains("rl.algorithm") && e.contains("reinforce"), "{e}");
+    assert!(e.contains("rl.algorithm must be \"reinforce\" or \"ppo\""), "{e}");
 }
 
 #[test]

@@ -234,6 +234,10 @@ pub enum DynamicVit<B: Backend> {
     Deit(VisionTransformer<B>),
 }
 
+/// A stage's keep decision: `(stage, tokens [N, P, C], log_probs [N, P, 2], prev [N, P]) ->
+/// keep [N, P]` (see [`DynamicVit::forward_with_decisions`]).
+pub type StageDecision<'a, B> = dyn FnMut(usize, &Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 2>) -> Tensor<B, 2> + 'a;
+
 /// What a differentiable training pass returns (the reference's `x, features, prev_decision,
 /// out_pred_prob`).
 pub struct TrainOutput<B: Backend> {
@@ -294,7 +298,7 @@ impl<B: ModelBackend> DynamicVit<B> {
     /// Differentiable (Gumbel-softmax) training forward on all tokens with policy-masked
     /// attention, as the reference in training mode. Noise per stage comes from `noise`.
     pub fn forward_train(&self, x: Tensor<B, 4>, noise: &mut dyn GumbelSource<B>) -> TrainOutput<B> {
-        self.forward_with_decisions(x, &mut |stage, log_probs, prev| {
+        self.forward_with_decisions(x, &mut |stage, _, log_probs, prev| {
             let [n, p, _] = log_probs.dims();
             let g = noise.noise(stage, [n, p, 2], &log_probs.device());
             gumbel_keep(log_probs, g, prev)
@@ -302,13 +306,14 @@ impl<B: ModelBackend> DynamicVit<B> {
     }
 
     /// The training-mode forward (all tokens, policy-masked attention) with the keep decision of
-    /// each stage made by `decide(stage, log_probs [N, P, 2], prev [N, P]) -> keep [N, P]`:
-    /// the Gumbel recipe ([`Self::forward_train`]) or sampled Bernoulli decisions (the
-    /// policy-gradient variant). `keep` must already include `prev` (dropped stays dropped).
+    /// each stage made by `decide(stage, tokens [N, P, C], log_probs [N, P, 2], prev [N, P]) ->
+    /// keep [N, P]`, `tokens` being the predictor's input: the Gumbel recipe
+    /// ([`Self::forward_train`]) or sampled Bernoulli decisions (the policy-gradient variant).
+    /// `keep` must already include `prev` (dropped stays dropped).
     pub fn forward_with_decisions(
         &self,
         x: Tensor<B, 4>,
-        decide: &mut dyn FnMut(usize, Tensor<B, 3>, Tensor<B, 2>) -> Tensor<B, 2>,
+        decide: &mut StageDecision<'_, B>,
     ) -> TrainOutput<B> {
         let vit = self.vit();
         let mut x = vit.embed(x);
@@ -322,8 +327,8 @@ impl<B: ModelBackend> DynamicVit<B> {
         for (i, block) in vit.blocks.iter().enumerate() {
             if vit.pruning_loc.get(stage) == Some(&i) {
                 let spatial = x.clone().narrow(1, 1, patches);
-                let log_probs = vit.score_predictor[stage].forward(spatial, prev.clone());
-                let keep = decide(stage, log_probs, prev);
+                let log_probs = vit.score_predictor[stage].forward(spatial.clone(), prev.clone());
+                let keep = decide(stage, &spatial, log_probs, prev);
                 decisions.push(keep.clone());
                 policy = Tensor::cat(vec![Tensor::ones([n, 1], &device), keep.clone()], 1);
                 prev = keep;

@@ -16,6 +16,7 @@ pub mod eval;
 pub mod exec;
 pub mod static_prune;
 pub mod token_predictor;
+pub mod token_predictor_pg;
 pub mod token_predictor_train;
 
 use anyhow::Result;

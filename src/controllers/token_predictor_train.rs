@@ -12,9 +12,11 @@
 //!      policy-masked attention; loss = CE + ratio + KL(teacher ‖ student) + token distillation
 //!      ([`distill_loss`]).
 //!    - `"policy-gradient"`: each live token is kept with the predictor's keep probability
-//!      (Bernoulli; the class token always stays, a dropped token stays dropped); the predictors
+//!      (Bernoulli; the class token always stays, a dropped token stays dropped), sampled on the
+//!      rollout workers (`[rl] workers`, see [`super::token_predictor_pg`]); the predictors
 //!      are trained by the framework's REINFORCE ([`policy_gradient_loss`], `[rl]` baseline,
-//!      entropy bonus, advantage normalisation) on the reward `−CE − λ·Σ_i |keep_i − ρ_i|`
+//!      entropy bonus, advantage normalisation) or PPO (`[rl] algorithm = "ppo"`: clipped
+//!      surrogate, `ppo_epochs` passes of `minibatch` images) on the reward `−CE − λ·Σ_i |keep_i − ρ_i|`
 //!      (per stage `−λ·|keep_i − ρ_i|`, `−CE` at the last); the backbone learns from the same
 //!      distillation loss, without the ratio term, under the top-k decisions of inference (a
 //!      second forward, whose return is also the self-critical baseline).
@@ -35,17 +37,17 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use rand::{Rng, SeedableRng};
+use burn::tensor::{ElementConversion, Tensor};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::ControllerConfig;
 use super::token_predictor::SampledGumbel;
-use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArgs, TrainOutput, distill_loss};
+use super::token_predictor_pg::{TokenRolloutPool, decided_forward, per_image_ce, pg_rewards, ppo_predictors, stage_evals};
+use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArgs, distill_loss};
 use crate::backbones::spec::{ModelArgs, args_for_arch};
 use crate::backbones::vit::VisionTransformer;
 use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec};
@@ -319,113 +321,6 @@ pub fn evaluate_pruned(model: &DynamicVit<Cpu>, args: &DynamicVitArgs, loader: &
 // The policy-gradient variant
 // ---------------------------------------------------------------------------------------------
 
-/// What one sampled (or greedy) training forward decided.
-struct SampledStage {
-    /// The predictor's log-probabilities `[N, P, 2]` (with autodiff).
-    log_probs: Tensor<Ad, 3>,
-    /// Host copies `[N·P]`: the decision (1 = keep) and the tokens alive before the stage.
-    keep: Vec<f32>,
-    prev: Vec<f32>,
-}
-
-/// Keep decisions restricted to the tokens still alive: Bernoulli from the predictor's keep
-/// probability, or, with `top_k = Some(k)`, the k alive tokens of highest keep probability per
-/// image (the decisions inference makes).
-fn sample_keep(log_probs: &Tensor<Ad, 3>, prev: &Tensor<Ad, 2>, top_k: Option<usize>, rng: &mut ChaCha8Rng) -> (Vec<f32>, Vec<f32>) {
-    let [n, p, _] = log_probs.dims();
-    let p_keep: Vec<f32> =
-        log_probs.clone().detach().narrow(2, 0, 1).reshape([n * p]).exp().into_data().convert::<f32>().to_vec().unwrap_or_default();
-    let alive: Vec<f32> = prev.clone().detach().reshape([n * p]).into_data().convert::<f32>().to_vec().unwrap_or_default();
-    let keep = match top_k {
-        None => p_keep.iter().zip(&alive).map(|(&pk, &a)| if a > 0.5 && rng.random::<f32>() < pk { 1.0 } else { 0.0 }).collect(),
-        Some(k) => {
-            let mut keep = vec![0.0f32; n * p];
-            for i in 0..n {
-                let row = i * p..(i + 1) * p;
-                let mut order: Vec<usize> = row.clone().filter(|&j| alive[j] > 0.5).collect();
-                order.sort_by(|&a, &b| p_keep[b].total_cmp(&p_keep[a]).then(a.cmp(&b)));
-                for &j in order.iter().take(k) {
-                    keep[j] = 1.0;
-                }
-            }
-            keep
-        }
-    };
-    (keep, alive)
-}
-
-/// Per stage and image: the reward `−λ·|keep_i − ρ_i|`, plus `−CE` at the last stage.
-fn pg_rewards(stages: &[SampledStage], ce: &[f32], patches: usize, ratios: &[f64], lambda: f64) -> (Vec<Vec<f32>>, Vec<f64>) {
-    let n = ce.len();
-    let last = stages.len().saturating_sub(1);
-    let mut keep_means = Vec::with_capacity(stages.len());
-    let rewards = stages
-        .iter()
-        .enumerate()
-        .map(|(s, st)| {
-            let fracs: Vec<f32> = (0..n).map(|i| st.keep[i * patches..(i + 1) * patches].iter().sum::<f32>() / patches as f32).collect();
-            keep_means.push(fracs.iter().map(|&f| f as f64).sum::<f64>() / n.max(1) as f64);
-            fracs
-                .iter()
-                .enumerate()
-                .map(|(i, &f)| {
-                    let r = -(lambda as f32) * (f - ratios[s] as f32).abs();
-                    if s == last { r - ce[i] } else { r }
-                })
-                .collect()
-        })
-        .collect();
-    (rewards, keep_means)
-}
-
-/// Per-image cross-entropy `[N]` on the host.
-fn per_image_ce<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Vec<f32> {
-    let n = logits.dims()[0];
-    log_softmax(logits, 1)
-        .gather(1, labels.reshape([n, 1]))
-        .reshape([n])
-        .neg()
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .unwrap_or_default()
-}
-
-/// A forward of `student` with Bernoulli decisions, or with inference's top-k decisions when
-/// `top_k` gives the kept count per stage; returns the output and the stages.
-fn sampled_forward(student: &DynamicVit<Ad>, x: Tensor<Ad, 4>, top_k: Option<&[usize]>, rng: &mut ChaCha8Rng) -> (TrainOutput<Ad>, Vec<SampledStage>) {
-    let mut stages = Vec::new();
-    let out = student.forward_with_decisions(x, &mut |stage, log_probs, prev| {
-        let [n, p, _] = log_probs.dims();
-        let (keep, alive) = sample_keep(&log_probs, &prev, top_k.map(|k| k[stage]), rng);
-        let t = Tensor::<Ad, 2>::from_data(TensorData::new(keep.clone(), [n, p]), &log_probs.device());
-        stages.push(SampledStage { log_probs, keep, prev: alive });
-        t
-    });
-    (out, stages)
-}
-
-/// Per stage `(log π(decisions) [N], mean entropy per live token [N], no value)` for REINFORCE.
-#[allow(clippy::type_complexity)]
-fn stage_evals(stages: &[SampledStage]) -> Vec<(Tensor<Ad, 1>, Tensor<Ad, 1>, Option<Tensor<Ad, 1>>)> {
-    stages
-        .iter()
-        .map(|st| {
-            let [n, p, _] = st.log_probs.dims();
-            let device = st.log_probs.device();
-            let keep = Tensor::<Ad, 2>::from_data(TensorData::new(st.keep.clone(), [n, p]), &device);
-            let alive = Tensor::<Ad, 2>::from_data(TensorData::new(st.prev.clone(), [n, p]), &device);
-            let lp_keep = st.log_probs.clone().narrow(2, 0, 1).reshape([n, p]);
-            let lp_drop = st.log_probs.clone().narrow(2, 1, 1).reshape([n, p]);
-            // Tokens already dropped are not decided again: they contribute nothing.
-            let chosen = (lp_keep.clone() * keep.clone() + lp_drop.clone() * (keep.neg() + 1.0)) * alive.clone();
-            let ent = (lp_keep.clone().exp() * lp_keep + lp_drop.clone().exp() * lp_drop).neg() * alive.clone();
-            let live = alive.sum_dim(1).reshape([n]).clamp_min(1.0);
-            (chosen.sum_dim(1).reshape([n]), ent.sum_dim(1).reshape([n]) / live, None)
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // `rlprune train`
 // ---------------------------------------------------------------------------------------------
@@ -461,10 +356,13 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     let to = TokenPredictorOptions::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let rl: RlConfig = exp.rl.clone().unwrap_or_default();
     let pg = to.training == "policy-gradient";
-    if pg && rl.algorithm != "reinforce" {
+    if pg && !["reinforce", "ppo"].contains(&rl.algorithm.as_str()) {
         return Err(layered.error_at(
             "rl.algorithm",
-            format!("must be \"reinforce\" for controller.training = \"policy-gradient\", got \"{}\"", rl.algorithm),
+            format!(
+                "must be \"reinforce\" or \"ppo\" for controller.training = \"policy-gradient\", got \"{}\"",
+                rl.algorithm
+            ),
         ));
     }
     let base = &opts.base_dir;
@@ -537,6 +435,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         }
         other => other,
     };
+    let pool = pg.then(|| TokenRolloutPool::new(rl.workers));
     let weights = to.loss_weights();
     let pg_weights = DistillLossWeights { ratio_weight: 0.0, ..weights };
     let steps_per_epoch = train_loader.num_batches();
@@ -564,15 +463,15 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             let (t_logits, t_tokens) = teacher_outputs(&teacher, x.clone().inner());
             let (t_logits, t_tokens) = (Tensor::<Ad, 2>::from_inner(t_logits), Tensor::<Ad, 3>::from_inner(t_tokens));
             let mut scalars: Vec<(&str, f64)> = Vec::new();
-            let (total_loss, logits, keeps) = if pg {
-                // The predictors learn from Bernoulli samples; the backbone learns under the
-                // top-k decisions it will be evaluated with (trained under samples instead, it
-                // tested 3 points below its sampled training accuracy).
-                let (out, sampled) = sampled_forward(&student, x.clone(), None, &mut rng);
-                let (top, top_stages) = sampled_forward(&student, x.clone(), Some(&keep_counts), &mut rng);
+            let mut ppo_batch = None;
+            let (total_loss, logits, keeps) = if let Some(pool) = pool.as_ref() {
+                // The predictors learn from Bernoulli samples drawn on the rollout workers; the
+                // backbone learns under the top-k decisions it will be evaluated with (trained
+                // under samples instead, it tested 3 points below its sampled training accuracy).
+                let traj = pool.run(&student.valid(), &batch.images, batch.shape, &batch.labels, exp.seed ^ 0x7067, step as u64)?;
+                let (top, top_stages) = decided_forward(&student, x.clone(), Some(&keep_counts), false, &mut rng);
                 let l = distill_loss(&top, y.clone(), t_logits, t_tokens, &args.token_ratio, pg_weights);
-                let ce = per_image_ce(out.logits.clone().detach(), y.clone());
-                let (rewards, keep_means) = pg_rewards(&sampled, &ce, patches, &args.token_ratio, to.keep_penalty);
+                let (rewards, keep_means) = pg_rewards(&traj.stages, &traj.cross_entropy, patches, &args.token_ratio, to.keep_penalty);
                 let returns = crate::rl::reward::returns_to_go(&rewards);
                 let baseline: Vec<Vec<f32>> = if rl.baseline == "self-critical" {
                     // The return of inference's own decisions.
@@ -582,15 +481,21 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                     // No value head on the predictor: the batch-mean return per stage.
                     returns.iter().map(|r| vec![r.iter().sum::<f32>() / r.len().max(1) as f32; r.len()]).collect()
                 };
-                let (policy_loss, entropy, _, policy_value) =
-                    policy_gradient_loss(stage_evals(&sampled), &returns, Some(&baseline), &rl)?;
                 let episode: Vec<f32> = (0..n).map(|i| rewards.iter().map(|r| r[i]).sum()).collect();
                 scalars.push(("pg/reward_mean", episode.iter().map(|&r| r as f64).sum::<f64>() / n.max(1) as f64));
-                scalars.push(("pg/entropy", entropy));
-                scalars.push(("pg/policy_loss", policy_value));
                 scalars.push(("student/kl", l.kl.clone().into_scalar().elem::<f64>()));
                 scalars.push(("student/token_mse", l.token_mse.clone().into_scalar().elem::<f64>()));
-                (l.total + policy_loss, top.logits, keep_means)
+                if rl.algorithm == "ppo" {
+                    // PPO's passes update the predictors after this step's backbone update.
+                    ppo_batch = Some((traj, returns, baseline));
+                    (l.total, top.logits, keep_means)
+                } else {
+                    let (policy_loss, entropy, _, policy_value) =
+                        policy_gradient_loss(stage_evals(&student, &traj), &returns, Some(&baseline), &rl)?;
+                    scalars.push(("pg/entropy", entropy));
+                    scalars.push(("pg/policy_loss", policy_value));
+                    (l.total + policy_loss, top.logits, keep_means)
+                }
             } else {
                 let out = student.forward_train(x.clone(), &mut SampledGumbel);
                 let l = distill_loss(&out, y.clone(), t_logits, t_tokens, &args.token_ratio, weights);
@@ -617,6 +522,14 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             cur_lr = schedule.lr_at(lr, step, total, steps_per_epoch);
             student = opt_predictors.step(student, predictor_grads, cur_lr, 1.0);
             student = opt_backbone.step(student, backbone_grads, cur_lr * to.lr_scale, 1.0);
+            if let Some((traj, returns, baseline)) = ppo_batch {
+                let seed = crate::rl::rollout::worker_seed(exp.seed ^ 0x7067, step as u64, usize::MAX >> 2);
+                let (s, entropy, policy) =
+                    ppo_predictors(student, &mut opt_predictors, &traj, &returns, &baseline, &rl, cur_lr, seed)?;
+                student = s;
+                scalars.push(("pg/entropy", entropy));
+                scalars.push(("pg/policy_loss", policy));
+            }
             step += 1;
             bar.inc(1);
             if step.is_multiple_of(exp.log.every_steps)
@@ -817,46 +730,6 @@ pub fn eval_token_predictor_run(exp: &Experiment, layered: &Layered, run_dir: &P
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lp(p_keep: &[f32], n: usize, p: usize) -> Tensor<Ad, 3> {
-        let v: Vec<f32> = p_keep.iter().flat_map(|&k| [k.ln(), (1.0 - k).ln()]).collect();
-        Tensor::from_data(TensorData::new(v, [n, p, 2]), &Default::default())
-    }
-
-    #[test]
-    fn sampled_decisions_never_revive_dropped_tokens() {
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let (n, p) = (2, 4);
-        let probs = [0.99f32, 0.99, 0.01, 0.6, 0.99, 0.99, 0.99, 0.99];
-        let prev = Tensor::<Ad, 2>::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0], [n, p]), &Default::default());
-        let (top2, alive) = sample_keep(&lp(&probs, n, p), &prev, Some(2), &mut rng);
-        assert_eq!(top2, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
-        let (top1, _) = sample_keep(&lp(&probs, n, p), &prev, Some(1), &mut rng);
-        assert_eq!(top1, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], "ties go to the lower index");
-        assert_eq!(alive, vec![1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
-        let mut kept3 = 0;
-        for _ in 0..400 {
-            let (s, _) = sample_keep(&lp(&probs, n, p), &prev, None, &mut rng);
-            assert_eq!((s[1], s[6], s[7]), (0.0, 0.0, 0.0), "dropped tokens stay dropped");
-            kept3 += s[3] as usize;
-        }
-        // Token 3 is kept with probability 0.6.
-        assert!((200..280).contains(&kept3), "{kept3}");
-    }
-
-    #[test]
-    fn rewards_price_each_stage_gap_and_charge_ce_at_the_last() {
-        let stage = |keep: Vec<f32>| SampledStage { log_probs: lp(&[0.5; 4], 1, 4), prev: vec![1.0; 4], keep };
-        let stages = [stage(vec![1.0, 1.0, 1.0, 0.0]), stage(vec![1.0, 0.0, 0.0, 0.0])];
-        let (r, keep) = pg_rewards(&stages, &[0.5], 4, &[0.5, 0.25], 2.0);
-        assert_eq!(keep, vec![0.75, 0.25]);
-        assert!((r[0][0] + 0.5).abs() < 1e-6, "{r:?}"); // −2·|0.75 − 0.5|
-        assert!((r[1][0] + 0.5).abs() < 1e-6, "{r:?}"); // −2·0 − CE 0.5
-        // REINFORCE's per-stage log-probability counts only the live tokens' decisions.
-        let evals = stage_evals(&stages);
-        let lp0 = evals[0].0.clone().into_scalar();
-        assert!((lp0 - 4.0 * 0.5f32.ln()).abs() < 1e-5, "{lp0}");
-    }
 
     #[test]
     fn teacher_arch_strips_the_ratio() {

@@ -49,12 +49,27 @@ pub fn gae(rewards: &[Vec<f32>], values: &[Vec<f32>], gamma: f32, lambda: f32) -
     (adv, ret)
 }
 
-fn normalize(adv: &mut [Vec<f32>]) {
+/// Advantages to zero mean and unit variance over all decisions of the batch.
+pub fn normalize(adv: &mut [Vec<f32>]) {
     let count = adv.iter().map(|r| r.len()).sum::<usize>().max(1) as f32;
     let mean = adv.iter().flatten().sum::<f32>() / count;
     let var = adv.iter().flatten().map(|a| (a - mean).powi(2)).sum::<f32>() / count;
     let std = var.sqrt().max(1e-6);
     adv.iter_mut().flatten().for_each(|a| *a = (*a - mean) / std);
+}
+
+/// PPO's clipped surrogate per sample, `min(r·A, clip(r, 1−ε, 1+ε)·A)` with
+/// `r = exp(log_prob − old_log_prob)`; returns it with `log r`.
+pub fn clipped_surrogate<B: burn::tensor::backend::Backend>(
+    log_prob: Tensor<B, 1>,
+    old_log_prob: Tensor<B, 1>,
+    advantage: Tensor<B, 1>,
+    eps: f32,
+) -> (Tensor<B, 1>, Tensor<B, 1>) {
+    let log_ratio = log_prob - old_log_prob;
+    let ratio = log_ratio.clone().exp();
+    let surrogate = (ratio.clone() * advantage.clone()).min_pair(ratio.clamp(1.0 - eps, 1.0 + eps) * advantage);
+    (surrogate, log_ratio)
 }
 
 /// One PPO update of the router from a rollout batch. `shuffle_seed` orders the minibatches.
@@ -111,10 +126,8 @@ where
             let mut entropy = Tensor::<B, 1>::zeros([1], device);
             let mut kl = 0f64;
             for (t, (lp, ent, v)) in evals.into_iter().enumerate() {
-                let log_ratio = lp - pick(&old_lp, t);
+                let (surrogate, log_ratio) = clipped_surrogate(lp, pick(&old_lp, t), pick(&adv, t), eps);
                 let ratio = log_ratio.clone().exp();
-                let a = pick(&adv, t);
-                let surrogate = (ratio.clone() * a.clone()).min_pair(ratio.clone().clamp(1.0 - eps, 1.0 + eps) * a);
                 policy = policy - surrogate.mean();
                 let v = v.ok_or_else(|| anyhow::anyhow!("router lost its value head"))?;
                 value = value + (v - pick(&ret, t)).powf_scalar(2.0).mean();

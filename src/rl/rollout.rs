@@ -1,24 +1,19 @@
-//! Parallel rollout workers (actor–learner). Each worker thread receives a policy snapshot
-//! (the router on the inner backend) and a read-only backbone snapshot with its share of the
-//! batch, samples actions with its own RNG seeded from (seed, step, worker id), computes the
-//! rewards, and sends the trajectory back over a crossbeam channel. `workers = 1` runs the same
-//! algorithm; the same seed and worker count give identical rollouts.
-//!
-//! Each worker sets its convolutions' thread count to `cores / workers` (at least 1), so N
-//! workers split the cores instead of oversubscribing them (see `nn::conv`).
-
-use std::thread::JoinHandle;
+//! The channel router's rollouts on the parallel workers (actor–learner, `rl::workers`). Each
+//! worker receives a policy snapshot (the router on the inner backend) and a read-only backbone
+//! snapshot with its share of the batch, samples actions with its own RNG seeded from (seed,
+//! step, worker id), computes the rewards, and sends the trajectory back. `workers = 1` runs the
+//! same algorithm; the same seed and worker count give identical rollouts.
 
 use anyhow::{Result, anyhow};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use crossbeam_channel::{Receiver, Sender, unbounded};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::RlConfig;
 use super::reinforce::UpdateStats;
 use super::reward;
+use super::workers::{WorkerPool, share, threads_per_worker};
 use crate::Cpu;
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::controllers::Mode;
@@ -215,7 +210,6 @@ pub fn rollout_shard(
 }
 
 struct Job {
-    worker: usize,
     backbone: AnyBackbone<Cpu>,
     router: ChannelRouter<Cpu>,
     images: Vec<f32>,
@@ -226,20 +220,9 @@ struct Job {
     seed: u64,
 }
 
-type JobResult = (usize, Result<Trajectory>);
-
-/// A fixed set of rollout threads.
+/// The channel router's rollout threads.
 pub struct RolloutPool {
-    jobs: Vec<Sender<Job>>,
-    results: Receiver<JobResult>,
-    handles: Vec<JoinHandle<()>>,
-}
-
-/// Convolution threads per worker when `workers` share the machine: `cores / workers`, at
-/// least 1.
-pub fn threads_per_worker(workers: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    (cores / workers.max(1)).max(1)
+    pool: WorkerPool<Job, Trajectory>,
 }
 
 impl RolloutPool {
@@ -250,41 +233,14 @@ impl RolloutPool {
 
     /// `workers` threads whose convolutions each use `conv_threads` threads.
     pub fn with_conv_threads(workers: usize, conv_threads: usize) -> Self {
-        let (res_tx, results) = unbounded::<JobResult>();
-        let mut jobs = Vec::new();
-        let mut handles = Vec::new();
-        for w in 0..workers.max(1) {
-            let (tx, rx) = unbounded::<Job>();
-            let res_tx = res_tx.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("rollout-{w}"))
-                .spawn(move || {
-                    crate::nn::conv::set_conv_threads(conv_threads.max(1));
-                    for job in rx.iter() {
-                        let out = rollout_shard(
-                            &job.backbone,
-                            &job.router,
-                            job.images,
-                            job.shape,
-                            job.labels,
-                            &job.cfg,
-                            job.rule,
-                            job.seed,
-                        );
-                        if res_tx.send((job.worker, out)).is_err() {
-                            break;
-                        }
-                    }
-                })
-                .unwrap_or_else(|e| panic!("cannot spawn rollout thread: {e}"));
-            jobs.push(tx);
-            handles.push(handle);
-        }
-        Self { jobs, results, handles }
+        let pool = WorkerPool::with_conv_threads(workers, conv_threads, |job: Job| {
+            rollout_shard(&job.backbone, &job.router, job.images, job.shape, job.labels, &job.cfg, job.rule, job.seed)
+        });
+        Self { pool }
     }
 
     pub fn workers(&self) -> usize {
-        self.jobs.len()
+        self.pool.workers()
     }
 
     /// Splits the batch into contiguous shares, one per worker, runs them with the given
@@ -305,35 +261,21 @@ impl RolloutPool {
         let n = shape[0];
         let per = shape[1] * shape[2] * shape[3];
         let w = self.workers().min(n.max(1));
-        for (wid, tx) in self.jobs.iter().enumerate().take(w) {
-            let (a, b) = (wid * n / w, (wid + 1) * n / w);
-            let job = Job {
-                worker: wid,
-                backbone: backbone.clone(),
-                router: router.clone(),
-                images: images[a * per..b * per].to_vec(),
-                shape: [b - a, shape[1], shape[2], shape[3]],
-                labels: labels[a..b].to_vec(),
-                cfg: cfg.clone(),
-                rule,
-                seed: worker_seed(seed, step, wid),
-            };
-            tx.send(job).map_err(|_| anyhow!("rollout worker {wid} has stopped"))?;
-        }
-        let mut parts: Vec<Option<Trajectory>> = (0..w).map(|_| None).collect();
-        for _ in 0..w {
-            let (wid, r) = self.results.recv().map_err(|_| anyhow!("rollout workers have stopped"))?;
-            parts[wid] = Some(r.map_err(|e| e.context(format!("rollout worker {wid}")))?);
-        }
-        Trajectory::concat(parts.into_iter().flatten().collect())
-    }
-}
-
-impl Drop for RolloutPool {
-    fn drop(&mut self) {
-        self.jobs.clear();
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
+        let jobs = (0..w)
+            .map(|wid| {
+                let (a, b) = share(n, w, wid);
+                Job {
+                    backbone: backbone.clone(),
+                    router: router.clone(),
+                    images: images[a * per..b * per].to_vec(),
+                    shape: [b - a, shape[1], shape[2], shape[3]],
+                    labels: labels[a..b].to_vec(),
+                    cfg: cfg.clone(),
+                    rule,
+                    seed: worker_seed(seed, step, wid),
+                }
+            })
+            .collect();
+        Trajectory::concat(self.pool.run(jobs)?)
     }
 }
