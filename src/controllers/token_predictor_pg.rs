@@ -92,45 +92,51 @@ fn host(t: Tensor<impl Backend, 1>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap_or_default()
 }
 
-/// Keep decisions restricted to the tokens still alive (`p_keep`, `alive`: `[N·P]`): Bernoulli
-/// from the keep probability, or, with `top_k = Some(k)`, the k alive tokens of highest keep
-/// probability per image (the decisions inference makes; ties go to the lower index).
-pub fn sample_keep(p_keep: &[f32], alive: &[f32], patches: usize, top_k: Option<usize>, rng: &mut ChaCha8Rng) -> Vec<f32> {
-    match top_k {
-        None => p_keep.iter().zip(alive).map(|(&pk, &a)| if a > 0.5 && rng.random::<f32>() < pk { 1.0 } else { 0.0 }).collect(),
-        Some(k) => {
-            let mut keep = vec![0.0f32; p_keep.len()];
-            for i in 0..p_keep.len() / patches.max(1) {
-                let row = i * patches..(i + 1) * patches;
-                let mut order: Vec<usize> = row.filter(|&j| alive[j] > 0.5).collect();
-                order.sort_by(|&a, &b| p_keep[b].total_cmp(&p_keep[a]).then(a.cmp(&b)));
-                for &j in order.iter().take(k) {
-                    keep[j] = 1.0;
-                }
-            }
-            keep
-        }
-    }
+/// Bernoulli keep decisions restricted to the tokens still alive (`p_keep`, `alive`: `[N·P]`).
+pub fn bernoulli_keep(p_keep: &[f32], alive: &[f32], rng: &mut ChaCha8Rng) -> Vec<f32> {
+    p_keep.iter().zip(alive).map(|(&pk, &a)| if a > 0.5 && rng.random::<f32>() < pk { 1.0 } else { 0.0 }).collect()
 }
 
-/// A training-mode forward of `student` whose decisions are Bernoulli samples, or inference's
-/// top-k when `top_k` gives the kept count per stage. With `record_tokens`, the predictors'
-/// inputs are kept too (what the learner re-evaluates).
+/// The k alive tokens of highest keep probability per image of `patches` tokens: the decisions
+/// inference makes (ties go to the lower index).
+pub fn top_k_keep(p_keep: &[f32], alive: &[f32], patches: usize, k: usize) -> Vec<f32> {
+    let mut keep = vec![0.0f32; p_keep.len()];
+    for i in 0..p_keep.len() / patches.max(1) {
+        let row = i * patches..(i + 1) * patches;
+        let mut order: Vec<usize> = row.filter(|&j| alive[j] > 0.5).collect();
+        order.sort_by(|&a, &b| p_keep[b].total_cmp(&p_keep[a]).then(a.cmp(&b)));
+        for &j in order.iter().take(k) {
+            keep[j] = 1.0;
+        }
+    }
+    keep
+}
+
+/// How a [`decided_forward`] makes its keep decisions.
+pub enum KeepRule<'a> {
+    /// Bernoulli samples (the rollout workers); the predictors' inputs are recorded for the
+    /// learner to re-evaluate.
+    Sample(&'a mut ChaCha8Rng),
+    /// Inference's top-k, with the kept count per stage (the learner's backbone forward).
+    TopK(&'a [usize]),
+}
+
+/// A training-mode forward of `student` with its keep decisions made by `rule`.
 pub fn decided_forward<B: crate::ModelBackend>(
     student: &DynamicVit<B>,
     x: Tensor<B, 4>,
-    top_k: Option<&[usize]>,
-    record_tokens: bool,
-    rng: &mut ChaCha8Rng,
+    mut rule: KeepRule<'_>,
 ) -> (TrainOutput<B>, Vec<StageRecord>) {
     let mut stages = Vec::new();
     let out = student.forward_with_decisions(x, &mut |stage, tokens, log_probs, prev| {
         let [n, p, _] = log_probs.dims();
         let p_keep = host(log_probs.detach().narrow(2, 0, 1).reshape([n * p]).exp());
         let alive = host(prev.clone().detach().reshape([n * p]));
-        let keep = sample_keep(&p_keep, &alive, p, top_k.map(|k| k[stage]), rng);
+        let (keep, tokens) = match &mut rule {
+            KeepRule::Sample(rng) => (bernoulli_keep(&p_keep, &alive, rng), host(tokens.clone().detach().flatten(0, 2))),
+            KeepRule::TopK(counts) => (top_k_keep(&p_keep, &alive, p, counts[stage]), Vec::new()),
+        };
         let t = Tensor::<B, 2>::from_data(TensorData::new(keep.clone(), [n, p]), &prev.device());
-        let tokens = if record_tokens { host(tokens.clone().detach().flatten(0, 2)) } else { Vec::new() };
         stages.push(StageRecord { keep, alive, tokens });
         t
     });
@@ -176,7 +182,7 @@ pub fn rollout_tokens(student: &DynamicVit<Cpu>, images: Vec<f32>, shape: [usize
     let x = Tensor::<Cpu, 4>::from_data(TensorData::new(images, shape), &device);
     let y = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(labels, [n]), &device);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let (out, stages) = decided_forward(student, x, None, true, &mut rng);
+    let (out, stages) = decided_forward(student, x, KeepRule::Sample(&mut rng));
     let dims = out.features.dims();
     Ok(TokenTrajectory { n, patches: dims[1], dim: dims[2], stages, cross_entropy: per_image_ce(out.logits, y) })
 }
@@ -315,13 +321,13 @@ mod tests {
         let p = 4;
         let probs = [0.99f32, 0.99, 0.01, 0.6, 0.99, 0.99, 0.99, 0.99];
         let alive = [1.0f32, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0];
-        let top2 = sample_keep(&probs, &alive, p, Some(2), &mut rng);
+        let top2 = top_k_keep(&probs, &alive, p, 2);
         assert_eq!(top2, vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
-        let top1 = sample_keep(&probs, &alive, p, Some(1), &mut rng);
+        let top1 = top_k_keep(&probs, &alive, p, 1);
         assert_eq!(top1, vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], "ties go to the lower index");
         let mut kept3 = 0;
         for _ in 0..400 {
-            let s = sample_keep(&probs, &alive, p, None, &mut rng);
+            let s = bernoulli_keep(&probs, &alive, &mut rng);
             assert_eq!((s[1], s[6], s[7]), (0.0, 0.0, 0.0), "dropped tokens stay dropped");
             kept3 += s[3] as usize;
         }
@@ -339,7 +345,7 @@ mod tests {
         assert!((r[1][0] + 0.5).abs() < 1e-6, "{r:?}"); // −2·0 − CE 0.5
     }
 
-    fn tiny_student() -> (DynamicVit<Ad>, DynamicVitArgs) {
+    fn tiny_student() -> DynamicVit<Ad> {
         let args = DynamicVitArgs {
             img_size: 8,
             patch_size: 2,
@@ -353,12 +359,12 @@ mod tests {
             ..Default::default()
         };
         <Ad as Backend>::seed(&Default::default(), 3);
-        (DynamicVit::from_args(&args, &Default::default()).unwrap(), args)
+        DynamicVit::from_args(&args, &Default::default()).unwrap()
     }
 
     #[test]
     fn workers_reproduce_and_the_learner_re_evaluates_what_they_sampled() {
-        let (student, _) = tiny_student();
+        let student = tiny_student();
         let snap = student.valid();
         let n = 6;
         let images: Vec<f32> = (0..n * 64).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.5).collect();

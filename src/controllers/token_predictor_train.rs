@@ -39,14 +39,12 @@ use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::ControllerConfig;
 use super::token_predictor::SampledGumbel;
-use super::token_predictor_pg::{TokenRolloutPool, decided_forward, per_image_ce, pg_rewards, ppo_predictors, stage_evals};
+use super::token_predictor_pg::{KeepRule, TokenRolloutPool, decided_forward, per_image_ce, pg_rewards, ppo_predictors, stage_evals};
 use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArgs, distill_loss};
 use crate::backbones::spec::{ModelArgs, args_for_arch};
 use crate::backbones::vit::VisionTransformer;
@@ -451,7 +449,6 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     for epoch in 0..to.epochs {
         let t0 = Instant::now();
         <Ad as Backend>::seed(&device, epoch_seed(exp.seed, exp.train.epochs + epoch));
-        let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(exp.seed ^ 0x7067, epoch));
         let bar = progress::bar(steps_per_epoch as u64, &format!("student {}/{}", epoch + 1, to.epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
         let mut keep_sum = vec![0.0f64; stages];
@@ -469,7 +466,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                 // backbone learns under the top-k decisions it will be evaluated with (trained
                 // under samples instead, it tested 3 points below its sampled training accuracy).
                 let traj = pool.run(&student.valid(), &batch.images, batch.shape, &batch.labels, exp.seed ^ 0x7067, step as u64)?;
-                let (top, top_stages) = decided_forward(&student, x.clone(), Some(&keep_counts), false, &mut rng);
+                let (top, top_stages) = decided_forward(&student, x.clone(), KeepRule::TopK(&keep_counts));
                 let l = distill_loss(&top, y.clone(), t_logits, t_tokens, &args.token_ratio, pg_weights);
                 let (rewards, keep_means) = pg_rewards(&traj.stages, &traj.cross_entropy, patches, &args.token_ratio, to.keep_penalty);
                 let returns = crate::rl::reward::returns_to_go(&rewards);
