@@ -238,4 +238,44 @@ mod fast_path_tests {
             assert!((a - b).abs().max().into_scalar() < 1e-5);
         }
     }
+
+    /// Padded and strided kernels, where im2col and col2im skip the columns that fall off the
+    /// image (stride 1 and 2, padding below and above the kernel's reach, kernel wider than the
+    /// image, grouped): outputs and both gradients equal burn's own conv2d.
+    #[test]
+    fn padded_strided_convs_and_their_gradients_equal_conv2d() {
+        use crate::CpuAutodiff;
+        let d = Default::default();
+        // (c_in, c_out, kernel, stride, padding, groups, input side)
+        for (ci, co, k, s, p, g, side) in [
+            (3, 4, 3, 1, 1, 1, 7),
+            (4, 6, 3, 2, 1, 2, 8),
+            (2, 3, 7, 1, 3, 1, 5),
+            (3, 3, 7, 1, 3, 3, 9),
+            (2, 5, 5, 3, 4, 1, 6),
+            (2, 2, 3, 2, 0, 1, 7),
+        ] {
+            let c = Conv2d::<CpuAutodiff>::new(ci, co, k, s, p, g, true, &d);
+            let x = Tensor::<CpuAutodiff, 4>::random([2, ci, side, side], Distribution::Default, &d).require_grad();
+            let ours = c.forward(x.clone());
+            let theirs = burn::tensor::module::conv2d(
+                x.clone(),
+                c.weight.val(),
+                c.bias.as_ref().map(|b| b.val()),
+                burn::tensor::ops::ConvOptions::new([s; 2], [p; 2], [1, 1], g),
+            );
+            assert_eq!(ours.dims(), theirs.dims(), "{ci} {co} k{k} s{s} p{p} g{g}");
+            let r = Tensor::<CpuAutodiff, 4>::random(ours.dims(), Distribution::Default, &d);
+            let diff = |a: Tensor<CpuAutodiff, 4>, b: Tensor<CpuAutodiff, 4>| {
+                (a.inner() - b.inner()).abs().max().into_scalar()
+            };
+            assert!(diff(ours.clone(), theirs.clone()) < 1e-5, "forward k{k} s{s} p{p} g{g}");
+            let ga = (ours * r.clone()).sum().backward();
+            let gb = (theirs * r).sum().backward();
+            let (dxa, dxb) = (x.grad(&ga).unwrap(), x.grad(&gb).unwrap());
+            let (dwa, dwb) = (c.weight.val().grad(&ga).unwrap(), c.weight.val().grad(&gb).unwrap());
+            assert!((dxa - dxb).abs().max().into_scalar() < 1e-4, "dx k{k} s{s} p{p} g{g}");
+            assert!((dwa - dwb).abs().max().into_scalar() < 1e-4, "dW k{k} s{s} p{p} g{g}");
+        }
+    }
 }
