@@ -3,12 +3,13 @@
 //! back to the learner, with 1 worker against 2 workers in the same run.
 //! `cargo bench --bench rollout` (set `ROLLOUT_BENCH_ROUNDS` for longer runs).
 //!
-//! Arms (interleaved round by round so load drift hits all of them alike):
+//! Arms (taking turns batch by batch, so load drift hits all of them alike):
 //! - 1 worker, convolutions on all cores (image-parallel conv): the best single-worker setup;
 //! - 1 worker, convolutions on 1 thread;
 //! - N workers (N = cores, at least 2), convolutions on 1 thread each (what `workers = N` uses).
 //!
-//! The ratio printed is N workers against the *better* of the two single-worker arms. It also
+//! The ratios printed are N workers against the *better* of the two single-worker arms: over the
+//! whole run, and per round (median and quartiles, since a shared machine's speed drifts). It also
 //! times what the learner does serially around the rollouts: publishing snapshots
 //! (`valid()` of the autodiff backbone and router) and one REINFORCE update.
 
@@ -38,7 +39,7 @@ struct Arm {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = std::env::var("ROLLOUT_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(6);
+    let rounds: usize = std::env::var("ROLLOUT_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
     let batches_per_round = 4;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let n_workers = cores.max(2);
@@ -75,21 +76,30 @@ fn main() -> anyhow::Result<()> {
             seconds: 0.0,
         },
     ];
+    // Arms take turns batch by batch, so load drift on this shared machine (which moves
+    // single-arm rates by ±15 % between runs) hits all of them alike; each round's ratio is
+    // kept, and the median is reported with the spread.
     let mut step = 0u64;
+    let mut round_ratios = Vec::new();
     for round in 0..=rounds {
-        for arm in arms.iter_mut() {
-            let t = Instant::now();
-            for _ in 0..batches_per_round {
+        let mut round_secs = vec![0.0f64; arms.len()];
+        for _ in 0..batches_per_round {
+            for (arm, secs) in arms.iter_mut().zip(round_secs.iter_mut()) {
+                let t = Instant::now();
                 let traj =
                     arm.pool.run(&backbone, &router, &images, shape, &labels, &cfg, ActionRule::Softmax, 0, step)?;
+                *secs += t.elapsed().as_secs_f64();
                 step += 1;
                 assert_eq!(traj.n, batch);
             }
-            // Round 0 warms caches and threads up; it is not counted.
-            if round > 0 {
-                arm.seconds += t.elapsed().as_secs_f64();
+        }
+        // Round 0 warms caches and threads up; it is not counted.
+        if round > 0 {
+            for (arm, secs) in arms.iter_mut().zip(&round_secs) {
+                arm.seconds += secs;
                 arm.images += batches_per_round * batch;
             }
+            round_ratios.push((round_secs[0].min(round_secs[1]) / round_secs[2], round_secs[1] / round_secs[2]));
         }
     }
     let rate = |a: &Arm| a.images as f64 / a.seconds.max(1e-9);
@@ -102,6 +112,17 @@ fn main() -> anyhow::Result<()> {
         "ratio {n_workers} workers / best single worker: {:.2}x   ({n_workers} workers / 1 worker at 1 thread: {:.2}x)",
         multi / best_single,
         multi / rate(&arms[1])
+    );
+    let quartiles = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        (q(0.25), q(0.5), q(0.75))
+    };
+    let (lo, med, hi) = quartiles(round_ratios.iter().map(|r| r.0).collect());
+    let (lo1, med1, hi1) = quartiles(round_ratios.iter().map(|r| r.1).collect());
+    println!(
+        "per-round ratio over {} rounds of {batches_per_round} batches, median (quartiles): {n_workers} workers / faster single worker of the round {med:.2}x ({lo:.2}-{hi:.2}); / 1 worker at 1 thread {med1:.2}x ({lo1:.2}-{hi1:.2})",
+        round_ratios.len()
     );
 
     // The learner's serial share: snapshot publishing and one REINFORCE update per batch.
