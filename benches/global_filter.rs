@@ -96,6 +96,7 @@ fn case(name: &str, l: Layout, n: usize, c: usize, h: usize, w: usize) {
 }
 
 fn main() {
+    rlprune::keep_freed_memory();
     // `cargo bench` passes `--bench`; a positional argument filters the cases by name.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     println!("load average before: {}", loadavg());

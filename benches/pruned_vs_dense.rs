@@ -28,6 +28,7 @@ fn loadavg() -> String {
 }
 
 fn main() -> Result<()> {
+    rlprune::keep_freed_memory();
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

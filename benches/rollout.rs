@@ -39,6 +39,7 @@ struct Arm {
 }
 
 fn main() -> anyhow::Result<()> {
+    rlprune::keep_freed_memory();
     let rounds: usize = std::env::var("ROLLOUT_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
     let batches_per_round = 4;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    rlprune::keep_freed_memory();
     let cli = rlprune::cli::Cli::parse();
     rlprune::logging::init(cli.verbose);
     rlprune::train::supervised::install_interrupt_handler();

@@ -6,7 +6,6 @@ use burn::module::Module;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 
-use burn::tensor::module::max_pool2d;
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
@@ -15,6 +14,7 @@ use crate::controllers::exec::{controlled_stack, reorder_stack_by_filter_norm};
 use crate::controllers::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use rand_chacha::ChaCha8Rng;
+use crate::nn::conv::{conv2d_bias_act, max_pool2x2};
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,7 +40,28 @@ impl<B: ModelBackend> ConvBn<B> {
         Self { conv: Conv2d::new(c_in, c_out, 3, 1, 1, 1, false, device), bn: BatchNorm2d::new(c_out, device) }
     }
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        relu(self.bn.forward(self.conv.forward(x)))
+        if B::ad_enabled(&x.device()) {
+            // Training: BatchNorm normalises with the batch statistics.
+            relu(self.bn.forward(self.conv.forward(x)))
+        } else {
+            self.forward_frozen(x, self.conv.out_channels())
+        }
+    }
+
+    /// conv → BatchNorm with its running statistics → ReLU, on output channels `[0, c_out)`
+    /// and the input's channels. The BatchNorm is folded into the conv's weight and bias, so
+    /// the layer is one convolution whose output pass also adds the bias and applies the ReLU.
+    /// Under autodiff the fold is differentiable: the conv weight and BN's affine parameters
+    /// train, the statistics stay frozen.
+    pub fn forward_frozen(&self, x: Tensor<B, 4>, c_out: usize) -> Tensor<B, 4> {
+        let c_out = c_out.min(self.conv.out_channels());
+        let (scale, shift) = self.bn.frozen_affine(c_out, &x.device());
+        let w = self.conv.sliced_weight(c_out, x.dims()[1]) * scale.clone().reshape([c_out, 1, 1, 1]);
+        let b = match &self.conv.bias {
+            Some(b) => shift + b.val().slice(0..c_out) * scale,
+            None => shift,
+        };
+        conv2d_bias_act(x, w, b, true, self.conv.stride, self.conv.padding, self.conv.groups)
     }
 }
 
@@ -74,7 +95,7 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);
             if Self::pools_after(i) {
-                x = max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+                x = max_pool2x2(x);
             }
         }
         let [n, c, _, _] = x.dims();
@@ -108,7 +129,7 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
         mode: Mode,
         rng: &mut ChaCha8Rng,
     ) -> Result<(Tensor<B, 2>, Trace<B>)> {
-        let pool = move |i: usize, x: Tensor<B, 4>| if Self::pools_after(i) { max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false) } else { x };
+        let pool = move |i: usize, x: Tensor<B, 4>| if Self::pools_after(i) { max_pool2x2(x) } else { x };
         let (feats, trace) = controlled_stack(&self.features, &self.prunable_convs(), &pool, x, controller, mode, rng)?;
         Ok((self.fc.forward(feats), trace))
     }

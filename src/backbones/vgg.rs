@@ -6,7 +6,7 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 
-use burn::tensor::module::max_pool2d;
+use crate::nn::conv::max_pool2x2;
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
@@ -65,7 +65,7 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);
             if self.pool_after.contains(&i) && x.dims()[2] >= 2 && x.dims()[3] >= 2 {
-                x = max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+                x = max_pool2x2(x);
             }
         }
         let [n, c, _, _] = x.dims();
@@ -99,7 +99,7 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
         rng: &mut ChaCha8Rng,
     ) -> Result<(Tensor<B, 2>, Trace<B>)> {
         let pool_after = self.pool_after.clone();
-        let pool = move |i: usize, x: Tensor<B, 4>| if pool_after.contains(&i) && x.dims()[2] >= 2 && x.dims()[3] >= 2 { max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false) } else { x };
+        let pool = move |i: usize, x: Tensor<B, 4>| if pool_after.contains(&i) && x.dims()[2] >= 2 && x.dims()[3] >= 2 { max_pool2x2(x) } else { x };
         let (feats, trace) = controlled_stack(&self.features, &self.prunable_convs(), &pool, x, controller, mode, rng)?;
         Ok((self.classifier.forward(feats), trace))
     }

@@ -11,7 +11,6 @@
 
 use anyhow::{Result, bail};
 use burn::module::Param;
-use burn::tensor::activation::relu;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 
@@ -43,7 +42,8 @@ fn pooled_observation<B: ModelBackend>(
     let mut obs = vec![0f32; n * c_full];
     for p in parts {
         let [m, c, _, _] = p.x.dims();
-        let pooled = p.x.clone().detach().mean_dim(3).mean_dim(2).reshape([m, c]);
+        let [_, _, h, w] = p.x.dims();
+        let pooled = p.x.clone().detach().reshape([m, c, h * w]).mean_dim(2).reshape([m, c]);
         let data = pooled.into_data().convert::<f32>();
         let vals = data.as_slice::<f32>().map_err(|e| anyhow::anyhow!("observation readback: {e:?}"))?;
         for (j, &row) in p.rows.iter().enumerate() {
@@ -106,16 +106,16 @@ pub fn controlled_stack<B: ModelBackend>(
                     p.x.clone().select(0, index_tensor::<B>(&local, &device))
                 };
                 let c_out = point.channels_for(a);
-                let y = layer.conv.forward_sliced(xs, c_out);
+                let y = layer.forward_frozen(xs, c_out);
                 let [_, _, h, w] = y.dims();
-                let y = relu(layer.bn.forward_channels_frozen(y, c_out));
                 let cost = (h * w) as u64 * kk * kk * c_in * c_out as u64;
                 let slot = &mut next[a - 1];
                 for &j in &local {
                     macs[p.rows[j]] = cost;
                     slot.0.push(p.rows[j]);
                 }
-                slot.1.push(y);
+                // Pooling before the regrouping concatenates smaller tensors.
+                slot.1.push(pool(t, y));
             }
         }
         parts = next
@@ -123,14 +123,7 @@ pub fn controlled_stack<B: ModelBackend>(
             .filter(|(rows, _)| !rows.is_empty())
             .map(|(rows, ts)| Part {
                 rows,
-                x: pool(
-                    t,
-                    if ts.len() == 1 {
-                        ts.into_iter().next().unwrap_or_else(|| unreachable!())
-                    } else {
-                        Tensor::cat(ts, 0)
-                    },
-                ),
+                x: if ts.len() == 1 { ts.into_iter().next().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(ts, 0) },
             })
             .collect();
         steps.push(TraceStep { point, observation, actions: decision.actions, log_prob: decision.log_prob, macs });

@@ -79,6 +79,61 @@ pub trait ConvBackend: Backend {
         let dw = x.map(|x| Self::conv2d_weight_backward(x, weight.unwrap_or_else(|| zeros(ws)), grad, geom.options()));
         (dx, dw)
     }
+
+    /// `relu?(conv2d(x, weight) + bias[o])`, for inference. The default composes the ops (and
+    /// so is differentiable under autodiff); NdArray applies the bias and ReLU while each
+    /// image's output is still in cache instead of two more passes over the whole tensor.
+    fn conv2d_bias_act_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+        geom: ConvGeom,
+    ) -> FloatTensor<Self> {
+        bias_act_composed::<Self>(Self::conv2d_forward(x, weight, geom), bias, relu)
+    }
+
+    /// 2×2 max-pool with stride 2 (odd trailing rows and columns dropped, like PyTorch's
+    /// default `ceil_mode=False`).
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
+    }
+}
+
+fn bias_act_composed<B: Backend>(y: FloatTensor<B>, bias: FloatTensor<B>, relu: bool) -> FloatTensor<B> {
+    let y = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y));
+    let o = y.dims()[1];
+    let b = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(bias)).reshape([1, o, 1, 1]);
+    let y = y + b;
+    let y = if relu { burn::tensor::activation::relu(y) } else { y };
+    y.into_primitive().tensor()
+}
+
+/// `relu?(conv2d(x, weight) + bias)`: the inference form of conv → BatchNorm → ReLU once the
+/// BatchNorm is folded into `weight` and `bias` (see `ConvBn::forward_frozen`).
+pub fn conv2d_bias_act<B: ConvBackend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+    relu: bool,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Tensor<B, 4> {
+    let geom = ConvGeom { stride, padding, groups };
+    let y = B::conv2d_bias_act_forward(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.into_primitive().tensor(),
+        relu,
+        geom,
+    );
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// 2×2 max-pool, stride 2, no padding (see [`ConvBackend::max_pool2x2`]).
+pub fn max_pool2x2<B: ConvBackend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::max_pool2x2(x.into_primitive().tensor())))
 }
 
 /// `conv2d` with PyTorch semantics (weight `[O, C/groups, kh, kw]`, symmetric padding, no
@@ -174,8 +229,33 @@ impl ConvBackend for NdArray<f32> {
             return Self::conv2d(x, weight, None, geom.options());
         };
         let g = Geometry::new(xd, wd, geom);
-        let out = cpu::forward(&xs, &ws, &g);
+        let out = cpu::forward(&xs, &ws, &g, cpu::Epilogue::NONE);
         NdArrayTensor::from_data(TensorData::new(out, [g.n, g.o, g.ho, g.wo]))
+    }
+
+    fn conv2d_bias_act_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        relu: bool,
+        geom: ConvGeom,
+    ) -> FloatTensor<Self> {
+        let (xd, wd) = (dims4(&x), dims4(&weight));
+        let (Some(xs), Some(ws), Some(bs)) = (host_f32(&x), host_f32(&weight), host_f32(&bias)) else {
+            return bias_act_composed::<Self>(Self::conv2d_forward(x, weight, geom), bias, relu);
+        };
+        let g = Geometry::new(xd, wd, geom);
+        let out = cpu::forward(&xs, &ws, &g, cpu::Epilogue { bias: Some(&bs), relu });
+        NdArrayTensor::from_data(TensorData::new(out, [g.n, g.o, g.ho, g.wo]))
+    }
+
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [n, c, h, w] = dims4(&x);
+        let Some(xs) = host_f32(&x) else {
+            return Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+        };
+        let out = cpu::max_pool2x2(&xs, [n, c, h, w]);
+        NdArrayTensor::from_data(TensorData::new(out, [n, c, h / 2, w / 2]))
     }
 
     fn conv2d_backward(
@@ -387,10 +467,86 @@ mod cpu {
         })
     }
 
-    /// Output of images `first..first + count`, `[count, O, Ho, Wo]`.
-    fn forward_range(x: &[f32], w: &[f32], g: &Geometry, first: usize, count: usize) -> Vec<f32> {
+    /// What the forward applies to each output channel as it is written.
+    #[derive(Clone, Copy)]
+    pub struct Epilogue<'a> {
+        pub bias: Option<&'a [f32]>,
+        pub relu: bool,
+    }
+
+    impl Epilogue<'_> {
+        pub const NONE: Epilogue<'static> = Epilogue { bias: None, relu: false };
+
+        fn apply(&self, channel: usize, row: &mut [f32]) {
+            let b = self.bias.map_or(0.0, |b| b[channel]);
+            match (b != 0.0, self.relu) {
+                (false, false) => {}
+                (true, false) => row.iter_mut().for_each(|v| *v += b),
+                // `<` rather than `max` so that a NaN passes through, as in PyTorch.
+                (_, true) => row.iter_mut().for_each(|v| {
+                    let y = *v + b;
+                    *v = if y < 0.0 { 0.0 } else { y };
+                }),
+            }
+        }
+    }
+
+    /// Whether [`forward_range_shifted`] applies: dense, stride 1, and enough input channels
+    /// for a GEMM with `K = C` to run well (the first layer of a network, with 1 or 3 input
+    /// channels, keeps im2col's `K = C·kh·kw`).
+    fn shifted(g: &Geometry) -> bool {
+        g.s == 1 && g.groups == 1 && g.c >= 8
+    }
+
+    /// Stride-1 convolution without im2col: one GEMM per kernel tap `(i, j)`,
+    /// `Y[o, ·] += W[:, :, i, j] · X_pad[:, shifted by (i, j)]`, on the zero-padded image laid
+    /// out row by row. The shifted view of the padded image is a plain strided matrix, so
+    /// nothing is copied per tap; each output row comes out `2p` columns too wide, and those
+    /// columns are dropped when the row is written out. im2col wrote `kh·kw` copies of the input
+    /// per image and was a quarter of a batch-64 CNN forward; the padded copy is one.
+    fn forward_range_shifted(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, first: usize, out: &mut [f32]) {
+        let pix = g.pixels();
+        let count = out.len() / (g.o * pix).max(1);
+        let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+        // Wide-output columns from the first valid pixel to the last.
+        let span = (g.ho - 1) * wp + g.wo;
+        let taps = g.kh * g.kw;
+        let mut padded = vec![0.0f32; g.c * hp * wp];
+        let mut wide = vec![0.0f32; g.o * span];
+        for i in 0..count {
+            let img = first + i;
+            for ch in 0..g.c {
+                let src = &x[(img * g.c + ch) * g.h * g.w..][..g.h * g.w];
+                let dst = &mut padded[ch * hp * wp..][..hp * wp];
+                for (y, row) in src.chunks_exact(g.w).enumerate() {
+                    dst[(y + g.p) * wp + g.p..][..g.w].copy_from_slice(row);
+                }
+            }
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let tap = ki * g.kw + kj;
+                    // A = W[:, :, ki, kj] as [O × C]; B = the padded image shifted by the tap.
+                    gemm(g.o, g.c, span, &w[tap..], (g.c * taps, taps), &padded[ki * wp + kj..], (hp * wp, 1), tap > 0, &mut wide);
+                }
+            }
+            let dst = &mut out[i * g.o * pix..][..g.o * pix];
+            for (oc, plane) in dst.chunks_exact_mut(pix).enumerate() {
+                let src = &wide[oc * span..][..span];
+                for (oy, row) in plane.chunks_exact_mut(g.wo).enumerate() {
+                    row.copy_from_slice(&src[oy * wp..][..g.wo]);
+                }
+                epi.apply(oc, plane);
+            }
+        }
+    }
+
+    /// Output of images `first..` into `out` (`[count, O, Ho, Wo]`, `count` from its length).
+    fn forward_range(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, first: usize, out: &mut [f32]) {
+        if shifted(g) {
+            return forward_range_shifted(x, w, g, epi, first, out);
+        }
         let (k, pix, og) = (g.k(), g.pixels(), g.og());
-        let mut out = vec![0.0f32; count * g.o * pix];
+        let count = out.len() / (g.o * pix).max(1);
         let mut cols = vec![0.0f32; k * pix];
         for i in 0..count {
             for grp in 0..g.groups {
@@ -398,18 +554,71 @@ mod cpu {
                 let wg = &w[grp * og * k..][..og * k];
                 let dst = &mut out[(i * g.o + grp * og) * pix..][..og * pix];
                 gemm(og, k, pix, wg, (k, 1), &cols, (pix, 1), false, dst);
+                for (oc, row) in dst.chunks_exact_mut(pix).enumerate() {
+                    epi.apply(grp * og + oc, row);
+                }
             }
         }
+    }
+
+    pub fn forward(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue) -> Vec<f32> {
+        let mut out = vec![0.0f32; g.n * g.o * g.pixels()];
+        let threads = split(g.n, g.o * g.k() * g.pixels());
+        for_image_chunks(&mut out, g.n, threads, |first, chunk| forward_range(x, w, g, epi, first, chunk));
         out
     }
 
-    pub fn forward(x: &[f32], w: &[f32], g: &Geometry) -> Vec<f32> {
-        let threads = split(g.n, g.o * g.k() * g.pixels());
-        let parts = for_image_ranges(g.n, threads, |first, count| forward_range(x, w, g, first, count));
-        if parts.len() == 1 {
-            return parts.into_iter().next().unwrap_or_default();
+    /// Splits `out` (`images` equal slabs) into `threads` contiguous ranges of images and runs
+    /// `f(first_image, slab_range)` on each, the first on the calling thread: every thread
+    /// writes its own part of the output, so nothing is concatenated afterwards.
+    fn for_image_chunks(out: &mut [f32], images: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+        let per = out.len().checked_div(images).unwrap_or(0);
+        let threads = threads.clamp(1, images.max(1));
+        if threads == 1 {
+            f(0, out);
+            return;
         }
-        parts.concat()
+        std::thread::scope(|scope| {
+            let f = &f;
+            let mut rest = out;
+            let mut mine = None;
+            for t in 0..threads {
+                let (a, b) = (t * images / threads, (t + 1) * images / threads);
+                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * per);
+                rest = tail;
+                if t == 0 {
+                    mine = Some((a, chunk));
+                } else {
+                    scope.spawn(move || f(a, chunk));
+                }
+            }
+            if let Some((a, chunk)) = mine {
+                f(a, chunk);
+            }
+        });
+    }
+
+    /// 2×2 / stride-2 max-pool of an NCHW tensor (trailing odd row / column dropped).
+    pub fn max_pool2x2(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let (ho, wo) = (h / 2, w / 2);
+        let mut out = vec![0.0f32; n * c * ho * wo];
+        if out.is_empty() {
+            return out;
+        }
+        // Memory-bound: a thread pays for itself from about 256 K input values.
+        let threads = super::conv_threads().min((n * c * h * w) >> 18).max(1);
+        for_image_chunks(&mut out, n, threads, |first, chunk| {
+            for (p, plane) in chunk.chunks_exact_mut(ho * wo).enumerate() {
+                let src = &x[(first * c + p) * h * w..][..h * w];
+                for (oy, orow) in plane.chunks_exact_mut(wo).enumerate() {
+                    let (r0, r1) = (&src[2 * oy * w..][..w], &src[(2 * oy + 1) * w..][..w]);
+                    for (ox, o) in orow.iter_mut().enumerate() {
+                        *o = r0[2 * ox].max(r0[2 * ox + 1]).max(r1[2 * ox].max(r1[2 * ox + 1]));
+                    }
+                }
+            }
+        });
+        out
     }
 
     /// `(dx of images first..first+count, this range's share of dW)`.

@@ -152,17 +152,21 @@ impl<B: crate::nn::conv::ConvBackend> Conv2d<B> {
     /// Runs only output channels `[0, c_out)` on input channels `[0, c_in)`: the sliced weight is
     /// what gets computed, so skipped channel groups cost nothing (RNP's runtime pruning).
     pub fn forward_sliced(&self, x: Tensor<B, 4>, c_out: usize) -> Tensor<B, 4> {
+        let c_out = c_out.min(self.out_channels());
+        let w = self.sliced_weight(c_out, x.dims()[1]);
+        let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
+        conv2d_gemm(x, w, b, self.stride, self.padding, self.groups)
+    }
+
+    /// The weight of output channels `[0, c_out)` on input channels `[0, c_in)`.
+    pub fn sliced_weight(&self, c_out: usize, c_in: usize) -> Tensor<B, 4> {
         let [o, i, kh, kw] = self.weight.dims();
-        let c_in = x.dims()[1];
         assert_eq!(self.groups, 1, "channel slicing is defined for dense convolutions");
-        let c_out = c_out.min(o);
-        let w = if c_out == o && c_in == i {
+        if c_out == o && c_in == i {
             self.weight.val()
         } else {
             self.weight.val().slice([0..c_out, 0..c_in, 0..kh, 0..kw])
-        };
-        let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
-        conv2d_gemm(x, w, b, self.stride, self.padding, self.groups)
+        }
     }
 }
 
@@ -254,6 +258,12 @@ mod fast_path_tests {
             (3, 3, 7, 1, 3, 3, 9),
             (2, 5, 5, 3, 4, 1, 6),
             (2, 2, 3, 2, 0, 1, 7),
+            // ≥ 8 input channels at stride 1: the shifted-GEMM forward (no im2col).
+            (8, 5, 3, 1, 1, 1, 7),
+            (9, 4, 5, 1, 0, 1, 8),
+            (8, 3, 3, 1, 2, 1, 6),
+            (10, 6, 1, 1, 0, 1, 5),
+            (8, 4, 7, 1, 3, 1, 5),
         ] {
             let c = Conv2d::<CpuAutodiff>::new(ci, co, k, s, p, g, true, &d);
             let x = Tensor::<CpuAutodiff, 4>::random([2, ci, side, side], Distribution::Default, &d).require_grad();
@@ -276,6 +286,37 @@ mod fast_path_tests {
             let (dwa, dwb) = (c.weight.val().grad(&ga).unwrap(), c.weight.val().grad(&gb).unwrap());
             assert!((dxa - dxb).abs().max().into_scalar() < 1e-4, "dx k{k} s{s} p{p} g{g}");
             assert!((dwa - dwb).abs().max().into_scalar() < 1e-4, "dW k{k} s{s} p{p} g{g}");
+        }
+    }
+
+    /// The inference ops: conv with the bias and ReLU fused into its output pass, on
+    /// non-square images, through both CPU forwards (im2col and shifted GEMM); and the 2×2
+    /// max-pool on odd sizes. Both equal burn's unfused ops.
+    #[test]
+    fn fused_conv_bias_relu_and_max_pool_equal_burns_ops() {
+        use crate::nn::conv::{conv2d_bias_act, max_pool2x2};
+        let d = Default::default();
+        // (c_in, c_out, kernel, stride, padding, h, w)
+        for (ci, co, k, s, p, h, w) in [(3, 4, 3, 1, 1, 6, 9), (12, 5, 3, 1, 1, 9, 6), (8, 6, 5, 1, 2, 7, 5), (9, 3, 3, 2, 1, 8, 11)] {
+            let x = Tensor::<Cpu, 4>::random([3, ci, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let wt = Tensor::<Cpu, 4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.3), &d);
+            let b = Tensor::<Cpu, 1>::random([co], Distribution::Normal(0.0, 0.5), &d);
+            let opts = burn::tensor::ops::ConvOptions::new([s; 2], [p; 2], [1, 1], 1);
+            let plain = burn::tensor::module::conv2d(x.clone(), wt.clone(), Some(b.clone()), opts);
+            for relu in [false, true] {
+                let ours = conv2d_bias_act(x.clone(), wt.clone(), b.clone(), relu, s, p, 1);
+                let theirs = if relu { burn::tensor::activation::relu(plain.clone()) } else { plain.clone() };
+                assert_eq!(ours.dims(), theirs.dims());
+                let diff = (ours - theirs).abs().max().into_scalar();
+                assert!(diff < 1e-4, "c{ci}→{co} k{k} s{s} p{p} {h}×{w} relu={relu}: {diff}");
+            }
+        }
+        for [n, c, h, w] in [[2, 3, 6, 8], [1, 2, 7, 5], [2, 1, 3, 4], [3, 70, 9, 9]] {
+            let x = Tensor::<Cpu, 4>::random([n, c, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let ours = max_pool2x2(x.clone());
+            let theirs = burn::tensor::module::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+            assert_eq!(ours.dims(), theirs.dims());
+            assert_eq!(ours.into_data().to_vec::<f32>().unwrap(), theirs.into_data().to_vec::<f32>().unwrap());
         }
     }
 }

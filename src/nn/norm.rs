@@ -90,14 +90,20 @@ impl<B: Backend> BatchNorm2d<B> {
     /// Like [`forward_channels`](Self::forward_channels) but always with the running
     /// statistics (eval-mode normalisation; under autodiff the affine parameters still train).
     pub fn forward_channels_frozen(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4> {
+        let (scale, shift) = self.frozen_affine(c, &x.device());
+        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+    }
+
+    /// `(scale, shift)` of the first `c` channels with the running statistics:
+    /// `bn(x) = x·scale + shift`, which is what lets a conv before it absorb the BatchNorm.
+    pub fn frozen_affine(&self, c: usize, device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
         let full = self.num_features();
         let pick = |t: Tensor<B, 1>| if c == full { t } else { t.slice(0..c) };
-        let device = x.device();
-        let mean = pick(self.running_mean.value().to_device(&device));
-        let var = pick(self.running_var.value().to_device(&device));
+        let mean = pick(self.running_mean.value().to_device(device));
+        let var = pick(self.running_var.value().to_device(device));
         let scale = pick(self.weight.val()) / (var + self.eps).sqrt();
         let shift = pick(self.bias.val()) - mean * scale.clone();
-        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+        (scale, shift)
     }
 
     /// Normalises the first `c` channels only: with RNP's sliced convolutions the skipped
