@@ -54,14 +54,37 @@ impl<B: ModelBackend> ConvBn<B> {
     /// Under autodiff the fold is differentiable: the conv weight and BN's affine parameters
     /// train, the statistics stay frozen.
     pub fn forward_frozen(&self, x: Tensor<B, 4>, c_out: usize) -> Tensor<B, 4> {
-        let c_out = c_out.min(self.conv.out_channels());
-        let (scale, shift) = self.bn.frozen_affine(c_out, &x.device());
-        let w = self.conv.sliced_weight(c_out, x.dims()[1]) * scale.clone().reshape([c_out, 1, 1, 1]);
-        let b = match &self.conv.bias {
-            Some(b) => shift + b.val().slice(0..c_out) * scale,
+        self.folded(&x.device()).forward(x, c_out)
+    }
+
+    /// The conv with the frozen BatchNorm folded in, for several calls on channel slices (one
+    /// fold per layer rather than per group of images).
+    pub fn folded(&self, device: &B::Device) -> FoldedConvBn<B> {
+        let o = self.conv.out_channels();
+        let (scale, shift) = self.bn.frozen_affine(o, device);
+        let weight = self.conv.weight.val() * scale.clone().reshape([o, 1, 1, 1]);
+        let bias = match &self.conv.bias {
+            Some(b) => shift + b.val() * scale,
             None => shift,
         };
-        conv2d_bias_act(x, w, b, true, self.conv.stride, self.conv.padding, self.conv.groups)
+        FoldedConvBn { weight, bias, stride: self.conv.stride, padding: self.conv.padding, groups: self.conv.groups }
+    }
+}
+
+/// conv → frozen BatchNorm → ReLU as one convolution with a bias (see [`ConvBn::folded`]).
+pub struct FoldedConvBn<B: Backend> {
+    pub weight: Tensor<B, 4>,
+    pub bias: Tensor<B, 1>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+impl<B: ModelBackend> FoldedConvBn<B> {
+    /// Output channels `[0, c_out)` from the input's channels (the first ones of the layer).
+    pub fn forward(&self, x: Tensor<B, 4>, c_out: usize) -> Tensor<B, 4> {
+        let c_out = c_out.min(self.weight.dims()[0]);
+        conv2d_bias_act(x, self.weight.clone(), self.bias.clone(), c_out, true, self.stride, self.padding, self.groups)
     }
 }
 

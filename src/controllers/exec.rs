@@ -92,6 +92,7 @@ pub fn controlled_stack<B: ModelBackend>(
         // New parts keyed by action (index a-1): rows and tensors to concatenate.
         let mut next: Vec<(Vec<usize>, Vec<Tensor<B, 4>>)> = (0..k).map(|_| (Vec::new(), Vec::new())).collect();
         let kk = layer.conv.kernel_size() as u64;
+        let folded = layer.folded(&device);
         for p in parts {
             let c_in = p.x.dims()[1] as u64;
             let m = p.rows.len();
@@ -106,7 +107,7 @@ pub fn controlled_stack<B: ModelBackend>(
                     p.x.clone().select(0, index_tensor::<B>(&local, &device))
                 };
                 let c_out = point.channels_for(a);
-                let y = layer.forward_frozen(xs, c_out);
+                let y = folded.forward(xs, c_out);
                 let [_, _, h, w] = y.dims();
                 let cost = (h * w) as u64 * kk * kk * c_in * c_out as u64;
                 let slot = &mut next[a - 1];

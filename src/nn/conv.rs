@@ -83,13 +83,18 @@ pub trait ConvBackend: Backend {
     /// `relu?(conv2d(x, weight) + bias[o])`, for inference. The default composes the ops (and
     /// so is differentiable under autodiff); NdArray applies the bias and ReLU while each
     /// image's output is still in cache instead of two more passes over the whole tensor.
+    ///
+    /// Only output channels `[0, c_out)` and the input's `C` channels of `weight` and `bias` are
+    /// used (RNP's channel slices); NdArray reads that block in place instead of copying it.
     fn conv2d_bias_act_forward(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        c_out: usize,
         relu: bool,
         geom: ConvGeom,
     ) -> FloatTensor<Self> {
+        let (weight, bias) = channel_block::<Self>(weight, bias, c_out, dims4(&x)[1], geom.groups);
         bias_act_composed::<Self>(Self::conv2d_forward(x, weight, geom), bias, relu)
     }
 
@@ -98,6 +103,24 @@ pub trait ConvBackend: Backend {
     fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
     }
+}
+
+/// `weight[0..c_out, 0..c_in]` and `bias[0..c_out]` (no copy when that is all of them).
+fn channel_block<B: Backend>(
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    c_out: usize,
+    c_in: usize,
+    groups: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let w = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(weight));
+    let b = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(bias));
+    let [o, i, kh, kw] = w.dims();
+    if c_out == o && c_in == i * groups {
+        return (w.into_primitive().tensor(), b.into_primitive().tensor());
+    }
+    assert_eq!(groups, 1, "channel slicing is defined for dense convolutions");
+    (w.slice([0..c_out, 0..c_in, 0..kh, 0..kw]).into_primitive().tensor(), b.slice(0..c_out).into_primitive().tensor())
 }
 
 fn bias_act_composed<B: Backend>(y: FloatTensor<B>, bias: FloatTensor<B>, relu: bool) -> FloatTensor<B> {
@@ -109,22 +132,29 @@ fn bias_act_composed<B: Backend>(y: FloatTensor<B>, bias: FloatTensor<B>, relu: 
     y.into_primitive().tensor()
 }
 
-/// `relu?(conv2d(x, weight) + bias)`: the inference form of conv → BatchNorm → ReLU once the
-/// BatchNorm is folded into `weight` and `bias` (see `ConvBn::forward_frozen`).
+/// `relu?(conv2d(x, weight[0..c_out, 0..C]) + bias[0..c_out])`, `C` being `x`'s channels: the
+/// inference form of conv → BatchNorm → ReLU once the BatchNorm is folded into `weight` and
+/// `bias` (see `ConvBn::folded`), on a channel slice of the layer.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d_bias_act<B: ConvBackend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
     bias: Tensor<B, 1>,
+    c_out: usize,
     relu: bool,
     stride: usize,
     padding: usize,
     groups: usize,
 ) -> Tensor<B, 4> {
     let geom = ConvGeom { stride, padding, groups };
+    let [o, i, _, _] = weight.dims();
+    let c_in = x.dims()[1];
+    assert!(c_out <= o && c_in <= i * groups, "conv2d_bias_act: {c_out}×{c_in} channels of a {o}×{} weight", i * groups);
     let y = B::conv2d_bias_act_forward(
         x.into_primitive().tensor(),
         weight.into_primitive().tensor(),
         bias.into_primitive().tensor(),
+        c_out,
         relu,
         geom,
     );
@@ -237,14 +267,21 @@ impl ConvBackend for NdArray<f32> {
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
+        c_out: usize,
         relu: bool,
         geom: ConvGeom,
     ) -> FloatTensor<Self> {
         let (xd, wd) = (dims4(&x), dims4(&weight));
         let (Some(xs), Some(ws), Some(bs)) = (host_f32(&x), host_f32(&weight), host_f32(&bias)) else {
+            let (weight, bias) = channel_block::<Self>(weight, bias, c_out, xd[1], geom.groups);
             return bias_act_composed::<Self>(Self::conv2d_forward(x, weight, geom), bias, relu);
         };
-        let g = Geometry::new(xd, wd, geom);
+        let mut g = Geometry::new(xd, wd, geom);
+        if c_out != wd[0] || xd[1] != wd[1] * geom.groups {
+            assert_eq!(geom.groups, 1, "channel slicing is defined for dense convolutions");
+            // The GEMM reads the block [0..c_out, 0..C] of the full weight in place.
+            g.o = c_out;
+        }
         let out = cpu::forward(&xs, &ws, &g, cpu::Epilogue { bias: Some(&bs), relu });
         NdArrayTensor::from_data(TensorData::new(out, [g.n, g.o, g.ho, g.wo]))
     }
@@ -307,14 +344,21 @@ struct Geometry {
     s: usize,
     p: usize,
     groups: usize,
+    /// Input channels per group of the weight as stored (more than `c / groups` when the
+    /// forward uses a channel slice of a larger weight).
+    wc: usize,
 }
 
 impl Geometry {
     fn new(x: [usize; 4], w: [usize; 4], geom: ConvGeom) -> Self {
         let [n, c, h, wi] = x;
-        let [o, _, kh, kw] = w;
+        let [o, wc, kh, kw] = w;
         let (s, p) = (geom.stride, geom.padding);
-        Self { n, c, h, w: wi, o, kh, kw, ho: (h + 2 * p - kh) / s + 1, wo: (wi + 2 * p - kw) / s + 1, s, p, groups: geom.groups }
+        Self { n, c, h, w: wi, o, kh, kw, ho: (h + 2 * p - kh) / s + 1, wo: (wi + 2 * p - kw) / s + 1, s, p, groups: geom.groups, wc }
+    }
+    /// Distance between output channels in the stored weight.
+    fn w_row(&self) -> usize {
+        self.wc * self.kh * self.kw
     }
     fn cg(&self) -> usize {
         self.c / self.groups
@@ -526,7 +570,7 @@ mod cpu {
                 for kj in 0..g.kw {
                     let tap = ki * g.kw + kj;
                     // A = W[:, :, ki, kj] as [O × C]; B = the padded image shifted by the tap.
-                    gemm(g.o, g.c, span, &w[tap..], (g.c * taps, taps), &padded[ki * wp + kj..], (hp * wp, 1), tap > 0, &mut wide);
+                    gemm(g.o, g.c, span, &w[tap..], (g.w_row(), taps), &padded[ki * wp + kj..], (hp * wp, 1), tap > 0, &mut wide);
                 }
             }
             let dst = &mut out[i * g.o * pix..][..g.o * pix];
@@ -551,9 +595,10 @@ mod cpu {
         for i in 0..count {
             for grp in 0..g.groups {
                 im2col(x, g, first + i, grp, &mut cols);
-                let wg = &w[grp * og * k..][..og * k];
+                // Rows of the stored weight are w_row apart; a channel slice uses the first k.
+                let wg = &w[grp * og * g.w_row()..];
                 let dst = &mut out[(i * g.o + grp * og) * pix..][..og * pix];
-                gemm(og, k, pix, wg, (k, 1), &cols, (pix, 1), false, dst);
+                gemm(og, k, pix, wg, (g.w_row(), 1), &cols, (pix, 1), false, dst);
                 for (oc, row) in dst.chunks_exact_mut(pix).enumerate() {
                     epi.apply(grp * og + oc, row);
                 }

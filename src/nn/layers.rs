@@ -299,16 +299,20 @@ mod fast_path_tests {
         // (c_in, c_out, kernel, stride, padding, h, w)
         for (ci, co, k, s, p, h, w) in [(3, 4, 3, 1, 1, 6, 9), (12, 5, 3, 1, 1, 9, 6), (8, 6, 5, 1, 2, 7, 5), (9, 3, 3, 2, 1, 8, 11)] {
             let x = Tensor::<Cpu, 4>::random([3, ci, h, w], Distribution::Normal(0.0, 1.0), &d);
-            let wt = Tensor::<Cpu, 4>::random([co, ci, k, k], Distribution::Normal(0.0, 0.3), &d);
-            let b = Tensor::<Cpu, 1>::random([co], Distribution::Normal(0.0, 0.5), &d);
-            let opts = burn::tensor::ops::ConvOptions::new([s; 2], [p; 2], [1, 1], 1);
-            let plain = burn::tensor::module::conv2d(x.clone(), wt.clone(), Some(b.clone()), opts);
-            for relu in [false, true] {
-                let ours = conv2d_bias_act(x.clone(), wt.clone(), b.clone(), relu, s, p, 1);
-                let theirs = if relu { burn::tensor::activation::relu(plain.clone()) } else { plain.clone() };
-                assert_eq!(ours.dims(), theirs.dims());
-                let diff = (ours - theirs).abs().max().into_scalar();
-                assert!(diff < 1e-4, "c{ci}→{co} k{k} s{s} p{p} {h}×{w} relu={relu}: {diff}");
+            // Whole weights, and channel slices of larger ones (read in place by the CPU op).
+            for (extra_out, extra_in) in [(0, 0), (3, 0), (2, 5)] {
+                let wt = Tensor::<Cpu, 4>::random([co + extra_out, ci + extra_in, k, k], Distribution::Normal(0.0, 0.3), &d);
+                let b = Tensor::<Cpu, 1>::random([co + extra_out], Distribution::Normal(0.0, 0.5), &d);
+                let opts = burn::tensor::ops::ConvOptions::new([s; 2], [p; 2], [1, 1], 1);
+                let block = wt.clone().slice([0..co, 0..ci, 0..k, 0..k]);
+                let plain = burn::tensor::module::conv2d(x.clone(), block, Some(b.clone().slice(0..co)), opts);
+                for relu in [false, true] {
+                    let ours = conv2d_bias_act(x.clone(), wt.clone(), b.clone(), co, relu, s, p, 1);
+                    let theirs = if relu { burn::tensor::activation::relu(plain.clone()) } else { plain.clone() };
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let diff = (ours - theirs).abs().max().into_scalar();
+                    assert!(diff < 1e-4, "c{ci}→{co} (+{extra_in}, +{extra_out}) k{k} s{s} p{p} {h}×{w} relu={relu}: {diff}");
+                }
             }
         }
         for [n, c, h, w] in [[2, 3, 6, 8], [1, 2, 7, 5], [2, 1, 3, 4], [3, 70, 9, 9]] {
