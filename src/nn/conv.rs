@@ -94,8 +94,7 @@ pub trait ConvBackend: Backend {
         relu: bool,
         geom: ConvGeom,
     ) -> FloatTensor<Self> {
-        let (weight, bias) = channel_block::<Self>(weight, bias, c_out, dims4(&x)[1], geom.groups);
-        bias_act_composed::<Self>(Self::conv2d_forward(x, weight, geom), bias, relu)
+        conv2d_bias_act_composed::<Self>(x, weight, bias, c_out, relu, geom)
     }
 
     /// 2×2 max-pool with stride 2 (odd trailing rows and columns dropped, like PyTorch's
@@ -103,6 +102,19 @@ pub trait ConvBackend: Backend {
     fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
     }
+}
+
+/// [`ConvBackend::conv2d_bias_act_forward`] from separate ops: slice, conv, bias, ReLU.
+fn conv2d_bias_act_composed<B: ConvBackend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    c_out: usize,
+    relu: bool,
+    geom: ConvGeom,
+) -> FloatTensor<B> {
+    let (weight, bias) = channel_block::<B>(weight, bias, c_out, dims4(&x)[1], geom.groups);
+    bias_act_composed::<B>(B::conv2d_forward(x, weight, geom), bias, relu)
 }
 
 /// `weight[0..c_out, 0..c_in]` and `bias[0..c_out]` (no copy when that is all of them).
@@ -273,8 +285,7 @@ impl ConvBackend for NdArray<f32> {
     ) -> FloatTensor<Self> {
         let (xd, wd) = (dims4(&x), dims4(&weight));
         let (Some(xs), Some(ws), Some(bs)) = (host_f32(&x), host_f32(&weight), host_f32(&bias)) else {
-            let (weight, bias) = channel_block::<Self>(weight, bias, c_out, xd[1], geom.groups);
-            return bias_act_composed::<Self>(Self::conv2d_forward(x, weight, geom), bias, relu);
+            return conv2d_bias_act_composed::<Self>(x, weight, bias, c_out, relu, geom);
         };
         let mut g = Geometry::new(xd, wd, geom);
         if c_out != wd[0] || xd[1] != wd[1] * geom.groups {
