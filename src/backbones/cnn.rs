@@ -44,21 +44,15 @@ impl<B: ModelBackend> ConvBn<B> {
             // Training: BatchNorm normalises with the batch statistics.
             relu(self.bn.forward(self.conv.forward(x)))
         } else {
-            self.forward_frozen(x, self.conv.out_channels())
+            self.folded(&x.device()).forward(x, self.conv.out_channels())
         }
     }
 
-    /// conv → BatchNorm with its running statistics → ReLU, on output channels `[0, c_out)`
-    /// and the input's channels. The BatchNorm is folded into the conv's weight and bias, so
-    /// the layer is one convolution whose output pass also adds the bias and applies the ReLU.
-    /// Under autodiff the fold is differentiable: the conv weight and BN's affine parameters
-    /// train, the statistics stay frozen.
-    pub fn forward_frozen(&self, x: Tensor<B, 4>, c_out: usize) -> Tensor<B, 4> {
-        self.folded(&x.device()).forward(x, c_out)
-    }
-
-    /// The conv with the frozen BatchNorm folded in, for several calls on channel slices (one
-    /// fold per layer rather than per group of images).
+    /// conv → BatchNorm with its running statistics → ReLU as one convolution: the BatchNorm is
+    /// folded into the conv's weight and bias, and the conv's output pass adds the bias and
+    /// applies the ReLU. Under autodiff the fold is differentiable (the conv weight and BN's
+    /// affine parameters train, the statistics stay frozen). RNP's routed forward folds once per
+    /// layer and runs every group of images on a channel slice of the result.
     pub fn folded(&self, device: &B::Device) -> FoldedConvBn<B> {
         let o = self.conv.out_channels();
         let (scale, shift) = self.bn.frozen_affine(o, device);

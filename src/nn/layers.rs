@@ -152,21 +152,17 @@ impl<B: crate::nn::conv::ConvBackend> Conv2d<B> {
     /// Runs only output channels `[0, c_out)` on input channels `[0, c_in)`: the sliced weight is
     /// what gets computed, so skipped channel groups cost nothing (RNP's runtime pruning).
     pub fn forward_sliced(&self, x: Tensor<B, 4>, c_out: usize) -> Tensor<B, 4> {
-        let c_out = c_out.min(self.out_channels());
-        let w = self.sliced_weight(c_out, x.dims()[1]);
-        let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
-        conv2d_gemm(x, w, b, self.stride, self.padding, self.groups)
-    }
-
-    /// The weight of output channels `[0, c_out)` on input channels `[0, c_in)`.
-    pub fn sliced_weight(&self, c_out: usize, c_in: usize) -> Tensor<B, 4> {
         let [o, i, kh, kw] = self.weight.dims();
+        let c_in = x.dims()[1];
         assert_eq!(self.groups, 1, "channel slicing is defined for dense convolutions");
-        if c_out == o && c_in == i {
+        let c_out = c_out.min(o);
+        let w = if c_out == o && c_in == i {
             self.weight.val()
         } else {
             self.weight.val().slice([0..c_out, 0..c_in, 0..kh, 0..kw])
-        }
+        };
+        let b = self.bias.as_ref().map(|b| b.val().slice(0..c_out));
+        conv2d_gemm(x, w, b, self.stride, self.padding, self.groups)
     }
 }
 
