@@ -17,9 +17,16 @@
 #   3. short training runs on the GPU: the supervised small CNN on the shipped Fashion-MNIST
 #      subset, and the RNP quickstart (RNP's router phase is CPU-only for now: that row records
 #      the error a user gets).
+#   4. (--variant LABEL=BIN, repeatable) the training steps of gfnet-ti and deit-s with other
+#      builds of rlprune, e.g. `--features cuda-fusion` or `cuda-fusion-autotune`, with a longer
+#      warm-up (their first steps compile and autotune kernels) and cubecl's autotune level
+#      "minimal";
+#   5. (step `profile`) cubecl's kernel profile of one gfnet-ti and one deit-s training step of
+#      --bin: each kernel's total GPU time, the summary's top rows go into the table's log folder.
 # A failing step is recorded in its row; the script goes on. Writes one markdown table (and a
 # throughput comparison) to --out (default gpu-check.md) and prints it; --logs-tar FILE packs
-# every step's log. --steps LIST runs a subset of parity,core,rest,train (default: all).
+# every step's log. --steps LIST runs a subset of parity,core,rest,train,variants,profile
+# (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +36,8 @@ OUT=gpu-check.md
 LOGS_TAR=""
 DEVICE=cuda
 # Which parts run: parity, core (gfnet-ti and deit-s benches), rest (the other benches), train.
-STEPS=parity,core,rest,train
+STEPS=parity,core,variants,profile,rest,train
+VARIANTS=()
 PARITY_DIR="${RLPRUNE_PARITY_DIR:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -40,7 +48,8 @@ while [ $# -gt 0 ]; do
         --logs-tar) LOGS_TAR="$2"; shift 2 ;;
         --device) DEVICE="$2"; shift 2 ;;
         --steps) STEPS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --variant) VARIANTS+=("$2"); shift 2 ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -145,6 +154,49 @@ if want core; then
     bench_pair gfnet-ti infer
     bench_pair deit-s infer
 fi
+# 4. Other builds (fusion, autotune): steady-state training steps after a long warm-up. cubecl
+# reads cubecl.toml from the working directory: kernels compiled once per process are cached in
+# target/ for the later processes, and autotune tries the fewest candidates.
+variant_bench() {
+    local label="$1" bin="$2" model="$3" log
+    log="$LOG_DIR/bench-variant-$label-$model.json"
+    if over_budget; then row "rlprune[$label] bench $model train b64" "$DEVICE" "skipped: time budget used" "not run"; return; fi
+    [ -x "$bin" ] || { row "rlprune[$label] bench $model train b64" "$DEVICE" "no executable $bin" "not run"; return; }
+    printf '[compilation]\ncache = "target"\n[autotune]\nlevel = "minimal"\n' > cubecl.toml
+    local start=$(date +%s)
+    timeout 120 "$bin" bench "$model" --batch 64 --warmup 8 --repeats 10 --device "$DEVICE" --train --json > "$log" 2> "$log.err"
+    local rc=$? secs=$(( $(date +%s) - start ))
+    rm -f cubecl.toml
+    if [ $rc -eq 0 ]; then row "rlprune[$label] bench $model train b64" "$DEVICE" "$(summary < "$log"), whole run ${secs} s" "ok"
+    elif [ $rc -eq 124 ]; then row "rlprune[$label] bench $model train b64" "$DEVICE" "timed out after 120 s (warm-up 8 steps)" "FAILED"
+    else row "rlprune[$label] bench $model train b64" "$DEVICE" "$(tail -2 "$log.err" | cell)" "FAILED (rc $rc)"
+    fi
+}
+if want variants; then
+    for v in "${VARIANTS[@]}"; do
+        for model in gfnet-ti deit-s; do variant_bench "${v%%=*}" "${v#*=}" "$model"; done
+    done
+fi
+# 5. Where a training step's GPU time goes: cubecl's profiler times every kernel (so the step is
+# slower than unprofiled) and prints a summary per sync; the last one is the last step's.
+profile_step() {
+    local model="$1" log="$LOG_DIR/profile-$1-train.log"
+    if over_budget; then row "profile $model train b64" "$DEVICE" "skipped: time budget used" "not run"; return; fi
+    printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\n' "$log" > cubecl.toml
+    timeout 60 "$BIN" bench "$model" --batch 64 --warmup 2 --repeats 3 --device "$DEVICE" --train --json > "$log.json" 2> "$log.err"
+    local rc=$?
+    rm -f cubecl.toml
+    awk '/⎺/{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$log" > "$LOG_DIR/profile-$model-summary.txt" 2> /dev/null
+    local total
+    total=$(grep -E '^\| Total ' "$LOG_DIR/profile-$model-summary.txt" | cell)
+    if [ $rc -eq 0 ] && [ -n "$total" ]; then
+        row "profile $model train b64" "$DEVICE" "kernels of the last step: $total; step wall time $(summary < "$log.json")" "measured"
+    else row "profile $model train b64" "$DEVICE" "$(tail -2 "$log.err" | cell)" "FAILED (rc $rc)"
+    fi
+}
+if want profile; then
+    for model in gfnet-ti deit-s; do profile_step "$model"; done
+fi
 if want rest; then
     for model in dynamicvit-deit-s-0.7 hornet-t-7x7; do bench_pair "$model" infer; done
     bench_pair dynamicvit-deit-s-0.7 train
@@ -202,6 +254,13 @@ if rows:
     print("\n".join(rows))
     print()
 PY
+    for f in "$LOG_DIR"/profile-*-summary.txt; do
+        [ -s "$f" ] || continue
+        echo "Kernel profile, $(basename "$f" -summary.txt) (top 25 of the last step):"
+        echo '```'
+        head -28 "$f"
+        echo '```'
+    done
     echo "Logs: $LOG_DIR"
 } > "$OUT"
 [ -n "$LOGS_TAR" ] && tar czf "$LOGS_TAR" -C "$LOG_DIR" . 2> /dev/null
