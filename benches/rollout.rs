@@ -12,10 +12,17 @@
 //! whole run, and per round (median and quartiles, since a shared machine's speed drifts). It also
 //! times what the learner does serially around the rollouts: publishing snapshots
 //! (`valid()` of the autodiff backbone and router) and one REINFORCE update.
+//!
+//! The machine's own ceiling, measured in the same rounds: the plain (unrouted) forward pass of
+//! the same backbone on the workers' shares, run by N threads at once against one thread running
+//! the shares one after the other, with no channels, router or trajectories. Rollouts are mostly
+//! this forward pass, so no rollout scheme can scale better than the cores do on it; on a VM whose
+//! vCPUs share physical cores or FMA units with neighbours, that is well under N.
 
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
+use burn::tensor::{Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
@@ -82,6 +89,22 @@ fn main() -> anyhow::Result<()> {
     // kept, and the median is reported with the spread.
     let mut step = 0u64;
     let mut round_ratios = Vec::new();
+    // The ceiling arms: one thread over all shares in turn, and N threads with one share each.
+    let shares: Vec<Tensor<Cpu, 4>> = (0..n_workers)
+        .map(|w| {
+            let (a, b) = (w * batch / n_workers, (w + 1) * batch / n_workers);
+            let part = images[a * 28 * 28..b * 28 * 28].to_vec();
+            Tensor::from_data(TensorData::new(part, [b - a, 1, 28, 28]), &dev)
+        })
+        .collect();
+    let forward_shares = |xs: &[Tensor<Cpu, 4>]| {
+        rlprune::nn::conv::set_conv_threads(1);
+        for x in xs {
+            std::hint::black_box(backbone.forward(x.clone()).into_data());
+        }
+    };
+    let (mut ceil_serial, mut ceil_parallel) = (0.0f64, 0.0f64);
+    let mut ceil_ratios = Vec::new();
     for round in 0..=rounds {
         let mut round_secs = vec![0.0f64; arms.len()];
         for _ in 0..batches_per_round {
@@ -94,8 +117,26 @@ fn main() -> anyhow::Result<()> {
                 assert_eq!(traj.n, batch);
             }
         }
+        let (mut serial, mut parallel) = (0.0f64, 0.0f64);
+        for _ in 0..batches_per_round {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                s.spawn(|| forward_shares(&shares));
+            });
+            serial += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for x in &shares {
+                    s.spawn(|| forward_shares(std::slice::from_ref(x)));
+                }
+            });
+            parallel += t.elapsed().as_secs_f64();
+        }
         // Round 0 warms caches and threads up; it is not counted.
         if round > 0 {
+            ceil_serial += serial;
+            ceil_parallel += parallel;
+            ceil_ratios.push(serial / parallel);
             for (arm, secs) in arms.iter_mut().zip(&round_secs) {
                 arm.seconds += secs;
                 arm.images += batches_per_round * batch;
@@ -124,6 +165,12 @@ fn main() -> anyhow::Result<()> {
     println!(
         "per-round ratio over {} rounds of {batches_per_round} batches, median (quartiles): {n_workers} workers / faster single worker of the round {med:.2}x ({lo:.2}-{hi:.2}); / 1 worker at 1 thread {med1:.2}x ({lo1:.2}-{hi1:.2})",
         round_ratios.len()
+    );
+    let (clo, cmed, chi) = quartiles(ceil_ratios);
+    println!(
+        "machine ceiling: plain forward of the same shares, {n_workers} threads at once / 1 thread in turn: {:.2}x over the run, per-round median {cmed:.2}x ({clo:.2}-{chi:.2}); rollout ratio / ceiling {:.2}",
+        ceil_serial / ceil_parallel,
+        (multi / best_single) / (ceil_serial / ceil_parallel)
     );
 
     // The learner's serial share: snapshot publishing and one REINFORCE update per batch.
