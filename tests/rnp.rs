@@ -355,3 +355,84 @@ histograms = false
     assert!(changed > 0, "fine-tuning left every backbone tensor unchanged");
     assert!(dir.path().join("ft/checkpoints/router_best.safetensors").is_file());
 }
+
+/// An RNP run stopped after its first router epoch, resumed, stopped again in its fine-tuning
+/// phase and resumed to the end ends with the same router, backbone and metrics as the run that
+/// never stopped: the state is the weights, both learners' optimizer buffers and step counts,
+/// and the step (from which every rollout seed derives).
+#[test]
+fn interrupted_rnp_run_resumes_exactly() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rnp.toml"),
+        r#"name = "rnp-resume"
+seed = 11
+[data]
+dataset = "synthetic"
+size = 16
+train_size = 96
+test_size = 64
+batch_size = 32
+eval_batch_size = 64
+[backbone]
+arch = "small-cnn"
+channels = [8, 8, 16, 16]
+[train]
+epochs = 1
+optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9 }
+[controller]
+kind = "channel-router"
+hidden = 8
+[rl]
+epochs = 2
+workers = 1
+finetune_epochs = 2
+finetune_lr = 0.05
+[log]
+every_steps = 2
+histograms = false
+"#,
+    )
+    .unwrap();
+    let train = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rlprune")).arg("train").arg("rnp.toml").args(args).current_dir(dir.path()).output().unwrap()
+    };
+    let o = train(&["--out", "full"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let o = train(&["--out", "cut", "--stop-after-epoch", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--resume"), "a stopped run says how to continue: {err}");
+    assert!(!dir.path().join("cut/checkpoints/finetune.optim.safetensors").exists(), "stopped after the first router epoch");
+    let o = train(&["--resume", "cut", "--set", "rl.algorithm=\"ppo\""]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("algorithm 'reinforce'"), "resuming with another algorithm: {err}");
+    let o = train(&["--resume", "cut", "--stop-after-epoch", "3"]);
+    assert!(!o.status.success(), "stops again after router epoch 2 and fine-tuning epoch 1");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cut/checkpoints/rnp_state.json")).unwrap()).unwrap();
+    assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(2), Some(1)));
+    let o = train(&["--resume", "cut"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    for file in ["last.safetensors", "router.safetensors", "best.safetensors", "router_best.safetensors"] {
+        let a = rlprune::import::read_safetensors(&dir.path().join("full/checkpoints").join(file)).unwrap();
+        let b = rlprune::import::read_safetensors(&dir.path().join("cut/checkpoints").join(file)).unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{file}");
+        for (k, t) in &a {
+            assert_eq!(t.data, b[k.as_str()].data, "{file}: {k} differs after resuming");
+        }
+    }
+    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>)> {
+        std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l.get("rl_epoch").is_some() || l.get("finetune_epoch").is_some())
+            .map(|l| (l["test_top1"].as_f64(), l.get("reward_mean").and_then(|r| r.as_f64())))
+            .collect()
+    };
+    assert_eq!(results("full"), results("cut"));
+    assert_eq!(results("full").len(), 4);
+}

@@ -431,7 +431,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let t_start = Instant::now();
 
     // 1. The backbone.
-    let mut model: AnyBackbone<Ad> = match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", &device)? {
+    let mut model: AnyBackbone<Ad> = match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", false, &device)? {
         Ok(m) => m,
         Err(interrupted) => return Ok(interrupted),
     };

@@ -34,7 +34,7 @@ use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{out_or_new_run_dir, RunLogs};
+use crate::train::run::{Resume, RunLogs, newest_run, out_or_new_run_dir};
 use crate::train::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
@@ -312,19 +312,97 @@ fn save_weights(
     crate::import::write_safetensors(path, dict, &meta)
 }
 
+/// Where an RNP run stands after its last completed epoch: `checkpoints/rnp_state.json`, written
+/// last (atomically), after the tensor files that carry the same epoch tag. Rollouts, minibatch
+/// order and data order are pure functions of (seed, step, epoch), so with the weights and the
+/// optimizer buffers this is everything `--resume` needs for REINFORCE and PPO.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RnpState {
+    pub format: String,
+    pub arch: String,
+    pub algorithm: String,
+    /// Router epochs completed.
+    pub rl_epochs: usize,
+    /// Fine-tuning epochs completed (after all router epochs).
+    pub finetune_epochs: usize,
+    /// Router updates done.
+    pub step: u64,
+    pub router_optimizer_steps: u64,
+    pub backbone_optimizer_steps: u64,
+    pub finetune_optimizer_steps: u64,
+    /// Best test top-1 of the router epochs, and of the fine-tuning epochs (none before the first).
+    pub best: Option<f64>,
+    pub finetune_best: Option<f64>,
+    pub unpruned_top1: f64,
+}
+
+impl RnpState {
+    /// The epoch tag that `last.safetensors` carries.
+    fn tag(&self) -> usize {
+        self.rl_epochs + self.finetune_epochs
+    }
+}
+
+const RNP_STATE: &str = "rnp_state.json";
+
+fn save_rnp_state(run_dir: &Path, st: &RnpState) -> Result<()> {
+    let json = serde_json::to_vec_pretty(st)?;
+    crate::fsutil::atomic_write(&checkpoint::dir(run_dir).join(RNP_STATE), &json)
+}
+
+fn read_rnp_state(run_dir: &Path) -> Result<Option<RnpState>> {
+    let p = checkpoint::dir(run_dir).join(RNP_STATE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let st: RnpState = serde_json::from_str(&text).with_context(|| format!("{}: not a valid RNP run state", p.display()))?;
+    if st.format != checkpoint::FORMAT {
+        bail!("{}: unsupported checkpoint format '{}' (expected '{}')", p.display(), st.format, checkpoint::FORMAT);
+    }
+    Ok(Some(st))
+}
+
+/// Tensors of `path`, refusing a file whose epoch tag is not `epoch` (a crash between the
+/// tensor files and `rnp_state.json`).
+fn read_tagged(path: &Path, arch: &str, epoch: usize) -> Result<crate::nn::params::StateDict> {
+    checkpoint::read_model(path, arch, Some(epoch))
+}
+
 /// `rlprune train` for an experiment with `[controller] kind = "channel-router"`: supervised
 /// backbone training (unless `[backbone] weights` is given) into `<run>/backbone/`, channel
 /// reordering by filter norm, then `rl.epochs` of router training alternating with backbone
 /// fine-tuning. Writes `checkpoints/{last,best}.safetensors` (backbone),
 /// `checkpoints/router{,_best}.safetensors`, `metrics.jsonl` and TensorBoard events.
 pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
-    if opts.resume.is_some() {
-        bail!("--resume is not supported yet for runs with a [controller] section");
-    }
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_rnp needs a [controller] section"))?;
     let rl = exp.rl.clone().unwrap_or_default();
     let base = &opts.base_dir;
-    let run_dir = out_or_new_run_dir(opts.out.as_deref(), &base.join(&exp.log.dir), &exp.name)?;
+    let root = base.join(&exp.log.dir);
+    let resumed_dir = match &opts.resume {
+        Some(Resume::Auto) => Some(newest_run(&root, &exp.name)?),
+        Some(Resume::Dir(d)) => Some(d.clone()),
+        None => None,
+    };
+    let run_dir = match &resumed_dir {
+        Some(d) => d.clone(),
+        None => out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?,
+    };
+    let resumed = match &resumed_dir {
+        Some(d) => read_rnp_state(d)?,
+        None => None,
+    };
+    if let Some(st) = &resumed {
+        if st.arch != exp.backbone.arch {
+            bail!("{}: run was trained with arch '{}', the experiment builds '{}'", run_dir.display(), st.arch, exp.backbone.arch);
+        }
+        if st.algorithm != rl.algorithm {
+            bail!("{}: run was trained with [rl] algorithm '{}', the experiment says '{}'", run_dir.display(), st.algorithm, rl.algorithm);
+        }
+        if rl.algorithm == "dqn" && st.rl_epochs > 0 && st.rl_epochs < rl.epochs {
+            bail!("{}: --resume of a DQN run within its router epochs is not supported (the replay buffer is not checkpointed); rerun it, or resume after its last router epoch", run_dir.display());
+        }
+    }
     let splits = data::open(&exp.data, base)?;
     let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
     let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
@@ -336,26 +414,75 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let t_start = Instant::now();
 
     // 1. The backbone.
-    let mut backbone: AnyBackbone<Ad> = match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", &device)? {
-        Ok(m) => m,
-        Err(interrupted) => return Ok(interrupted),
-    };
+    let resume_backbone = resumed_dir.is_some() && resumed.is_none();
+    let mut backbone: AnyBackbone<Ad> =
+        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", resume_backbone, &device)? {
+            Ok(m) => m,
+            Err(interrupted) => return Ok(interrupted),
+        };
     let backbone_seconds = t_start.elapsed().as_secs_f64();
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, true)?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, resumed_dir.is_none())?;
 
-    // 2. Reorder channels by filter norm (function-preserving).
-    let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), &test_loader, &Default::default())?;
-    backbone.reorder_by_filter_norm()?;
-    tracing::info!("phase 2: channels reordered by filter norm; unpruned test top-1 {:.2}%", 100.0 * unpruned_top1);
+    // 2. Reorder channels by filter norm (function-preserving); a resumed run's weights are.
+    let ck = checkpoint::dir(&run_dir);
+    let mut state = match resumed {
+        Some(st) => {
+            let file = ck.join("last.safetensors");
+            backbone = load_strict(backbone, &read_tagged(&file, &exp.backbone.arch, st.tag())?, &file.display().to_string())?;
+            tracing::info!(
+                "resuming {} after {} router and {} fine-tuning epochs (step {})",
+                run_dir.display(),
+                st.rl_epochs,
+                st.finetune_epochs,
+                st.step
+            );
+            st
+        }
+        None => {
+            let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), &test_loader, &Default::default())?;
+            backbone.reorder_by_filter_norm()?;
+            tracing::info!("phase 2: channels reordered by filter norm; unpruned test top-1 {:.2}%", 100.0 * unpruned_top1);
+            RnpState {
+                format: checkpoint::FORMAT.into(),
+                arch: exp.backbone.arch.clone(),
+                algorithm: rl.algorithm.clone(),
+                rl_epochs: 0,
+                finetune_epochs: 0,
+                step: 0,
+                router_optimizer_steps: 0,
+                backbone_optimizer_steps: 0,
+                finetune_optimizer_steps: 0,
+                best: None,
+                finetune_best: None,
+                unpruned_top1,
+            }
+        }
+    };
+    let unpruned_top1 = state.unpruned_top1;
 
     // 3. Router training, alternating with backbone fine-tuning.
     let mut learner = RnpLearner::new(backbone, ctx.in_channels, &ctl, &rl, exp.seed);
+    if state.tag() > 0 {
+        let file = ck.join("router.safetensors");
+        let router = learner.router.clone();
+        learner.router = load_strict(router, &read_tagged(&file, "channel-router", state.rl_epochs)?, &file.display().to_string())?;
+        learner.step = state.step;
+        for (opt, name, steps) in [
+            (&mut learner.router_opt, "router.optim.safetensors", state.router_optimizer_steps),
+            (&mut learner.backbone_opt, "backbone.optim.safetensors", state.backbone_optimizer_steps),
+        ] {
+            let file = ck.join(name);
+            opt.load_state_dict(&read_tagged(&file, "channel-router", state.rl_epochs)?, &Default::default())?;
+            opt.steps = steps;
+        }
+    }
     let steps_per_epoch = train_loader.num_batches();
     let mut history = Vec::new();
-    let mut best = f64::NEG_INFINITY;
+    let mut best = state.best.unwrap_or(f64::NEG_INFINITY);
     let mut interrupted = false;
     let mut last_eval = None;
-    for epoch in 0..rl.epochs {
+    let stop_here = |st: &RnpState| opts.stop_after_epoch == Some(st.tag());
+    for epoch in state.rl_epochs..rl.epochs {
         let t0 = Instant::now();
         let bar = progress::bar(steps_per_epoch as u64, &format!("rl epoch {}/{}", epoch + 1, rl.epochs));
         let (mut sum, mut count) = (UpdateStats::default(), 0usize);
@@ -453,18 +580,25 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             }
             tb.flush()?;
         }
-        let ck = checkpoint::dir(&run_dir);
         std::fs::create_dir_all(&ck)
             .with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
         let bb = state_dict(&learner.backbone.valid());
         let rt = state_dict(&learner.router.valid());
         save_weights(&ck.join("last.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;
         save_weights(&ck.join("router.safetensors"), &rt, "channel-router", epoch + 1, "router")?;
+        save_weights(&ck.join("router.optim.safetensors"), &learner.router_opt.state_dict(), "channel-router", epoch + 1, "optimizer")?;
+        save_weights(&ck.join("backbone.optim.safetensors"), &learner.backbone_opt.state_dict(), "channel-router", epoch + 1, "optimizer")?;
         if ev.top1 > best {
             best = ev.top1;
             save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;
             save_weights(&ck.join("router_best.safetensors"), &rt, "channel-router", epoch + 1, "router")?;
         }
+        state.rl_epochs = epoch + 1;
+        state.step = learner.step;
+        state.router_optimizer_steps = learner.router_opt.steps;
+        state.backbone_optimizer_steps = learner.backbone_opt.steps;
+        state.best = Some(best);
+        save_rnp_state(&run_dir, &state)?;
         history.push(EpochMetrics {
             epoch: epoch + 1,
             train_loss: -sum.reward_mean / c,
@@ -475,6 +609,10 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             seconds: secs,
         });
         last_eval = Some(ev);
+        if stop_here(&state) {
+            interrupted = true;
+            break;
+        }
     }
     // 4. Fine-tuning of the backbone under the frozen router's greedy decisions.
     if rl.finetune_epochs > 0 && !interrupted {
@@ -484,10 +622,15 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             weight_decay: 5e-4,
             nesterov: false,
         });
+        if state.finetune_epochs > 0 {
+            let file = ck.join("finetune.optim.safetensors");
+            opt.load_state_dict(&read_tagged(&file, &exp.backbone.arch, state.tag())?, &Default::default())?;
+            opt.steps = state.finetune_optimizer_steps;
+        }
         let total = (rl.finetune_epochs * steps_per_epoch) as f64;
-        let mut ft_best = f64::NEG_INFINITY;
-        let mut done = 0usize;
-        for epoch in 0..rl.finetune_epochs {
+        let mut ft_best = state.finetune_best.unwrap_or(f64::NEG_INFINITY);
+        let mut done = state.finetune_epochs * steps_per_epoch;
+        for epoch in state.finetune_epochs..rl.finetune_epochs {
             let t0 = Instant::now();
             let bar = progress::bar(steps_per_epoch as u64, &format!("fine-tune epoch {}/{}", epoch + 1, rl.finetune_epochs));
             let router = learner.router.valid();
@@ -543,16 +686,20 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 tb.flush()?;
             }
             // From here on the router is fixed, so `best` is the best fine-tuned backbone with it.
-            let ck = checkpoint::dir(&run_dir);
             let bb = state_dict(&learner.backbone.valid());
             let rt = state_dict(&router);
             let tag = rl.epochs + epoch + 1;
             save_weights(&ck.join("last.safetensors"), &bb, &exp.backbone.arch, tag, "model")?;
+            save_weights(&ck.join("finetune.optim.safetensors"), &opt.state_dict(), &exp.backbone.arch, tag, "optimizer")?;
             if ev.top1 > ft_best {
                 ft_best = ev.top1;
                 save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, tag, "model")?;
                 save_weights(&ck.join("router_best.safetensors"), &rt, "channel-router", tag, "router")?;
             }
+            state.finetune_epochs = epoch + 1;
+            state.finetune_optimizer_steps = opt.steps;
+            state.finetune_best = Some(ft_best);
+            save_rnp_state(&run_dir, &state)?;
             history.push(EpochMetrics {
                 epoch: tag,
                 train_loss,
@@ -563,6 +710,10 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 seconds: secs,
             });
             last_eval = Some(ev);
+            if stop_here(&state) {
+                interrupted = true;
+                break;
+            }
         }
         if ft_best.is_finite() {
             best = ft_best;

@@ -77,14 +77,19 @@ impl RunLogs {
     }
 }
 
-/// The newest run of `name` under `root` that has `checkpoints/state.json`.
+/// The newest run of `name` under `root` that has a checkpoint: `checkpoints/state.json`, or for
+/// RNP runs `checkpoints/rnp_state.json` or a phase-1 `backbone/checkpoints/state.json`.
 pub fn newest_run(root: &Path, name: &str) -> Result<PathBuf> {
     let base = root.join(name);
     let entries = std::fs::read_dir(&base)
         .with_context(|| format!("--resume auto: no runs of '{name}' under {}", base.display()))?;
     let mut runs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("checkpoints").join("state.json").is_file())
+        .filter(|p| {
+            ["checkpoints/state.json", "checkpoints/rnp_state.json", "backbone/checkpoints/state.json"]
+                .iter()
+                .any(|f| p.join(f).is_file())
+        })
         .collect();
     runs.sort();
     runs.pop().with_context(|| format!("--resume auto: no run of '{name}' under {} has a checkpoint", base.display()))

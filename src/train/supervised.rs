@@ -123,7 +123,10 @@ fn epoch_seed(seed: u64, epoch: usize) -> u64 {
 
 /// Phase 1 of a controller run: the backbone from `[backbone] weights` (seeded, so any layer
 /// the weights leave out starts the same), or trained here by this trainer into
-/// `<run_dir>/<sub>` and loaded back. `Ok(Err(summary))` when that training was interrupted.
+/// `<run_dir>/<sub>` and loaded back. With `resume`, a phase 1 that has a checkpoint there is
+/// continued (or, when complete, only loaded). `Ok(Err(summary))` when that training was
+/// interrupted.
+#[allow(clippy::too_many_arguments)]
 pub fn pretrained_backbone<B: AutodiffBackend + ModelBackend>(
     exp: &Experiment,
     layered: &Layered,
@@ -131,6 +134,7 @@ pub fn pretrained_backbone<B: AutodiffBackend + ModelBackend>(
     base_dir: &Path,
     run_dir: &Path,
     sub: &str,
+    resume: bool,
     device: &B::Device,
 ) -> Result<std::result::Result<AnyBackbone<B>, TrainSummary>>
 where
@@ -141,11 +145,23 @@ where
         return Ok(Ok(build_backbone(exp, layered, ctx, base_dir, device)?));
     }
     let sub = run_dir.join(sub);
-    tracing::info!("phase 1: supervised training of {} for {} epochs into {}", exp.backbone.arch, exp.train.epochs, sub.display());
-    let opts = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base_dir.to_path_buf() };
-    let s = train_on::<B>(exp, layered, &opts, device)?;
-    if s.interrupted {
-        return Ok(Err(TrainSummary { run_dir: run_dir.to_path_buf(), epochs_done: 0, ..s }));
+    let done = if resume && checkpoint::dir(&sub).join("state.json").is_file() {
+        Some(checkpoint::read_state(&sub)?.epoch)
+    } else {
+        None
+    };
+    if done.is_none_or(|epochs| epochs < exp.train.epochs) {
+        tracing::info!("phase 1: supervised training of {} for {} epochs into {}", exp.backbone.arch, exp.train.epochs, sub.display());
+        let opts = TrainOptions {
+            out: Some(sub.clone()),
+            resume: done.map(|_| Resume::Dir(sub.clone())),
+            stop_after_epoch: None,
+            base_dir: base_dir.to_path_buf(),
+        };
+        let s = train_on::<B>(exp, layered, &opts, device)?;
+        if s.interrupted {
+            return Ok(Err(TrainSummary { run_dir: run_dir.to_path_buf(), epochs_done: 0, ..s }));
+        }
     }
     let model = build_backbone::<B>(exp, layered, ctx, base_dir, device)?;
     let file = checkpoint::dir(&sub).join("last.safetensors");
