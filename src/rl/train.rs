@@ -355,18 +355,7 @@ fn read_rnp_state(run_dir: &Path) -> Result<Option<RnpState>> {
     if !p.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    let st: RnpState = serde_json::from_str(&text).with_context(|| format!("{}: not a valid RNP run state", p.display()))?;
-    if st.format != checkpoint::FORMAT {
-        bail!("{}: unsupported checkpoint format '{}' (expected '{}')", p.display(), st.format, checkpoint::FORMAT);
-    }
-    Ok(Some(st))
-}
-
-/// Tensors of `path`, refusing a file whose epoch tag is not `epoch` (a crash between the
-/// tensor files and `rnp_state.json`).
-fn read_tagged(path: &Path, arch: &str, epoch: usize) -> Result<crate::nn::params::StateDict> {
-    checkpoint::read_model(path, arch, Some(epoch))
+    checkpoint::read_json(&p, |st: &RnpState| &st.format).map(Some)
 }
 
 /// `rlprune train` for an experiment with `[controller] kind = "channel-router"`: supervised
@@ -428,7 +417,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let mut state = match resumed {
         Some(st) => {
             let file = ck.join("last.safetensors");
-            backbone = load_strict(backbone, &read_tagged(&file, &exp.backbone.arch, st.tag())?, &file.display().to_string())?;
+            backbone = load_strict(backbone, &checkpoint::read_model(&file, &exp.backbone.arch, Some(st.tag()))?, &file.display().to_string())?;
             tracing::info!(
                 "resuming {} after {} router and {} fine-tuning epochs (step {})",
                 run_dir.display(),
@@ -465,14 +454,14 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     if state.tag() > 0 {
         let file = ck.join("router.safetensors");
         let router = learner.router.clone();
-        learner.router = load_strict(router, &read_tagged(&file, "channel-router", state.rl_epochs)?, &file.display().to_string())?;
+        learner.router = load_strict(router, &checkpoint::read_model(&file, "channel-router", Some(state.rl_epochs))?, &file.display().to_string())?;
         learner.step = state.step;
         for (opt, name, steps) in [
             (&mut learner.router_opt, "router.optim.safetensors", state.router_optimizer_steps),
             (&mut learner.backbone_opt, "backbone.optim.safetensors", state.backbone_optimizer_steps),
         ] {
             let file = ck.join(name);
-            opt.load_state_dict(&read_tagged(&file, "channel-router", state.rl_epochs)?, &Default::default())?;
+            opt.load_state_dict(&checkpoint::read_model(&file, "channel-router", Some(state.rl_epochs))?, &Default::default())?;
             opt.steps = steps;
         }
     }
@@ -624,7 +613,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         });
         if state.finetune_epochs > 0 {
             let file = ck.join("finetune.optim.safetensors");
-            opt.load_state_dict(&read_tagged(&file, &exp.backbone.arch, state.tag())?, &Default::default())?;
+            opt.load_state_dict(&checkpoint::read_model(&file, &exp.backbone.arch, Some(state.tag()))?, &Default::default())?;
             opt.steps = state.finetune_optimizer_steps;
         }
         let total = (rl.finetune_epochs * steps_per_epoch) as f64;

@@ -66,11 +66,15 @@ pub fn save(run_dir: &Path, model: &StateDict, optim: &StateDict, state: &TrainS
 }
 
 pub fn read_state(run_dir: &Path) -> Result<TrainState> {
-    let p = dir(run_dir).join("state.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read checkpoint state", p.display()))?;
-    let st: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: not a valid checkpoint state", p.display()))?;
-    if st.format != FORMAT {
-        bail!("{}: unsupported checkpoint format '{}' (expected '{FORMAT}')", p.display(), st.format);
+    read_json(&dir(run_dir).join("state.json"), |st: &TrainState| &st.format)
+}
+
+/// A run-state JSON file (`state.json`, or a controller's own), refusing another format.
+pub fn read_json<T: serde::de::DeserializeOwned>(p: &Path, format: impl Fn(&T) -> &str) -> Result<T> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read checkpoint state", p.display()))?;
+    let st: T = serde_json::from_str(&text).with_context(|| format!("{}: not a valid checkpoint state", p.display()))?;
+    if format(&st) != FORMAT {
+        bail!("{}: unsupported checkpoint format '{}' (expected '{FORMAT}')", p.display(), format(&st));
     }
     Ok(st)
 }
