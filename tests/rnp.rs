@@ -290,6 +290,37 @@ fn same_seed_and_workers_give_identical_rewards() {
     assert_eq!(c, d);
 }
 
+/// A small RNP experiment on synthetic data (phase 1 trains a tiny CNN for one epoch); `rl` is
+/// the body of its `[rl]` table.
+fn rnp_experiment(name: &str, seed: u64, train_size: usize, rl: &str) -> String {
+    format!(
+        r#"name = "{name}"
+seed = {seed}
+[data]
+dataset = "synthetic"
+size = 16
+train_size = {train_size}
+test_size = 64
+batch_size = 32
+eval_batch_size = 64
+[backbone]
+arch = "small-cnn"
+channels = [8, 8, 16, 16]
+[train]
+epochs = 1
+optimizer = {{ kind = "sgd", lr = 0.05, momentum = 0.9 }}
+[controller]
+kind = "channel-router"
+hidden = 8
+[rl]
+{rl}
+[log]
+every_steps = 2
+histograms = false
+"#
+    )
+}
+
 /// `rl.finetune_epochs`: after router training, the backbone is fine-tuned under the frozen
 /// router. The router phase is deterministic (seed, one worker), so a run with one fine-tuning
 /// epoch repeats the run without it and then changes the backbone's weights.
@@ -300,32 +331,7 @@ fn finetune_phase_trains_the_backbone_after_the_router() {
     let exp = dir.path().join("rnp.toml");
     std::fs::write(
         &exp,
-        r#"name = "rnp-ft"
-seed = 5
-[data]
-dataset = "synthetic"
-size = 16
-train_size = 128
-test_size = 64
-batch_size = 32
-eval_batch_size = 64
-[backbone]
-arch = "small-cnn"
-channels = [8, 8, 16, 16]
-[train]
-epochs = 1
-optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9 }
-[controller]
-kind = "channel-router"
-hidden = 8
-[rl]
-epochs = 1
-workers = 1
-finetune_lr = 0.05
-[log]
-every_steps = 2
-histograms = false
-"#,
+        rnp_experiment("rnp-ft", 5, 128, "epochs = 1\nworkers = 1\nfinetune_lr = 0.05"),
     )
     .unwrap();
     let run = |ft: usize, out: &str| {
@@ -366,33 +372,7 @@ fn interrupted_rnp_run_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("rnp.toml"),
-        r#"name = "rnp-resume"
-seed = 11
-[data]
-dataset = "synthetic"
-size = 16
-train_size = 96
-test_size = 64
-batch_size = 32
-eval_batch_size = 64
-[backbone]
-arch = "small-cnn"
-channels = [8, 8, 16, 16]
-[train]
-epochs = 1
-optimizer = { kind = "sgd", lr = 0.05, momentum = 0.9 }
-[controller]
-kind = "channel-router"
-hidden = 8
-[rl]
-epochs = 2
-workers = 1
-finetune_epochs = 2
-finetune_lr = 0.05
-[log]
-every_steps = 2
-histograms = false
-"#,
+        rnp_experiment("rnp-resume", 11, 96, "epochs = 2\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05"),
     )
     .unwrap();
     let train = |args: &[&str]| {
@@ -434,5 +414,8 @@ histograms = false
             .collect()
     };
     assert_eq!(results("full"), results("cut"));
+    // Phase 1 (the supervised backbone) ran once, not again on each resume.
+    let phase1_epochs = |run: &str| std::fs::read_to_string(dir.path().join(run).join("backbone/metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(phase1_epochs("cut"), phase1_epochs("full"));
     assert_eq!(results("full").len(), 4);
 }

@@ -402,10 +402,9 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let device: burn::tensor::Device<Ad> = Default::default();
     let t_start = Instant::now();
 
-    // 1. The backbone.
-    let resume_backbone = resumed_dir.is_some() && resumed.is_none();
+    // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
     let mut backbone: AnyBackbone<Ad> =
-        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", resume_backbone, &device)? {
+        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", resumed_dir.is_some(), &device)? {
             Ok(m) => m,
             Err(interrupted) => return Ok(interrupted),
         };
