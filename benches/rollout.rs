@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
             for (arm, secs) in arms.iter_mut().zip(round_secs.iter_mut()) {
                 let t = Instant::now();
                 let traj =
-                    arm.pool.run(&backbone, &router, &images, shape, &labels, &cfg, ActionRule::Softmax, 0, step)?;
+                    arm.pool.run(&backbone, &router, &images, shape, &labels, &cfg, cfg.compute_penalty, ActionRule::Softmax, 0, step)?;
                 *secs += t.elapsed().as_secs_f64();
                 step += 1;
                 assert_eq!(traj.n, batch);
@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
         std::hint::black_box((b, r));
     }
     let publish_ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
-    let traj = arms[2].pool.run(&backbone, &router, &images, shape, &labels, &cfg, ActionRule::Softmax, 0, 0)?;
+    let traj = arms[2].pool.run(&backbone, &router, &images, shape, &labels, &cfg, cfg.compute_penalty, ActionRule::Softmax, 0, 0)?;
     let mut opt = Optimizer::<CpuAutodiff>::new(OptimizerConfig::Adamw {
         lr: 1e-3,
         betas: [0.9, 0.999],

@@ -365,14 +365,19 @@ fn finetune_phase_trains_the_backbone_after_the_router() {
 /// An RNP run stopped after its first router epoch, resumed, stopped again in its fine-tuning
 /// phase and resumed to the end ends with the same router, backbone and metrics as the run that
 /// never stopped: the state is the weights, both learners' optimizer buffers and step counts,
-/// and the step (from which every rollout seed derives).
+/// the step (from which every rollout seed derives) and the mean budget's price λ.
 #[test]
 fn interrupted_rnp_run_resumes_exactly() {
     use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("rnp.toml"),
-        rnp_experiment("rnp-resume", 11, 96, "epochs = 2\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05"),
+        rnp_experiment(
+            "rnp-resume",
+            11,
+            96,
+            "epochs = 2\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05\nbudget = \"mean\"\nflops_target = 0.6\nprice_lr = 5.0",
+        ),
     )
     .unwrap();
     let train = |args: &[&str]| {
@@ -393,6 +398,8 @@ fn interrupted_rnp_run_resumes_exactly() {
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("cut/checkpoints/rnp_state.json")).unwrap()).unwrap();
     assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(2), Some(1)));
+    let price = state["price"].as_f64().unwrap();
+    assert!(price != 0.1, "the price moved away from compute_penalty: {price}");
     let o = train(&["--resume", "cut"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
@@ -404,13 +411,16 @@ fn interrupted_rnp_run_resumes_exactly() {
             assert_eq!(t.data, b[k.as_str()].data, "{file}: {k} differs after resuming");
         }
     }
-    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>)> {
+    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>, Option<f64>)> {
         std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|l| l.get("rl_epoch").is_some() || l.get("finetune_epoch").is_some())
-            .map(|l| (l["test_top1"].as_f64(), l.get("reward_mean").and_then(|r| r.as_f64())))
+            .map(|l| {
+                let f = |k: &str| l.get(k).and_then(|r| r.as_f64());
+                (f("test_top1"), f("reward_mean"), f("price"))
+            })
             .collect()
     };
     assert_eq!(results("full"), results("cut"));

@@ -38,6 +38,12 @@ fn bad_rl_and_controller_keys_are_named() {
     assert!(e.contains("rl.compute_penalty must be >= 0"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nflops_target = 1.5\n");
     assert!(e.contains("rl.flops_target must be in (0, 1]"), "{e}");
+    let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nbudget = \"total\"\n");
+    assert!(e.contains("e.toml:9: rl.budget must be \"per-image\" or \"mean\""), "{e}");
+    let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nbudget = \"mean\"\n");
+    assert!(e.contains("e.toml:9: rl.budget") && e.contains("needs a flops_target"), "{e}");
+    let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nbudget = \"mean\"\nflops_target = 0.5\nprice_lr = -1\n");
+    assert!(e.contains("e.toml:11: rl.price_lr must be >= 0"), "{e}");
     let e = err("[controller]\nkind = \"channel-router\"\n[rl]\nlearning_rate = 0.1\n");
     assert!(e.contains("unknown key 'rl.learning_rate'"), "{e}");
     let e = err("[rl]\nlr = 0.1\n");

@@ -34,6 +34,18 @@ pub struct RlConfig {
     /// ((3/4)^2 = 0.56, then 0.25); a budget lets it spend where accuracy needs it.
     #[serde(default)]
     pub flops_target: Option<f64>,
+    /// How `flops_target` is enforced. `"per-image"`: the hinge above, on every image (each
+    /// image is best off right at the target, so the policy tends to give all images the same
+    /// widths). `"mean"`: a constraint on the mean FLOPs only, by a Lagrangian price λ: the last
+    /// decision gets `-λ * (r - flops_target)`, every image faces the same marginal price and
+    /// can spend more or less than the target, and after each rollout batch
+    /// `λ ← max(0, λ + price_lr * (batch mean r - flops_target))` (dual ascent). λ starts at
+    /// `compute_penalty`.
+    #[serde(default = "d_budget")]
+    pub budget: String,
+    /// Step size of the price λ's dual ascent (`budget = "mean"`).
+    #[serde(default = "d_price_lr")]
+    pub price_lr: f64,
     /// `"neg-ce"` (`-alpha * cross_entropy`, the paper) or `"correct"` (`+1` / `-gamma_wrong`).
     #[serde(default = "d_acc")]
     pub accuracy_reward: String,
@@ -142,6 +154,12 @@ fn d_algorithm() -> String {
 fn d_epochs() -> usize {
     2
 }
+fn d_budget() -> String {
+    "per-image".into()
+}
+fn d_price_lr() -> f64 {
+    1.0
+}
 fn d_penalty() -> f64 {
     0.1
 }
@@ -221,6 +239,14 @@ impl RlConfig {
         }
         if let Some(t) = self.flops_target.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
             v.push(("flops_target".into(), format!("must be in (0, 1], got {t}")));
+        }
+        if !["per-image", "mean"].contains(&self.budget.as_str()) {
+            v.push(("budget".into(), format!("must be \"per-image\" or \"mean\", got \"{}\"", self.budget)));
+        } else if self.budget == "mean" && self.flops_target.is_none() {
+            v.push(("budget".into(), "\"mean\" needs a flops_target to hold the mean FLOPs ratio to".into()));
+        }
+        if !(self.price_lr >= 0.0 && self.price_lr.is_finite()) {
+            v.push(("price_lr".into(), format!("must be >= 0, got {}", self.price_lr)));
         }
         if !["neg-ce", "correct"].contains(&self.accuracy_reward.as_str()) {
             v.push((

@@ -134,7 +134,9 @@ pub fn worker_seed(seed: u64, step: u64, worker: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Runs episodes for `images [n, C, H, W]` (row-major) with `labels`.
+/// Runs episodes for `images [n, C, H, W]` (row-major) with `labels`. `price` is the compute
+/// price of the reward: `cfg.compute_penalty`, or the learner's current λ with
+/// `budget = "mean"`.
 #[allow(clippy::too_many_arguments)]
 pub fn rollout_shard(
     backbone: &AnyBackbone<Cpu>,
@@ -143,6 +145,7 @@ pub fn rollout_shard(
     shape: [usize; 4],
     labels: Vec<i64>,
     cfg: &RlConfig,
+    price: f64,
     rule: ActionRule,
     rng_seed: u64,
 ) -> Result<Trajectory> {
@@ -172,13 +175,12 @@ pub fn rollout_shard(
             let correct: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
             let acc: Vec<f32> = ce.iter().zip(&correct).map(|(&c, &ok)| reward::accuracy_term(cfg, c, ok)).collect();
             let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
+            let macs: Vec<Vec<u64>> = trace.steps.iter().map(|s| s.macs.clone()).collect();
+            let full: Vec<u64> = trace.steps.iter().map(|s| s.point.macs_full).collect();
             let rewards = match cfg.flops_target {
-                Some(target) => {
-                    let macs: Vec<Vec<u64>> = trace.steps.iter().map(|s| s.macs.clone()).collect();
-                    let full: Vec<u64> = trace.steps.iter().map(|s| s.point.macs_full).collect();
-                    reward::budget_rewards(&macs, &full, cfg.compute_penalty, target, &acc)
-                }
-                None => reward::rewards(&actions, k, cfg.compute_penalty, &acc),
+                Some(target) if cfg.budget == "mean" => reward::priced_rewards(&macs, &full, price, target, &acc),
+                Some(target) => reward::budget_rewards(&macs, &full, price, target, &acc),
+                None => reward::rewards(&actions, k, price, &acc),
             };
             Ok((actions, rewards, acc, correct, trace))
         };
@@ -216,6 +218,7 @@ struct Job {
     shape: [usize; 4],
     labels: Vec<i64>,
     cfg: RlConfig,
+    price: f64,
     rule: ActionRule,
     seed: u64,
 }
@@ -234,7 +237,7 @@ impl RolloutPool {
     /// `workers` threads whose convolutions each use `conv_threads` threads.
     pub fn with_conv_threads(workers: usize, conv_threads: usize) -> Self {
         let pool = WorkerPool::with_conv_threads(workers, conv_threads, |job: Job| {
-            rollout_shard(&job.backbone, &job.router, job.images, job.shape, job.labels, &job.cfg, job.rule, job.seed)
+            rollout_shard(&job.backbone, &job.router, job.images, job.shape, job.labels, &job.cfg, job.price, job.rule, job.seed)
         });
         Self { pool }
     }
@@ -244,7 +247,7 @@ impl RolloutPool {
     }
 
     /// Splits the batch into contiguous shares, one per worker, runs them with the given
-    /// snapshots, and merges the trajectories in worker order.
+    /// snapshots and compute price, and merges the trajectories in worker order.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
@@ -254,6 +257,7 @@ impl RolloutPool {
         shape: [usize; 4],
         labels: &[i64],
         cfg: &RlConfig,
+        price: f64,
         rule: ActionRule,
         seed: u64,
         step: u64,
@@ -271,6 +275,7 @@ impl RolloutPool {
                     shape: [b - a, shape[1], shape[2], shape[3]],
                     labels: labels[a..b].to_vec(),
                     cfg: cfg.clone(),
+                    price,
                     rule,
                     seed: worker_seed(seed, step, wid),
                 }

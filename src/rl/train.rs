@@ -50,6 +50,9 @@ pub struct RnpLearner {
     pub seed: u64,
     /// Router updates done.
     pub step: u64,
+    /// The reward's compute price: `compute_penalty`, or with `[rl] budget = "mean"` the
+    /// Lagrangian price λ, updated after every rollout batch.
+    pub price: f64,
     router_opt: Optimizer<Ad>,
     backbone_opt: Optimizer<Ad>,
     pool: RolloutPool,
@@ -99,6 +102,7 @@ impl RnpLearner {
             cfg: cfg.clone(),
             seed,
             step: 0,
+            price: cfg.compute_penalty,
             router_opt,
             backbone_opt,
             pool: RolloutPool::new(cfg.workers),
@@ -120,10 +124,14 @@ impl RnpLearner {
             batch.shape,
             &batch.labels,
             &self.cfg,
+            self.price,
             rule,
             self.seed,
             self.step,
         )?;
+        if let (Some(target), "mean") = (self.cfg.flops_target, self.cfg.budget.as_str()) {
+            self.price = super::reward::next_price(self.price, self.cfg.price_lr, traj.stats().flops_ratio, target);
+        }
         // The learner's own draws (minibatch order, replay samples) use a stream apart from
         // every worker's.
         let learner_seed = worker_seed(self.seed, self.step, usize::MAX >> 2);
@@ -334,6 +342,10 @@ pub struct RnpState {
     pub best: Option<f64>,
     pub finetune_best: Option<f64>,
     pub unpruned_top1: f64,
+    /// The compute price after the last router update (`[rl] budget = "mean"` moves it);
+    /// absent in states written before it was kept, which then restart from `compute_penalty`.
+    #[serde(default)]
+    pub price: Option<f64>,
 }
 
 impl RnpState {
@@ -443,6 +455,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 best: None,
                 finetune_best: None,
                 unpruned_top1,
+                price: None,
             }
         }
     };
@@ -455,6 +468,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         let router = learner.router.clone();
         learner.router = load_strict(router, &checkpoint::read_model(&file, "channel-router", Some(state.rl_epochs))?, &file.display().to_string())?;
         learner.step = state.step;
+        learner.price = state.price.unwrap_or(rl.compute_penalty);
         for (opt, name, steps) in [
             (&mut learner.router_opt, "router.optim.safetensors", state.router_optimizer_steps),
             (&mut learner.backbone_opt, "backbone.optim.safetensors", state.backbone_optimizer_steps),
@@ -516,6 +530,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                     }
                     tb.scalar("rl/train_top1", step, s.top1)?;
                     tb.scalar("rl/lr", step, rl.lr)?;
+                    tb.scalar("rl/price", step, learner.price)?;
                     tb.scalar("rl/backbone_lr", step, rl.backbone_lr)?;
                     if let Some(l) = rep.backbone_loss {
                         tb.scalar("rl/backbone_loss", step, l)?;
@@ -556,6 +571,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             "test_flops_ratio": ev.flops_ratio, "layer_flops_ratio": ev.layer_flops_ratio,
             "action_distribution": ev.action_distribution, "seconds": secs,
             "rollout_images_per_s": rollout_images as f64 / rollout_secs.max(1e-9), "workers": rl.workers,
+            "price": learner.price,
         }))?;
         if let Some(tb) = tb.as_mut() {
             let step = learner.step as i64;
@@ -583,6 +599,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         }
         state.rl_epochs = epoch + 1;
         state.step = learner.step;
+        state.price = Some(learner.price);
         state.router_optimizer_steps = learner.router_opt.steps;
         state.backbone_optimizer_steps = learner.backbone_opt.steps;
         state.best = Some(best);
@@ -719,6 +736,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             ("algorithm".to_string(), HParamValue::Text(rl.algorithm.clone())),
             ("rnn".to_string(), HParamValue::Text(ctl.rnn.clone())),
             ("baseline".to_string(), HParamValue::Text(rl.baseline.clone())),
+            ("budget".to_string(), HParamValue::Text(rl.budget.clone())),
             ("lr".to_string(), HParamValue::Number(rl.lr)),
             ("workers".to_string(), HParamValue::Number(rl.workers as f64)),
             ("finetune_epochs".to_string(), HParamValue::Number(rl.finetune_epochs as f64)),
