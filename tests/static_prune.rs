@@ -207,6 +207,64 @@ fn static_l1_trains_prunes_fine_tunes_and_evaluates() {
     assert!(table.contains("FLOPs ratio") && table.contains("features.3.conv") && table.contains("speedup"), "{table}");
 }
 
+/// A static-l1 run stopped after its first fine-tuning epoch, resumed, stopped again and
+/// resumed to the end ends with the same weights and metrics as the run that never stopped.
+#[test]
+fn interrupted_static_run_resumes_exactly() {
+    use rlprune::train::run::Resume;
+    use rlprune::train::supervised::{TrainOptions, train};
+    let _g = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let text = |target: f64| {
+        format!(
+            "{SYNTHETIC}[controller]\nkind = \"static-l1\"\ntarget_flops = {target}\nallocation = \"sensitivity\"\nfine_tune_epochs = 3\nsensitivity_images = 64\n"
+        )
+    };
+    let exp = write(dir.path(), "s.toml", &text(0.5));
+    let (e, layered) = rlprune::experiment::Experiment::load(&exp, &[]).unwrap();
+    let opts = |out: Option<&str>, resume: Option<Resume>, stop: Option<usize>| TrainOptions {
+        out: out.map(|o| dir.path().join(o)),
+        resume,
+        stop_after_epoch: stop,
+        base_dir: dir.path().into(),
+    };
+    let full = train(&e, &layered, &opts(Some("full"), None, None)).unwrap();
+    assert_eq!(full.epochs_done, 3);
+    let cut = dir.path().join("cut");
+    let s = train(&e, &layered, &opts(Some("cut"), None, Some(1))).unwrap();
+    assert!(s.interrupted && s.epochs_done == 1);
+    let other = write(dir.path(), "other.toml", &text(0.3));
+    let (e_other, l_other) = rlprune::experiment::Experiment::load(&other, &[]).unwrap();
+    let err = format!("{:#}", train(&e_other, &l_other, &opts(None, Some(Resume::Dir(cut.clone())), None)).unwrap_err());
+    assert!(err.contains("target_flops 0.5") && err.contains("0.3"), "resuming with another target: {err}");
+    let s = train(&e, &layered, &opts(None, Some(Resume::Dir(cut.clone())), Some(2))).unwrap();
+    assert!(s.interrupted && s.epochs_done == 1, "epoch 2 only");
+    let s = train(&e, &layered, &opts(None, Some(Resume::Dir(cut.clone())), None)).unwrap();
+    assert!(!s.interrupted && s.epochs_done == 1, "epoch 3 only");
+
+    for file in ["last.safetensors", "best.safetensors"] {
+        let a = rlprune::import::read_safetensors(&dir.path().join("full/checkpoints").join(file)).unwrap();
+        let b = rlprune::import::read_safetensors(&cut.join("checkpoints").join(file)).unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{file}");
+        for (k, t) in &a {
+            assert_eq!(t.data, b[k.as_str()].data, "{file}: {k} differs after resuming");
+        }
+    }
+    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>)> {
+        std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l.get("fine_tune_epoch").is_some())
+            .map(|l| (l["test_top1"].as_f64(), l["train_loss"].as_f64()))
+            .collect()
+    };
+    assert_eq!(results("full").len(), 3);
+    assert_eq!(results("full"), results("cut"));
+    let phase1_epochs = |run: &str| std::fs::read_to_string(dir.path().join(run).join("backbone/metrics.jsonl")).unwrap().lines().count();
+    assert_eq!(phase1_epochs("cut"), phase1_epochs("full"));
+}
+
 #[test]
 fn bad_static_l1_keys_are_named() {
     let dir = tempfile::tempdir().unwrap();

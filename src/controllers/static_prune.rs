@@ -42,7 +42,7 @@ use crate::nn::{BatchNorm2d, Conv2d, Linear};
 use crate::train::checkpoint;
 use crate::train::losses::{correct, cross_entropy};
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{out_or_new_run_dir, RunLogs};
+use crate::train::run::{Resume, RunLogs, newest_run, out_or_new_run_dir};
 use crate::train::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
@@ -409,17 +409,62 @@ fn save_weights(path: &Path, dict: &StateDict, arch: &str, epoch: usize, content
     crate::import::write_safetensors(path, dict, &meta)
 }
 
+/// Where a static-l1 run stands after its last completed fine-tuning epoch:
+/// `checkpoints/static_state.json`, written last (atomically), after `last.safetensors`,
+/// `best.safetensors` and `fine_tune.optim.safetensors`, which carry the same epoch tag. With
+/// `pruning.json` (the kept channels) this is everything `--resume` needs: the data order is a
+/// pure function of (seed, epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StaticState {
+    pub format: String,
+    pub arch: String,
+    /// Fine-tuning epochs completed.
+    pub epochs: usize,
+    /// Fine-tuning steps done (the cosine schedule's position).
+    pub step: usize,
+    pub optimizer_steps: u64,
+    /// Best test top-1 so far (the pruned network before fine-tuning included).
+    pub best: f64,
+}
+
+const STATIC_STATE: &str = "static_state.json";
+
+/// The run's fine-tuning state, if it completed a fine-tuning epoch.
+fn read_static_state(run_dir: &Path) -> Result<Option<StaticState>> {
+    let p = checkpoint::dir(run_dir).join(STATIC_STATE);
+    if !p.is_file() {
+        return Ok(None);
+    }
+    checkpoint::read_json(&p, |st: &StaticState| &st.format).map(Some)
+}
+
 /// `rlprune train` for `[controller] kind = "static-l1"`: the backbone (trained into
 /// `<run>/backbone/` unless `[backbone] weights` is given), the allocation, physical L1 pruning,
-/// then `fine_tune_epochs` of fine-tuning.
+/// then `fine_tune_epochs` of fine-tuning. `--resume` continues phase 1, or the fine-tuning
+/// from its last completed epoch (the pruned network is rebuilt from `pruning.json`).
 pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
-    if opts.resume.is_some() {
-        bail!("--resume is not supported for static-l1 runs (they are short: rerun them)");
-    }
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_static needs a [controller] section"))?;
     let so = StaticL1Options::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let base = &opts.base_dir;
-    let run_dir = out_or_new_run_dir(opts.out.as_deref(), &base.join(&exp.log.dir), &exp.name)?;
+    let root = base.join(&exp.log.dir);
+    let resumed_dir = match &opts.resume {
+        Some(Resume::Auto) => Some(newest_run(&root, &exp.name)?),
+        Some(Resume::Dir(d)) => Some(d.clone()),
+        None => None,
+    };
+    let run_dir = match &resumed_dir {
+        Some(d) => d.clone(),
+        None => out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?,
+    };
+    let resumed = match &resumed_dir {
+        Some(d) => read_static_state(d)?,
+        None => None,
+    };
+    if let Some(st) = &resumed
+        && st.arch != exp.backbone.arch
+    {
+        bail!("{}: run was trained with arch '{}', the experiment builds '{}'", run_dir.display(), st.arch, exp.backbone.arch);
+    }
     let splits = data::open(&exp.data, base)?;
     let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
     let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
@@ -430,69 +475,39 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let device: burn::tensor::Device<Ad> = Default::default();
     let t_start = Instant::now();
 
-    // 1. The backbone.
-    let mut model: AnyBackbone<Ad> = match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", false, &device)? {
-        Ok(m) => m,
-        Err(interrupted) => return Ok(interrupted),
-    };
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, true)?;
+    // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
+    let mut model: AnyBackbone<Ad> =
+        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", resumed_dir.is_some(), &device)? {
+            Ok(m) => m,
+            Err(interrupted) => return Ok(interrupted),
+        };
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, resumed_dir.is_none())?;
     let ck = checkpoint::dir(&run_dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
 
-    // 2. Allocation and physical pruning.
-    let full = model.valid();
-    let (_, unpruned_top1) = supervised::evaluate(&full, &test_loader, &Default::default())?;
-    save_weights(&ck.join("unpruned.safetensors"), &state_dict(&full), &exp.backbone.arch, 0, "model")?;
-    let convs = full.prunable_convs();
-    let (keep, sensitivity) = match so.allocation.as_str() {
-        "sensitivity" => {
-            let slice = Subset::balanced(splits.train.clone(), so.sensitivity_images)?;
-            let slice_loader = Loader::new(Arc::new(slice), &exp.data, false, exp.seed);
-            let sens = sensitivity_scan(&full, &slice_loader, &so.sensitivity_ratios)?;
-            (sensitivity_allocation(&full, &sens, so.target_flops)?, Some(sens))
+    // 2. Allocation and physical pruning, or, resuming, the pruned network of the last epoch.
+    let plan = match &resumed {
+        Some(st) => {
+            let plan = read_plan(&run_dir)?;
+            if plan.allocation != so.allocation || plan.target_flops != so.target_flops {
+                bail!(
+                    "{}: run was pruned with allocation '{}' at target_flops {}, the experiment says '{}' at {}",
+                    run_dir.display(),
+                    plan.allocation,
+                    plan.target_flops,
+                    so.allocation,
+                    so.target_flops
+                );
+            }
+            model.prune_channels(&plan.keep)?;
+            let file = ck.join("last.safetensors");
+            model = load_strict(model, &checkpoint::read_model(&file, &exp.backbone.arch, Some(st.epochs))?, &file.display().to_string())?;
+            tracing::info!("resuming {} after {} fine-tuning epochs", run_dir.display(), st.epochs);
+            plan
         }
-        _ => (uniform_allocation(&full, so.target_flops)?, None),
+        None => prune_by_plan(&mut model, exp, &so, &splits, &test_loader, &ck, &run_dir, tb.as_mut())?,
     };
-    model.prune_channels(&keep)?;
-    let pruned_convs = model.prunable_convs();
-    let full_macs: u64 = convs.iter().map(|c| c.macs).sum();
-    let flops_ratio = pruned_convs.iter().map(|c| c.macs).sum::<u64>() as f64 / full_macs.max(1) as f64;
-    let layer_flops_ratio: Vec<f64> =
-        pruned_convs.iter().zip(&convs).map(|(p, f)| p.macs as f64 / f.macs.max(1) as f64).collect();
-    let (_, pruned_top1) = supervised::evaluate(&model.valid(), &test_loader, &Default::default())?;
-    tracing::info!(
-        "phase 2: {} allocation, kept channels {:?} of {:?}: flops ratio {:.3} (target {}); test top-1 {:.2}% → {:.2}% before fine-tuning",
-        so.allocation,
-        keep,
-        convs.iter().map(|c| c.out_channels).collect::<Vec<_>>(),
-        flops_ratio,
-        so.target_flops,
-        100.0 * unpruned_top1,
-        100.0 * pruned_top1
-    );
-    let plan = PruningPlan {
-        arch: exp.backbone.arch.clone(),
-        allocation: so.allocation.clone(),
-        target_flops: so.target_flops,
-        layers: convs.iter().map(|c| c.name.clone()).collect(),
-        out_channels: convs.iter().map(|c| c.out_channels).collect(),
-        keep: keep.clone(),
-        flops_ratio,
-        layer_flops_ratio: layer_flops_ratio.clone(),
-        unpruned_top1,
-        pruned_top1_before_fine_tune: pruned_top1,
-        sensitivity,
-    };
-    crate::fsutil::atomic_write(&run_dir.join(PLAN_FILE), serde_json::to_string_pretty(&plan)?.as_bytes())?;
-    if let Some(tb) = tb.as_mut() {
-        tb.scalar("prune/flops_ratio", 0, flops_ratio)?;
-        tb.scalar("prune/unpruned_top1", 0, unpruned_top1)?;
-        tb.scalar("test/top1", 0, pruned_top1)?;
-        for (t, r) in layer_flops_ratio.iter().enumerate() {
-            tb.scalar(&format!("prune/flops_ratio/layer{t}"), 0, *r)?;
-            tb.scalar(&format!("prune/kept_channels/layer{t}"), 0, keep[t] as f64)?;
-        }
-    }
+    let (unpruned_top1, pruned_top1, flops_ratio) = (plan.unpruned_top1, plan.pruned_top1_before_fine_tune, plan.flops_ratio);
 
     // 3. Fine-tuning (BN in training mode: the pruned network is an ordinary dense one).
     let mut optim = Optimizer::<Ad>::new(OptimizerConfig::Sgd {
@@ -508,8 +523,20 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let mut history = Vec::new();
     let mut best = pruned_top1;
     let mut interrupted = false;
-    save_weights(&ck.join("best.safetensors"), &state_dict(&model.valid()), &exp.backbone.arch, 0, "model")?;
-    for epoch in 0..so.fine_tune_epochs {
+    let first_epoch = match &resumed {
+        Some(st) => {
+            let file = ck.join("fine_tune.optim.safetensors");
+            optim.load_state_dict(&checkpoint::read_model(&file, &exp.backbone.arch, Some(st.epochs))?, &Default::default())?;
+            optim.steps = st.optimizer_steps;
+            (step, best) = (st.step, st.best);
+            st.epochs
+        }
+        None => {
+            save_weights(&ck.join("best.safetensors"), &state_dict(&model.valid()), &exp.backbone.arch, 0, "model")?;
+            0
+        }
+    };
+    for epoch in first_epoch..so.fine_tune_epochs {
         let t0 = Instant::now();
         let bar = progress::bar(steps_per_epoch as u64, &format!("fine-tune {}/{}", epoch + 1, so.fine_tune_epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
@@ -579,13 +606,27 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
         }
         let dict = state_dict(&model.valid());
         save_weights(&ck.join("last.safetensors"), &dict, &exp.backbone.arch, epoch + 1, "model")?;
+        save_weights(&ck.join("fine_tune.optim.safetensors"), &optim.state_dict(), &exp.backbone.arch, epoch + 1, "optimizer")?;
         if test_top1 > best {
             best = test_top1;
             save_weights(&ck.join("best.safetensors"), &dict, &exp.backbone.arch, epoch + 1, "model")?;
         }
+        let state = StaticState {
+            format: checkpoint::FORMAT.into(),
+            arch: exp.backbone.arch.clone(),
+            epochs: epoch + 1,
+            step,
+            optimizer_steps: optim.steps,
+            best,
+        };
+        crate::fsutil::atomic_write(&ck.join(STATIC_STATE), &serde_json::to_vec_pretty(&state)?)?;
         history.push(m);
+        if opts.stop_after_epoch == Some(epoch + 1) {
+            interrupted = true;
+            break;
+        }
     }
-    if history.is_empty() && !interrupted {
+    if history.is_empty() && resumed.is_none() && !interrupted {
         save_weights(&ck.join("last.safetensors"), &state_dict(&model.valid()), &exp.backbone.arch, 0, "model")?;
     }
     if let (Some(tb), false) = (tb.as_mut(), interrupted) {
@@ -609,6 +650,76 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     }
     tracing::info!("done in {:.1}s", t_start.elapsed().as_secs_f64());
     Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted })
+}
+
+/// Phase 2 of a fresh static-l1 run: the allocation (uniform or from a sensitivity scan) and
+/// physical L1 pruning of `model`, written to `pruning.json`; `unpruned.safetensors` keeps the
+/// network it started from.
+#[allow(clippy::too_many_arguments)]
+fn prune_by_plan(
+    model: &mut AnyBackbone<Ad>,
+    exp: &Experiment,
+    so: &StaticL1Options,
+    splits: &data::DataSplits,
+    test_loader: &Loader,
+    ck: &Path,
+    run_dir: &Path,
+    tb: Option<&mut crate::logging::tensorboard::EventWriter>,
+) -> Result<PruningPlan> {
+    let full = model.valid();
+    let (_, unpruned_top1) = supervised::evaluate(&full, test_loader, &Default::default())?;
+    save_weights(&ck.join("unpruned.safetensors"), &state_dict(&full), &exp.backbone.arch, 0, "model")?;
+    let convs = full.prunable_convs();
+    let (keep, sensitivity) = match so.allocation.as_str() {
+        "sensitivity" => {
+            let slice = Subset::balanced(splits.train.clone(), so.sensitivity_images)?;
+            let slice_loader = Loader::new(Arc::new(slice), &exp.data, false, exp.seed);
+            let sens = sensitivity_scan(&full, &slice_loader, &so.sensitivity_ratios)?;
+            (sensitivity_allocation(&full, &sens, so.target_flops)?, Some(sens))
+        }
+        _ => (uniform_allocation(&full, so.target_flops)?, None),
+    };
+    model.prune_channels(&keep)?;
+    let pruned_convs = model.prunable_convs();
+    let full_macs: u64 = convs.iter().map(|c| c.macs).sum();
+    let flops_ratio = pruned_convs.iter().map(|c| c.macs).sum::<u64>() as f64 / full_macs.max(1) as f64;
+    let layer_flops_ratio: Vec<f64> =
+        pruned_convs.iter().zip(&convs).map(|(p, f)| p.macs as f64 / f.macs.max(1) as f64).collect();
+    let (_, pruned_top1) = supervised::evaluate(&model.valid(), test_loader, &Default::default())?;
+    tracing::info!(
+        "phase 2: {} allocation, kept channels {:?} of {:?}: flops ratio {:.3} (target {}); test top-1 {:.2}% → {:.2}% before fine-tuning",
+        so.allocation,
+        keep,
+        convs.iter().map(|c| c.out_channels).collect::<Vec<_>>(),
+        flops_ratio,
+        so.target_flops,
+        100.0 * unpruned_top1,
+        100.0 * pruned_top1
+    );
+    let plan = PruningPlan {
+        arch: exp.backbone.arch.clone(),
+        allocation: so.allocation.clone(),
+        target_flops: so.target_flops,
+        layers: convs.iter().map(|c| c.name.clone()).collect(),
+        out_channels: convs.iter().map(|c| c.out_channels).collect(),
+        keep: keep.clone(),
+        flops_ratio,
+        layer_flops_ratio: layer_flops_ratio.clone(),
+        unpruned_top1,
+        pruned_top1_before_fine_tune: pruned_top1,
+        sensitivity,
+    };
+    crate::fsutil::atomic_write(&run_dir.join(PLAN_FILE), serde_json::to_string_pretty(&plan)?.as_bytes())?;
+    if let Some(tb) = tb {
+        tb.scalar("prune/flops_ratio", 0, flops_ratio)?;
+        tb.scalar("prune/unpruned_top1", 0, unpruned_top1)?;
+        tb.scalar("test/top1", 0, pruned_top1)?;
+        for (t, r) in layer_flops_ratio.iter().enumerate() {
+            tb.scalar(&format!("prune/flops_ratio/layer{t}"), 0, *r)?;
+            tb.scalar(&format!("prune/kept_channels/layer{t}"), 0, keep[t] as f64)?;
+        }
+    }
+    Ok(plan)
 }
 
 /// Reads a run's `pruning.json`.

@@ -78,7 +78,8 @@ impl RunLogs {
 }
 
 /// The newest run of `name` under `root` that has a checkpoint: `checkpoints/state.json`, or for
-/// RNP runs `checkpoints/rnp_state.json` or a phase-1 `backbone/checkpoints/state.json`.
+/// RNP and static-l1 runs `checkpoints/rnp_state.json`, `checkpoints/static_state.json` or a
+/// phase-1 `backbone/checkpoints/state.json`.
 pub fn newest_run(root: &Path, name: &str) -> Result<PathBuf> {
     let base = root.join(name);
     let entries = std::fs::read_dir(&base)
@@ -86,7 +87,12 @@ pub fn newest_run(root: &Path, name: &str) -> Result<PathBuf> {
     let mut runs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            ["checkpoints/state.json", "checkpoints/rnp_state.json", "backbone/checkpoints/state.json"]
+            [
+                "checkpoints/state.json",
+                "checkpoints/rnp_state.json",
+                "checkpoints/static_state.json",
+                "backbone/checkpoints/state.json",
+            ]
                 .iter()
                 .any(|f| p.join(f).is_file())
         })
