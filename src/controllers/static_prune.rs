@@ -42,7 +42,7 @@ use crate::nn::{BatchNorm2d, Conv2d, Linear};
 use crate::train::checkpoint;
 use crate::train::losses::{correct, cross_entropy};
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{Resume, RunLogs, newest_run, out_or_new_run_dir};
+use crate::train::run::{RunLogs, resumed_or_new_run_dir};
 use crate::train::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
@@ -447,19 +447,8 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let so = StaticL1Options::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let base = &opts.base_dir;
     let root = base.join(&exp.log.dir);
-    let resumed_dir = match &opts.resume {
-        Some(Resume::Auto) => Some(newest_run(&root, &exp.name)?),
-        Some(Resume::Dir(d)) => Some(d.clone()),
-        None => None,
-    };
-    let run_dir = match &resumed_dir {
-        Some(d) => d.clone(),
-        None => out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?,
-    };
-    let resumed = match &resumed_dir {
-        Some(d) => read_static_state(d)?,
-        None => None,
-    };
+    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, &exp.name)?;
+    let resumed = if is_resumed { read_static_state(&run_dir)? } else { None };
     if let Some(st) = &resumed
         && st.arch != exp.backbone.arch
     {
@@ -477,11 +466,11 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
 
     // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
     let mut model: AnyBackbone<Ad> =
-        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", resumed_dir.is_some(), &device)? {
+        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", is_resumed, &device)? {
             Ok(m) => m,
             Err(interrupted) => return Ok(interrupted),
         };
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, resumed_dir.is_none())?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, !is_resumed)?;
     let ck = checkpoint::dir(&run_dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
 

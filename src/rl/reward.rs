@@ -40,16 +40,7 @@ pub fn rewards(actions: &[Vec<usize>], groups: usize, penalty: f64, accuracy: &[
 /// `accuracy[i] - p * max(0, r_i - target)`, where `r_i` is image i's spent MACs over the full
 /// MACs of the routed layers (`macs[t][i]`, `macs_full[t]`).
 pub fn budget_rewards(macs: &[Vec<u64>], macs_full: &[u64], penalty: f64, target: f64, accuracy: &[f32]) -> Vec<Vec<f32>> {
-    let full = macs_full.iter().sum::<u64>().max(1) as f64;
-    let t_last = macs.len().saturating_sub(1);
-    let mut out: Vec<Vec<f32>> = macs.iter().map(|m| vec![0.0; m.len()]).collect();
-    if let Some(last) = out.get_mut(t_last) {
-        for (i, r) in last.iter_mut().enumerate() {
-            let ratio = macs.iter().map(|m| m[i]).sum::<u64>() as f64 / full;
-            *r = accuracy[i] - (penalty * (ratio - target).max(0.0)) as f32;
-        }
-    }
-    out
+    final_rewards(macs, macs_full, accuracy, |ratio| penalty * (ratio - target).max(0.0))
 }
 
 /// Per-decision rewards `[T][N]` under a mean-FLOPs budget held by a Lagrangian price: zero
@@ -57,13 +48,18 @@ pub fn budget_rewards(macs: &[Vec<u64>], macs_full: &[u64], penalty: f64, target
 /// of [`budget_rewards`], an image below the target is credited for what it saves, so each image
 /// trades its own accuracy against the same marginal price.
 pub fn priced_rewards(macs: &[Vec<u64>], macs_full: &[u64], price: f64, target: f64, accuracy: &[f32]) -> Vec<Vec<f32>> {
+    final_rewards(macs, macs_full, accuracy, |ratio| price * (ratio - target))
+}
+
+/// Zero until the last decision, which gets `accuracy[i] - cost(r_i)`.
+fn final_rewards(macs: &[Vec<u64>], macs_full: &[u64], accuracy: &[f32], cost: impl Fn(f64) -> f64) -> Vec<Vec<f32>> {
     let full = macs_full.iter().sum::<u64>().max(1) as f64;
     let t_last = macs.len().saturating_sub(1);
     let mut out: Vec<Vec<f32>> = macs.iter().map(|m| vec![0.0; m.len()]).collect();
     if let Some(last) = out.get_mut(t_last) {
         for (i, r) in last.iter_mut().enumerate() {
             let ratio = macs.iter().map(|m| m[i]).sum::<u64>() as f64 / full;
-            *r = accuracy[i] - (price * (ratio - target)) as f32;
+            *r = accuracy[i] - cost(ratio) as f32;
         }
     }
     out

@@ -34,7 +34,7 @@ use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{Resume, RunLogs, newest_run, out_or_new_run_dir};
+use crate::train::run::{RunLogs, resumed_or_new_run_dir};
 use crate::train::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
@@ -380,19 +380,8 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let rl = exp.rl.clone().unwrap_or_default();
     let base = &opts.base_dir;
     let root = base.join(&exp.log.dir);
-    let resumed_dir = match &opts.resume {
-        Some(Resume::Auto) => Some(newest_run(&root, &exp.name)?),
-        Some(Resume::Dir(d)) => Some(d.clone()),
-        None => None,
-    };
-    let run_dir = match &resumed_dir {
-        Some(d) => d.clone(),
-        None => out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?,
-    };
-    let resumed = match &resumed_dir {
-        Some(d) => read_rnp_state(d)?,
-        None => None,
-    };
+    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, &exp.name)?;
+    let resumed = if is_resumed { read_rnp_state(&run_dir)? } else { None };
     if let Some(st) = &resumed {
         if st.arch != exp.backbone.arch {
             bail!("{}: run was trained with arch '{}', the experiment builds '{}'", run_dir.display(), st.arch, exp.backbone.arch);
@@ -416,12 +405,12 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
 
     // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
     let mut backbone: AnyBackbone<Ad> =
-        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", resumed_dir.is_some(), &device)? {
+        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", is_resumed, &device)? {
             Ok(m) => m,
             Err(interrupted) => return Ok(interrupted),
         };
     let backbone_seconds = t_start.elapsed().as_secs_f64();
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, resumed_dir.is_none())?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, !is_resumed)?;
 
     // 2. Reorder channels by filter norm (function-preserving); a resumed run's weights are.
     let ck = checkpoint::dir(&run_dir);

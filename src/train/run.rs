@@ -52,6 +52,16 @@ pub fn out_or_new_run_dir(out: Option<&Path>, root: &Path, name: &str) -> Result
     }
 }
 
+/// The run directory of a controller run: the one `--resume` names (auto: the newest run of
+/// `name` with a checkpoint), else `--out` or a fresh one. The flag says whether it is resumed.
+pub fn resumed_or_new_run_dir(resume: Option<&Resume>, out: Option<&Path>, root: &Path, name: &str) -> Result<(PathBuf, bool)> {
+    match resume {
+        Some(Resume::Auto) => Ok((newest_run(root, name)?, true)),
+        Some(Resume::Dir(d)) => Ok((d.clone(), true)),
+        None => Ok((out_or_new_run_dir(out, root, name)?, false)),
+    }
+}
+
 /// The logs every run keeps: `log.txt` (attached to tracing), `metrics.jsonl` and, when
 /// `[log] tensorboard`, the event file.
 pub struct RunLogs {
