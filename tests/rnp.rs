@@ -108,6 +108,40 @@ fn sliced_grouped_execution_equals_masked_full_computation() {
     }
 }
 
+/// The inference path (one ragged convolution per layer over the whole batch) gives bit for bit
+/// what the grouped execution gives: features, observations and MACs, at the widths where the
+/// convolution runs as one GEMM per tap (≥ 8 input channels) and below them (im2col).
+#[test]
+fn ragged_execution_equals_grouped_execution_exactly() {
+    use rlprune::controllers::exec::{controlled_stack_grouped, controlled_stack_ragged};
+    use rlprune::nn::conv::max_pool2x2;
+    let _guard = lock();
+    let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };
+    let dev = Default::default();
+    let m = SmallCnn::<Cpu>::new(&SmallCnnOptions { channels: [32, 32, 64, 64] }, &ctx, &dev);
+    let n = 11;
+    let x = Tensor::<Cpu, 4>::random([n, 1, 28, 28], Distribution::Normal(0.0, 1.0), &dev);
+    let k = 8;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let actions: Vec<Vec<usize>> =
+        (0..4).map(|_| (0..n).map(|_| rand::Rng::random_range(&mut rng, 1..=k)).collect()).collect();
+    let pool = |i: usize, x: Tensor<Cpu, 4>| if SmallCnn::<Cpu>::pools_after(i) { max_pool2x2(x) } else { x };
+    let points = m.prunable_convs();
+    let run = |ragged: bool| {
+        let mut ctl = Fixed { actions: actions.clone(), k };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let f = if ragged { controlled_stack_ragged } else { controlled_stack_grouped };
+        f(&m.features, &points, &pool, x.clone(), &mut ctl, Mode::Greedy, &mut rng).unwrap()
+    };
+    let ((fr, tr), (fg, tg)) = (run(true), run(false));
+    let bits = |t: Tensor<Cpu, 2>| t.into_data().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(fr), bits(fg), "final features differ");
+    assert_eq!(tr.macs_per_image(), tg.macs_per_image());
+    for (a, b) in tr.steps.into_iter().zip(tg.steps) {
+        assert_eq!(bits(a.observation), bits(b.observation), "observation at {} differs", a.point.name);
+    }
+}
+
 /// A ResNet with random BN statistics everywhere (eval-mode BN on the plain backend).
 fn resnet(arch: &str) -> rlprune::backbones::resnet::ResNet<Cpu> {
     use rlprune::backbones::resnet::{ResNet, ResNetOptions};

@@ -14,7 +14,7 @@ use crate::controllers::exec::{controlled_stack, reorder_stack_by_filter_norm};
 use crate::controllers::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use rand_chacha::ChaCha8Rng;
-use crate::nn::conv::{conv2d_bias_act, max_pool2x2};
+use crate::nn::conv::{conv2d_bias_act, conv2d_bias_act_ragged, global_avg_pool, max_pool2x2};
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +80,16 @@ impl<B: ModelBackend> FoldedConvBn<B> {
         let c_out = c_out.min(self.weight.dims()[0]);
         conv2d_bias_act(x, self.weight.clone(), self.bias.clone(), c_out, true, self.stride, self.padding, self.groups)
     }
+
+    /// Image `i` computes output channels `[0, c_out[i])` from its first `c_in[i]` input
+    /// channels, the rest of its output is zero; `None` where the backend has no such kernel
+    /// (see [`conv2d_bias_act_ragged`]).
+    pub fn forward_ragged(&self, x: Tensor<B, 4>, c_in: &[usize], c_out: &[usize]) -> Option<Tensor<B, 4>> {
+        if self.groups != 1 {
+            return None;
+        }
+        conv2d_bias_act_ragged(x, self.weight.clone(), self.bias.clone(), c_in, c_out, true, self.stride, self.padding)
+    }
 }
 
 #[derive(Module, Debug)]
@@ -115,8 +125,7 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
                 x = max_pool2x2(x);
             }
         }
-        let [n, c, _, _] = x.dims();
-        self.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+        self.fc.forward(global_avg_pool(x))
     }
 
     fn prunable_convs(&self) -> Vec<PrunableConv> {

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use super::{Backbone, BuildContext, Family, PrunableConv};
 use crate::ModelBackend;
 use crate::controllers::{Controller, DecisionPoint, Mode, Trace, TraceStep};
+use crate::nn::conv::global_avg_pool;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,8 +198,7 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
         for block in self.layers.iter().flatten() {
             x = block.forward(x);
         }
-        let [n, c, _, _] = x.dims();
-        self.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+        self.fc.forward(global_avg_pool(x))
     }
 
     /// The first conv of each basic block: its output feeds only the block's second conv, so
@@ -255,8 +255,7 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
         for (t, (block, pc)) in self.layers.iter().flatten().zip(&points).enumerate() {
             let point =
                 DecisionPoint { index: t, name: pc.name.clone(), groups: k, out_channels: pc.out_channels, macs_full: pc.macs };
-            let c = x.dims()[1];
-            let observation = x.clone().detach().mean_dim(3).mean_dim(2).reshape([n, c]);
+            let observation = global_avg_pool(x.clone().detach());
             let decision = controller.decide(&point, observation.clone(), mode, rng)?;
             if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
                 anyhow::bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
@@ -289,8 +288,7 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
             };
             steps.push(TraceStep { point, observation, actions: decision.actions, log_prob: decision.log_prob, macs });
         }
-        let c = x.dims()[1];
-        Ok((self.fc.forward(x.mean_dim(3).mean_dim(2).reshape([n, c])), Trace { steps }))
+        Ok((self.fc.forward(global_avg_pool(x)), Trace { steps }))
     }
 
     /// Orders every block's inner channels by the L2 norm of conv1's filters (largest first);

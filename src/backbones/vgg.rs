@@ -6,7 +6,7 @@ use anyhow::Result;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 
-use crate::nn::conv::max_pool2x2;
+use crate::nn::conv::{global_avg_pool, max_pool2x2};
 use burn::tensor::Tensor;
 use serde::Deserialize;
 
@@ -68,8 +68,7 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
                 x = max_pool2x2(x);
             }
         }
-        let [n, c, _, _] = x.dims();
-        self.classifier.forward(x.mean_dim(3).mean_dim(2).reshape([n, c]))
+        self.classifier.forward(global_avg_pool(x))
     }
 
     fn prunable_convs(&self) -> Vec<PrunableConv> {

@@ -19,6 +19,7 @@ use crate::ModelBackend;
 use crate::backbones::PrunableConv;
 use crate::backbones::cnn::ConvBn;
 use crate::nn::Linear;
+use crate::nn::conv::global_avg_pool;
 
 struct Part<B: burn::tensor::backend::Backend> {
     /// Batch rows (original indices) held by this part, in tensor order.
@@ -41,9 +42,8 @@ fn pooled_observation<B: ModelBackend>(
 ) -> Result<Tensor<B, 2>> {
     let mut obs = vec![0f32; n * c_full];
     for p in parts {
-        let [m, c, _, _] = p.x.dims();
-        let [_, _, h, w] = p.x.dims();
-        let pooled = p.x.clone().detach().reshape([m, c, h * w]).mean_dim(2).reshape([m, c]);
+        let c = p.x.dims()[1];
+        let pooled = global_avg_pool(p.x.clone().detach());
         let data = pooled.into_data().convert::<f32>();
         let vals = data.as_slice::<f32>().map_err(|e| anyhow::anyhow!("observation readback: {e:?}"))?;
         for (j, &row) in p.rows.iter().enumerate() {
@@ -57,6 +57,27 @@ fn pooled_observation<B: ModelBackend>(
 /// layer `i` (max-pool or identity). Returns the final features global-average-pooled to
 /// `[N, C_last]` (skipped channels zero) and the trace.
 pub fn controlled_stack<B: ModelBackend>(
+    layers: &[ConvBn<B>],
+    points: &[PrunableConv],
+    pool: &dyn Fn(usize, Tensor<B, 4>) -> Tensor<B, 4>,
+    x: Tensor<B, 4>,
+    ctl: &mut dyn Controller<B>,
+    mode: Mode,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Tensor<B, 2>, Trace<B>)> {
+    if points.len() != layers.len() {
+        bail!("controlled forward: {} decision points for {} layers", points.len(), layers.len());
+    }
+    if B::has_ragged_conv() && !B::ad_enabled(&x.device()) {
+        controlled_stack_ragged(layers, points, pool, x, ctl, mode, rng)
+    } else {
+        controlled_stack_grouped(layers, points, pool, x, ctl, mode, rng)
+    }
+}
+
+/// [`controlled_stack`] by groups of images that share their widths (see the module doc): the
+/// execution under autodiff and on backends without a ragged convolution.
+pub fn controlled_stack_grouped<B: ModelBackend>(
     layers: &[ConvBn<B>],
     points: &[PrunableConv],
     pool: &dyn Fn(usize, Tensor<B, 4>) -> Tensor<B, 4>,
@@ -135,7 +156,7 @@ pub fn controlled_stack<B: ModelBackend>(
     let mut order = Vec::with_capacity(n);
     for p in parts {
         let [m, c, _, _] = p.x.dims();
-        let mut f = p.x.mean_dim(3).mean_dim(2).reshape([m, c]);
+        let mut f = global_avg_pool(p.x);
         if c < c_full_in {
             f = Tensor::cat(vec![f, Tensor::zeros([m, c_full_in - c], &device)], 1);
         }
@@ -150,6 +171,65 @@ pub fn controlled_stack<B: ModelBackend>(
     let identity = inverse.iter().enumerate().all(|(i, &p)| i == p);
     let feats = if identity { stacked } else { stacked.select(0, index_tensor::<B>(&inverse, &device)) };
     Ok((feats, Trace { steps }))
+}
+
+/// [`controlled_stack`] at inference on a backend with a ragged convolution: the batch stays
+/// one tensor in its own order, as wide as its widest image, with image `i`'s channels beyond
+/// its width zero, and each layer is one call in which every image computes its own channel
+/// block.
+/// Same numbers as [`controlled_stack_grouped`] (the same per-image kernel runs), without its
+/// gathers, concatenations and one call per (previous, new) action pair.
+pub fn controlled_stack_ragged<B: ModelBackend>(
+    layers: &[ConvBn<B>],
+    points: &[PrunableConv],
+    pool: &dyn Fn(usize, Tensor<B, 4>) -> Tensor<B, 4>,
+    mut x: Tensor<B, 4>,
+    ctl: &mut dyn Controller<B>,
+    mode: Mode,
+    rng: &mut ChaCha8Rng,
+) -> Result<(Tensor<B, 2>, Trace<B>)> {
+    let device = x.device();
+    let [n, c0, _, _] = x.dims();
+    let k = ctl.groups();
+    ctl.reset(n);
+    let mut widths = vec![c0; n];
+    let mut steps = Vec::with_capacity(layers.len());
+    for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
+        let point = DecisionPoint {
+            index: t,
+            name: pc.name.clone(),
+            groups: k,
+            out_channels: pc.out_channels,
+            macs_full: pc.macs,
+        };
+        let observation = zero_padded(global_avg_pool(x.clone()), pc.in_channels);
+        let decision = ctl.decide(&point, observation.clone(), mode, rng)?;
+        if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
+            bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
+        }
+        let c_out: Vec<usize> = decision.actions.iter().map(|&a| point.channels_for(a)).collect();
+        let Some(y) = layer.folded(&device).forward_ragged(x, &widths, &c_out) else {
+            bail!("{}: the backend has no ragged convolution", point.name);
+        };
+        let [_, _, h, w] = y.dims();
+        let kk = layer.conv.kernel_size() as u64;
+        let macs = widths.iter().zip(&c_out).map(|(&ci, &co)| (h * w) as u64 * kk * kk * (ci * co) as u64).collect();
+        x = pool(t, y);
+        widths = c_out;
+        steps.push(TraceStep { point, observation, actions: decision.actions, log_prob: decision.log_prob, macs });
+    }
+    let c_last = points.last().map_or(x.dims()[1], |p| p.out_channels);
+    Ok((zero_padded(global_avg_pool(x), c_last), Trace { steps }))
+}
+
+/// `[N, C]` → `[N, width]`, the new columns zero (channels no image of the batch computed).
+fn zero_padded<B: ModelBackend>(t: Tensor<B, 2>, width: usize) -> Tensor<B, 2> {
+    let [n, c] = t.dims();
+    if c >= width {
+        return t;
+    }
+    let device = t.device();
+    Tensor::cat(vec![t, Tensor::zeros([n, width - c], &device)], 1)
 }
 
 /// Permutes a 1-D tensor parameter.

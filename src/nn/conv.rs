@@ -31,8 +31,11 @@ thread_local! {
 
 /// Threads a convolution called from this thread may use (default: all cores).
 pub fn conv_threads() -> usize {
+    // `available_parallelism` reads the cgroup files on every call (an open and a read per
+    // convolution showed in `perf` of a routed forward), so it is asked once.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     match CONV_THREADS.with(|c| c.get()) {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         n => n,
     }
 }
@@ -101,6 +104,38 @@ pub trait ConvBackend: Backend {
     /// default `ceil_mode=False`).
     fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
+    }
+
+    /// Whether [`conv2d_bias_act_ragged`](Self::conv2d_bias_act_ragged) runs on this backend.
+    fn has_ragged_conv() -> bool {
+        false
+    }
+
+    /// RNP's inference convolution over a whole batch whose images kept different channels:
+    /// image `i` reads input channels `[0, c_in[i])` of `x` (`[N, C, H, W]`, `C` at most the
+    /// weight's input channels; channels beyond `c_in[i]` are ignored) and computes output
+    /// channels `[0, c_out[i])` of `relu?(conv2d(x, weight) + bias)`. The output has
+    /// `max(c_out)` channels, image `i`'s beyond `c_out[i]` zero. Only backends for
+    /// which [`has_ragged_conv`](Self::has_ragged_conv) holds implement it (the default panics);
+    /// the others run each group of images with the same widths as its own convolution.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_bias_act_ragged(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: FloatTensor<Self>,
+        _c_in: &[usize],
+        _c_out: &[usize],
+        _relu: bool,
+        _geom: ConvGeom,
+    ) -> FloatTensor<Self> {
+        unimplemented!("conv2d_bias_act_ragged on a backend without has_ragged_conv")
+    }
+
+    /// Global average pool, `[N, C, H, W] → [N, C]`.
+    fn global_avg_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let x = Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(x));
+        let [n, c, h, w] = x.dims();
+        x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c]).into_primitive().tensor()
     }
 }
 
@@ -171,6 +206,44 @@ pub fn conv2d_bias_act<B: ConvBackend>(
         geom,
     );
     Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// See [`ConvBackend::conv2d_bias_act_ragged`]; `None` where the backend has no such kernel.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_bias_act_ragged<B: ConvBackend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+    c_in: &[usize],
+    c_out: &[usize],
+    relu: bool,
+    stride: usize,
+    padding: usize,
+) -> Option<Tensor<B, 4>> {
+    if !B::has_ragged_conv() {
+        return None;
+    }
+    let [o, i, _, _] = weight.dims();
+    let [n, c, _, _] = x.dims();
+    assert!(c_in.len() == n && c_out.len() == n, "conv2d_bias_act_ragged: widths for {} / {} of {n} images", c_in.len(), c_out.len());
+    assert!(c <= i && c_in.iter().all(|&w| w <= c) && c_out.iter().all(|&w| w <= o), "conv2d_bias_act_ragged: widths beyond a {o}×{i} weight or a {c}-channel input");
+    let geom = ConvGeom { stride, padding, groups: 1 };
+    let y = B::conv2d_bias_act_ragged(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+        bias.into_primitive().tensor(),
+        c_in,
+        c_out,
+        relu,
+        geom,
+    );
+    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
+}
+
+/// Global average pool `[N, C, H, W] → [N, C]` (see [`ConvBackend::global_avg_pool`]): RNP's
+/// observation of every decision layer and the CNNs' last pooling.
+pub fn global_avg_pool<B: ConvBackend>(x: Tensor<B, 4>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::global_avg_pool(x.into_primitive().tensor())))
 }
 
 /// 2×2 max-pool, stride 2, no padding (see [`ConvBackend::max_pool2x2`]).
@@ -304,6 +377,39 @@ impl ConvBackend for NdArray<f32> {
         };
         let out = cpu::max_pool2x2(&xs, [n, c, h, w]);
         NdArrayTensor::from_data(TensorData::new(out, [n, c, h / 2, w / 2]))
+    }
+
+    fn has_ragged_conv() -> bool {
+        true
+    }
+
+    fn conv2d_bias_act_ragged(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        c_in: &[usize],
+        c_out: &[usize],
+        relu: bool,
+        geom: ConvGeom,
+    ) -> FloatTensor<Self> {
+        let (xd, wd) = (dims4(&x), dims4(&weight));
+        let (xs, ws, bs) = (host_f32(&x), host_f32(&weight), host_f32(&bias));
+        let (Some(xs), Some(ws), Some(bs)) = (xs, ws, bs) else {
+            panic!("conv2d_bias_act_ragged: the NdArray tensors are not f32");
+        };
+        let mut g = Geometry::new(xd, wd, geom);
+        g.o = c_out.iter().copied().max().unwrap_or(0);
+        let out = cpu::forward_ragged(&xs, &ws, &g, c_in, c_out, cpu::Epilogue { bias: Some(&bs), relu });
+        NdArrayTensor::from_data(TensorData::new(out, [g.n, g.o, g.ho, g.wo]))
+    }
+
+    fn global_avg_pool(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let [n, c, h, w] = dims4(&x);
+        let Some(xs) = host_f32(&x) else {
+            let x = Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(x));
+            return x.reshape([n, c, h * w]).mean_dim(2).reshape([n, c]).into_primitive().tensor();
+        };
+        NdArrayTensor::from_data(TensorData::new(cpu::plane_means(&xs, h * w), [n, c]))
     }
 
     fn conv2d_backward(
@@ -544,6 +650,20 @@ mod cpu {
                 }),
             }
         }
+
+        /// `dst = src` with [`apply`](Self::apply)'s bias and ReLU, in the same pass as the copy
+        /// (the same arithmetic, so the same bits as a copy followed by `apply`).
+        fn write(&self, channel: usize, src: &[f32], dst: &mut [f32]) {
+            let b = self.bias.map_or(0.0, |b| b[channel]);
+            match (b != 0.0, self.relu) {
+                (false, false) => dst.copy_from_slice(src),
+                (true, false) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + b),
+                (_, true) => dst.iter_mut().zip(src).for_each(|(d, &v)| {
+                    let y = v + b;
+                    *d = if y < 0.0 { 0.0 } else { y };
+                }),
+            }
+        }
     }
 
     /// Whether [`forward_range_shifted`] applies: dense, stride 1, and enough input channels
@@ -553,68 +673,129 @@ mod cpu {
         g.s == 1 && g.groups == 1 && g.c >= 8
     }
 
+    /// One thread's working buffers, kept from image to image.
+    struct Scratch {
+        /// The zero-padded image of [`image_shifted`]: its border stays zero, only the
+        /// interior is rewritten per image, so it is allocated (zeroed) once.
+        padded: Vec<f32>,
+        /// [`image_shifted`]'s output rows, `2p` columns too wide.
+        wide: Vec<f32>,
+        /// im2col's column matrix.
+        cols: Vec<f32>,
+    }
+
+    impl Scratch {
+        /// Buffers for images of up to `g.c` input and `g.o` output channels.
+        fn new(g: &Geometry) -> Self {
+            if shifted(g) {
+                let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+                let span = (g.ho - 1) * wp + g.wo;
+                Self { padded: vec![0.0; g.c * hp * wp], wide: vec![0.0; g.o * span], cols: Vec::new() }
+            } else {
+                Self { padded: Vec::new(), wide: Vec::new(), cols: vec![0.0; g.k() * g.pixels()] }
+            }
+        }
+    }
+
     /// Stride-1 convolution without im2col: one GEMM per kernel tap `(i, j)`,
     /// `Y[o, ·] += W[:, :, i, j] · X_pad[:, shifted by (i, j)]`, on the zero-padded image laid
     /// out row by row. The shifted view of the padded image is a plain strided matrix, so
     /// nothing is copied per tap; each output row comes out `2p` columns too wide, and those
     /// columns are dropped when the row is written out. im2col wrote `kh·kw` copies of the input
     /// per image and was a quarter of a batch-64 CNN forward; the padded copy is one.
-    fn forward_range_shifted(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, first: usize, out: &mut [f32]) {
+    ///
+    /// `x` is one image's `g.c` channels, `dst` its `g.o` output planes.
+    fn image_shifted(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, s: &mut Scratch, dst: &mut [f32]) {
         let pix = g.pixels();
-        let count = out.len() / (g.o * pix).max(1);
         let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
         // Wide-output columns from the first valid pixel to the last.
         let span = (g.ho - 1) * wp + g.wo;
         let taps = g.kh * g.kw;
-        let mut padded = vec![0.0f32; g.c * hp * wp];
-        let mut wide = vec![0.0f32; g.o * span];
-        for i in 0..count {
-            let img = first + i;
-            for ch in 0..g.c {
-                let src = &x[(img * g.c + ch) * g.h * g.w..][..g.h * g.w];
-                let dst = &mut padded[ch * hp * wp..][..hp * wp];
-                for (y, row) in src.chunks_exact(g.w).enumerate() {
-                    dst[(y + g.p) * wp + g.p..][..g.w].copy_from_slice(row);
-                }
+        let (padded, wide) = (&mut s.padded[..g.c * hp * wp], &mut s.wide[..g.o * span]);
+        for ch in 0..g.c {
+            let src = &x[ch * g.h * g.w..][..g.h * g.w];
+            let dst = &mut padded[ch * hp * wp..][..hp * wp];
+            for (y, row) in src.chunks_exact(g.w).enumerate() {
+                dst[(y + g.p) * wp + g.p..][..g.w].copy_from_slice(row);
             }
-            for ki in 0..g.kh {
-                for kj in 0..g.kw {
-                    let tap = ki * g.kw + kj;
-                    // A = W[:, :, ki, kj] as [O × C]; B = the padded image shifted by the tap.
-                    gemm(g.o, g.c, span, &w[tap..], (g.w_row(), taps), &padded[ki * wp + kj..], (hp * wp, 1), tap > 0, &mut wide);
-                }
+        }
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let tap = ki * g.kw + kj;
+                // A = W[:, :, ki, kj] as [O × C]; B = the padded image shifted by the tap.
+                gemm(g.o, g.c, span, &w[tap..], (g.w_row(), taps), &padded[ki * wp + kj..], (hp * wp, 1), tap > 0, wide);
             }
-            let dst = &mut out[i * g.o * pix..][..g.o * pix];
-            for (oc, plane) in dst.chunks_exact_mut(pix).enumerate() {
-                let src = &wide[oc * span..][..span];
-                for (oy, row) in plane.chunks_exact_mut(g.wo).enumerate() {
-                    row.copy_from_slice(&src[oy * wp..][..g.wo]);
-                }
-                epi.apply(oc, plane);
+        }
+        for (oc, plane) in dst[..g.o * pix].chunks_exact_mut(pix).enumerate() {
+            let src = &wide[oc * span..][..span];
+            for (oy, row) in plane.chunks_exact_mut(g.wo).enumerate() {
+                epi.write(oc, &src[oy * wp..][..g.wo], row);
+            }
+        }
+    }
+
+    /// im2col + one GEMM per group, for one image (`x` holds the whole batch, `img` indexes it).
+    fn image_im2col(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, img: usize, s: &mut Scratch, dst: &mut [f32]) {
+        let (k, pix, og) = (g.k(), g.pixels(), g.og());
+        for grp in 0..g.groups {
+            im2col(x, g, img, grp, &mut s.cols);
+            // Rows of the stored weight are w_row apart; a channel slice uses the first k.
+            let wg = &w[grp * og * g.w_row()..];
+            let dst = &mut dst[grp * og * pix..][..og * pix];
+            gemm(og, k, pix, wg, (g.w_row(), 1), &s.cols, (pix, 1), false, dst);
+            for (oc, row) in dst.chunks_exact_mut(pix).enumerate() {
+                epi.apply(grp * og + oc, row);
             }
         }
     }
 
     /// Output of images `first..` into `out` (`[count, O, Ho, Wo]`, `count` from its length).
     fn forward_range(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, first: usize, out: &mut [f32]) {
-        if shifted(g) {
-            return forward_range_shifted(x, w, g, epi, first, out);
-        }
-        let (k, pix, og) = (g.k(), g.pixels(), g.og());
-        let count = out.len() / (g.o * pix).max(1);
-        let mut cols = vec![0.0f32; k * pix];
-        for i in 0..count {
-            for grp in 0..g.groups {
-                im2col(x, g, first + i, grp, &mut cols);
-                // Rows of the stored weight are w_row apart; a channel slice uses the first k.
-                let wg = &w[grp * og * g.w_row()..];
-                let dst = &mut out[(i * g.o + grp * og) * pix..][..og * pix];
-                gemm(og, k, pix, wg, (g.w_row(), 1), &cols, (pix, 1), false, dst);
-                for (oc, row) in dst.chunks_exact_mut(pix).enumerate() {
-                    epi.apply(grp * og + oc, row);
-                }
+        let slab = g.o * g.pixels();
+        let mut scratch = Scratch::new(g);
+        for (i, dst) in out.chunks_exact_mut(slab.max(1)).enumerate() {
+            let img = first + i;
+            if shifted(g) {
+                image_shifted(&x[img * g.c * g.h * g.w..], w, g, epi, &mut scratch, dst);
+            } else {
+                image_im2col(x, w, g, epi, img, &mut scratch, dst);
             }
         }
+    }
+
+    /// [`ConvBackend::conv2d_bias_act_ragged`](super::ConvBackend::conv2d_bias_act_ragged):
+    /// every image runs the same per-image kernel as [`forward`], on its own channel block
+    /// `[0, c_out[i]) × [0, c_in[i])` of the weight, so each image's output is bit for bit what
+    /// a batch of images with its widths gives; the batch is split over threads as one. RNP's
+    /// grouping of images by action instead ran one call per (previous, new) action pair, with
+    /// a gather before and a concatenation after, and a small group ran on one core.
+    ///
+    /// `g.c` is the channel count of `x` (the widest input), `g.o` that of the output (the
+    /// widest `c_out`): channels that no image of the batch computes are not stored at all.
+    pub fn forward_ragged(x: &[f32], w: &[f32], g: &Geometry, c_in: &[usize], c_out: &[usize], epi: Epilogue) -> Vec<f32> {
+        let (pix, hw) = (g.pixels(), g.h * g.w);
+        let slab = g.o * pix;
+        let mut out = vec![0.0f32; g.n * slab];
+        let macs: usize = c_in.iter().zip(c_out).map(|(&a, &b)| a * b).sum::<usize>() * g.kh * g.kw * pix;
+        let threads = split(g.n, macs / g.n.max(1));
+        for_image_chunks(&mut out, g.n, threads, |first, chunk| {
+            let mut scratch = Scratch::new(g);
+            for (i, dst) in chunk.chunks_exact_mut(slab.max(1)).enumerate() {
+                let img = first + i;
+                let gi = Geometry { n: 1, c: c_in[img], o: c_out[img], ..*g };
+                if shifted(g) && shifted(&gi) {
+                    image_shifted(&x[img * g.c * hw..], w, &gi, epi, &mut scratch, dst);
+                } else {
+                    // im2col reads channel planes `g.c` apart in `x`: give it this image alone.
+                    let xi = &x[img * g.c * hw..][..gi.c * hw];
+                    if scratch.cols.len() < gi.k() * pix {
+                        scratch.cols.resize(gi.k() * pix, 0.0);
+                    }
+                    image_im2col(xi, w, &gi, epi, 0, &mut scratch, dst);
+                }
+            }
+        });
+        out
     }
 
     pub fn forward(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue) -> Vec<f32> {
@@ -652,6 +833,29 @@ mod cpu {
                 f(a, chunk);
             }
         });
+    }
+
+    /// The mean of every `hw`-long plane of `x`. ndarray's `mean_dim` over the reshaped planes
+    /// took 0.8 ms for a `[64, 32, 28, 28]` activation, a tenth of what its read costs; RNP pools
+    /// every decision layer's input, so at batch 64 that was most of the router's overhead.
+    pub fn plane_means(x: &[f32], hw: usize) -> Vec<f32> {
+        if hw == 0 {
+            return Vec::new();
+        }
+        x.chunks_exact(hw)
+            .map(|plane| {
+                // Sixteen partial sums, so that the loop vectorises.
+                let mut acc = [0.0f32; 16];
+                let mut lanes = plane.chunks_exact(16);
+                for chunk in &mut lanes {
+                    for (a, &v) in acc.iter_mut().zip(chunk) {
+                        *a += v;
+                    }
+                }
+                let tail: f32 = lanes.remainder().iter().sum();
+                (acc.iter().sum::<f32>() + tail) / hw as f32
+            })
+            .collect()
     }
 
     /// 2×2 / stride-2 max-pool of an NCHW tensor (trailing odd row / column dropped).
