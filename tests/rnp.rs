@@ -142,6 +142,45 @@ fn ragged_execution_equals_grouped_execution_exactly() {
     }
 }
 
+/// The ragged convolution's default (dense block, masked; what a backend without the kernel,
+/// here the autodiff one, computes) and the CPU kernel agree, and both ignore input channels
+/// beyond each image's width.
+#[test]
+fn ragged_kernel_equals_the_masked_default() {
+    use burn::backend::Autodiff;
+    use rlprune::nn::conv::conv2d_bias_act_ragged;
+    let _guard = lock();
+    let dev = Default::default();
+    let (n, c, o) = (5, 12, 16);
+    let x = Tensor::<Cpu, 4>::random([n, c, 9, 9], Distribution::Normal(0.0, 1.0), &dev);
+    let w = Tensor::<Cpu, 4>::random([o, c, 3, 3], Distribution::Normal(0.0, 0.3), &dev);
+    let b = Tensor::<Cpu, 1>::random([o], Distribution::Normal(0.0, 0.3), &dev);
+    let (c_in, c_out) = ([12, 3, 9, 12, 6], [16, 4, 8, 12, 4]);
+    let kernel = conv2d_bias_act_ragged(x.clone(), w.clone(), b.clone(), &c_in, &c_out, true, 1, 1);
+    let default = conv2d_bias_act_ragged::<Autodiff<Cpu>>(
+        Tensor::from_inner(x.clone()),
+        Tensor::from_inner(w.clone()),
+        Tensor::from_inner(b.clone()),
+        &c_in,
+        &c_out,
+        true,
+        1,
+        1,
+    )
+    .inner();
+    assert_eq!(kernel.dims(), [n, 16, 9, 9]);
+    let d: f32 = (kernel.clone() - default).abs().max().into_scalar();
+    assert!(d < 1e-5, "kernel vs masked default: max |diff| = {d}");
+    // Image 1 reads 3 input channels: the others may hold anything.
+    let mut garbage = x.clone().into_data().to_vec::<f32>().unwrap();
+    for v in &mut garbage[c * 81 + 3 * 81..2 * c * 81] {
+        *v = 1e3;
+    }
+    let x2 = Tensor::<Cpu, 4>::from_data(TensorData::new(garbage, [n, c, 9, 9]), &dev);
+    let again = conv2d_bias_act_ragged(x2, w, b, &c_in, &c_out, true, 1, 1);
+    assert_eq!(again.into_data().to_vec::<f32>().unwrap(), kernel.into_data().to_vec::<f32>().unwrap());
+}
+
 /// A ResNet with random BN statistics everywhere (eval-mode BN on the plain backend).
 fn resnet(arch: &str) -> rlprune::backbones::resnet::ResNet<Cpu> {
     use rlprune::backbones::resnet::{ResNet, ResNetOptions};

@@ -82,12 +82,9 @@ impl<B: ModelBackend> FoldedConvBn<B> {
     }
 
     /// Image `i` computes output channels `[0, c_out[i])` from its first `c_in[i]` input
-    /// channels, the rest of its output is zero; `None` where the backend has no such kernel
-    /// (see [`conv2d_bias_act_ragged`]).
-    pub fn forward_ragged(&self, x: Tensor<B, 4>, c_in: &[usize], c_out: &[usize]) -> Option<Tensor<B, 4>> {
-        if self.groups != 1 {
-            return None;
-        }
+    /// channels, the rest of its output is zero (see [`conv2d_bias_act_ragged`]).
+    pub fn forward_ragged(&self, x: Tensor<B, 4>, c_in: &[usize], c_out: &[usize]) -> Tensor<B, 4> {
+        debug_assert_eq!(self.groups, 1, "ConvBn's convolutions are dense");
         conv2d_bias_act_ragged(x, self.weight.clone(), self.bias.clone(), c_in, c_out, true, self.stride, self.padding)
     }
 }

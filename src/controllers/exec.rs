@@ -65,9 +65,6 @@ pub fn controlled_stack<B: ModelBackend>(
     mode: Mode,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Tensor<B, 2>, Trace<B>)> {
-    if points.len() != layers.len() {
-        bail!("controlled forward: {} decision points for {} layers", points.len(), layers.len());
-    }
     if B::has_ragged_conv() && !B::ad_enabled(&x.device()) {
         controlled_stack_ragged(layers, points, pool, x, ctl, mode, rng)
     } else {
@@ -86,9 +83,7 @@ pub fn controlled_stack_grouped<B: ModelBackend>(
     mode: Mode,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Tensor<B, 2>, Trace<B>)> {
-    if points.len() != layers.len() {
-        bail!("controlled forward: {} decision points for {} layers", points.len(), layers.len());
-    }
+    check_points(layers, points)?;
     let device = x.device();
     let [n, c0, _, _] = x.dims();
     let k = ctl.groups();
@@ -97,18 +92,8 @@ pub fn controlled_stack_grouped<B: ModelBackend>(
     let mut c_full_in = c0;
     let mut steps = Vec::with_capacity(layers.len());
     for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
-        let point = DecisionPoint {
-            index: t,
-            name: pc.name.clone(),
-            groups: k,
-            out_channels: pc.out_channels,
-            macs_full: pc.macs,
-        };
         let observation = pooled_observation(&parts, n, c_full_in, &device)?;
-        let decision = ctl.decide(&point, observation.clone(), mode, rng)?;
-        if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
-            bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
-        }
+        let (point, decision) = decide_at(ctl, t, pc, observation.clone(), mode, rng)?;
         let mut macs = vec![0u64; n];
         // New parts keyed by action (index a-1): rows and tensors to concatenate.
         let mut next: Vec<(Vec<usize>, Vec<Tensor<B, 4>>)> = (0..k).map(|_| (Vec::new(), Vec::new())).collect();
@@ -188,29 +173,17 @@ pub fn controlled_stack_ragged<B: ModelBackend>(
     mode: Mode,
     rng: &mut ChaCha8Rng,
 ) -> Result<(Tensor<B, 2>, Trace<B>)> {
+    check_points(layers, points)?;
     let device = x.device();
     let [n, c0, _, _] = x.dims();
-    let k = ctl.groups();
     ctl.reset(n);
     let mut widths = vec![c0; n];
     let mut steps = Vec::with_capacity(layers.len());
     for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
-        let point = DecisionPoint {
-            index: t,
-            name: pc.name.clone(),
-            groups: k,
-            out_channels: pc.out_channels,
-            macs_full: pc.macs,
-        };
         let observation = zero_padded(global_avg_pool(x.clone()), pc.in_channels);
-        let decision = ctl.decide(&point, observation.clone(), mode, rng)?;
-        if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
-            bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
-        }
+        let (point, decision) = decide_at(ctl, t, pc, observation.clone(), mode, rng)?;
         let c_out: Vec<usize> = decision.actions.iter().map(|&a| point.channels_for(a)).collect();
-        let Some(y) = layer.folded(&device).forward_ragged(x, &widths, &c_out) else {
-            bail!("{}: the backend has no ragged convolution", point.name);
-        };
+        let y = layer.folded(&device).forward_ragged(x, &widths, &c_out);
         let [_, _, h, w] = y.dims();
         let kk = layer.conv.kernel_size() as u64;
         let macs = widths.iter().zip(&c_out).map(|(&ci, &co)| (h * w) as u64 * kk * kk * (ci * co) as u64).collect();
@@ -220,6 +193,32 @@ pub fn controlled_stack_ragged<B: ModelBackend>(
     }
     let c_last = points.last().map_or(x.dims()[1], |p| p.out_channels);
     Ok((zero_padded(global_avg_pool(x), c_last), Trace { steps }))
+}
+
+fn check_points<B: ModelBackend>(layers: &[ConvBn<B>], points: &[PrunableConv]) -> Result<()> {
+    if points.len() != layers.len() {
+        bail!("controlled forward: {} decision points for {} layers", points.len(), layers.len());
+    }
+    Ok(())
+}
+
+/// Decision `t` of `ctl` on `observation` (`[N, C_in]`), its actions checked.
+fn decide_at<B: ModelBackend>(
+    ctl: &mut dyn Controller<B>,
+    t: usize,
+    pc: &PrunableConv,
+    observation: Tensor<B, 2>,
+    mode: Mode,
+    rng: &mut ChaCha8Rng,
+) -> Result<(DecisionPoint, super::Decision<B>)> {
+    let (n, k) = (observation.dims()[0], ctl.groups());
+    let point =
+        DecisionPoint { index: t, name: pc.name.clone(), groups: k, out_channels: pc.out_channels, macs_full: pc.macs };
+    let decision = ctl.decide(&point, observation, mode, rng)?;
+    if decision.actions.len() != n || decision.actions.iter().any(|&a| a == 0 || a > k) {
+        bail!("controller returned invalid actions at {} (need {n} actions in 1..={k})", point.name);
+    }
+    Ok((point, decision))
 }
 
 /// `[N, C]` → `[N, width]`, the new columns zero (channels no image of the batch computed).

@@ -115,20 +115,33 @@ pub trait ConvBackend: Backend {
     /// image `i` reads input channels `[0, c_in[i])` of `x` (`[N, C, H, W]`, `C` at most the
     /// weight's input channels; channels beyond `c_in[i]` are ignored) and computes output
     /// channels `[0, c_out[i])` of `relu?(conv2d(x, weight) + bias)`. The output has
-    /// `max(c_out)` channels, image `i`'s beyond `c_out[i]` zero. Only backends for
-    /// which [`has_ragged_conv`](Self::has_ragged_conv) holds implement it (the default panics);
-    /// the others run each group of images with the same widths as its own convolution.
+    /// `max(c_out)` channels, image `i`'s beyond `c_out[i]` zero.
+    ///
+    /// The default computes the dense block `[0, max c_out) × [0, C)` with the inputs and
+    /// outputs masked: the same numbers on any backend, none of the savings. Backends whose
+    /// kernel computes only each image's block say so with
+    /// [`has_ragged_conv`](Self::has_ragged_conv); RNP's routed forward uses this op only there.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_bias_act_ragged(
-        _x: FloatTensor<Self>,
-        _weight: FloatTensor<Self>,
-        _bias: FloatTensor<Self>,
-        _c_in: &[usize],
-        _c_out: &[usize],
-        _relu: bool,
-        _geom: ConvGeom,
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        c_in: &[usize],
+        c_out: &[usize],
+        relu: bool,
+        geom: ConvGeom,
     ) -> FloatTensor<Self> {
-        unimplemented!("conv2d_bias_act_ragged on a backend without has_ragged_conv")
+        let x = Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(x));
+        let [n, c, _, _] = x.dims();
+        let device = x.device();
+        let o = c_out.iter().copied().max().unwrap_or(0);
+        let mask = |widths: &[usize], width: usize| {
+            let m: Vec<f32> = widths.iter().flat_map(|&w| (0..width).map(move |j| if j < w { 1.0 } else { 0.0 })).collect();
+            Tensor::<Self, 4>::from_data(TensorData::new(m, [n, width, 1, 1]), &device)
+        };
+        let x = (x * mask(c_in, c)).into_primitive().tensor();
+        let y = Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(conv2d_bias_act_composed::<Self>(x, weight, bias, o, relu, geom)));
+        (y * mask(c_out, o)).into_primitive().tensor()
     }
 
     /// Global average pool, `[N, C, H, W] → [N, C]`.
@@ -208,7 +221,7 @@ pub fn conv2d_bias_act<B: ConvBackend>(
     Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
-/// See [`ConvBackend::conv2d_bias_act_ragged`]; `None` where the backend has no such kernel.
+/// See [`ConvBackend::conv2d_bias_act_ragged`] (dense convolutions only).
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d_bias_act_ragged<B: ConvBackend>(
     x: Tensor<B, 4>,
@@ -219,10 +232,7 @@ pub fn conv2d_bias_act_ragged<B: ConvBackend>(
     relu: bool,
     stride: usize,
     padding: usize,
-) -> Option<Tensor<B, 4>> {
-    if !B::has_ragged_conv() {
-        return None;
-    }
+) -> Tensor<B, 4> {
     let [o, i, _, _] = weight.dims();
     let [n, c, _, _] = x.dims();
     assert!(c_in.len() == n && c_out.len() == n, "conv2d_bias_act_ragged: widths for {} / {} of {n} images", c_in.len(), c_out.len());
@@ -237,7 +247,7 @@ pub fn conv2d_bias_act_ragged<B: ConvBackend>(
         relu,
         geom,
     );
-    Some(Tensor::from_primitive(TensorPrimitive::Float(y)))
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 /// Global average pool `[N, C, H, W] → [N, C]` (see [`ConvBackend::global_avg_pool`]): RNP's
