@@ -131,17 +131,7 @@ pub trait ConvBackend: Backend {
         relu: bool,
         geom: ConvGeom,
     ) -> FloatTensor<Self> {
-        let x = Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(x));
-        let [n, c, _, _] = x.dims();
-        let device = x.device();
-        let o = c_out.iter().copied().max().unwrap_or(0);
-        let mask = |widths: &[usize], width: usize| {
-            let m: Vec<f32> = widths.iter().flat_map(|&w| (0..width).map(move |j| if j < w { 1.0 } else { 0.0 })).collect();
-            Tensor::<Self, 4>::from_data(TensorData::new(m, [n, width, 1, 1]), &device)
-        };
-        let x = (x * mask(c_in, c)).into_primitive().tensor();
-        let y = Tensor::<Self, 4>::from_primitive(TensorPrimitive::Float(conv2d_bias_act_composed::<Self>(x, weight, bias, o, relu, geom)));
-        (y * mask(c_out, o)).into_primitive().tensor()
+        conv2d_bias_act_ragged_masked::<Self>(x, weight, bias, c_in, c_out, relu, geom)
     }
 
     /// Global average pool, `[N, C, H, W] → [N, C]`.
@@ -163,6 +153,30 @@ fn conv2d_bias_act_composed<B: ConvBackend>(
 ) -> FloatTensor<B> {
     let (weight, bias) = channel_block::<B>(weight, bias, c_out, dims4(&x)[1], geom.groups);
     bias_act_composed::<B>(B::conv2d_forward(x, weight, geom), bias, relu)
+}
+
+/// [`ConvBackend::conv2d_bias_act_ragged`]'s default: the dense block, inputs and outputs masked.
+#[allow(clippy::too_many_arguments)]
+fn conv2d_bias_act_ragged_masked<B: ConvBackend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    c_in: &[usize],
+    c_out: &[usize],
+    relu: bool,
+    geom: ConvGeom,
+) -> FloatTensor<B> {
+    let x = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+    let [n, c, _, _] = x.dims();
+    let device = x.device();
+    let o = c_out.iter().copied().max().unwrap_or(0);
+    let mask = |widths: &[usize], width: usize| {
+        let m: Vec<f32> = widths.iter().flat_map(|&w| (0..width).map(move |j| if j < w { 1.0 } else { 0.0 })).collect();
+        Tensor::<B, 4>::from_data(TensorData::new(m, [n, width, 1, 1]), &device)
+    };
+    let x = (x * mask(c_in, c)).into_primitive().tensor();
+    let y = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(conv2d_bias_act_composed::<B>(x, weight, bias, o, relu, geom)));
+    (y * mask(c_out, o)).into_primitive().tensor()
 }
 
 /// `weight[0..c_out, 0..c_in]` and `bias[0..c_out]` (no copy when that is all of them).
@@ -405,7 +419,7 @@ impl ConvBackend for NdArray<f32> {
         let (xd, wd) = (dims4(&x), dims4(&weight));
         let (xs, ws, bs) = (host_f32(&x), host_f32(&weight), host_f32(&bias));
         let (Some(xs), Some(ws), Some(bs)) = (xs, ws, bs) else {
-            panic!("conv2d_bias_act_ragged: the NdArray tensors are not f32");
+            return conv2d_bias_act_ragged_masked::<Self>(x, weight, bias, c_in, c_out, relu, geom);
         };
         let mut g = Geometry::new(xd, wd, geom);
         g.o = c_out.iter().copied().max().unwrap_or(0);
@@ -676,7 +690,7 @@ mod cpu {
         }
     }
 
-    /// Whether [`forward_range_shifted`] applies: dense, stride 1, and enough input channels
+    /// Whether [`image_shifted`] applies: dense, stride 1, and enough input channels
     /// for a GEMM with `K = C` to run well (the first layer of a network, with 1 or 3 input
     /// channels, keeps im2col's `K = C·kh·kw`).
     fn shifted(g: &Geometry) -> bool {
@@ -846,8 +860,8 @@ mod cpu {
     }
 
     /// The mean of every `hw`-long plane of `x`. ndarray's `mean_dim` over the reshaped planes
-    /// took 0.8 ms for a `[64, 32, 28, 28]` activation, a tenth of what its read costs; RNP pools
-    /// every decision layer's input, so at batch 64 that was most of the router's overhead.
+    /// took 0.8 ms for a `[64, 32, 28, 28]` activation (this loop 0.2 ms); RNP pools every
+    /// decision layer's input, and at batch 64 that cost about as much as the router itself.
     pub fn plane_means(x: &[f32], hw: usize) -> Vec<f32> {
         if hw == 0 {
             return Vec::new();
