@@ -263,11 +263,106 @@ class HorNet(nn.Module):
         return self.head(self.norm(x.mean([-2, -1])))
 
 
+# ---------------------------------------------------------------- CNN baselines
+
+
+def conv_bn(c_in, c_out, stride=1):
+    """3x3 conv without bias, BatchNorm (eps 1e-5, momentum 0.1), as rlprune's ConvBn."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class SmallCnn(nn.Module):
+    """conv-BN-ReLU x4 (32, 32, 64, 64) with 2x2 max-pools after the 2nd and 4th, global average
+    pool, linear head: rlprune's `small-cnn`, the quickstart backbone."""
+
+    def __init__(self, in_chans=1, num_classes=10, channels=(32, 32, 64, 64)):
+        super().__init__()
+        c = (in_chans,) + tuple(channels)
+        self.features = nn.ModuleList([conv_bn(c[i], c[i + 1]) for i in range(4)])
+        self.fc = nn.Linear(c[4], num_classes)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.features):
+            x = F.relu(layer(x))
+            if i in (1, 3):
+                x = F.max_pool2d(x, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+VGG16 = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0]
+
+
+class VggCifar(nn.Module):
+    """VGG-16 with BatchNorm, CIFAR form: 13 conv-BN-ReLU, five 2x2 max-pools (skipped once the
+    map is 1x1), global average pool, one linear classifier (rlprune's `vgg16-cifar`)."""
+
+    def __init__(self, in_chans=3, num_classes=10):
+        super().__init__()
+        layers, pools, c = [], [], in_chans
+        for v in VGG16:
+            if v == 0:
+                pools.append(len(layers) - 1)
+                continue
+            layers.append(conv_bn(c, v))
+            c = v
+        self.features = nn.ModuleList(layers)
+        self.pools = set(pools)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.features):
+            x = F.relu(layer(x))
+            if i in self.pools and x.shape[2] >= 2 and x.shape[3] >= 2:
+                x = F.max_pool2d(x, 2)
+        return self.classifier(x.mean((2, 3)))
+
+
+class BasicBlockA(nn.Module):
+    """CIFAR basic block with the parameter-free option-A shortcut (subsample, zero-pad)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.stride, self.pad = stride, c_out - c_in
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:
+            short = F.pad(short, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(out + short)
+
+
+class ResNetCifar(nn.Module):
+    """He et al.'s CIFAR ResNet-(6n+2): 16-channel stem, stages of 16/32/64 channels."""
+
+    def __init__(self, depth=20, in_chans=3, num_classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1, self.bn1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        blocks, c = [], 16
+        for stage, w in enumerate((16, 32, 64)):
+            for b in range(n):
+                blocks.append(BasicBlockA(c, w, 2 if stage > 0 and b == 0 else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
 MODELS = {
-    # name: constructor (classes, image side); every model's default side is 224.
+    # name: constructor (classes, image side); see DEFAULTS for the models not at 224x224.
+    "small-cnn": lambda c, img: SmallCnn(in_chans=1, num_classes=c),
+    "vgg16-cifar": lambda c, img: VggCifar(num_classes=c),
+    "resnet20-cifar": lambda c, img: ResNetCifar(20, num_classes=c),
+    "resnet56-cifar": lambda c, img: ResNetCifar(56, num_classes=c),
     "gfnet-ti": lambda c, img: GFNet(img_size=img, num_classes=c, embed_dim=256, depth=12),
     "gfnet-xs": lambda c, img: GFNet(img_size=img, num_classes=c, embed_dim=384, depth=12),
     "deit-ti": lambda c, img: DeiT(img_size=img, num_classes=c, embed_dim=192, heads=3),
@@ -278,6 +373,15 @@ MODELS = {
         for r in ("0.9", "0.8", "0.7", "0.6", "0.5")
     },
     "dynamicvit-deit-b-0.7": lambda c, img: DynamicViT(0.7, img_size=img, num_classes=c, embed_dim=768, heads=12),
+}
+
+
+# (in_chans, image side, classes) where rlprune's zoo entry differs from (3, 224, 1000).
+DEFAULTS = {
+    "small-cnn": (1, 28, 10),
+    "vgg16-cifar": (3, 32, 10),
+    "resnet20-cifar": (3, 32, 10),
+    "resnet56-cifar": (3, 32, 10),
 }
 
 
@@ -314,7 +418,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--in-chans", type=int, default=None, help="only the model's own (as rlprune's zoo entry) is built")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (fp32; PyTorch's default TF32 settings)")
     p.add_argument("--tf32", action="store_true", help="CUDA: allow TF32 tensor cores in matmuls and convs (PyTorch's default: convs only)")
@@ -326,14 +431,18 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
         torch.set_num_interop_threads(1)
     torch.manual_seed(0)
-    img = a.img_size or 224
+    own_chans, own_img, own_classes = DEFAULTS.get(a.model, (3, 224, 1000))
+    if a.in_chans not in (None, own_chans):
+        p.error(f"{a.model} is built for {own_chans} input channels")
+    img = a.img_size or own_img
+    a.num_classes = a.num_classes or own_classes
     device = torch.device(a.device)
     if a.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = MODELS[a.model](a.num_classes, img).to(device)
     params = sum(t.numel() for t in model.parameters())
-    x = torch.randn(a.batch, 3, img, img, device=device)
+    x = torch.randn(a.batch, own_chans, img, img, device=device)
     y = torch.arange(a.batch, device=device) % a.num_classes
 
     def sync():
@@ -379,7 +488,7 @@ def main(argv=None):
         "batch": a.batch,
         "threads": torch.get_num_threads(),
         "img_size": img,
-        "in_chans": 3,
+        "in_chans": own_chans,
         "num_classes": a.num_classes,
         "params": params,
         "warmup": a.warmup,

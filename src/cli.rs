@@ -145,6 +145,9 @@ pub enum Command {
         /// Classes of the head (default: the model's own).
         #[arg(long, value_name = "C")]
         num_classes: Option<usize>,
+        /// Input channels (default: the model's own).
+        #[arg(long, value_name = "C")]
+        in_chans: Option<usize>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -280,7 +283,7 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{report}");
             Ok(())
         }
-        Command::Bench { model, batch, threads, train, warmup, repeats, img_size, num_classes, json, device } => {
+        Command::Bench { model, batch, threads, train, warmup, repeats, img_size, num_classes, in_chans, json, device } => {
             use crate::metrics::bench;
             if let Some(t) = threads {
                 bench::limit_threads(t)?;
@@ -293,6 +296,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 repeats,
                 img_size,
                 num_classes,
+                in_chans,
                 device: DeviceSpec::select(Some(&device), "cpu")?,
                 ..Default::default()
             };

@@ -23,12 +23,37 @@ pub mod visualize;
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU
 /// convolution, the global filter). A backend implements each op trait in one line, getting the
 /// generic tensor-op implementations.
-pub trait ModelBackend: nn::conv::ConvBackend + nn::global_filter::SpectralBackend {}
-impl<B: nn::conv::ConvBackend + nn::global_filter::SpectralBackend> ModelBackend for B {}
+pub trait ModelBackend: nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend {}
+impl<B: nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend> ModelBackend for B {}
 
 /// The default CPU backend and its autodiff wrapper.
 pub type Cpu = burn::backend::NdArray<f32>;
 pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;
+
+/// Whether this CPU has the instruction sets the binary was compiled for. The x86-64 build
+/// targets x86-64-v3 (`.cargo/config.toml`); on an older CPU the first vectorised loop would
+/// die of an illegal instruction, so the binary says so up front.
+pub fn check_cpu_features() -> Result<(), String> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    {
+        // `is_x86_feature_detected!` answers `true` without asking the CPU when the feature is
+        // enabled at compile time, so CPUID is read directly: leaf 1 ECX bit 12 is FMA, leaf 7
+        // EBX bit 5 is AVX2.
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU; leaf 7 is only read when leaf 0 says it exists.
+        let (fma, avx2) = unsafe {
+            use std::arch::x86_64::{__cpuid, __cpuid_count};
+            let max_leaf = __cpuid(0).eax;
+            (__cpuid(1).ecx & (1 << 12) != 0, max_leaf >= 7 && __cpuid_count(7, 0).ebx & (1 << 5) != 0)
+        };
+        if !(fma && avx2) {
+            return Err("this build of rlprune needs a CPU with AVX2 and FMA (x86-64-v3); rebuild it for this CPU with \
+                        RUSTFLAGS=\"-C target-cpu=x86-64\" cargo build --release"
+                .into());
+        }
+    }
+    Ok(())
+}
 
 /// Keeps freed memory in the process instead of handing it back to the kernel after each op.
 ///

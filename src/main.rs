@@ -1,6 +1,10 @@
 use clap::Parser;
 
 fn main() {
+    if let Err(e) = rlprune::check_cpu_features() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     rlprune::keep_freed_memory();
     let cli = rlprune::cli::Cli::parse();
     rlprune::logging::init(cli.verbose);

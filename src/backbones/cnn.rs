@@ -3,7 +3,6 @@
 
 use anyhow::Result;
 use burn::module::Module;
-use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
 
 use burn::tensor::Tensor;
@@ -42,7 +41,7 @@ impl<B: ModelBackend> ConvBn<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         if B::ad_enabled(&x.device()) {
             // Training: BatchNorm normalises with the batch statistics.
-            relu(self.bn.forward(self.conv.forward(x)))
+            self.bn.forward_relu(self.conv.forward(x))
         } else {
             self.folded(&x.device()).forward(x, self.conv.out_channels())
         }

@@ -95,7 +95,7 @@ impl<B: ModelBackend> BasicBlock<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let out = relu(self.bn1.forward(self.conv1.forward(x.clone())));
+        let out = self.bn1.forward_relu(self.conv1.forward(x.clone()));
         let out = self.bn2.forward(self.conv2.forward(out));
         relu(out + self.shortcut(x, false))
     }
@@ -191,7 +191,7 @@ fn scale(c: usize, width: f64) -> usize {
 
 impl<B: ModelBackend> Backbone<B> for ResNet<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-        let mut x = relu(self.bn1.forward(self.conv1.forward(x)));
+        let mut x = self.bn1.forward_relu(self.conv1.forward(x));
         if self.stem_pool {
             x = max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], false);
         }

@@ -3,8 +3,8 @@
 //! Reference families (GFNet, GFNet-H, HorNet, DeiT, DynamicViT) are counted analytically from their
 //! arguments at 224×224 and 1000 classes — nothing is allocated, so `hornet-l-gf` (196 M
 //! parameters) costs microseconds — and match `official_models.json` exactly. The CNN
-//! baselines (`vgg16-cifar`, `resnet56-cifar` at 32×32 and 10 classes, `resnet18` at 224×224
-//! and 1000 classes) are small enough to build; their MACs count convolutions and linears
+//! baselines (`small-cnn` at 28×28 with one channel, `vgg16-cifar`, `resnet20-cifar` and
+//! `resnet56-cifar` at 32×32 and 10 classes, `resnet18` at 224×224 and 1000 classes) are small enough to build; their MACs count convolutions and linears
 //! (batch norm folds into the convolutions at inference).
 
 use anyhow::{bail, Result};
@@ -46,7 +46,9 @@ pub const ZOO_NAMES: &[&str] = &[
     "adahornet-t-7x7-0.5",
     "adahornet-t-gf-0.7",
     "adahornet-s-7x7-0.7",
+    "small-cnn",
     "vgg16-cifar",
+    "resnet20-cifar",
     "resnet56-cifar",
     "resnet18",
 ];
@@ -119,6 +121,8 @@ pub fn zoo_entry(name: &str) -> Result<ZooEntry> {
     }
     let ctx = match name {
         "resnet18" => BuildContext { num_classes: 1000, in_channels: 3, img_size: [224, 224] },
+        // The quickstart's backbone, at Fashion-MNIST's shape.
+        "small-cnn" => BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] },
         _ => BuildContext { num_classes: 10, in_channels: 3, img_size: [32, 32] },
     };
     let model: AnyBackbone<Cpu> = build(name, &toml::Table::new(), &ctx, &Default::default())?;
@@ -229,17 +233,16 @@ mod tests {
 
     #[test]
     fn cnn_baselines_count_every_parameter() {
-        for name in ["vgg16-cifar", "resnet56-cifar"] {
+        for name in ["small-cnn", "vgg16-cifar", "resnet20-cifar", "resnet56-cifar"] {
             let e = zoo_entry(name).unwrap();
             let ZooSpec::Cnn { arch, ctx } = &e.spec else { panic!() };
             let m: AnyBackbone<Cpu> = build(arch, &toml::Table::new(), ctx, &Default::default()).unwrap();
-            // PyTorch's parameters(): burn's num_params also counts BN running statistics.
-            let trainable: usize = crate::nn::params::param_shapes::<Cpu, _>(&m)
-                .iter()
-                .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum();
+            let trainable = crate::nn::params::trainable_param_count::<Cpu, _>(&m);
             assert_eq!(e.params, trainable as u64, "{name}");
+        }
+        // `sum(p.numel() for p in model.parameters())` of benchmarks/pytorch_bench.py's models.
+        for (name, torch) in [("small-cnn", 65_834), ("vgg16-cifar", 14_724_042), ("resnet20-cifar", 269_722)] {
+            assert_eq!(zoo_entry(name).unwrap().params, torch, "{name}");
         }
     }
 

@@ -61,6 +61,8 @@ pub struct BenchOptions {
     pub img_size: Option<usize>,
     /// Classes of the head (default: the model's own).
     pub num_classes: Option<usize>,
+    /// Input channels (default: the model's own).
+    pub in_chans: Option<usize>,
     /// Where to run. Only the CPU is implemented.
     pub device: DeviceSpec,
     /// The optimizer of the training step.
@@ -77,6 +79,7 @@ impl Default for BenchOptions {
             repeats: 10,
             img_size: None,
             num_classes: None,
+            in_chans: None,
             device: DeviceSpec::Cpu,
             optimizer: OptimizerConfig::default(),
         }
@@ -90,6 +93,7 @@ impl BenchOptions {
         ensure!(self.threads != Some(0), "--threads must be at least 1");
         ensure!(self.img_size != Some(0), "--img-size must be at least 1");
         ensure!(self.num_classes != Some(0), "--num-classes must be at least 1");
+        ensure!(self.in_chans != Some(0), "--in-chans must be at least 1");
         Ok(())
     }
 
@@ -234,7 +238,7 @@ pub enum BenchModelKind {
 
 impl BenchModel {
     /// Resolves `target` (a model TOML file, else a zoo name) and applies the size overrides.
-    pub fn resolve(target: &str, img_size: Option<usize>, num_classes: Option<usize>) -> Result<Self> {
+    pub fn resolve(target: &str, img_size: Option<usize>, num_classes: Option<usize>, in_chans: Option<usize>) -> Result<Self> {
         let path = Path::new(target);
         let (spec, default_img) = if path.is_file() {
             let spec = model_from_toml(path)?;
@@ -252,6 +256,9 @@ impl BenchModel {
                 let mut table = spec.to_table();
                 if let Some(c) = num_classes {
                     table.insert("num_classes".into(), toml::Value::Integer(c as i64));
+                }
+                if let Some(c) = in_chans {
+                    table.insert("in_chans".into(), toml::Value::Integer(c as i64));
                 }
                 // Models built for one input size (GFNet, DeiT) carry it as an argument.
                 if spec.img_size().is_some() {
@@ -276,7 +283,7 @@ impl BenchModel {
             ZooSpec::Cnn { arch, ctx } => {
                 let ctx = BuildContext {
                     num_classes: num_classes.unwrap_or(ctx.num_classes),
-                    in_channels: ctx.in_channels,
+                    in_channels: in_chans.unwrap_or(ctx.in_channels),
                     img_size: [img, img],
                 };
                 Ok(Self {
@@ -317,6 +324,7 @@ pub struct BenchReport {
     pub img_size: usize,
     pub in_chans: usize,
     pub num_classes: usize,
+    /// Learnable parameters (BatchNorm's running statistics not counted, as in PyTorch).
     pub params: usize,
     pub warmup: usize,
     pub repeats: usize,
@@ -427,12 +435,12 @@ fn default_threads() -> usize {
 /// Call [`limit_threads`] first (before any computation in the process) to limit CPU threads.
 pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     opts.validate()?;
-    let model = BenchModel::resolve(target, opts.img_size, opts.num_classes)?;
+    let model = BenchModel::resolve(target, opts.img_size, opts.num_classes, opts.in_chans)?;
     let shape = model.input_shape(opts.batch);
     let (seconds, params) = if opts.train {
         crate::with_autodiff_backend!(opts.device, |B, device| {
             let m: AnyBackbone<B> = model.build(&device)?;
-            let params = burn::module::Module::num_params(&m);
+            let params = crate::nn::params::trainable_param_count(&m);
             let (s, _) = bench_train_step(
                 m,
                 shape,
@@ -447,7 +455,7 @@ pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     } else {
         crate::with_backend!(opts.device, |B, device| {
             let m: AnyBackbone<B> = model.build(&device)?;
-            let params = burn::module::Module::num_params(&m);
+            let params = crate::nn::params::trainable_param_count(&m);
             Ok::<_, anyhow::Error>((bench_inference(&m, shape, opts.warmup, opts.repeats, &device)?, params))
         })?
     };
@@ -528,7 +536,7 @@ mod tests {
 
     #[test]
     fn overrides_reach_the_model() {
-        let m = BenchModel::resolve("gfnet-ti", Some(64), Some(7)).unwrap();
+        let m = BenchModel::resolve("gfnet-ti", Some(64), Some(7), None).unwrap();
         assert_eq!(
             m.ctx,
             BuildContext {
@@ -541,10 +549,16 @@ mod tests {
             panic!("gfnet-ti is a reference model")
         };
         assert_eq!((spec.img_size(), spec.num_classes()), (Some(64), 7));
-        let cnn = BenchModel::resolve("vgg16-cifar", None, None).unwrap();
+        let cnn = BenchModel::resolve("vgg16-cifar", None, None, None).unwrap();
         assert_eq!(cnn.input_shape(5), [5, 3, 32, 32]);
-        assert!(BenchModel::resolve("no-such-model", None, None).is_err());
-        assert!(BenchModel::resolve("missing.toml", None, None).is_err());
+        let small = BenchModel::resolve("small-cnn", None, None, None).unwrap();
+        assert_eq!(small.input_shape(64), [64, 1, 28, 28]);
+        let rgb = BenchModel::resolve("small-cnn", Some(32), Some(100), Some(3)).unwrap();
+        assert_eq!((rgb.input_shape(2), rgb.ctx.num_classes), ([2, 3, 32, 32], 100));
+        let resnet = BenchModel::resolve("resnet20-cifar", None, None, None).unwrap();
+        assert_eq!(resnet.input_shape(1), [1, 3, 32, 32]);
+        assert!(BenchModel::resolve("no-such-model", None, None, None).is_err());
+        assert!(BenchModel::resolve("missing.toml", None, None, None).is_err());
     }
 
     #[test]

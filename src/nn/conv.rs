@@ -22,7 +22,7 @@ use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{ConvOptions, FloatTensor, ModuleOps};
+use burn::tensor::ops::{ConvOptions, FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
 thread_local! {
@@ -104,6 +104,18 @@ pub trait ConvBackend: Backend {
     /// default `ceil_mode=False`).
     fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::max_pool2d(x, [2, 2], [2, 2], [0, 0], [1, 1], false)
+    }
+
+    /// [`max_pool2x2`](Self::max_pool2x2) and the position of each maximum in its input plane
+    /// (`row · W + column`, burn's convention), for the backward.
+    fn max_pool2x2_with_indices(x: FloatTensor<Self>) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let out = Self::max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+        (out.output, out.indices)
+    }
+
+    /// The gradient of [`max_pool2x2`](Self::max_pool2x2) with respect to its input `x`.
+    fn max_pool2x2_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::max_pool2d_with_indices_backward(x, [2, 2], [2, 2], [0, 0], [1, 1], false, grad, indices).x_grad
     }
 
     /// Whether [`conv2d_bias_act_ragged`](Self::conv2d_bias_act_ragged) runs on this backend.
@@ -329,7 +341,34 @@ impl<B: ConvBackend> Backward<B, 2> for ConvBackward {
     }
 }
 
+#[derive(Debug)]
+struct MaxPoolBackward;
+
+impl<B: ConvBackend> Backward<B, 1> for MaxPoolBackward {
+    /// The input (for its shape) and the positions of the maxima.
+    type State = (FloatTensor<B>, IntTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node {
+            let (x, indices) = ops.state;
+            grads.register::<B>(node.id, B::max_pool2x2_backward(x, grad, indices));
+        }
+    }
+}
+
 impl<B: ConvBackend, C: CheckpointStrategy> ConvBackend for Autodiff<B, C> {
+    fn max_pool2x2(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match MaxPoolBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, indices) = B::max_pool2x2_with_indices(x.primitive.clone());
+                prep.finish((x.primitive, indices), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::max_pool2x2(x.primitive)),
+        }
+    }
+
     fn conv2d_forward(x: FloatTensor<Self>, weight: FloatTensor<Self>, geom: ConvGeom) -> FloatTensor<Self> {
         let shapes = (dims4(&x.primitive), dims4(&weight.primitive));
         match ConvBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
@@ -401,6 +440,29 @@ impl ConvBackend for NdArray<f32> {
         };
         let out = cpu::max_pool2x2(&xs, [n, c, h, w]);
         NdArrayTensor::from_data(TensorData::new(out, [n, c, h / 2, w / 2]))
+    }
+
+    fn max_pool2x2_with_indices(x: FloatTensor<Self>) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let [n, c, h, w] = dims4(&x);
+        let Some(xs) = host_f32(&x) else {
+            let out = Self::max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], false);
+            return (out.output, out.indices);
+        };
+        let (out, idx) = cpu::max_pool2x2_with_indices(&xs, [n, c, h, w]);
+        let shape = [n, c, h / 2, w / 2];
+        (NdArrayTensor::from_data(TensorData::new(out, shape)), NdArrayTensor::from_data(TensorData::new(idx, shape)))
+    }
+
+    fn max_pool2x2_backward(x: FloatTensor<Self>, grad: FloatTensor<Self>, indices: IntTensor<Self>) -> FloatTensor<Self> {
+        let [n, c, h, w] = dims4(&x);
+        let idx = match &indices {
+            NdArrayTensor::I64(s) => s.view().to_slice().map(Cow::Borrowed).unwrap_or_else(|| Cow::Owned(s.view().iter().copied().collect())),
+            _ => return Self::max_pool2d_with_indices_backward(x, [2, 2], [2, 2], [0, 0], [1, 1], false, grad, indices).x_grad,
+        };
+        let Some(gs) = host_f32(&grad) else {
+            return Self::max_pool2d_with_indices_backward(x, [2, 2], [2, 2], [0, 0], [1, 1], false, grad, indices).x_grad;
+        };
+        NdArrayTensor::from_data(TensorData::new(cpu::max_pool2x2_backward(&gs, &idx, [n, c, h, w]), [n, c, h, w]))
     }
 
     fn has_ragged_conv() -> bool {
@@ -622,6 +684,103 @@ mod cpu {
                 1.0, 1.0, false, false, false,
                 gemm::Parallelism::None,
             );
+        }
+    }
+
+    /// [`gemm`] into a destination with row and column strides `(rsc, csc)`, always
+    /// accumulating (`c += a·b`).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_acc_strided(m: usize, k: usize, n: usize, a: &[f32], (rsa, csa): (usize, usize), b: &[f32], (rsb, csb): (usize, usize), c: &mut [f32], (rsc, csc): (usize, usize)) {
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        assert!(a.len() > (m - 1) * rsa + (k - 1) * csa);
+        assert!(b.len() > (k - 1) * rsb + (n - 1) * csb);
+        assert!(c.len() > (m - 1) * rsc + (n - 1) * csc);
+        // SAFETY: the asserts above bound every index the kernel reads or writes; `c` does not
+        // alias `a` or `b` (distinct borrows).
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                c.as_mut_ptr(), csc as isize, rsc as isize, true,
+                a.as_ptr(), csa as isize, rsa as isize,
+                b.as_ptr(), csb as isize, rsb as isize,
+                1.0, 1.0, false, false, false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
+
+    /// One thread's buffers for [`image_shifted_backward`], kept from image to image.
+    struct ShiftedBackward {
+        /// The output gradient in the forward's wide layout (`[O, span]`); the `2p` extra
+        /// columns of each row stay zero, so they add nothing to either gradient.
+        wide: Vec<f32>,
+        /// The zero-padded input image (border always zero).
+        padded: Vec<f32>,
+        /// The gradient of the padded input image.
+        dpadded: Vec<f32>,
+    }
+
+    impl ShiftedBackward {
+        fn new(g: &Geometry) -> Self {
+            let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+            let span = (g.ho - 1) * wp + g.wo;
+            Self { wide: vec![0.0; g.o * span], padded: vec![0.0; g.c * hp * wp], dpadded: vec![0.0; g.c * hp * wp] }
+        }
+    }
+
+    /// Both gradients of [`image_shifted`]'s convolution for one image, one GEMM per kernel
+    /// tap and no im2col: with `G` the output gradient in the wide layout and `X` the padded
+    /// image, `dW[:, :, i, j] += G · X[:, shifted by (i, j)]ᵀ` and
+    /// `dX[:, shifted by (i, j)] += W[:, :, i, j]ᵀ · G`. im2col and col2im moved `kh·kw` copies
+    /// of every image through memory, twice per backward.
+    fn image_shifted_backward(
+        grad: &[f32],
+        x: Option<&[f32]>,
+        w: Option<&[f32]>,
+        g: &Geometry,
+        s: &mut ShiftedBackward,
+        dx: Option<&mut [f32]>,
+        dw: Option<&mut [f32]>,
+    ) {
+        let (hp, wp, pix) = (g.h + 2 * g.p, g.w + 2 * g.p, g.pixels());
+        let plane = hp * wp;
+        let span = (g.ho - 1) * wp + g.wo;
+        let taps = g.kh * g.kw;
+        for (o, src) in grad.chunks_exact(pix).enumerate() {
+            let dst = &mut s.wide[o * span..][..span];
+            for (oy, row) in src.chunks_exact(g.wo).enumerate() {
+                dst[oy * wp..][..g.wo].copy_from_slice(row);
+            }
+        }
+        if let (Some(x), Some(dw)) = (x, dw) {
+            for ch in 0..g.c {
+                let src = &x[ch * g.h * g.w..][..g.h * g.w];
+                let dst = &mut s.padded[ch * plane..][..plane];
+                for (y, row) in src.chunks_exact(g.w).enumerate() {
+                    dst[(y + g.p) * wp + g.p..][..g.w].copy_from_slice(row);
+                }
+            }
+            for tap in 0..taps {
+                let off = (tap / g.kw) * wp + tap % g.kw;
+                // dW[o, c, tap] += Σ_q G[o, q] · X[c, q + off]
+                gemm_acc_strided(g.o, span, g.c, &s.wide, (span, 1), &s.padded[off..], (1, plane), &mut dw[tap..], (g.w_row(), taps));
+            }
+        }
+        if let (Some(w), Some(dx)) = (w, dx) {
+            s.dpadded.fill(0.0);
+            for tap in 0..taps {
+                let off = (tap / g.kw) * wp + tap % g.kw;
+                // dX[c, q + off] += Σ_o W[o, c, tap] · G[o, q]
+                gemm_acc_strided(g.c, g.o, span, &w[tap..], (taps, g.w_row()), &s.wide, (span, 1), &mut s.dpadded[off..], (plane, 1));
+            }
+            for (ch, dst) in dx.chunks_exact_mut(g.h * g.w).enumerate() {
+                let src = &s.dpadded[ch * plane..][..plane];
+                for (y, row) in dst.chunks_exact_mut(g.w).enumerate() {
+                    row.copy_from_slice(&src[(y + g.p) * wp + g.p..][..g.w]);
+                }
+            }
         }
     }
 
@@ -905,6 +1064,76 @@ mod cpu {
         out
     }
 
+    /// [`max_pool2x2`] and the in-plane position (`row · w + column`) of each maximum; the first
+    /// of equal values wins, scanning the window row by row.
+    pub fn max_pool2x2_with_indices(x: &[f32], [n, c, h, w]: [usize; 4]) -> (Vec<f32>, Vec<i64>) {
+        let (ho, wo) = (h / 2, w / 2);
+        let per = c * ho * wo;
+        let mut out = vec![0.0f32; n * per];
+        let mut idx = vec![0i64; n * per];
+        if per == 0 {
+            return (out, idx);
+        }
+        let pool = |first: usize, out: &mut [f32], idx: &mut [i64]| {
+            for (p, (plane, iplane)) in out.chunks_exact_mut(ho * wo).zip(idx.chunks_exact_mut(ho * wo)).enumerate() {
+                let src = &x[(first * c + p) * h * w..][..h * w];
+                for oy in 0..ho {
+                    let (r0, r1) = (&src[2 * oy * w..][..2 * wo], &src[(2 * oy + 1) * w..][..2 * wo]);
+                    let dst = plane[oy * wo..][..wo].iter_mut().zip(&mut iplane[oy * wo..][..wo]);
+                    for (ox, (o, i)) in dst.enumerate() {
+                        let (a, b, cc, d) = (r0[2 * ox], r0[2 * ox + 1], r1[2 * ox], r1[2 * ox + 1]);
+                        // `>` keeps the first maximum; a NaN wins, as in PyTorch.
+                        let (mut best, mut at) = (a, 0);
+                        for (k, v) in [(1, b), (2, cc), (3, d)] {
+                            if v > best || (v.is_nan() && !best.is_nan()) {
+                                (best, at) = (v, k);
+                            }
+                        }
+                        *o = best;
+                        *i = ((2 * oy + at / 2) * w + 2 * ox + at % 2) as i64;
+                    }
+                }
+            }
+        };
+        // Memory-bound: a thread pays for itself from about 256 K input values.
+        let threads = super::conv_threads().min((n * c * h * w) >> 18).clamp(1, n.max(1));
+        if threads == 1 {
+            pool(0, &mut out, &mut idx);
+            return (out, idx);
+        }
+        std::thread::scope(|scope| {
+            let pool = &pool;
+            let (mut rest_o, mut rest_i) = (&mut out[..], &mut idx[..]);
+            for t in 0..threads {
+                let (a, b) = (t * n / threads, (t + 1) * n / threads);
+                let (co, to) = std::mem::take(&mut rest_o).split_at_mut((b - a) * per);
+                let (ci, ti) = std::mem::take(&mut rest_i).split_at_mut((b - a) * per);
+                (rest_o, rest_i) = (to, ti);
+                if t + 1 == threads {
+                    pool(a, co, ci);
+                } else {
+                    scope.spawn(move || pool(a, co, ci));
+                }
+            }
+        });
+        (out, idx)
+    }
+
+    /// The input gradient of a 2×2 max-pool: each output gradient goes to its maximum's place.
+    pub fn max_pool2x2_backward(grad: &[f32], idx: &[i64], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+        let per = (h / 2) * (w / 2);
+        let mut dx = vec![0.0f32; n * c * h * w];
+        if per == 0 {
+            return dx;
+        }
+        for ((plane, g), i) in dx.chunks_exact_mut(h * w).zip(grad.chunks_exact(per)).zip(idx.chunks_exact(per)) {
+            for (&gv, &iv) in g.iter().zip(i) {
+                plane[iv as usize] += gv;
+            }
+        }
+        dx
+    }
+
     /// `(dx of images first..first+count, this range's share of dW)`.
     fn backward_range(
         grad: &[f32],
@@ -917,6 +1146,16 @@ mod cpu {
         let (k, pix, og) = (g.k(), g.pixels(), g.og());
         let mut dw = x.map(|_| vec![0.0f32; g.o * k]);
         let mut dx = w.map(|_| vec![0.0f32; count * g.c * g.h * g.w]);
+        if shifted(g) {
+            let mut s = ShiftedBackward::new(g);
+            let chw = g.c * g.h * g.w;
+            for i in 0..count {
+                let img = first + i;
+                let gr = &grad[img * g.o * pix..][..g.o * pix];
+                image_shifted_backward(gr, x.map(|x| &x[img * chw..][..chw]), w, g, &mut s, dx.as_mut().map(|d| &mut d[i * chw..][..chw]), dw.as_deref_mut());
+            }
+            return (dx, dw);
+        }
         let mut cols = vec![0.0f32; k * pix];
         for i in 0..count {
             let img = first + i;
@@ -958,5 +1197,45 @@ mod cpu {
             }
         }
         (dx, dw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::module::max_pool2d;
+    use burn::tensor::{Distribution, Tensor};
+
+    use crate::CpuAutodiff;
+
+    /// The 2×2 pool with its own backward against burn's `max_pool2d` and its gradient, on odd
+    /// sizes (trailing row and column dropped).
+    #[test]
+    fn max_pool_forward_and_gradient_match_burn() {
+        let device = Default::default();
+        for dims in [[2, 3, 6, 8], [3, 2, 7, 5]] {
+            let x0 = Tensor::<CpuAutodiff, 4>::random(dims, Distribution::Uniform(-2.0, 2.0), &device);
+            let [n, c, h, w] = dims;
+            let r = Tensor::<CpuAutodiff, 4>::random([n, c, h / 2, w / 2], Distribution::Default, &device);
+            let run = |ours: bool| {
+                let x = x0.clone().require_grad();
+                let y = if ours { super::max_pool2x2(x.clone()) } else { max_pool2d(x.clone(), [2, 2], [2, 2], [0, 0], [1, 1], false) };
+                let grads = (y.clone() * r.clone()).sum().backward();
+                let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+                let y: Vec<f32> = y.into_data().to_vec().unwrap();
+                (y, gx)
+            };
+            let (ours, theirs) = (run(true), run(false));
+            assert_eq!(ours.0, theirs.0, "forward {dims:?}");
+            assert_eq!(ours.1, theirs.1, "gradient {dims:?}");
+            assert!(ours.1.iter().filter(|&&v| v != 0.0).count() == n * c * (h / 2) * (w / 2));
+        }
+    }
+
+    #[test]
+    fn max_pool_ties_go_to_the_first_maximum() {
+        let (y, idx) = super::cpu::max_pool2x2_with_indices(&[1.0, 3.0, 3.0, 0.0], [1, 1, 2, 2]);
+        assert_eq!((y, idx), (vec![3.0], vec![1]));
+        let dx = super::cpu::max_pool2x2_backward(&[2.0], &[1], [1, 1, 2, 2]);
+        assert_eq!(dx, vec![0.0, 2.0, 0.0, 0.0]);
     }
 }

@@ -260,9 +260,11 @@ mod fast_path_tests {
             (8, 3, 3, 1, 2, 1, 6),
             (10, 6, 1, 1, 0, 1, 5),
             (8, 4, 7, 1, 3, 1, 5),
+            (16, 8, 3, 1, 1, 1, 12),
         ] {
             let c = Conv2d::<CpuAutodiff>::new(ci, co, k, s, p, g, true, &d);
-            let x = Tensor::<CpuAutodiff, 4>::random([2, ci, side, side], Distribution::Default, &d).require_grad();
+            // Non-square, so that rows and columns cannot be confused.
+            let x = Tensor::<CpuAutodiff, 4>::random([2, ci, side, side + 2], Distribution::Default, &d).require_grad();
             let ours = c.forward(x.clone());
             let theirs = burn::tensor::module::conv2d(
                 x.clone(),

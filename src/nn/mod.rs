@@ -1,6 +1,7 @@
 //! Reusable layers. Parameter names and layouts follow PyTorch so that reference weights load
 //! by name (see [`params`]).
 
+pub mod batch_norm_op;
 pub mod conv;
 pub mod attention;
 pub mod drop_path;

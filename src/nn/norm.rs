@@ -6,6 +6,8 @@ use burn::module::{Module, Param, RunningState};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::batch_norm_op::{batch_norm_train, NormBackend};
+
 /// LayerNorm over the last dimension (`nn.LayerNorm`).
 #[derive(Module, Debug)]
 pub struct LayerNorm<B: Backend> {
@@ -83,7 +85,10 @@ impl<B: Backend> BatchNorm2d<B> {
         self.weight.dims()[0]
     }
 
-    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4>
+    where
+        B: NormBackend,
+    {
         self.forward_channels(x, self.num_features())
     }
 
@@ -108,31 +113,47 @@ impl<B: Backend> BatchNorm2d<B> {
 
     /// Normalises the first `c` channels only: with RNP's sliced convolutions the skipped
     /// channels were never computed.
-    pub fn forward_channels(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4> {
+    pub fn forward_channels(&self, x: Tensor<B, 4>, c: usize) -> Tensor<B, 4>
+    where
+        B: NormBackend,
+    {
+        self.forward_channels_act(x, c, false)
+    }
+
+    /// `relu(bn(x))`, in training one fused op (see [`batch_norm_train`]).
+    pub fn forward_relu(&self, x: Tensor<B, 4>) -> Tensor<B, 4>
+    where
+        B: NormBackend,
+    {
+        self.forward_channels_act(x, self.num_features(), true)
+    }
+
+    fn forward_channels_act(&self, x: Tensor<B, 4>, c: usize, relu: bool) -> Tensor<B, 4>
+    where
+        B: NormBackend,
+    {
         let device = x.device();
         let full = self.num_features();
         let pick = |t: Tensor<B, 1>| if c == full { t } else { t.slice(0..c) };
-        let (mean, var) = if B::ad_enabled(&device) {
+        if B::ad_enabled(&device) {
             let [n, _, h, w] = x.dims();
-            let flat = x.clone().swap_dims(0, 1).reshape([c, n * h * w]);
-            let (var, mean) = flat.var_mean_bias(1);
-            let (mean, var) = (mean.reshape([c]), var.reshape([c]));
+            let (y, mean, var) = batch_norm_train(x, pick(self.weight.val()), pick(self.bias.val()), self.eps, relu);
             let count = (n * h * w) as f64;
-            let unbiased = var.clone().detach() * (count / (count - 1.0).max(1.0));
+            let unbiased = var.detach() * (count / (count - 1.0).max(1.0));
             let m = self.momentum;
             // Skipped channels keep their running statistics untouched.
             let rm = self.running_mean.value_sync().to_device(&device);
             let rv = self.running_var.value_sync().to_device(&device);
-            let new_m = rm.clone().slice(0..c) * (1.0 - m) + mean.clone().detach() * m;
+            let new_m = rm.clone().slice(0..c) * (1.0 - m) + mean.detach() * m;
             let new_v = rv.clone().slice(0..c) * (1.0 - m) + unbiased * m;
             self.running_mean.update(rm.slice_assign(0..c, new_m));
             self.running_var.update(rv.slice_assign(0..c, new_v));
-            (mean, var)
-        } else {
-            (pick(self.running_mean.value()), pick(self.running_var.value()))
-        };
+            return y;
+        }
+        let (mean, var) = (pick(self.running_mean.value()), pick(self.running_var.value()));
         let scale = pick(self.weight.val()) / (var + self.eps).sqrt();
         let shift = pick(self.bias.val()) - mean * scale.clone();
-        x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1])
+        let y = x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
+        if relu { burn::tensor::activation::relu(y) } else { y }
     }
 }

@@ -103,6 +103,16 @@ pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> BTreeMap<String, Ve
     s.out
 }
 
+/// Learnable parameters, as PyTorch's `sum(p.numel() for p in model.parameters())` counts them:
+/// burn's `num_params` also counts BatchNorm's running statistics, which are buffers there.
+pub fn trainable_param_count<B: Backend, M: Module<B>>(module: &M) -> usize {
+    param_shapes::<B, M>(module)
+        .iter()
+        .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
 /// What went wrong when loading a state dict, by parameter name.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct LoadReport {
