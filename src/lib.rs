@@ -23,8 +23,14 @@ pub mod visualize;
 /// Backends that run every op the models need: burn's ops plus our custom ones (the CPU
 /// convolution, the global filter). A backend implements each op trait in one line, getting the
 /// generic tensor-op implementations.
-pub trait ModelBackend: nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend {}
-impl<B: nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend> ModelBackend for B {}
+pub trait ModelBackend:
+    nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend + nn::layer_norm_op::LayerNormBackend
+{
+}
+impl<B> ModelBackend for B where
+    B: nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend + nn::layer_norm_op::LayerNormBackend
+{
+}
 
 /// The default CPU backend and its autodiff wrapper.
 pub type Cpu = burn::backend::NdArray<f32>;

@@ -233,7 +233,7 @@ pub struct FastPath<B: Backend> {
     pub gamma: Param<Tensor<B, 1>>,
 }
 
-impl<B: Backend> FastPath<B> {
+impl<B: ModelBackend> FastPath<B> {
     pub fn new(dim: usize, gamma: f64, device: &B::Device) -> Self {
         Self {
             norm: LayerNorm::new(dim, 1e-6, device),

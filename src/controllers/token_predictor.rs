@@ -44,7 +44,7 @@ pub struct PredictorLG<B: Backend> {
     pub out_conv: (Linear<B>, Gelu, Linear<B>, Gelu, Linear<B>),
 }
 
-impl<B: Backend> PredictorLG<B> {
+impl<B: crate::ModelBackend> PredictorLG<B> {
     /// PyTorch's default initialisation (the reference does not re-initialise the predictors).
     pub fn new(dim: usize, device: &B::Device) -> Self {
         Self {

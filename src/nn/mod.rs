@@ -6,6 +6,7 @@ pub mod conv;
 pub mod attention;
 pub mod drop_path;
 pub mod global_filter;
+pub mod layer_norm_op;
 pub mod layers;
 pub mod norm;
 pub mod params;

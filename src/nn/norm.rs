@@ -7,6 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::batch_norm_op::{batch_norm_train, NormBackend};
+use super::layer_norm_op::{layer_norm, LayerNormBackend};
 
 /// LayerNorm over the last dimension (`nn.LayerNorm`).
 #[derive(Module, Debug)]
@@ -25,10 +26,12 @@ impl<B: Backend> LayerNorm<B> {
         }
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let (var, mean) = x.clone().var_mean_bias(D - 1);
-        let x = (x - mean).div((var + self.eps).sqrt());
-        x * self.weight.val().unsqueeze::<D>() + self.bias.val().unsqueeze::<D>()
+    /// One op (see [`layer_norm`]).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D>
+    where
+        B: LayerNormBackend,
+    {
+        layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }
 }
 
