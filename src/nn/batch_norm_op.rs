@@ -53,6 +53,13 @@ pub trait NormBackend: Backend {
         batch_norm_train_composed::<Self>(x, weight, bias, eps, relu)
     }
 
+    /// Inference BatchNorm as the affine map it is once the statistics are fixed:
+    /// `relu?(x·scale[c] + shift[c])` over an NCHW `x`, one pass over memory (the composed ops
+    /// took two or three, single-threaded).
+    fn channel_affine(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, relu: bool) -> FloatTensor<Self> {
+        channel_affine_composed::<Self>(x, scale, shift, relu)
+    }
+
     /// `(dx, dweight, dbias)` of [`batch_norm_train`](Self::batch_norm_train).
     fn batch_norm_train_backward(grad: FloatTensor<Self>, saved: BatchNormSaved<Self>) -> [FloatTensor<Self>; 3] {
         batch_norm_train_backward_composed::<Self>(grad, saved)
@@ -92,6 +99,19 @@ fn batch_norm_train_backward_composed<B: Backend>(grad: FloatTensor<B>, s: Batch
     let k = float::<B, 1>(s.weight) * invstd;
     let dx = (dy - (per_channel(dbias.clone()) + xhat * per_channel(dweight.clone())) / m) * per_channel(k);
     [dx.into_primitive().tensor(), dweight.into_primitive().tensor(), dbias.into_primitive().tensor()]
+}
+
+fn channel_affine_composed<B: Backend>(x: FloatTensor<B>, scale: FloatTensor<B>, shift: FloatTensor<B>, relu: bool) -> FloatTensor<B> {
+    let x = float::<B, 4>(x);
+    let c = x.dims()[1];
+    let y = x * float::<B, 1>(scale).reshape([1, c, 1, 1]) + float::<B, 1>(shift).reshape([1, c, 1, 1]);
+    let y = if relu { burn::tensor::activation::relu(y) } else { y };
+    y.into_primitive().tensor()
+}
+
+/// See [`NormBackend::channel_affine`].
+pub fn channel_affine<B: NormBackend>(x: Tensor<B, 4>, scale: Tensor<B, 1>, shift: Tensor<B, 1>, relu: bool) -> Tensor<B, 4> {
+    float(B::channel_affine(x.into_primitive().tensor(), scale.into_primitive().tensor(), shift.into_primitive().tensor(), relu))
 }
 
 /// See [`NormBackend::batch_norm_train`].
@@ -160,6 +180,15 @@ impl NormBackend for NdArray<f32> {
             mean: NdArrayTensor::from_data(TensorData::new(mean, [c])),
             var: NdArrayTensor::from_data(TensorData::new(var, [c])),
         }
+    }
+
+    fn channel_affine(x: FloatTensor<Self>, scale: FloatTensor<Self>, shift: FloatTensor<Self>, relu: bool) -> FloatTensor<Self> {
+        let s = x.shape();
+        let (Some(xs), Some(sc), Some(sh)) = (host_f32(&x), host_f32(&scale), host_f32(&shift)) else {
+            return channel_affine_composed::<Self>(x, scale, shift, relu);
+        };
+        let dims = [s[0], s[1], s[2], s[3]];
+        NdArrayTensor::from_data(TensorData::new(cpu::affine(&xs, dims, &sc, &sh, relu), dims))
     }
 
     fn batch_norm_train_backward(grad: FloatTensor<Self>, saved: BatchNormSaved<Self>) -> [FloatTensor<Self>; 3] {
@@ -323,8 +352,15 @@ mod cpu {
                 (s as f32, (bias[ch] as f64 - mean * s) as f32)
             })
             .unzip();
+        let y = affine(x, dims, &scale, &shift, relu);
+        (y, stats.iter().map(|s| s.0 as f32).collect(), stats.iter().map(|s| s.1 as f32).collect())
+    }
+
+    /// `relu?(x·scale[c] + shift[c])`.
+    pub fn affine(x: &[f32], [n, c, h, w]: [usize; 4], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
+        let hw = h * w;
         let mut y = vec![0.0f32; x.len()];
-        for_images(&mut y, n, threads, |first, out| {
+        for_images(&mut y, n, threads_for(x.len()), |first, out| {
             for (p, plane) in out.chunks_exact_mut(hw.max(1)).enumerate() {
                 let ch = p % c;
                 let src = &x[(first * c + p) * hw..][..hw];
@@ -340,7 +376,7 @@ mod cpu {
                 }
             }
         });
-        (y, stats.iter().map(|s| s.0 as f32).collect(), stats.iter().map(|s| s.1 as f32).collect())
+        y
     }
 
     /// `(dx, dweight, dbias)`.

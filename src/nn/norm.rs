@@ -6,7 +6,7 @@ use burn::module::{Module, Param, RunningState};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::batch_norm_op::{batch_norm_train, NormBackend};
+use super::batch_norm_op::{batch_norm_train, channel_affine, NormBackend};
 use super::layer_norm_op::{layer_norm, LayerNormBackend};
 
 /// LayerNorm over the last dimension (`nn.LayerNorm`).
@@ -153,10 +153,7 @@ impl<B: Backend> BatchNorm2d<B> {
             self.running_var.update(rv.slice_assign(0..c, new_v));
             return y;
         }
-        let (mean, var) = (pick(self.running_mean.value()), pick(self.running_var.value()));
-        let scale = pick(self.weight.val()) / (var + self.eps).sqrt();
-        let shift = pick(self.bias.val()) - mean * scale.clone();
-        let y = x * scale.reshape([1, c, 1, 1]) + shift.reshape([1, c, 1, 1]);
-        if relu { burn::tensor::activation::relu(y) } else { y }
+        let (scale, shift) = self.frozen_affine(c, &device);
+        channel_affine(x, scale, shift, relu)
     }
 }
