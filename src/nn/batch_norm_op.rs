@@ -213,59 +213,11 @@ mod cpu {
     //! across planes in f64. Reductions run over channel ranges, the element-wise passes over
     //! image ranges, each on up to `conv_threads()` threads.
 
-    use crate::nn::conv::conv_threads;
+    use crate::nn::conv::{conv_threads, for_image_chunks, for_image_ranges};
 
     /// Threads for a memory-bound pass over `elements` values: one per 256 K values at least.
     fn threads_for(elements: usize) -> usize {
         conv_threads().min(elements >> 18).max(1)
-    }
-
-    /// `f(first, count)` over `threads` contiguous ranges of `0..n`, results in order.
-    fn ranges<R: Send>(n: usize, threads: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
-        let threads = threads.clamp(1, n.max(1));
-        if threads == 1 {
-            return vec![f(0, n)];
-        }
-        std::thread::scope(|scope| {
-            let f = &f;
-            let handles: Vec<_> = (1..threads)
-                .map(|t| {
-                    let (a, b) = (t * n / threads, (t + 1) * n / threads);
-                    scope.spawn(move || f(a, b - a))
-                })
-                .collect();
-            let mut out = vec![f(0, n / threads)];
-            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
-            out
-        })
-    }
-
-    /// Each thread writes its own contiguous range of images of `out` (`n` equal slabs).
-    fn for_images(out: &mut [f32], n: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-        let per = out.len().checked_div(n).unwrap_or(0);
-        let threads = threads.clamp(1, n.max(1));
-        if threads == 1 || per == 0 {
-            f(0, out);
-            return;
-        }
-        std::thread::scope(|scope| {
-            let f = &f;
-            let mut rest = out;
-            let mut mine = None;
-            for t in 0..threads {
-                let (a, b) = (t * n / threads, (t + 1) * n / threads);
-                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * per);
-                rest = tail;
-                if t == 0 {
-                    mine = Some(chunk);
-                } else {
-                    scope.spawn(move || f(a, chunk));
-                }
-            }
-            if let Some(chunk) = mine {
-                f(0, chunk);
-            }
-        });
     }
 
     const L: usize = 16;
@@ -334,7 +286,7 @@ mod cpu {
         let [n, c, h, w] = dims;
         let (hw, m) = (h * w, (n * h * w).max(1) as f64);
         let threads = threads_for(x.len());
-        let stats: Vec<(f64, f64)> = ranges(c, threads, |first, count| {
+        let stats: Vec<(f64, f64)> = for_image_ranges(c, threads, |first, count| {
             (first..first + count)
                 .map(|ch| {
                     let k = if hw > 0 && n > 0 { x[ch * hw] } else { 0.0 };
@@ -360,7 +312,7 @@ mod cpu {
     pub fn affine(x: &[f32], [n, c, h, w]: [usize; 4], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
         let hw = h * w;
         let mut y = vec![0.0f32; x.len()];
-        for_images(&mut y, n, threads_for(x.len()), |first, out| {
+        for_image_chunks(&mut y, n, threads_for(x.len()), |first, out| {
             for (p, plane) in out.chunks_exact_mut(hw.max(1)).enumerate() {
                 let ch = p % c;
                 let src = &x[(first * c + p) * hw..][..hw];
@@ -395,7 +347,7 @@ mod cpu {
         let [n, c, h, w] = dims;
         let (hw, m) = (h * w, (n * h * w).max(1) as f64);
         let threads = threads_for(x.len());
-        let sums: Vec<(f64, f64)> = ranges(c, threads, |first, count| {
+        let sums: Vec<(f64, f64)> = for_image_ranges(c, threads, |first, count| {
             (first..first + count)
                 .map(|ch| {
                     (0..n)
@@ -421,7 +373,7 @@ mod cpu {
             })
             .collect();
         let mut dx = vec![0.0f32; x.len()];
-        for_images(&mut dx, n, threads, |first, out| {
+        for_image_chunks(&mut dx, n, threads, |first, out| {
             for (p, plane) in out.chunks_exact_mut(hw.max(1)).enumerate() {
                 let at = (first * c + p) * hw;
                 let (g, xv, yv) = (&grad[at..][..hw], &x[at..][..hw], &y[at..][..hw]);

@@ -578,6 +578,9 @@ impl Geometry {
     }
 }
 
+/// Splitting work over images (or channels, or rows) on scoped threads, for the CPU kernels.
+pub(crate) use cpu::{for_image_chunks, for_image_ranges};
+
 mod cpu {
     use super::Geometry;
 
@@ -867,7 +870,7 @@ mod cpu {
 
     /// Runs `f(first_image, images)` over `threads` contiguous image ranges, the first on the
     /// calling thread.
-    fn for_image_ranges<R: Send>(n: usize, threads: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
+    pub(crate) fn for_image_ranges<R: Send>(n: usize, threads: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> {
         let ranges: Vec<(usize, usize)> =
             (0..threads).map(|t| (t * n / threads, (t + 1) * n / threads)).filter(|(a, b)| b > a).collect();
         if ranges.len() <= 1 {
@@ -1075,7 +1078,7 @@ mod cpu {
     /// Splits `out` (`images` equal slabs) into `threads` contiguous ranges of images and runs
     /// `f(first_image, slab_range)` on each, the first on the calling thread: every thread
     /// writes its own part of the output, so nothing is concatenated afterwards.
-    fn for_image_chunks(out: &mut [f32], images: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    pub(crate) fn for_image_chunks(out: &mut [f32], images: usize, threads: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
         let per = out.len().checked_div(images).unwrap_or(0);
         let threads = threads.clamp(1, images.max(1));
         if threads == 1 {
