@@ -24,11 +24,21 @@ pub mod visualize;
 /// convolution, the global filter). A backend implements each op trait in one line, getting the
 /// generic tensor-op implementations.
 pub trait ModelBackend:
-    nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend + nn::layer_norm_op::LayerNormBackend
+    nn::conv::ConvBackend
+        + nn::global_filter::SpectralBackend
+        + nn::batch_norm_op::NormBackend
+        + nn::layer_norm_op::LayerNormBackend
+        + nn::linear_op::LinearBackend
+        + nn::activation_op::ActivationBackend
 {
 }
 impl<B> ModelBackend for B where
-    B: nn::conv::ConvBackend + nn::global_filter::SpectralBackend + nn::batch_norm_op::NormBackend + nn::layer_norm_op::LayerNormBackend
+    B: nn::conv::ConvBackend
+        + nn::global_filter::SpectralBackend
+        + nn::batch_norm_op::NormBackend
+        + nn::layer_norm_op::LayerNormBackend
+        + nn::linear_op::LinearBackend
+        + nn::activation_op::ActivationBackend
 {
 }
 

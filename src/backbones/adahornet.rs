@@ -40,7 +40,7 @@
 
 use anyhow::{bail, ensure, Result};
 use burn::module::{Module, Param};
-use burn::tensor::activation::gelu;
+use crate::nn::activation_op::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, IndexingUpdateOp, Int, Tensor};
 use serde::{Deserialize, Serialize};

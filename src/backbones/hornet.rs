@@ -14,7 +14,7 @@
 
 use anyhow::{bail, ensure, Result};
 use burn::module::{Module, Param};
-use burn::tensor::activation::gelu;
+use crate::nn::activation_op::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};

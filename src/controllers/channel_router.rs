@@ -5,6 +5,7 @@
 //! logits for REINFORCE / PPO, Q-values for DQN. An optional value head (Linear d → 1) provides
 //! the learned baseline (REINFORCE) or critic (PPO).
 
+use crate::nn::linear_op::LinearBackend;
 use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, sigmoid, tanh};
@@ -142,7 +143,7 @@ pub struct StepOutput<B: Backend> {
     pub value: Option<Tensor<B, 1>>,
 }
 
-impl<B: Backend> ChannelRouter<B> {
+impl<B: LinearBackend> ChannelRouter<B> {
     /// A router for a backbone whose decision layers take `in_channels[t]` input channels.
     pub fn new(cfg: &ControllerConfig, in_channels: &[usize], value_head: bool, device: &B::Device) -> Self {
         let d = cfg.hidden;
@@ -277,7 +278,7 @@ pub struct RouterPolicy<B: Backend> {
     state: Option<RnnState<B>>,
 }
 
-impl<B: Backend> RouterPolicy<B> {
+impl<B: LinearBackend> RouterPolicy<B> {
     pub fn new(router: ChannelRouter<B>) -> Self {
         Self::with_rule(router, ActionRule::Softmax)
     }
@@ -300,7 +301,7 @@ pub fn sample_categorical(probs: &[f32], rng: &mut ChaCha8Rng) -> usize {
     probs.len() - 1
 }
 
-impl<B: Backend> Controller<B> for RouterPolicy<B> {
+impl<B: LinearBackend> Controller<B> for RouterPolicy<B> {
     fn groups(&self) -> usize {
         self.router.groups()
     }

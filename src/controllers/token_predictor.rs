@@ -19,7 +19,8 @@
 //! tuple positions below are the reference `nn.Sequential` indices (GELUs hold no weights).
 
 use burn::module::Module;
-use burn::tensor::activation::{gelu, log_softmax, softmax};
+use burn::tensor::activation::{log_softmax, softmax};
+use crate::nn::activation_op::gelu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 

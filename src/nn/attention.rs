@@ -8,10 +8,10 @@
 //! pruning gathers the kept tokens instead and runs this module on the subset with no policy.
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
+use super::activation_op::softmax_last_dim;
 use super::drop_path::dropout;
 use super::layers::Linear;
 
@@ -29,7 +29,7 @@ pub struct Attention<B: Backend> {
     pub proj_drop: f64,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: crate::ModelBackend> Attention<B> {
     /// timm's `Attention(dim, num_heads, qkv_bias, qk_scale)`, initialised as timm's ViT does
     /// (trunc-normal 0.02 weights, zero biases).
     pub fn new(dim: usize, num_heads: usize, qkv_bias: bool, qk_scale: Option<f64>, device: &B::Device) -> Self {
@@ -58,7 +58,7 @@ impl<B: Backend> Attention<B> {
         let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d]);
         let attn = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
         let attn = match policy {
-            None => softmax(attn, 3),
+            None => softmax_last_dim(attn),
             Some(p) => softmax_with_policy(attn, p, POLICY_EPS),
         };
         let attn = dropout(attn, self.attn_drop);

@@ -579,10 +579,11 @@ impl Geometry {
 }
 
 /// Splitting work over images (or channels, or rows) on scoped threads, for the CPU kernels.
-pub(crate) use cpu::{for_image_chunks, for_image_ranges};
+pub(crate) use cpu::{for_image_chunks, for_image_ranges, gemm_strided};
 
 mod cpu {
     use super::Geometry;
+    use crate::nn::depthwise::{self, Depthwise};
 
     /// Column matrix `[Cg·kh·kw, Ho·Wo]` of image `img`, group `grp` (zero where the kernel
     /// overhangs the padded border).
@@ -692,7 +693,7 @@ mod cpu {
 
     /// [`gemm`] into a destination with row and column strides `(rsc, csc)`.
     #[allow(clippy::too_many_arguments)]
-    fn gemm_strided(m: usize, k: usize, n: usize, a: &[f32], (rsa, csa): (usize, usize), b: &[f32], (rsb, csb): (usize, usize), accumulate: bool, c: &mut [f32], (rsc, csc): (usize, usize)) {
+    pub(crate) fn gemm_strided(m: usize, k: usize, n: usize, a: &[f32], (rsa, csa): (usize, usize), b: &[f32], (rsb, csb): (usize, usize), accumulate: bool, c: &mut [f32], (rsc, csc): (usize, usize)) {
         if m == 0 || n == 0 {
             return;
         }
@@ -1068,7 +1069,23 @@ mod cpu {
         out
     }
 
+    /// The geometry as a stride-1 depthwise convolution that [`depthwise`](crate::nn::depthwise)'s
+    /// direct kernel handles, if it is one.
+    fn as_depthwise(g: &Geometry) -> Option<Depthwise> {
+        let d = Depthwise { n: g.n, c: g.c, h: g.h, w: g.w, kh: g.kh, kw: g.kw, p: g.p };
+        (g.groups == g.c && g.o == g.c && g.wc == 1 && g.s == 1 && g.c > 0 && d.supported()).then_some(d)
+    }
+
     pub fn forward(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue) -> Vec<f32> {
+        if let Some(d) = as_depthwise(g) {
+            let mut out = depthwise::forward(x, w, &d);
+            if epi.bias.is_some() || epi.relu {
+                for (i, plane) in out.chunks_exact_mut(g.pixels().max(1)).enumerate() {
+                    epi.apply(i % g.o, plane);
+                }
+            }
+            return out;
+        }
         let mut out = vec![0.0f32; g.n * g.o * g.pixels()];
         let threads = split(g.n, g.o * g.k() * g.pixels());
         for_image_chunks(&mut out, g.n, threads, |first, chunk| forward_range(x, w, g, epi, first, chunk));
@@ -1270,6 +1287,9 @@ mod cpu {
     }
 
     pub fn backward(grad: &[f32], x: Option<&[f32]>, w: Option<&[f32]>, g: &Geometry) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+        if let Some(d) = as_depthwise(g) {
+            return (w.map(|w| depthwise::grad_input(grad, w, &d)), x.map(|x| depthwise::grad_weight(grad, x, &d)));
+        }
         let threads = split(g.n, 2 * g.o * g.k() * g.pixels());
         let parts = for_image_ranges(g.n, threads, |first, count| backward_range(grad, x, w, g, first, count));
         let mut dx: Option<Vec<f32>> = None;

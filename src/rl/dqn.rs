@@ -8,6 +8,7 @@
 //! Whole episodes are replayed because the state is recurrent: the learner unrolls both
 //! networks over the stored observation sequence, as in the recurrent-replay variant of DQN.
 
+use crate::nn::linear_op::LinearBackend;
 use std::collections::VecDeque;
 
 use anyhow::{Result, bail};
@@ -108,8 +109,9 @@ pub struct DqnState<B: AutodiffBackend> {
     pub updates: u64,
 }
 
-impl<B: AutodiffBackend> DqnState<B>
+impl<B: AutodiffBackend + LinearBackend> DqnState<B>
 where
+    B::InnerBackend: LinearBackend,
     ChannelRouter<B>: AutodiffModule<B, InnerModule = ChannelRouter<B::InnerBackend>>,
 {
     pub fn new(router: &ChannelRouter<B>, cfg: &RlConfig) -> Self {

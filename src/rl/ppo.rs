@@ -9,6 +9,7 @@
 //! pass: the learner's router is exactly the snapshot the workers sampled with (one update
 //! per rollout batch is published), so nothing extra travels over the channel.
 
+use crate::nn::linear_op::LinearBackend;
 use anyhow::{Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
@@ -73,7 +74,7 @@ pub fn clipped_surrogate<B: burn::tensor::backend::Backend>(
 }
 
 /// One PPO update of the router from a rollout batch. `shuffle_seed` orders the minibatches.
-pub fn ppo_update<B: AutodiffBackend>(
+pub fn ppo_update<B: AutodiffBackend + LinearBackend>(
     mut router: ChannelRouter<B>,
     optim: &mut Optimizer<B>,
     traj: &Trajectory,

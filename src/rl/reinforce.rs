@@ -4,6 +4,7 @@
 //! The learner never runs the backbone: it re-evaluates the router (with autodiff) on the
 //! stored per-decision observations to get the log-probabilities of the stored actions.
 
+use crate::nn::linear_op::LinearBackend;
 use anyhow::{Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
@@ -117,7 +118,7 @@ pub fn policy_gradient_loss<B: AutodiffBackend>(
 }
 
 /// One learner update of the router from a (merged) trajectory batch.
-pub fn learner_step<B: AutodiffBackend>(
+pub fn learner_step<B: AutodiffBackend + LinearBackend>(
     router: ChannelRouter<B>,
     optim: &mut Optimizer<B>,
     traj: &Trajectory,
