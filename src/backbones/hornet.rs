@@ -422,14 +422,15 @@ impl<B: ModelBackend> Block<B> {
             y = y * g.val().reshape([1, c, 1, 1]);
         }
         let x = x + drop_path(y, self.drop_path);
-        // Channels-last MLP.
-        let y = x.clone().permute([0, 2, 3, 1]);
-        let y = self.pwconv2.forward(gelu(self.pwconv1.forward(self.norm2.forward(y))));
+        // The reference's channels-last MLP (permute, LayerNorm, Linear, GELU, Linear, permute
+        // back), computed on NCHW: the same per-pixel maps without the two transposing copies.
+        let y = self.norm2.forward_channels_first(x.clone());
+        let y = self.pwconv2.forward_channels_first(gelu(self.pwconv1.forward_channels_first(y)));
         let y = match &self.gamma2 {
-            Some(g) => y * g.val().reshape([1, 1, 1, c]),
+            Some(g) => y * g.val().reshape([1, c, 1, 1]),
             None => y,
         };
-        x + drop_path(y.permute([0, 3, 1, 2]), self.drop_path)
+        x + drop_path(y, self.drop_path)
     }
 }
 

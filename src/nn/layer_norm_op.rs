@@ -44,6 +44,22 @@ pub trait LayerNormBackend: Backend {
     fn layer_norm_last_dim_backward(grad: FloatTensor<Self>, saved: LayerNormSaved<Self>) -> [FloatTensor<Self>; 3] {
         layer_norm_backward_composed::<Self>(grad, saved)
     }
+
+    /// LayerNorm over the channels of `[N, C, H, W]` at every pixel (ConvNeXt's and HorNet's
+    /// `LayerNorm(data_format="channels_first")`): the same as permuting to channels-last,
+    /// [`layer_norm_last_dim`](Self::layer_norm_last_dim), and permuting back.
+    fn layer_norm_channels(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let x = Self::float_permute(x, &[0, 2, 3, 1]);
+        Self::float_permute(Self::layer_norm_last_dim(x, weight, bias, eps), &[0, 3, 1, 2])
+    }
+
+    /// `(dx, dweight, dbias)` of [`layer_norm_channels`](Self::layer_norm_channels).
+    fn layer_norm_channels_backward(grad: FloatTensor<Self>, saved: LayerNormSaved<Self>) -> [FloatTensor<Self>; 3] {
+        let last = |t| Self::float_permute(t, &[0, 2, 3, 1]);
+        let saved = LayerNormSaved { x: last(saved.x), ..saved };
+        let [dx, dw, db] = Self::layer_norm_last_dim_backward(last(grad), saved);
+        [Self::float_permute(dx, &[0, 3, 1, 2]), dw, db]
+    }
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -85,9 +101,31 @@ pub fn layer_norm<B: LayerNormBackend, const D: usize>(x: Tensor<B, D>, weight: 
     float(B::layer_norm_last_dim(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor(), eps))
 }
 
+/// See [`LayerNormBackend::layer_norm_channels`].
+pub fn layer_norm_channels<B: LayerNormBackend>(x: Tensor<B, 4>, weight: Tensor<B, 1>, bias: Tensor<B, 1>, eps: f64) -> Tensor<B, 4> {
+    float(B::layer_norm_channels(x.into_primitive().tensor(), weight.into_primitive().tensor(), bias.into_primitive().tensor(), eps))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Autodiff
 // ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct LayerNormChannelsBackward;
+
+impl<B: LayerNormBackend> Backward<B, 3> for LayerNormChannelsBackward {
+    type State = LayerNormSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [dx, dw, db] = B::layer_norm_channels_backward(grad, ops.state);
+        for (node, g) in ops.parents.into_iter().zip([dx, dw, db]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
 
 #[derive(Debug)]
 struct LayerNormBackward;
@@ -113,6 +151,16 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
         let y = B::layer_norm_last_dim(xp.clone(), wp.clone(), bias.primitive, eps);
         // Compute-bound: the saved tensors are held, never recomputed.
         match LayerNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(LayerNormSaved { x: xp, weight: wp, eps }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn layer_norm_channels(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
+        let (xp, wp) = (x.primitive, weight.primitive);
+        let y = B::layer_norm_channels(xp.clone(), wp.clone(), bias.primitive, eps);
+        match LayerNormChannelsBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(LayerNormSaved { x: xp, weight: wp, eps }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
@@ -149,6 +197,139 @@ impl LayerNormBackend for NdArray<f32> {
             NdArrayTensor::from_data(TensorData::new(dw, [d])),
             NdArrayTensor::from_data(TensorData::new(db, [d])),
         ]
+    }
+
+    fn layer_norm_channels(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let (Some(xs), Some(ws), Some(bs)) = (host_f32(&x), host_f32(&weight), host_f32(&bias)) else {
+            let x = Self::float_permute(x, &[0, 2, 3, 1]);
+            return Self::float_permute(Self::layer_norm_last_dim(x, weight, bias, eps), &[0, 3, 1, 2]);
+        };
+        let (c, pixels) = (shape[1], shape.num_elements().checked_div(shape[0] * shape[1]).unwrap_or(0));
+        NdArrayTensor::from_data(TensorData::new(channels::forward(&xs, c, pixels, &ws, &bs, eps), shape))
+    }
+
+    fn layer_norm_channels_backward(grad: FloatTensor<Self>, saved: LayerNormSaved<Self>) -> [FloatTensor<Self>; 3] {
+        let shape = saved.x.shape();
+        let (Some(g), Some(x), Some(w)) = (host_f32(&grad), host_f32(&saved.x), host_f32(&saved.weight)) else {
+            let last = |t| Self::float_permute(t, &[0, 2, 3, 1]);
+            let saved = LayerNormSaved { x: last(saved.x), ..saved };
+            let [dx, dw, db] = layer_norm_backward_composed::<Self>(last(grad), saved);
+            return [Self::float_permute(dx, &[0, 3, 1, 2]), dw, db];
+        };
+        let (c, pixels) = (shape[1], shape.num_elements().checked_div(shape[0] * shape[1]).unwrap_or(0));
+        let (dx, dw, db) = channels::backward(&g, &x, c, pixels, &w, saved.eps);
+        [
+            NdArrayTensor::from_data(TensorData::new(dx, shape)),
+            NdArrayTensor::from_data(TensorData::new(dw, [c])),
+            NdArrayTensor::from_data(TensorData::new(db, [c])),
+        ]
+    }
+}
+
+mod channels {
+    //! Channels-first: image by image, the per-pixel statistics are running sums over the `C`
+    //! channel planes, each a contiguous row of `H·W` values, so every loop is over pixels and
+    //! vectorises. Images are split over threads.
+
+    use crate::nn::conv::{conv_threads, for_image_chunks};
+
+    /// Threads for `n` images of `len` values each: one per 64 K values at least.
+    fn threads(n: usize, len: usize) -> usize {
+        conv_threads().min((n * len) >> 16).clamp(1, n.max(1))
+    }
+
+    /// Per-pixel mean and `1/√(var + eps)` of one image `[c, p]` (two passes, biased variance).
+    fn stats(x: &[f32], c: usize, p: usize, eps: f64, mean: &mut [f32], rstd: &mut [f32]) {
+        mean.fill(0.0);
+        for plane in x.chunks_exact(p).take(c) {
+            mean.iter_mut().zip(plane).for_each(|(m, &v)| *m += v);
+        }
+        let inv_c = 1.0 / c as f32;
+        mean.iter_mut().for_each(|m| *m *= inv_c);
+        rstd.fill(0.0);
+        for plane in x.chunks_exact(p).take(c) {
+            rstd.iter_mut().zip(plane).zip(mean.iter()).for_each(|((s, &v), &m)| *s += (v - m) * (v - m));
+        }
+        let eps = eps as f32;
+        rstd.iter_mut().for_each(|s| *s = 1.0 / (*s * inv_c + eps).sqrt());
+    }
+
+    pub fn forward(x: &[f32], c: usize, p: usize, weight: &[f32], bias: &[f32], eps: f64) -> Vec<f32> {
+        let slab = c * p;
+        let mut y = vec![0.0f32; x.len()];
+        let n = x.len().checked_div(slab).unwrap_or(0);
+        if n == 0 {
+            return y;
+        }
+        for_image_chunks(&mut y, n, threads(n, slab), |first, out| {
+            let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
+            for (i, yi) in out.chunks_exact_mut(slab).enumerate() {
+                let xi = &x[(first + i) * slab..][..slab];
+                stats(xi, c, p, eps, &mut mean, &mut rstd);
+                for (ch, (yp, xp)) in yi.chunks_exact_mut(p).zip(xi.chunks_exact(p)).enumerate() {
+                    let (w, b) = (weight[ch], bias[ch]);
+                    for (((o, &v), &m), &r) in yp.iter_mut().zip(xp).zip(&mean).zip(&rstd) {
+                        *o = (v - m) * r * w + b;
+                    }
+                }
+            }
+        });
+        y
+    }
+
+    /// `(dx, dweight, dbias)`.
+    pub fn backward(grad: &[f32], x: &[f32], c: usize, p: usize, weight: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let slab = c * p;
+        let n = x.len().checked_div(slab).unwrap_or(0);
+        let mut dx = vec![0.0f32; x.len()];
+        let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
+        if n == 0 {
+            return (dx, vec![0.0; c], vec![0.0; c]);
+        }
+        // Each thread's per-channel sums for dweight and dbias, added in image order after.
+        let partials = std::sync::Mutex::new(Vec::new());
+        for_image_chunks(&mut dx, n, threads(n, slab), |first, out| {
+            let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
+            let (mut c1, mut c2) = (vec![0.0f32; p], vec![0.0f32; p]);
+            let (mut pw, mut pb) = (vec![0.0f64; c], vec![0.0f64; c]);
+            let inv_c = 1.0 / c as f32;
+            for (i, dxi) in out.chunks_exact_mut(slab).enumerate() {
+                let at = (first + i) * slab;
+                let (xi, gi) = (&x[at..][..slab], &grad[at..][..slab]);
+                stats(xi, c, p, eps, &mut mean, &mut rstd);
+                c1.fill(0.0);
+                c2.fill(0.0);
+                for (ch, (xp, gp)) in xi.chunks_exact(p).zip(gi.chunks_exact(p)).enumerate() {
+                    let w = weight[ch];
+                    let (mut sw, mut sb) = (0.0f32, 0.0f32);
+                    for ((((a1, a2), &v), &g), (&m, &r)) in c1.iter_mut().zip(c2.iter_mut()).zip(xp).zip(gp).zip(mean.iter().zip(&rstd)) {
+                        let xhat = (v - m) * r;
+                        *a1 += g * w;
+                        *a2 += g * w * xhat;
+                        sw += g * xhat;
+                        sb += g;
+                    }
+                    pw[ch] += sw as f64;
+                    pb[ch] += sb as f64;
+                }
+                for (ch, (dp, (xp, gp))) in dxi.chunks_exact_mut(p).zip(xi.chunks_exact(p).zip(gi.chunks_exact(p))).enumerate() {
+                    let w = weight[ch];
+                    for (((o, &v), &g), ((&m, &r), (&a1, &a2))) in dp.iter_mut().zip(xp).zip(gp).zip(mean.iter().zip(&rstd).zip(c1.iter().zip(&c2))) {
+                        let xhat = (v - m) * r;
+                        *o = r * (g * w - a1 * inv_c - xhat * a2 * inv_c);
+                    }
+                }
+            }
+            partials.lock().unwrap_or_else(|e| e.into_inner()).push((first, pw, pb));
+        });
+        let mut partials = partials.into_inner().unwrap_or_else(|e| e.into_inner());
+        partials.sort_by_key(|(first, _, _)| *first);
+        for (_, pw, pb) in partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        (dx, dw.into_iter().map(|v| v as f32).collect(), db.into_iter().map(|v| v as f32).collect())
     }
 }
 
@@ -286,6 +467,41 @@ mod tests {
                 } else {
                     let x2 = x.clone().reshape([dims[0] * dims[1], d]);
                     layer_norm_composed(x2, w.clone(), b.clone(), 1e-6).reshape(dims)
+                };
+                let grads = (y.clone() * r.clone()).sum().backward();
+                let g1 = |t: &Tensor<CpuAutodiff, 1>| t.grad(&grads).unwrap().into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                let gx = x.grad(&grads).unwrap().into_data().convert::<f32>().to_vec::<f32>().unwrap();
+                (host(y), gx, g1(&w), g1(&b))
+            };
+            let (a, b) = (run(true), run(false));
+            assert!(max_rel(&a.0, &b.0) < 1e-5, "output {dims:?}");
+            assert!(max_rel(&a.1, &b.1) < 1e-4, "dx {dims:?}");
+            assert!(max_rel(&a.2, &b.2) < 1e-4, "dweight {dims:?}");
+            assert!(max_rel(&a.3, &b.3) < 1e-4, "dbias {dims:?}");
+        }
+    }
+
+    /// The channels-first op against burn's composed LayerNorm on the permuted tensor: output
+    /// and all three gradients, on sizes that run on one thread and on several.
+    #[test]
+    fn channels_first_layer_norm_matches_permuted_composed_ops() {
+        let device = Default::default();
+        for dims in [[2, 5, 3, 4], [8, 96, 28, 28]] {
+            let c = dims[1];
+            let x0 = Tensor::<CpuAutodiff, 4>::random(dims, Distribution::Normal(0.3, 1.5), &device);
+            let w0 = Tensor::<CpuAutodiff, 1>::random([c], Distribution::Uniform(0.5, 1.5), &device);
+            let b0 = Tensor::<CpuAutodiff, 1>::random([c], Distribution::Uniform(-0.5, 0.5), &device);
+            let r = Tensor::<CpuAutodiff, 4>::random(dims, Distribution::Default, &device);
+            let run = |fused: bool| {
+                let (x, w, b) = (x0.clone().require_grad(), w0.clone().require_grad(), b0.clone().require_grad());
+                let y = if fused {
+                    layer_norm_channels(x.clone(), w.clone(), b.clone(), 1e-6)
+                } else {
+                    let xl = x.clone().permute([0, 2, 3, 1]);
+                    let rows = dims[0] * dims[2] * dims[3];
+                    layer_norm_composed(xl.reshape([rows, c]), w.clone(), b.clone(), 1e-6)
+                        .reshape([dims[0], dims[2], dims[3], c])
+                        .permute([0, 3, 1, 2])
                 };
                 let grads = (y.clone() * r.clone()).sum().backward();
                 let g1 = |t: &Tensor<CpuAutodiff, 1>| t.grad(&grads).unwrap().into_data().convert::<f32>().to_vec::<f32>().unwrap();

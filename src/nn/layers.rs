@@ -71,6 +71,16 @@ impl<B: LinearBackend> Linear<B> {
     }
 }
 
+impl<B: crate::nn::conv::ConvBackend> Linear<B> {
+    /// Applies the layer to dimension 1 of an NCHW tensor, as a 1×1 convolution: equal to
+    /// permuting to channels-last, [`forward`](Self::forward), and permuting back, without the
+    /// two copies.
+    pub fn forward_channels_first(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [o, c] = self.weight.dims();
+        conv2d_gemm(x, self.weight.val().reshape([o, c, 1, 1]), self.bias.as_ref().map(|b| b.val()), 1, 0, 1)
+    }
+}
+
 #[derive(Module, Debug)]
 pub struct Conv2d<B: Backend> {
     /// `[out, in/groups, kh, kw]`, as in PyTorch.

@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::batch_norm_op::{batch_norm_train, channel_affine, NormBackend};
-use super::layer_norm_op::{layer_norm, LayerNormBackend};
+use super::layer_norm_op::{layer_norm, layer_norm_channels, LayerNormBackend};
 
 /// LayerNorm over the last dimension (`nn.LayerNorm`).
 #[derive(Module, Debug)]
@@ -33,6 +33,15 @@ impl<B: Backend> LayerNorm<B> {
     {
         layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }
+
+    /// The same normalisation over dimension 1 of an NCHW tensor: equal to permuting to
+    /// channels-last, [`forward`](Self::forward), and permuting back, without the two copies.
+    pub fn forward_channels_first(&self, x: Tensor<B, 4>) -> Tensor<B, 4>
+    where
+        B: LayerNormBackend,
+    {
+        layer_norm_channels(x, self.weight.val(), self.bias.val(), self.eps)
+    }
 }
 
 /// LayerNorm over the channel dimension of an NCHW tensor (HorNet's `channels_first` mode).
@@ -52,11 +61,11 @@ impl<B: Backend> LayerNorm2d<B> {
         }
     }
 
+}
+
+impl<B: LayerNormBackend> LayerNorm2d<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let (var, mean) = x.clone().var_mean_bias(1);
-        let x = (x - mean).div((var + self.eps).sqrt());
-        let c = self.weight.dims()[0];
-        x * self.weight.val().reshape([1, c, 1, 1]) + self.bias.val().reshape([1, c, 1, 1])
+        layer_norm_channels(x, self.weight.val(), self.bias.val(), self.eps)
     }
 }
 
