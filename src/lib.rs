@@ -30,6 +30,7 @@ pub trait ModelBackend:
         + nn::layer_norm_op::LayerNormBackend
         + nn::linear_op::LinearBackend
         + nn::activation_op::ActivationBackend
+        + nn::attention_op::AttentionBackend
 {
 }
 impl<B> ModelBackend for B where
@@ -39,6 +40,7 @@ impl<B> ModelBackend for B where
         + nn::layer_norm_op::LayerNormBackend
         + nn::linear_op::LinearBackend
         + nn::activation_op::ActivationBackend
+        + nn::attention_op::AttentionBackend
 {
 }
 

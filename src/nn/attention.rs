@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::activation_op::softmax_last_dim;
+use super::attention_op::attention;
 use super::drop_path::dropout;
 use super::layers::Linear;
 
@@ -51,8 +52,13 @@ impl<B: crate::ModelBackend> Attention<B> {
         let [n, t, c] = x.dims();
         let h = self.num_heads;
         let d = c / h;
+        let qkv = self.qkv.forward(x);
+        let attn_dropout = self.attn_drop > 0.0 && B::ad_enabled(&qkv.device());
+        if policy.is_none() && !attn_dropout && self.scale > 0.0 {
+            return dropout(self.proj.forward(attention(qkv, h, self.scale)), self.proj_drop);
+        }
         // [N, T, 3C] -> [3, N, H, T, d]
-        let qkv = self.qkv.forward(x).reshape([n, t, 3, h, d]).permute([2, 0, 3, 1, 4]);
+        let qkv = qkv.reshape([n, t, 3, h, d]).permute([2, 0, 3, 1, 4]);
         let q = qkv.clone().narrow(0, 0, 1).reshape([n, h, t, d]);
         let k = qkv.clone().narrow(0, 1, 1).reshape([n, h, t, d]);
         let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d]);

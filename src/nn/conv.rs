@@ -299,12 +299,14 @@ pub fn conv2d_gemm<B: ConvBackend>(
 ) -> Tensor<B, 4> {
     let o = weight.dims()[0];
     let geom = ConvGeom { stride, padding, groups };
-    let y = B::conv2d_forward(x.into_primitive().tensor(), weight.into_primitive().tensor(), geom);
-    let y = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y));
-    match bias {
-        Some(b) => y + b.reshape([1, o, 1, 1]),
-        None => y,
-    }
+    let (x, weight) = (x.into_primitive().tensor(), weight.into_primitive().tensor());
+    // The bias goes into the op, which on NdArray adds it while each image's output is in
+    // cache; under autodiff the default composes it, and so stays differentiable.
+    let y = match bias {
+        Some(b) => B::conv2d_bias_act_forward(x, weight, b.into_primitive().tensor(), o, false, geom),
+        None => B::conv2d_forward(x, weight, geom),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ pub mod batch_norm_op;
 pub mod conv;
 pub mod depthwise;
 pub mod attention;
+pub mod attention_op;
 pub mod drop_path;
 pub mod global_filter;
 pub mod layer_norm_op;
