@@ -250,6 +250,38 @@ mod fast_path_tests {
         }
     }
 
+    /// Stride-1 convolutions on small maps run as im2col over several images per GEMM; with
+    /// more images than fit one column batch, outputs and both gradients still equal burn's
+    /// conv2d.
+    #[test]
+    fn small_map_convs_split_into_several_im2col_batches_equal_conv2d() {
+        use crate::CpuAutodiff;
+        let d = Default::default();
+        // 512 channels on a 6×8 map (padded 8×10: 1.67× the kept pixels, so the batched
+        // im2col path): 4608·48 floats of columns per image, four images per column batch, so
+        // five images run as batches of 4 and 1.
+        let c = Conv2d::<CpuAutodiff>::new(512, 6, 3, 1, 1, 1, true, &d);
+        let x = Tensor::<CpuAutodiff, 4>::random([5, 512, 6, 8], Distribution::Default, &d).require_grad();
+        let ours = c.forward(x.clone());
+        let theirs = burn::tensor::module::conv2d(
+            x.clone(),
+            c.weight.val(),
+            c.bias.as_ref().map(|b| b.val()),
+            burn::tensor::ops::ConvOptions::new([1; 2], [1; 2], [1, 1], 1),
+        );
+        let rel = |a: Tensor<crate::Cpu, 4>, b: Tensor<crate::Cpu, 4>| {
+            let scale = b.clone().abs().max().into_scalar().max(1.0);
+            (a - b).abs().max().into_scalar() / scale
+        };
+        assert!(rel(ours.clone().inner(), theirs.clone().inner()) < 1e-5, "forward");
+        let r = Tensor::<CpuAutodiff, 4>::random(ours.dims(), Distribution::Default, &d);
+        let ga = (ours * r.clone()).sum().backward();
+        let gb = (theirs * r).sum().backward();
+        assert!(rel(x.grad(&ga).unwrap(), x.grad(&gb).unwrap()) < 1e-5, "dx");
+        let (dwa, dwb) = (c.weight.val().grad(&ga).unwrap(), c.weight.val().grad(&gb).unwrap());
+        assert!(rel(dwa, dwb) < 1e-5, "dW");
+    }
+
     /// Padded and strided kernels, where im2col and col2im skip the columns that fall off the
     /// image (stride 1 and 2, padding below and above the kernel's reach, kernel wider than the
     /// image, grouped): outputs and both gradients equal burn's own conv2d.
