@@ -2,7 +2,7 @@
 //!
 //! A backbone (`backbones`) runs on a batch of images; a controller decides per image which
 //! channels or tokens it may skip; the trainers in `train` fit backbones and controllers; `data`
-//! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md` and the README.
+//! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md`, the README and docs/.
 
 pub mod backbones;
 pub mod cli;

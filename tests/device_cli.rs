@@ -1,6 +1,6 @@
 //! Requesting CUDA from a build without the `cuda` feature: one clear error line and exit code 1
 //! from `train`, `eval` and `infer`, whether the request comes from `--device` or the experiment.
-//! (With the feature, the request reaches the driver probe instead; see README, "GPUs".)
+//! (With the feature, the request reaches the driver probe instead; see docs/gpu.md.)
 #![cfg(not(feature = "cuda"))]
 
 use std::path::Path;

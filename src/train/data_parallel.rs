@@ -14,7 +14,7 @@
 //! Two entry points:
 //! * [`run_peers`]: runs a closure once per device, each call a registered [`Peer`] that can
 //!   all-reduce gradients and numbers. Generic over the autodiff backend; the policy learner can
-//!   use it the same way (see the README).
+//!   use it the same way (see docs/gpu.md).
 //! * [`Replicas`]: the supervised trainer's form. The calling thread is peer 0 (it owns the run
 //!   directory, logs and evaluates); peers 1.. are worker threads fed with their shard of every
 //!   batch.
