@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU machine (H100/H200, CUDA driver, no internet, no crates.io).
-# Everything is built beforehand on a CPU machine and copied over (see README, "GPU"):
+# Everything is built beforehand on a CPU machine and copied over (see docs/gpu.md):
 #
 #   cargo build --release --features cuda
 #   cargo test --release --features cuda --test parity --test dynamicvit --no-run   # prints the test binaries

@@ -354,9 +354,7 @@ mod tests {
     use crate::{Cpu, CpuAutodiff};
     use burn::tensor::Distribution;
 
-    fn host<const D: usize, B: Backend>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec().unwrap()
-    }
+    use crate::nn::test_util::host;
 
     fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());

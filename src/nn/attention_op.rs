@@ -276,15 +276,7 @@ mod tests {
     use crate::{Cpu, CpuAutodiff};
     use burn::tensor::Distribution;
 
-    fn host<const D: usize, B: Backend>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec().unwrap()
-    }
-
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-        a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-    }
+    use crate::nn::test_util::{host, max_rel};
 
     /// The op against burn's composed attention and its autodiff (output and `dqkv`), with a
     /// token count that is not a multiple of the SIMD width, one head, and DeiT-S's shape.

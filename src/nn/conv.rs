@@ -1125,12 +1125,7 @@ mod cpu {
         }
         let mut scratch = Scratch::new(g);
         for (i, dst) in out.chunks_exact_mut(slab.max(1)).enumerate() {
-            let img = first + i;
-            if shifted(g) {
-                image_shifted(&x[img * g.c * g.h * g.w..], w, g, epi, &mut scratch, dst);
-            } else {
-                image_im2col(x, w, g, epi, img, &mut scratch, dst);
-            }
+            image_im2col(x, w, g, epi, first + i, &mut scratch, dst);
         }
     }
 

@@ -110,32 +110,26 @@ pub fn layer_norm_channels<B: LayerNormBackend>(x: Tensor<B, 4>, weight: Tensor<
 // Autodiff
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct LayerNormChannelsBackward;
 
-impl<B: LayerNormBackend> Backward<B, 3> for LayerNormChannelsBackward {
-    type State = LayerNormSaved<B>;
-
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let grad = grads.consume::<B>(&ops.node);
-        let [dx, dw, db] = B::layer_norm_channels_backward(grad, ops.state);
-        for (node, g) in ops.parents.into_iter().zip([dx, dw, db]) {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
-    }
+/// Which dimension a LayerNorm node normalised.
+#[derive(Debug, Clone, Copy)]
+enum Normalised {
+    LastDim,
+    Channels,
 }
 
 #[derive(Debug)]
-struct LayerNormBackward;
+struct LayerNormBackward(Normalised);
 
 impl<B: LayerNormBackend> Backward<B, 3> for LayerNormBackward {
     type State = LayerNormSaved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);
-        let [dx, dw, db] = B::layer_norm_last_dim_backward(grad, ops.state);
+        let [dx, dw, db] = match self.0 {
+            Normalised::LastDim => B::layer_norm_last_dim_backward(grad, ops.state),
+            Normalised::Channels => B::layer_norm_channels_backward(grad, ops.state),
+        };
         for (node, g) in ops.parents.into_iter().zip([dx, dw, db]) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
@@ -150,7 +144,7 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
         let (xp, wp) = (x.primitive, weight.primitive);
         let y = B::layer_norm_last_dim(xp.clone(), wp.clone(), bias.primitive, eps);
         // Compute-bound: the saved tensors are held, never recomputed.
-        match LayerNormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        match LayerNormBackward(Normalised::LastDim).prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(LayerNormSaved { x: xp, weight: wp, eps }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
@@ -160,7 +154,7 @@ impl<B: LayerNormBackend, C: CheckpointStrategy> LayerNormBackend for Autodiff<B
         let nodes = [x.node.clone(), weight.node.clone(), bias.node.clone()];
         let (xp, wp) = (x.primitive, weight.primitive);
         let y = B::layer_norm_channels(xp.clone(), wp.clone(), bias.primitive, eps);
-        match LayerNormChannelsBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        match LayerNormBackward(Normalised::Channels).prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(LayerNormSaved { x: xp, weight: wp, eps }, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }

@@ -278,15 +278,7 @@ mod tests {
     use crate::{Cpu, CpuAutodiff};
     use burn::tensor::Distribution;
 
-    fn host<const D: usize, B: Backend>(t: Tensor<B, D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().to_vec().unwrap()
-    }
-
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-        a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-    }
+    use crate::nn::test_util::{host, max_rel};
 
     /// The op and burn's matmul agree on the output and on the three gradients, for 2-D and
     /// 3-D inputs, with and without a bias, at sizes that run on one thread and on several.
