@@ -257,11 +257,11 @@ mod fast_path_tests {
     fn small_map_convs_split_into_several_im2col_batches_equal_conv2d() {
         use crate::CpuAutodiff;
         let d = Default::default();
-        // 512 channels on a 6×8 map (padded 8×10: 1.67× the kept pixels, so the batched
-        // im2col path): 4608·48 floats of columns per image, four images per column batch, so
-        // five images run as batches of 4 and 1.
+        // 512 channels on a 3×4 map (padded layout 4×5: 1.67× the kept pixels, so the batched
+        // im2col path): 4608·12 floats of columns per image, 18 images per column batch, so
+        // 20 images run as batches of 18 and 2.
         let c = Conv2d::<CpuAutodiff>::new(512, 6, 3, 1, 1, 1, true, &d);
-        let x = Tensor::<CpuAutodiff, 4>::random([5, 512, 6, 8], Distribution::Default, &d).require_grad();
+        let x = Tensor::<CpuAutodiff, 4>::random([20, 512, 3, 4], Distribution::Default, &d).require_grad();
         let ours = c.forward(x.clone());
         let theirs = burn::tensor::module::conv2d(
             x.clone(),
@@ -304,6 +304,9 @@ mod fast_path_tests {
             (10, 6, 1, 1, 0, 1, 5),
             (8, 4, 7, 1, 3, 1, 5),
             (16, 8, 3, 1, 1, 1, 12),
+            // One image per shifted batch (64 channels of a 65×67 padded plane fill it), so
+            // the second batch reuses the first one's buffers.
+            (64, 4, 3, 1, 1, 1, 64),
             // Depthwise at stride 1: the direct kernel (rows of 7, 11 and 42 columns use
             // blocks of 8, 16 and 32), with padding below the kernel's half.
             (5, 5, 3, 1, 1, 5, 9),
