@@ -751,42 +751,108 @@ mod cpu {
     /// gradient of the padded images of a thread (2 MiB each) stay in the L3 cache together.
     const SHIFTED_BATCH_FLOATS: usize = 1 << 19;
 
-    /// Several images side by side for the per-tap GEMMs of [`image_shifted`]'s method: every
-    /// channel row holds `imgs` zero-padded image planes one after the other, so one GEMM per tap
-    /// covers them all. Per image, the GEMM's column count was the image's pixels: 6 on
-    /// VGG-16's 2×2 maps, where packing the weight cost more than the product.
+    /// `dst[j·ds + i] = src[i·ss + j]` for `i < rows`, `j < cols`: 8×8 tiles in AVX2
+    /// registers, the ragged edges element by element. A channel-by-channel loop with a strided
+    /// iterator cost about 6 cycles per float, a tenth of a small-CNN training step.
+    fn transpose(src: &[f32], ss: usize, rows: usize, cols: usize, dst: &mut [f32], ds: usize) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        assert!(src.len() > (rows - 1) * ss + cols - 1 && dst.len() > (cols - 1) * ds + rows - 1);
+        // Rows [0, r8) and columns [0, c8) go as whole tiles.
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+        let (r8, c8) = {
+            let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+            for i0 in (0..r8).step_by(8) {
+                for j0 in (0..c8).step_by(8) {
+                    // SAFETY: rows i0..i0+8 and columns j0..j0+8 lie within the bounds asserted above.
+                    unsafe { transpose8x8(src.as_ptr().add(i0 * ss + j0), ss, dst.as_mut_ptr().add(j0 * ds + i0), ds) };
+                }
+            }
+            (r8, c8)
+        };
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+        let (r8, c8) = (0, 0);
+        for i in 0..rows {
+            for j in if i < r8 { c8 } else { 0 }..cols {
+                dst[j * ds + i] = src[i * ss + j];
+            }
+        }
+    }
+
+    /// One 8×8 tile of [`transpose`]: rows `src + i·ss` to columns `dst + j·ds`.
+    ///
+    /// # Safety
+    /// `src + i·ss + [0, 8)` and `dst + j·ds + [0, 8)` must be valid for `i, j < 8`.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    #[inline(always)]
+    unsafe fn transpose8x8(src: *const f32, ss: usize, dst: *mut f32, ds: usize) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees the eight rows and columns; AVX2 is enabled at compile time.
+        unsafe {
+            let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ss)));
+            // Row pairs (0,1), (2,3), (4,5), (6,7) interleaved: `lo` holds columns 0, 1 | 4, 5
+            // of each pair, `hi` columns 2, 3 | 6, 7.
+            let lo: [__m256; 4] = std::array::from_fn(|k| _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]));
+            let hi: [__m256; 4] = std::array::from_fn(|k| _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]));
+            for (j, t) in [(0, &lo), (2, &hi)] {
+                // Columns j | j + 4 and j + 1 | j + 5 of rows 0–3 and of rows 4–7.
+                let (top0, bottom0) = (_mm256_shuffle_ps::<0x44>(t[0], t[1]), _mm256_shuffle_ps::<0x44>(t[2], t[3]));
+                let (top1, bottom1) = (_mm256_shuffle_ps::<0xEE>(t[0], t[1]), _mm256_shuffle_ps::<0xEE>(t[2], t[3]));
+                _mm256_storeu_ps(dst.add(j * ds), _mm256_permute2f128_ps::<0x20>(top0, bottom0));
+                _mm256_storeu_ps(dst.add((j + 4) * ds), _mm256_permute2f128_ps::<0x31>(top0, bottom0));
+                _mm256_storeu_ps(dst.add((j + 1) * ds), _mm256_permute2f128_ps::<0x20>(top1, bottom1));
+                _mm256_storeu_ps(dst.add((j + 5) * ds), _mm256_permute2f128_ps::<0x31>(top1, bottom1));
+            }
+        }
+    }
+
+    /// Several images side by side, channels last, for the shifted GEMMs of
+    /// [`image_shifted`]'s method: position `q` of the padded layout holds the `C` channels of
+    /// one pixel, and the image slots follow each other, so one GEMM covers them all. Per image,
+    /// the GEMM's column count was the image's pixels: 6 on VGG-16's 2×2 maps, where packing the
+    /// weight cost more than the product.
+    ///
+    /// Channels last, the `kw` taps of one kernel row read `kw·C` consecutive floats at every
+    /// position: the forward is one GEMM per kernel row with `K = kw·C` (a third of the passes
+    /// over the output at 3×3), and its input is read in place, column by column. With the
+    /// channels as rows (`[C][positions]`) gemm packed the shifted input for every tap (13 % of
+    /// a small-CNN training step) and ran the output channels in blocks of 6, with a 2-wide
+    /// remainder at 32.
     struct ShiftedBatch {
-        /// Image slots per row.
+        /// Image slots.
         imgs: usize,
         plane: usize,
         wp: usize,
-        /// Columns from an image's first output pixel to its last, in the padded layout.
+        /// Positions from an image's first output pixel to its last, in the padded layout.
         span: usize,
-        /// Row stride of every buffer: `imgs · plane`.
-        row: usize,
-        /// `[C][row]`, the images' interiors; borders stay zero.
+        /// `[row][C]`, the images' interiors; borders stay zero.
         padded: Vec<f32>,
-        /// `[O][row]`: the forward's output, or the backward's output gradient, in the padded
-        /// layout; the gradient's columns outside the output pixels stay zero.
+        /// `[row][O]`: the forward's output, or the backward's output gradient, in the padded
+        /// layout; the gradient's positions outside the output pixels stay zero.
         wide: Vec<f32>,
-        /// `[C][row]`: the gradient of `padded` (backward with `dx` only).
+        /// `[row][C]`: the gradient of `padded` (backward with `dx` only).
         dpadded: Vec<f32>,
+        /// `[kh][O][kw·C]`: the weight by kernel row, channels last within a tap (forward), or
+        /// the weight gradient accumulated in that layout (backward with `dW`).
+        w_rows: Vec<f32>,
     }
 
     impl ShiftedBatch {
         fn new(g: &Geometry, images: usize, dx: bool) -> Self {
             let PaddedLayout { wp, plane, tail } = PaddedLayout::of(g);
             let imgs = (SHIFTED_BATCH_FLOATS / (g.c.max(g.o) * plane).max(1)).clamp(1, images.max(1));
+            // Positions in every buffer: the slots and the tail.
             let row = imgs * plane + tail;
             Self {
                 imgs,
                 plane,
                 wp,
                 span: (g.ho - 1) * wp + g.wo,
-                row,
                 padded: vec![0.0; g.c * row],
                 wide: vec![0.0; g.o * row],
                 dpadded: if dx { vec![0.0; g.c * row] } else { Vec::new() },
+                w_rows: vec![0.0; g.o * g.c * g.kh * g.kw],
             }
         }
 
@@ -795,50 +861,84 @@ mod cpu {
             (b - 1) * self.plane + self.span
         }
 
-        /// Writes `b` consecutive images of `x` into the padded slots.
+        /// Writes `b` consecutive images of `x` (`[b, C, H, W]`) into the padded slots,
+        /// channels last.
         fn load_input(&mut self, x: &[f32], g: &Geometry, b: usize) {
-            let hw = g.h * g.w;
+            let (hw, c) = (g.h * g.w, g.c);
             for i in 0..b {
-                for ch in 0..g.c {
-                    let src = &x[(i * g.c + ch) * hw..][..hw];
-                    let dst = &mut self.padded[ch * self.row + i * self.plane..][..self.plane];
-                    for (y, r) in src.chunks_exact(g.w).enumerate() {
-                        dst[(y + g.p) * self.wp + g.p..][..g.w].copy_from_slice(r);
+                let img = &x[i * c * hw..][..c * hw];
+                for y in 0..g.h {
+                    let at = i * self.plane + (y + g.p) * self.wp + g.p;
+                    transpose(&img[y * g.w..], hw, c, g.w, &mut self.padded[at * c..][..g.w * c], c);
+                }
+            }
+        }
+
+        /// Position offset of kernel tap `tap` in the padded layout.
+        fn offset(&self, g: &Geometry, tap: usize) -> usize {
+            (tap / g.kw) * self.wp + tap % g.kw
+        }
+
+        /// The weight `[O][wc·kh·kw]` (first `C` input channels) into `w_rows`' layout.
+        fn load_weight(&mut self, w: &[f32], g: &Geometry) {
+            let (taps, kc) = (g.kh * g.kw, g.kw * g.c);
+            for i in 0..g.kh {
+                for o in 0..g.o {
+                    let dst = &mut self.w_rows[(i * g.o + o) * kc..][..kc];
+                    for j in 0..g.kw {
+                        for c in 0..g.c {
+                            dst[j * g.c + c] = w[o * g.w_row() + c * taps + i * g.kw + j];
+                        }
                     }
                 }
             }
         }
 
-        /// Offset of kernel tap `tap` in the padded layout.
-        fn offset(&self, g: &Geometry, tap: usize) -> usize {
-            (tap / g.kw) * self.wp + tap % g.kw
-        }
-    }
-
-    /// Stride-1 dense convolution of `b` consecutive images: `Y[o, ·] += W[:, :, i, j] · X_pad[:,
-    /// shifted by (i, j)]` per kernel tap, the images side by side (see [`ShiftedBatch`]).
-    fn shifted_forward_batch(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, s: &mut ShiftedBatch, b: usize, out: &mut [f32]) {
-        s.load_input(x, g, b);
-        let (cols, row, taps, pix) = (s.cols(b), s.row, g.kh * g.kw, g.pixels());
-        for tap in 0..taps {
-            let off = s.offset(g, tap);
-            gemm_strided(g.o, g.c, cols, &w[tap..], (g.w_row(), taps), &s.padded[off..], (row, 1), tap > 0, &mut s.wide, (row, 1));
-        }
-        for (i, dst) in out.chunks_exact_mut(g.o * pix).take(b).enumerate() {
-            for (oc, plane) in dst.chunks_exact_mut(pix).enumerate() {
-                let src = &s.wide[oc * row + i * s.plane..][..s.span];
-                for (oy, r) in plane.chunks_exact_mut(g.wo).enumerate() {
-                    epi.write(oc, &src[oy * s.wp..][..g.wo], r);
+        /// Adds the weight gradient accumulated in `w_rows` to `dw` (`[O][C·kh·kw]`).
+        fn add_weight_grad(&self, g: &Geometry, dw: &mut [f32]) {
+            let (taps, kc) = (g.kh * g.kw, g.kw * g.c);
+            for i in 0..g.kh {
+                for o in 0..g.o {
+                    let src = &self.w_rows[(i * g.o + o) * kc..][..kc];
+                    for j in 0..g.kw {
+                        for c in 0..g.c {
+                            dw[o * g.w_row() + c * taps + i * g.kw + j] += src[j * g.c + c];
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Both gradients of [`shifted_forward_batch`] for `b` consecutive images, one GEMM per kernel
-    /// tap and no im2col: with `G` the output gradient in the padded layout and `X` the padded
-    /// images, `dW[:, :, i, j] += G · X[:, shifted by (i, j)]ᵀ` and `dX[:, shifted by (i, j)] +=
-    /// W[:, :, i, j]ᵀ · G`. im2col and col2im moved `kh·kw` copies of every image through
-    /// memory, twice per backward.
+    /// Stride-1 dense convolution of `b` consecutive images, one GEMM per kernel row `i`:
+    /// `Y[q, o] += Σ_(j, c) X_pad[q + i·wp + j, c] · W[o, c, i, j]`, the images side by side and
+    /// channels last (see [`ShiftedBatch`]); `s.w_rows` holds the weight ([`ShiftedBatch::load_weight`]).
+    fn shifted_forward_batch(x: &[f32], g: &Geometry, epi: Epilogue, s: &mut ShiftedBatch, b: usize, out: &mut [f32]) {
+        s.load_input(x, g, b);
+        let (cols, pix, kc) = (s.cols(b), g.pixels(), g.kw * g.c);
+        for i in 0..g.kh {
+            let off = i * s.wp * g.c;
+            // A = W's kernel row i as [O × kw·C]; B = the padded images from row i on, as
+            // [kw·C × positions] (position q's column starts at float q·C).
+            gemm_strided(g.o, kc, cols, &s.w_rows[i * g.o * kc..], (kc, 1), &s.padded[off..], (1, g.c), i > 0, &mut s.wide, (1, g.o));
+        }
+        for (i, dst) in out.chunks_exact_mut(g.o * pix).take(b).enumerate() {
+            for oy in 0..g.ho {
+                let at = i * s.plane + oy * s.wp;
+                transpose(&s.wide[at * g.o..], g.o, g.wo, g.o, &mut dst[oy * g.wo..], pix);
+            }
+            for (oc, plane) in dst.chunks_exact_mut(pix).enumerate() {
+                epi.apply(oc, plane);
+            }
+        }
+    }
+
+    /// Both gradients of [`shifted_forward_batch`] for `b` consecutive images, channels last
+    /// and no im2col: with `G` the output gradient in the padded layout and `X` the padded
+    /// images, `dW[:, :, i, ·] += Gᵀ · X[shifted by row i]` per kernel row (into `s.w_rows`,
+    /// see [`ShiftedBatch::add_weight_grad`]) and `dX[q + off(i, j), c] += Σ_o W[o, c, i, j] ·
+    /// G[q, o]` per tap. im2col and col2im moved `kh·kw` copies of every image through memory,
+    /// twice per backward.
     #[allow(clippy::too_many_arguments)]
     fn shifted_backward_batch(
         grad: &[f32],
@@ -848,39 +948,39 @@ mod cpu {
         s: &mut ShiftedBatch,
         b: usize,
         dx: Option<&mut [f32]>,
-        dw: Option<&mut [f32]>,
     ) {
-        let (cols, row, taps, pix) = (s.cols(b), s.row, g.kh * g.kw, g.pixels());
+        let (cols, taps, pix, kc) = (s.cols(b), g.kh * g.kw, g.pixels(), g.kw * g.c);
         for i in 0..b {
-            for (o, src) in grad[i * g.o * pix..][..g.o * pix].chunks_exact(pix).enumerate() {
-                let dst = &mut s.wide[o * row + i * s.plane..][..s.span];
-                for (oy, r) in src.chunks_exact(g.wo).enumerate() {
-                    dst[oy * s.wp..][..g.wo].copy_from_slice(r);
-                }
+            let src = &grad[i * g.o * pix..][..g.o * pix];
+            for oy in 0..g.ho {
+                let at = i * s.plane + oy * s.wp;
+                transpose(&src[oy * g.wo..], pix, g.o, g.wo, &mut s.wide[at * g.o..], g.o);
             }
         }
-        if let (Some(x), Some(dw)) = (x, dw) {
+        if let Some(x) = x {
             s.load_input(x, g, b);
-            for tap in 0..taps {
-                let off = s.offset(g, tap);
-                // dW[o, c, tap] += Σ_q G[o, q] · X[c, q + off]
-                gemm_strided(g.o, cols, g.c, &s.wide, (row, 1), &s.padded[off..], (1, row), true, &mut dw[tap..], (g.w_row(), taps));
+            for i in 0..g.kh {
+                let off = i * s.wp * g.c;
+                // dW_i[o, (j, c)] += Σ_q G[q, o] · X[q + i·wp, (j, c)]
+                gemm_strided(g.o, cols, kc, &s.wide, (1, g.o), &s.padded[off..], (g.c, 1), true, &mut s.w_rows[i * g.o * kc..], (kc, 1));
             }
         }
         if let (Some(w), Some(dx)) = (w, dx) {
-            s.dpadded.fill(0.0);
+            // Tap 0 (offset 0) writes positions [0, cols) without reading them; the other taps
+            // reach up to `last` positions further, which start from zero.
+            let last = s.offset(g, taps - 1);
+            s.dpadded[cols * g.c..(cols + last) * g.c].fill(0.0);
             for tap in 0..taps {
-                let off = s.offset(g, tap);
-                // dX[c, q + off] += Σ_o W[o, c, tap] · G[o, q]
-                gemm_strided(g.c, g.o, cols, &w[tap..], (taps, g.w_row()), &s.wide, (row, 1), true, &mut s.dpadded[off..], (row, 1));
+                let off = s.offset(g, tap) * g.c;
+                // dX[q + off, c] += Σ_o W[o, c, tap] · G[q, o]
+                gemm_strided(g.c, g.o, cols, &w[tap..], (taps, g.w_row()), &s.wide, (1, g.o), tap > 0, &mut s.dpadded[off..], (1, g.c));
             }
             let hw = g.h * g.w;
             for i in 0..b {
-                for ch in 0..g.c {
-                    let src = &s.dpadded[ch * row + i * s.plane..][..s.plane];
-                    for (y, r) in dx[(i * g.c + ch) * hw..][..hw].chunks_exact_mut(g.w).enumerate() {
-                        r.copy_from_slice(&src[(y + g.p) * s.wp + g.p..][..g.w]);
-                    }
+                let dst = &mut dx[i * g.c * hw..][..g.c * hw];
+                for y in 0..g.h {
+                    let at = i * s.plane + (y + g.p) * s.wp + g.p;
+                    transpose(&s.dpadded[at * g.c..], g.c, g.w, g.c, &mut dst[y * g.w..], hw);
                 }
             }
         }
@@ -1138,11 +1238,12 @@ mod cpu {
         if shifted(g) {
             let count = out.len() / slab.max(1);
             let mut s = ShiftedBatch::new(g, count, false);
+            s.load_weight(w, g);
             let chw = g.c * g.h * g.w;
             let mut i = 0;
             while i < count {
                 let b = s.imgs.min(count - i);
-                shifted_forward_batch(&x[(first + i) * chw..][..b * chw], w, g, epi, &mut s, b, &mut out[i * slab..][..b * slab]);
+                shifted_forward_batch(&x[(first + i) * chw..][..b * chw], g, epi, &mut s, b, &mut out[i * slab..][..b * slab]);
                 i += b;
             }
             return;
@@ -1383,8 +1484,11 @@ mod cpu {
                 let gr = &grad[img * g.o * pix..][..b * g.o * pix];
                 let xs = x.map(|x| &x[img * chw..][..b * chw]);
                 let dxs = dx.as_mut().map(|d| &mut d[i * chw..][..b * chw]);
-                shifted_backward_batch(gr, xs, w, g, &mut s, b, dxs, dw.as_deref_mut());
+                shifted_backward_batch(gr, xs, w, g, &mut s, b, dxs);
                 i += b;
+            }
+            if let Some(dw) = dw.as_mut() {
+                s.add_weight_grad(g, dw);
             }
             return (dx, dw);
         }
