@@ -166,7 +166,7 @@ impl AttentionBackend for NdArray<f32> {
 
 mod cpu {
     use crate::nn::activation_op::fast::exp;
-    use crate::nn::conv::{conv_threads, for_image_chunks, gemm_strided};
+    use crate::nn::conv::{conv_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
 
     #[derive(Debug, Clone, Copy)]
     pub struct Geom {
@@ -241,8 +241,7 @@ mod cpu {
     /// `dqkv [N, T, 3C]` from `dout [N, T, C]`.
     pub fn backward(dout: &[f32], qkv: &[f32], probs: &[f32], g: &Geom, scale: f32) -> Vec<f32> {
         let (t, d, c) = (g.t, g.d, g.c());
-        let mut dqkv = vec![0.0f32; g.n * t * 3 * c];
-        for_image_chunks(&mut dqkv, g.n, threads(g), |first, chunk| {
+        let dqkv = zeroed_by_image_chunks(g.n * t * 3 * c, g.n, threads(g), |first, chunk| {
             let mut ds = vec![0.0f32; t * t];
             for (i, dx) in chunk.chunks_exact_mut(t * 3 * c).enumerate() {
                 let img = first + i;

@@ -213,7 +213,7 @@ mod cpu {
     //! across planes in f64. Reductions run over channel ranges, the element-wise passes over
     //! image ranges, each on up to `conv_threads()` threads.
 
-    use crate::nn::conv::{conv_threads, for_image_chunks, for_image_ranges};
+    use crate::nn::conv::{conv_threads, for_image_ranges, zeroed_by_image_chunks};
 
     /// Threads for a memory-bound pass over `elements` values: one per 256 K values at least.
     fn threads_for(elements: usize) -> usize {
@@ -311,8 +311,7 @@ mod cpu {
     /// `relu?(x·scale[c] + shift[c])`.
     pub fn affine(x: &[f32], [n, c, h, w]: [usize; 4], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
         let hw = h * w;
-        let mut y = vec![0.0f32; x.len()];
-        for_image_chunks(&mut y, n, threads_for(x.len()), |first, out| {
+        let y = zeroed_by_image_chunks(x.len(), n, threads_for(x.len()), |first, out| {
             for (p, plane) in out.chunks_exact_mut(hw.max(1)).enumerate() {
                 let ch = p % c;
                 let src = &x[(first * c + p) * hw..][..hw];
@@ -372,8 +371,7 @@ mod cpu {
                 [k as f32, (s1 / m) as f32, (s2 * invstd[ch] * invstd[ch] / m) as f32, mean[ch]]
             })
             .collect();
-        let mut dx = vec![0.0f32; x.len()];
-        for_image_chunks(&mut dx, n, threads, |first, out| {
+        let dx = zeroed_by_image_chunks(x.len(), n, threads, |first, out| {
             for (p, plane) in out.chunks_exact_mut(hw.max(1)).enumerate() {
                 let at = (first * c + p) * hw;
                 let (g, xv, yv) = (&grad[at..][..hw], &x[at..][..hw], &y[at..][..hw]);

@@ -12,7 +12,7 @@
 //! `dw[i, j] = Σ_n Σ_{r,c} dy[r, c]·x_pad[r + i, c + j]`, accumulated in 8 lanes per tap. Planes
 //! (forward, `dx`) or channels (`dw`) are split over threads.
 
-use super::conv::{conv_threads, for_image_chunks};
+use super::conv::{conv_threads, for_image_chunks, zeroed_by_image_chunks};
 
 /// Sizes of a depthwise convolution: `n` images of `c` planes `h × w`, kernel `kh × kw`,
 /// zero padding `p` on every side, stride 1.
@@ -142,11 +142,10 @@ fn planes_range(x: &[f32], kernel: &dyn Fn(usize) -> [usize; 2], kernels: &[f32]
 pub fn forward(x: &[f32], w: &[f32], g: &Depthwise) -> Vec<f32> {
     let (ho, wo) = (g.ho(), g.wo());
     let planes = g.n * g.c;
-    let mut y = vec![0.0f32; planes * ho * wo];
     let taps = g.taps();
     let kernel = |idx: usize| [(idx % g.c) * taps, taps];
     let t = threads(planes, planes * ho * wo * taps);
-    for_image_chunks(&mut y, planes, t, |first, out| planes_range(x, &kernel, w, g.h, g.w, g.kh, g.kw, g.p, first, out));
+    let y = zeroed_by_image_chunks(planes * ho * wo, planes, t, |first, out| planes_range(x, &kernel, w, g.h, g.w, g.kh, g.kw, g.p, first, out));
     y
 }
 
@@ -157,10 +156,9 @@ pub fn grad_input(dy: &[f32], w: &[f32], g: &Depthwise) -> Vec<f32> {
     let taps = g.taps();
     let flipped: Vec<f32> = w.chunks_exact(taps).flat_map(|k| k.iter().rev().copied().collect::<Vec<_>>()).collect();
     let planes = g.n * g.c;
-    let mut dx = vec![0.0f32; planes * g.h * g.w];
     let kernel = |idx: usize| [(idx % g.c) * taps, taps];
     let t = threads(planes, planes * g.h * g.w * taps);
-    for_image_chunks(&mut dx, planes, t, |first, out| planes_range(dy, &kernel, &flipped, ho, wo, g.kh, g.kw, g.kh - 1 - g.p, first, out));
+    let dx = zeroed_by_image_chunks(planes * g.h * g.w, planes, t, |first, out| planes_range(dy, &kernel, &flipped, ho, wo, g.kh, g.kw, g.kh - 1 - g.p, first, out));
     dx
 }
 
