@@ -226,7 +226,7 @@ mod channels {
     //! channel planes, each a contiguous row of `H·W` values, so every loop is over pixels and
     //! vectorises. Images are split over threads.
 
-    use crate::nn::conv::{conv_threads, for_image_chunks};
+    use crate::nn::conv::{conv_threads, zeroed_by_image_chunks};
 
     /// Threads for `n` images of `len` values each: one per 64 K values at least.
     fn threads(n: usize, len: usize) -> usize {
@@ -251,12 +251,11 @@ mod channels {
 
     pub fn forward(x: &[f32], c: usize, p: usize, weight: &[f32], bias: &[f32], eps: f64) -> Vec<f32> {
         let slab = c * p;
-        let mut y = vec![0.0f32; x.len()];
         let n = x.len().checked_div(slab).unwrap_or(0);
         if n == 0 {
-            return y;
+            return vec![0.0f32; x.len()];
         }
-        for_image_chunks(&mut y, n, threads(n, slab), |first, out| {
+        let y = zeroed_by_image_chunks(x.len(), n, threads(n, slab), |first, out| {
             let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
             for (i, yi) in out.chunks_exact_mut(slab).enumerate() {
                 let xi = &x[(first + i) * slab..][..slab];
@@ -276,14 +275,13 @@ mod channels {
     pub fn backward(grad: &[f32], x: &[f32], c: usize, p: usize, weight: &[f32], eps: f64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let slab = c * p;
         let n = x.len().checked_div(slab).unwrap_or(0);
-        let mut dx = vec![0.0f32; x.len()];
         let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
         if n == 0 {
-            return (dx, vec![0.0; c], vec![0.0; c]);
+            return (vec![0.0f32; x.len()], vec![0.0; c], vec![0.0; c]);
         }
         // Each thread's per-channel sums for dweight and dbias, added in image order after.
         let partials = std::sync::Mutex::new(Vec::new());
-        for_image_chunks(&mut dx, n, threads(n, slab), |first, out| {
+        let dx = zeroed_by_image_chunks(x.len(), n, threads(n, slab), |first, out| {
             let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
             let (mut c1, mut c2) = (vec![0.0f32; p], vec![0.0f32; p]);
             let (mut pw, mut pb) = (vec![0.0f64; c], vec![0.0f64; c]);

@@ -302,6 +302,8 @@ mod fast_path_tests {
             (9, 4, 5, 1, 0, 1, 8),
             (8, 3, 3, 1, 2, 1, 6),
             (10, 6, 1, 1, 0, 1, 5),
+            // 1×1 on at least 64 pixels: one GEMM per image on the input as it lies.
+            (12, 6, 1, 1, 0, 1, 9),
             (8, 4, 7, 1, 3, 1, 5),
             (16, 8, 3, 1, 1, 1, 12),
             // One image per shifted batch (64 channels of a 65×67 padded plane fill it), so

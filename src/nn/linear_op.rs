@@ -210,7 +210,7 @@ impl LinearBackend for NdArray<f32> {
 mod cpu {
     //! Row-major GEMMs split over threads by output rows; every thread writes its own rows.
 
-    use super::super::conv::{conv_threads, for_image_chunks, gemm_strided};
+    use super::super::conv::{conv_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
 
     /// Threads for a product of `macs` multiply-adds over `rows` output rows: about 1 ms of
     /// work per thread at least (a spawn costs tens of microseconds).
@@ -221,11 +221,10 @@ mod cpu {
 
     /// `y[m, n] = Σ_k x[m, k]·w[n, k] + b[n]`.
     pub fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; m * n];
         if m == 0 || n == 0 {
-            return y;
+            return vec![0.0f32; m * n];
         }
-        for_image_chunks(&mut y, m, threads(m, m * k * n), |first, rows| {
+        let y = zeroed_by_image_chunks(m * n, m, threads(m, m * k * n), |first, rows| {
             let count = rows.len() / n;
             if let Some(b) = bias {
                 rows.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
@@ -237,11 +236,10 @@ mod cpu {
 
     /// `dx[m, k] = Σ_n dy[m, n]·w[n, k]`.
     pub fn grad_input(dy: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut dx = vec![0.0f32; m * k];
         if m == 0 || k == 0 {
-            return dx;
+            return vec![0.0f32; m * k];
         }
-        for_image_chunks(&mut dx, m, threads(m, m * k * n), |first, rows| {
+        let dx = zeroed_by_image_chunks(m * k, m, threads(m, m * k * n), |first, rows| {
             let count = rows.len() / k;
             gemm_strided(count, n, k, &dy[first * n..], (n, 1), w, (k, 1), false, rows, (k, 1));
         });
