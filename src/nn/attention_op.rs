@@ -241,7 +241,7 @@ mod cpu {
     /// `dqkv [N, T, 3C]` from `dout [N, T, C]`.
     pub fn backward(dout: &[f32], qkv: &[f32], probs: &[f32], g: &Geom, scale: f32) -> Vec<f32> {
         let (t, d, c) = (g.t, g.d, g.c());
-        let dqkv = zeroed_by_image_chunks(g.n * t * 3 * c, g.n, threads(g), |first, chunk| {
+        zeroed_by_image_chunks(g.n * t * 3 * c, g.n, threads(g), |first, chunk| {
             let mut ds = vec![0.0f32; t * t];
             for (i, dx) in chunk.chunks_exact_mut(t * 3 * c).enumerate() {
                 let img = first + i;
@@ -264,8 +264,7 @@ mod cpu {
                     gemm_strided(t, t, d, &ds, (1, t), q, (3 * c, 1), false, &mut dx[c + h * d..], (3 * c, 1));
                 }
             }
-        });
-        dqkv
+        })
     }
 }
 

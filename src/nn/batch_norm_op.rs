@@ -311,7 +311,7 @@ mod cpu {
     /// `relu?(x·scale[c] + shift[c])`.
     pub fn affine(x: &[f32], [n, c, h, w]: [usize; 4], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
         let hw = h * w;
-        let y = zeroed_by_image_chunks(x.len(), n, threads_for(x.len()), |first, out| {
+        zeroed_by_image_chunks(x.len(), n, threads_for(x.len()), |first, out| {
             for (p, plane) in out.chunks_exact_mut(hw.max(1)).enumerate() {
                 let ch = p % c;
                 let src = &x[(first * c + p) * hw..][..hw];
@@ -326,8 +326,7 @@ mod cpu {
                     plane.iter_mut().zip(src).for_each(|(o, &v)| *o = v * s + b);
                 }
             }
-        });
-        y
+        })
     }
 
     /// `(dx, dweight, dbias)`.

@@ -1285,7 +1285,7 @@ mod cpu {
         let slab = g.o * pix;
         let macs: usize = c_in.iter().zip(c_out).map(|(&a, &b)| a * b).sum::<usize>() * g.kh * g.kw * pix;
         let threads = split(g.n, macs / g.n.max(1));
-        let out = zeroed_by_image_chunks(g.n * slab, g.n, threads, |first, chunk| {
+        zeroed_by_image_chunks(g.n * slab, g.n, threads, |first, chunk| {
             let mut scratch = Scratch::new(g);
             for (i, dst) in chunk.chunks_exact_mut(slab.max(1)).enumerate() {
                 let img = first + i;
@@ -1301,8 +1301,7 @@ mod cpu {
                     image_im2col(xi, w, &gi, epi, 0, &mut scratch, dst);
                 }
             }
-        });
-        out
+        })
     }
 
     /// The geometry as a stride-1 depthwise convolution that [`depthwise`](crate::nn::depthwise)'s

@@ -145,8 +145,7 @@ pub fn forward(x: &[f32], w: &[f32], g: &Depthwise) -> Vec<f32> {
     let taps = g.taps();
     let kernel = |idx: usize| [(idx % g.c) * taps, taps];
     let t = threads(planes, planes * ho * wo * taps);
-    let y = zeroed_by_image_chunks(planes * ho * wo, planes, t, |first, out| planes_range(x, &kernel, w, g.h, g.w, g.kh, g.kw, g.p, first, out));
-    y
+    zeroed_by_image_chunks(planes * ho * wo, planes, t, |first, out| planes_range(x, &kernel, w, g.h, g.w, g.kh, g.kw, g.p, first, out))
 }
 
 /// `dx` from `dy` (`[n, c, ho, wo]`): the convolution of `dy` with the flipped kernels and
@@ -158,8 +157,7 @@ pub fn grad_input(dy: &[f32], w: &[f32], g: &Depthwise) -> Vec<f32> {
     let planes = g.n * g.c;
     let kernel = |idx: usize| [(idx % g.c) * taps, taps];
     let t = threads(planes, planes * g.h * g.w * taps);
-    let dx = zeroed_by_image_chunks(planes * g.h * g.w, planes, t, |first, out| planes_range(dy, &kernel, &flipped, ho, wo, g.kh, g.kw, g.kh - 1 - g.p, first, out));
-    dx
+    zeroed_by_image_chunks(planes * g.h * g.w, planes, t, |first, out| planes_range(dy, &kernel, &flipped, ho, wo, g.kh, g.kw, g.kh - 1 - g.p, first, out))
 }
 
 /// `dw` `[c, 1, kh, kw]` from `dy` and `x`.

@@ -255,7 +255,7 @@ mod channels {
         if n == 0 {
             return vec![0.0f32; x.len()];
         }
-        let y = zeroed_by_image_chunks(x.len(), n, threads(n, slab), |first, out| {
+        zeroed_by_image_chunks(x.len(), n, threads(n, slab), |first, out| {
             let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
             for (i, yi) in out.chunks_exact_mut(slab).enumerate() {
                 let xi = &x[(first + i) * slab..][..slab];
@@ -267,8 +267,7 @@ mod channels {
                     }
                 }
             }
-        });
-        y
+        })
     }
 
     /// `(dx, dweight, dbias)`.

@@ -224,14 +224,13 @@ mod cpu {
         if m == 0 || n == 0 {
             return vec![0.0f32; m * n];
         }
-        let y = zeroed_by_image_chunks(m * n, m, threads(m, m * k * n), |first, rows| {
+        zeroed_by_image_chunks(m * n, m, threads(m, m * k * n), |first, rows| {
             let count = rows.len() / n;
             if let Some(b) = bias {
                 rows.chunks_exact_mut(n).for_each(|r| r.copy_from_slice(b));
             }
             gemm_strided(count, k, n, &x[first * k..], (k, 1), w, (1, k), bias.is_some(), rows, (n, 1));
-        });
-        y
+        })
     }
 
     /// `dx[m, k] = Σ_n dy[m, n]·w[n, k]`.
@@ -239,11 +238,10 @@ mod cpu {
         if m == 0 || k == 0 {
             return vec![0.0f32; m * k];
         }
-        let dx = zeroed_by_image_chunks(m * k, m, threads(m, m * k * n), |first, rows| {
+        zeroed_by_image_chunks(m * k, m, threads(m, m * k * n), |first, rows| {
             let count = rows.len() / k;
             gemm_strided(count, n, k, &dy[first * n..], (n, 1), w, (k, 1), false, rows, (k, 1));
-        });
-        dx
+        })
     }
 
     /// `dw[n, k] = Σ_m dy[m, n]·x[m, k]` and `db[n] = Σ_m dy[m, n]`, each when asked.
