@@ -17,6 +17,7 @@ use serde::Deserialize;
 use super::{Backbone, BuildContext, Family, PrunableConv};
 use crate::ModelBackend;
 use crate::controllers::{Controller, DecisionPoint, Mode, Trace, TraceStep};
+use crate::nn::activation_op::add_relu;
 use crate::nn::conv::global_avg_pool;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
@@ -97,7 +98,7 @@ impl<B: ModelBackend> BasicBlock<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let out = self.bn1.forward_relu(self.conv1.forward(x.clone()));
         let out = self.bn2.forward(self.conv2.forward(out));
-        relu(out + self.shortcut(x, false))
+        add_relu(out, self.shortcut(x, false))
     }
 
     /// The block on rows that all compute the first `c_mid` channels of the inner conv (the
@@ -111,7 +112,7 @@ impl<B: ModelBackend> BasicBlock<B> {
         let k1 = self.conv1.kernel_size() * self.conv1.kernel_size();
         let k2 = self.conv2.kernel_size() * self.conv2.kernel_size();
         let macs = (oh * ow * (k1 * c_in * c_mid + k2 * c_mid * c_out)) as u64;
-        (relu(y + self.shortcut(x, true)), macs)
+        (add_relu(y, self.shortcut(x, true)), macs)
     }
 
     /// Keeps (and orders) the inner conv's output channels `idx`: conv1's filters, bn1, and

@@ -46,6 +46,17 @@ pub trait ActivationBackend: Backend {
     fn softmax_last_dim_backward(grad: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
         softmax_backward_composed::<Self>(grad, y)
     }
+
+    /// `relu(a + b)` for two tensors of the same shape: a residual sum and its activation.
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        add_relu_composed::<Self>(a, b)
+    }
+
+    /// `dy` where the ReLU's output `y` is positive, 0 elsewhere (the gradient of both
+    /// summands of [`add_relu`](Self::add_relu)).
+    fn add_relu_backward(grad: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        relu_backward_composed::<Self>(grad, y)
+    }
 }
 
 /// `1/√(2π)`.
@@ -98,6 +109,23 @@ fn softmax_backward_composed<B: Backend>(grad: FloatTensor<B>, y: FloatTensor<B>
     reshaped(y * (g - dot), shape)
 }
 
+fn add_relu_composed<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = a.shape();
+    reshaped(burn::tensor::activation::relu(flat::<B>(a) + flat::<B>(b)), shape)
+}
+
+fn relu_backward_composed<B: Backend>(grad: FloatTensor<B>, y: FloatTensor<B>) -> FloatTensor<B> {
+    let shape = y.shape();
+    reshaped(flat::<B>(grad).mask_fill(flat::<B>(y).lower_equal_elem(0.0), 0.0), shape)
+}
+
+/// See [`ActivationBackend::add_relu`]. A ResNet block's `relu(out + shortcut)` was two of
+/// burn-ndarray's passes forward and two backward, each on one thread.
+pub fn add_relu<B: ActivationBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    assert_eq!(a.dims(), b.dims(), "add_relu: the summands' shapes differ");
+    float(B::add_relu(a.into_primitive().tensor(), b.into_primitive().tensor()))
+}
+
 /// See [`ActivationBackend::gelu_erf`].
 pub fn gelu<B: ActivationBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     float(B::gelu_erf(x.into_primitive().tensor()))
@@ -140,7 +168,35 @@ impl<B: ActivationBackend> Backward<B, 1> for SoftmaxBackward {
     }
 }
 
+#[derive(Debug)]
+struct AddReluBackward;
+
+impl<B: ActivationBackend> Backward<B, 2> for AddReluBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let g = B::add_relu_backward(grad, ops.state);
+        match ops.parents {
+            [Some(a), Some(b)] => {
+                grads.register::<B>(a.id, g.clone());
+                grads.register::<B>(b.id, g);
+            }
+            [Some(node), None] | [None, Some(node)] => grads.register::<B>(node.id, g),
+            [None, None] => {}
+        }
+    }
+}
+
 impl<B: ActivationBackend, C: CheckpointStrategy> ActivationBackend for Autodiff<B, C> {
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = B::add_relu(a.primitive, b.primitive);
+        match AddReluBackward.prepare::<C>([a.node, b.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn gelu_erf(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let xp = x.primitive;
         let y = B::gelu_erf(xp.clone());
@@ -199,6 +255,22 @@ impl ActivationBackend for NdArray<f32> {
             return softmax_backward_composed::<Self>(grad, y);
         };
         NdArrayTensor::from_data(TensorData::new(cpu::softmax_backward(&g, &ys, d), shape))
+    }
+
+    fn add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        let shape = a.shape();
+        let (Some(av), Some(bv)) = (host_f32(&a), host_f32(&b)) else {
+            return add_relu_composed::<Self>(a, b);
+        };
+        NdArrayTensor::from_data(TensorData::new(cpu::add_relu(&av, &bv), shape))
+    }
+
+    fn add_relu_backward(grad: FloatTensor<Self>, y: FloatTensor<Self>) -> FloatTensor<Self> {
+        let shape = y.shape();
+        let (Some(g), Some(ys)) = (host_f32(&grad), host_f32(&y)) else {
+            return relu_backward_composed::<Self>(grad, y);
+        };
+        NdArrayTensor::from_data(TensorData::new(cpu::relu_backward(&g, &ys), shape))
     }
 }
 
@@ -268,6 +340,28 @@ mod cpu {
         let rows = out.len().checked_div(d).unwrap_or(0);
         let threads = threads(out.len());
         for_image_chunks(out, rows, threads, |first_row, chunk| f(first_row * d, chunk));
+    }
+
+    pub fn add_relu(a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0f32; a.len()];
+        for_rows(&mut y, 1, |at, out| {
+            for ((o, &u), &v) in out.iter_mut().zip(&a[at..]).zip(&b[at..]) {
+                // `<` rather than `max` so that a NaN passes through, as in PyTorch.
+                let z = u + v;
+                *o = if z < 0.0 { 0.0 } else { z };
+            }
+        });
+        y
+    }
+
+    pub fn relu_backward(grad: &[f32], y: &[f32]) -> Vec<f32> {
+        let mut dx = vec![0.0f32; y.len()];
+        for_rows(&mut dx, 1, |at, out| {
+            for ((o, &g), &v) in out.iter_mut().zip(&grad[at..]).zip(&y[at..]) {
+                *o = if v > 0.0 { g } else { 0.0 };
+            }
+        });
+        dx
     }
 
     pub fn gelu(x: &[f32]) -> Vec<f32> {
@@ -482,6 +576,30 @@ mod tests {
             sum += term / (2.0 * k + 1.0);
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// `relu(a + b)` and both summands' gradients equal burn's composed ops, with exact zeros
+    /// and negative sums in the input.
+    #[test]
+    fn add_relu_and_its_gradients_match_burn() {
+        let device = Default::default();
+        let mut av = Tensor::<Cpu, 3>::random([3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+        av = av.slice_assign([0..1, 0..1, 0..3], Tensor::zeros([1, 1, 3], &device));
+        let bv = Tensor::<Cpu, 3>::random([3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+        let bv = bv.slice_assign([0..1, 0..1, 0..3], Tensor::zeros([1, 1, 3], &device));
+        let r = Tensor::<CpuAutodiff, 3>::random([3, 5, 7], Distribution::Default, &device);
+        let grads = |fused: bool| {
+            let a = Tensor::<CpuAutodiff, 3>::from_inner(av.clone()).require_grad();
+            let b = Tensor::<CpuAutodiff, 3>::from_inner(bv.clone()).require_grad();
+            let y = if fused { add_relu(a.clone(), b.clone()) } else { burn::tensor::activation::relu(a.clone() + b.clone()) };
+            let g = (y.clone() * r.clone()).sum().backward();
+            (host(y.inner()), host(a.grad(&g).unwrap()), host(b.grad(&g).unwrap()))
+        };
+        let (ours, theirs) = (grads(true), grads(false));
+        assert_eq!(ours.0, theirs.0, "forward");
+        assert!(ours.0.iter().any(|&v| v == 0.0) && ours.0.iter().any(|&v| v > 0.0));
+        assert_eq!(ours.1, theirs.1, "da");
+        assert_eq!(ours.2, theirs.2, "db");
     }
 
     /// Inference (no autodiff) runs the same kernels.
