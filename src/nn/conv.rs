@@ -807,8 +807,8 @@ mod cpu {
         }
     }
 
-    /// Several images side by side, channels last, for the shifted GEMMs of
-    /// [`image_shifted`]'s method: position `q` of the padded layout holds the `C` channels of
+    /// Several images side by side, channels last, for the shifted GEMMs: position `q` of the
+    /// padded layout holds the `C` channels of
     /// one pixel, and the image slots follow each other, so one GEMM covers them all. Per image,
     /// the GEMM's column count was the image's pixels: 6 on VGG-16's 2×2 maps, where packing the
     /// weight cost more than the product.
@@ -1035,23 +1035,9 @@ mod cpu {
                 }),
             }
         }
-
-        /// `dst = src` with [`apply`](Self::apply)'s bias and ReLU, in the same pass as the copy
-        /// (the same arithmetic, so the same bits as a copy followed by `apply`).
-        fn write(&self, channel: usize, src: &[f32], dst: &mut [f32]) {
-            let b = self.bias.map_or(0.0, |b| b[channel]);
-            match (b != 0.0, self.relu) {
-                (false, false) => dst.copy_from_slice(src),
-                (true, false) => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + b),
-                (_, true) => dst.iter_mut().zip(src).for_each(|(d, &v)| {
-                    let y = v + b;
-                    *d = if y < 0.0 { 0.0 } else { y };
-                }),
-            }
-        }
     }
 
-    /// Whether [`image_shifted`] applies: dense, stride 1, and enough input channels
+    /// Whether the shifted GEMMs ([`ShiftedBatch`]) apply: dense, stride 1, and enough input channels
     /// for a GEMM with `K = C` to run well (the first layer of a network, with 1 or 3 input
     /// channels, keeps im2col's `K = C·kh·kw`).
     fn shifted(g: &Geometry) -> bool {
@@ -1151,65 +1137,15 @@ mod cpu {
         }
     }
 
-    /// One thread's working buffers, kept from image to image.
+    /// One thread's im2col column matrix, kept from image to image.
     struct Scratch {
-        /// The zero-padded image of [`image_shifted`]: its border stays zero, only the
-        /// interior is rewritten per image, so it is allocated (zeroed) once.
-        padded: Vec<f32>,
-        /// [`image_shifted`]'s output rows, `p` columns too wide.
-        wide: Vec<f32>,
-        /// im2col's column matrix.
         cols: Vec<f32>,
     }
 
     impl Scratch {
-        /// Buffers for images of up to `g.c` input and `g.o` output channels.
+        /// A column matrix for images of up to `g.c` input channels.
         fn new(g: &Geometry) -> Self {
-            if shifted(g) {
-                let l = PaddedLayout::of(g);
-                let span = (g.ho - 1) * l.wp + g.wo;
-                Self { padded: vec![0.0; g.c * (l.plane + l.tail)], wide: vec![0.0; g.o * span], cols: Vec::new() }
-            } else {
-                Self { padded: Vec::new(), wide: Vec::new(), cols: vec![0.0; g.k() * g.pixels()] }
-            }
-        }
-    }
-
-    /// Stride-1 convolution without im2col: one GEMM per kernel tap `(i, j)`,
-    /// `Y[o, ·] += W[:, :, i, j] · X_pad[:, shifted by (i, j)]`, on the zero-padded image laid
-    /// out as [`PaddedLayout`] says. The shifted view of the padded image is a plain strided
-    /// matrix, so nothing is copied per tap; each output row comes out `p` columns too wide, and those
-    /// columns are dropped when the row is written out. im2col wrote `kh·kw` copies of the input
-    /// per image and was a quarter of a batch-64 CNN forward; the padded copy is one.
-    ///
-    /// `x` is one image's `g.c` channels, `dst` its `g.o` output planes.
-    fn image_shifted(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue, s: &mut Scratch, dst: &mut [f32]) {
-        let pix = g.pixels();
-        let PaddedLayout { wp, plane, tail } = PaddedLayout::of(g);
-        let chan = plane + tail;
-        // Wide-output columns from the first valid pixel to the last.
-        let span = (g.ho - 1) * wp + g.wo;
-        let taps = g.kh * g.kw;
-        let (padded, wide) = (&mut s.padded[..g.c * chan], &mut s.wide[..g.o * span]);
-        for ch in 0..g.c {
-            let src = &x[ch * g.h * g.w..][..g.h * g.w];
-            let dst = &mut padded[ch * chan..][..chan];
-            for (y, row) in src.chunks_exact(g.w).enumerate() {
-                dst[(y + g.p) * wp + g.p..][..g.w].copy_from_slice(row);
-            }
-        }
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let tap = ki * g.kw + kj;
-                // A = W[:, :, ki, kj] as [O × C]; B = the padded image shifted by the tap.
-                gemm(g.o, g.c, span, &w[tap..], (g.w_row(), taps), &padded[ki * wp + kj..], (chan, 1), tap > 0, wide);
-            }
-        }
-        for (oc, plane) in dst[..g.o * pix].chunks_exact_mut(pix).enumerate() {
-            let src = &wide[oc * span..][..span];
-            for (oy, row) in plane.chunks_exact_mut(g.wo).enumerate() {
-                epi.write(oc, &src[oy * wp..][..g.wo], row);
-            }
+            Self { cols: vec![0.0; g.k() * g.pixels()] }
         }
     }
 
@@ -1287,11 +1223,23 @@ mod cpu {
         let threads = split(g.n, macs / g.n.max(1));
         zeroed_by_image_chunks(g.n * slab, g.n, threads, |first, chunk| {
             let mut scratch = Scratch::new(g);
+            // One shifted batch of one image per (input, output) width, its weight loaded once.
+            let mut batches: Vec<((usize, usize), ShiftedBatch)> = Vec::new();
             for (i, dst) in chunk.chunks_exact_mut(slab.max(1)).enumerate() {
                 let img = first + i;
                 let gi = Geometry { n: 1, c: c_in[img], o: c_out[img], ..*g };
                 if shifted(g) && shifted(&gi) {
-                    image_shifted(&x[img * g.c * hw..], w, &gi, epi, &mut scratch, dst);
+                    let at = match batches.iter().position(|(widths, _)| *widths == (gi.c, gi.o)) {
+                        Some(at) => at,
+                        None => {
+                            let mut s = ShiftedBatch::new(&gi, 1, false);
+                            s.load_weight(w, &gi);
+                            batches.push(((gi.c, gi.o), s));
+                            batches.len() - 1
+                        }
+                    };
+                    // The same GEMMs, in the same order, as a batch of images of these widths.
+                    shifted_forward_batch(&x[img * g.c * hw..][..gi.c * hw], &gi, epi, &mut batches[at].1, 1, &mut dst[..gi.o * pix]);
                 } else {
                     // im2col reads channel planes `g.c` apart in `x`: give it this image alone.
                     let xi = &x[img * g.c * hw..][..gi.c * hw];
