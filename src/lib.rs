@@ -31,6 +31,7 @@ pub trait ModelBackend:
         + nn::linear_op::LinearBackend
         + nn::activation_op::ActivationBackend
         + nn::attention_op::AttentionBackend
+        + nn::channel_op::ChannelBackend
 {
 }
 impl<B> ModelBackend for B where
@@ -41,6 +42,7 @@ impl<B> ModelBackend for B where
         + nn::linear_op::LinearBackend
         + nn::activation_op::ActivationBackend
         + nn::attention_op::AttentionBackend
+        + nn::channel_op::ChannelBackend
 {
 }
 

@@ -20,6 +20,7 @@ use super::{Backbone, BuildContext, Family};
 use crate::metrics::flops::CostReport;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::ModelBackend;
+use crate::nn::channel_op::residual;
 use crate::nn::global_filter::GlobalFilter;
 use crate::nn::layers::trunc_normal;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
@@ -325,13 +326,9 @@ impl<B: ModelBackend> Block<B> {
 impl<B: ModelBackend> Block<B> {
     /// `x`: tokens `[N, side², C]` of a `side×side` grid (row-major).
     pub fn forward(&self, x: Tensor<B, 3>, side: usize) -> Tensor<B, 3> {
-        let c = x.dims()[2];
         let y = self.filter.forward_tokens(self.norm1.forward(x.clone()), (side, side));
-        let mut y = self.mlp.forward(self.norm2.forward(y));
-        if let Some(g) = &self.gamma {
-            y = y * g.val().reshape([1, 1, c]);
-        }
-        x + drop_path(y, self.drop_path)
+        let y = self.mlp.forward(self.norm2.forward(y));
+        residual(x, drop_path(y, self.drop_path), self.gamma.as_ref().map(|g| g.val()), 2)
     }
 }
 

@@ -15,6 +15,7 @@
 use anyhow::{bail, ensure, Result};
 use burn::module::{Module, Param};
 use crate::nn::activation_op::gelu;
+use crate::nn::channel_op::{channel_slice, gated_product, residual};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Tensor};
 use serde::{Deserialize, Serialize};
@@ -315,9 +316,9 @@ impl<B: ModelBackend> GlobalLocalFilter<B> {
         let x = self.pre_norm.forward(x);
         let [n, c, h, w] = x.dims();
         let half = c / 2;
-        let x1 = self.dw.forward(x.clone().narrow(1, 0, half));
+        let x1 = self.dw.forward(channel_slice(x.clone(), 0, half));
         let weight = resize_complex_weight_nchw(self.complex_weight.val(), h, w / 2 + 1);
-        let x2 = global_filter_nchw(x.narrow(1, half, c - half), weight);
+        let x2 = global_filter_nchw(channel_slice(x, half, c - half), weight);
         // torch.cat([x1.unsqueeze(2), x2.unsqueeze(2)], dim=2).reshape(B, 2C, a, b)
         let x = Tensor::stack::<5>(vec![x1, x2], 2).reshape([n, c, h, w]);
         self.post_norm.forward(x)
@@ -369,17 +370,19 @@ impl<B: ModelBackend> Gnconv<B> {
         let fused = self.proj_in.forward(x);
         let d0 = self.dims[0];
         let sum: usize = self.dims.iter().sum();
-        let pwa = fused.clone().narrow(1, 0, d0);
-        let abc = fused.narrow(1, d0, sum);
+        let pwa = channel_slice(fused.clone(), 0, d0);
+        let abc = channel_slice(fused, d0, sum);
+        // The reference scales `dwconv(abc)` by `s`, splits it by `dims` and multiplies:
+        // `gated_product` reads each part of the unscaled map in place.
         let dw_abc = match &self.dwconv {
             DwConv::Conv(c) => c.forward(abc),
             DwConv::GlobalLocal(f) => f.forward(abc),
-        }
-        .mul_scalar(self.scale);
-        let mut dw = dw_abc.split_with_sizes(self.dims.clone(), 1).into_iter();
-        let mut x = pwa * dw.next().expect("order >= 1");
-        for (pw, d) in self.pws.iter().zip(dw) {
-            x = pw.forward(x) * d;
+        };
+        let mut x = gated_product(pwa, dw_abc.clone(), 0, self.scale);
+        let mut start = d0;
+        for (pw, &d) in self.pws.iter().zip(&self.dims[1..]) {
+            x = gated_product(pw.forward(x), dw_abc.clone(), start, self.scale);
+            start += d;
         }
         self.proj_out.forward(x)
     }
@@ -416,21 +419,13 @@ impl<B: ModelBackend> Block<B> {
 
 impl<B: ModelBackend> Block<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let c = x.dims()[1];
-        let mut y = self.gnconv.forward(self.norm1.forward(x.clone()));
-        if let Some(g) = &self.gamma1 {
-            y = y * g.val().reshape([1, c, 1, 1]);
-        }
-        let x = x + drop_path(y, self.drop_path);
+        let y = self.gnconv.forward(self.norm1.forward(x.clone()));
+        let x = residual(x, drop_path(y, self.drop_path), self.gamma1.as_ref().map(|g| g.val()), 1);
         // The reference's channels-last MLP (permute, LayerNorm, Linear, GELU, Linear, permute
         // back), computed on NCHW: the same per-pixel maps without the two transposing copies.
         let y = self.norm2.forward_channels_first(x.clone());
         let y = self.pwconv2.forward_channels_first(gelu(self.pwconv1.forward_channels_first(y)));
-        let y = match &self.gamma2 {
-            Some(g) => y * g.val().reshape([1, c, 1, 1]),
-            None => y,
-        };
-        x + drop_path(y, self.drop_path)
+        residual(x, drop_path(y, self.drop_path), self.gamma2.as_ref().map(|g| g.val()), 1)
     }
 }
 

@@ -17,6 +17,7 @@ use super::spec::{args_for_arch, ModelArgs};
 use super::{Backbone, BuildContext, Family};
 use crate::metrics::flops::CostReport;
 use crate::nn::attention::Attention;
+use crate::nn::channel_op::residual;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::nn::layers::trunc_normal;
 use crate::controllers::token_predictor::PredictorLG;
@@ -203,8 +204,8 @@ impl<B: ModelBackend> Block<B> {
 
     /// `x`: `[N, T, C]`; `policy`: optional keep mask `[N, T]` (DynamicViT training).
     pub fn forward(&self, x: Tensor<B, 3>, policy: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
-        let x = x.clone() + drop_path(self.attn.forward(self.norm1.forward(x), policy), self.drop_path);
-        x.clone() + drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path)
+        let x = residual(x.clone(), drop_path(self.attn.forward(self.norm1.forward(x), policy), self.drop_path), None, 2);
+        residual(x.clone(), drop_path(self.mlp.forward(self.norm2.forward(x)), self.drop_path), None, 2)
     }
 }
 

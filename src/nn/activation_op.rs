@@ -325,7 +325,7 @@ pub mod fast {
 mod cpu {
     use super::conv_threads;
     use super::fast::{erf, exp};
-    use crate::nn::conv::for_image_chunks;
+    use crate::nn::conv::zeroed_by_image_chunks;
 
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const FRAC_1_SQRT_2PI: f32 = super::FRAC_1_SQRT_2PI as f32;
@@ -335,16 +335,18 @@ mod cpu {
         conv_threads().min(len >> 16).max(1)
     }
 
-    /// Runs `f(first_index, out_chunk)` over contiguous chunks of `out` (whole rows of `d`).
-    fn for_rows(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-        let rows = out.len().checked_div(d).unwrap_or(0);
-        let threads = threads(out.len());
-        for_image_chunks(out, rows, threads, |first_row, chunk| f(first_row * d, chunk));
+    /// A buffer of `len` values filled by `f(first_index, chunk)` over contiguous chunks (whole
+    /// rows of `d`), each zeroed and filled by its own thread.
+    fn by_rows(len: usize, d: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+        let rows = len.checked_div(d).unwrap_or(0);
+        if rows == 0 {
+            return vec![0.0f32; len];
+        }
+        zeroed_by_image_chunks(len, rows, threads(len), |first_row, chunk| f(first_row * d, chunk))
     }
 
     pub fn add_relu(a: &[f32], b: &[f32]) -> Vec<f32> {
-        let mut y = vec![0.0f32; a.len()];
-        for_rows(&mut y, 1, |at, out| {
+        let y = by_rows(a.len(), 1, |at, out| {
             for ((o, &u), &v) in out.iter_mut().zip(&a[at..]).zip(&b[at..]) {
                 // `<` rather than `max` so that a NaN passes through, as in PyTorch.
                 let z = u + v;
@@ -355,8 +357,7 @@ mod cpu {
     }
 
     pub fn relu_backward(grad: &[f32], y: &[f32]) -> Vec<f32> {
-        let mut dx = vec![0.0f32; y.len()];
-        for_rows(&mut dx, 1, |at, out| {
+        let dx = by_rows(y.len(), 1, |at, out| {
             for ((o, &g), &v) in out.iter_mut().zip(&grad[at..]).zip(&y[at..]) {
                 *o = if v > 0.0 { g } else { 0.0 };
             }
@@ -365,8 +366,7 @@ mod cpu {
     }
 
     pub fn gelu(x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0.0f32; x.len()];
-        for_rows(&mut y, 1, |at, out| {
+        let y = by_rows(x.len(), 1, |at, out| {
             for (o, &v) in out.iter_mut().zip(&x[at..]) {
                 *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
             }
@@ -375,8 +375,7 @@ mod cpu {
     }
 
     pub fn gelu_backward(grad: &[f32], x: &[f32]) -> Vec<f32> {
-        let mut dx = vec![0.0f32; x.len()];
-        for_rows(&mut dx, 1, |at, out| {
+        let dx = by_rows(x.len(), 1, |at, out| {
             for ((o, &v), &g) in out.iter_mut().zip(&x[at..]).zip(&grad[at..]) {
                 let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
                 let pdf = exp(-0.5 * v * v) * FRAC_1_SQRT_2PI;
@@ -403,11 +402,7 @@ mod cpu {
     }
 
     pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
-        let mut y = vec![0.0f32; x.len()];
-        if d == 0 {
-            return y;
-        }
-        for_rows(&mut y, d, |at, out| {
+        let y = by_rows(x.len(), d, |at, out| {
             for (yr, xr) in out.chunks_exact_mut(d).zip(x[at..].chunks_exact(d)) {
                 let max = lanes::<true>(xr, f32::NEG_INFINITY);
                 // A row of -inf (every key masked) gives NaN, as burn's composed softmax.
@@ -422,11 +417,7 @@ mod cpu {
     }
 
     pub fn softmax_backward(grad: &[f32], y: &[f32], d: usize) -> Vec<f32> {
-        let mut dx = vec![0.0f32; y.len()];
-        if d == 0 {
-            return dx;
-        }
-        for_rows(&mut dx, d, |at, out| {
+        let dx = by_rows(y.len(), d, |at, out| {
             for ((o, yr), gr) in out.chunks_exact_mut(d).zip(y[at..].chunks_exact(d)).zip(grad[at..].chunks_exact(d)) {
                 // Σ dy·y first into `o` (the products), then the lanes' sum.
                 for ((p, &a), &b) in o.iter_mut().zip(yr).zip(gr) {

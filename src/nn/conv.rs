@@ -1261,13 +1261,7 @@ mod cpu {
 
     pub fn forward(x: &[f32], w: &[f32], g: &Geometry, epi: Epilogue) -> Vec<f32> {
         if let Some(d) = as_depthwise(g) {
-            let mut out = depthwise::forward(x, w, &d);
-            if epi.bias.is_some() || epi.relu {
-                for (i, plane) in out.chunks_exact_mut(g.pixels().max(1)).enumerate() {
-                    epi.apply(i % g.o, plane);
-                }
-            }
-            return out;
+            return depthwise::forward_then(x, w, &d, |plane, values| epi.apply(plane % g.o, values));
         }
         let threads = split(g.n, g.o * g.k() * g.pixels());
         zeroed_by_image_chunks(g.n * g.o * g.pixels(), g.n, threads, |first, chunk| forward_range(x, w, g, epi, first, chunk))

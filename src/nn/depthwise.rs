@@ -140,12 +140,23 @@ fn planes_range(x: &[f32], kernel: &dyn Fn(usize) -> [usize; 2], kernels: &[f32]
 
 /// `y = depthwise_conv(x, w)`: `x` `[n, c, h, w]`, `w` `[c, 1, kh, kw]`; `[n, c, ho, wo]`.
 pub fn forward(x: &[f32], w: &[f32], g: &Depthwise) -> Vec<f32> {
+    forward_then(x, w, g, |_, _| {})
+}
+
+/// [`forward`], then `then(plane_index, plane)` on every output plane by the thread that
+/// computed it (the bias and activation of the layer, while the plane is in cache).
+pub fn forward_then(x: &[f32], w: &[f32], g: &Depthwise, then: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
     let (ho, wo) = (g.ho(), g.wo());
     let planes = g.n * g.c;
     let taps = g.taps();
     let kernel = |idx: usize| [(idx % g.c) * taps, taps];
     let t = threads(planes, planes * ho * wo * taps);
-    zeroed_by_image_chunks(planes * ho * wo, planes, t, |first, out| planes_range(x, &kernel, w, g.h, g.w, g.kh, g.kw, g.p, first, out))
+    zeroed_by_image_chunks(planes * ho * wo, planes, t, |first, out| {
+        planes_range(x, &kernel, w, g.h, g.w, g.kh, g.kw, g.p, first, out);
+        for (i, plane) in out.chunks_exact_mut((ho * wo).max(1)).enumerate() {
+            then(first + i, plane);
+        }
+    })
 }
 
 /// `dx` from `dy` (`[n, c, ho, wo]`): the convolution of `dy` with the flipped kernels and

@@ -3,6 +3,7 @@
 
 pub mod activation_op;
 pub mod batch_norm_op;
+pub mod channel_op;
 pub mod conv;
 pub mod depthwise;
 pub mod attention;

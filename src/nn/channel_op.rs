@@ -1,0 +1,537 @@
+//! The element-wise glue of gated and residual blocks as backend ops: a range of channels,
+//! HorNet's gated product `a·(b[c₀..c₀+C]·s)`, and the residual sum `x + y·γ` with an optional
+//! per-channel layer scale `γ`.
+//!
+//! burn-ndarray copies a channel range of an NCHW tensor element by element through a strided
+//! iterator, and runs every element-wise op on the calling thread. In HorNet-T inference at two
+//! threads the channel splits of `gnconv` alone were about a sixth of the time, all of it serial
+//! while the other core waited. Here each op is one pass over memory, split by the leading
+//! dimension over [`conv_threads`] threads, and a channel range is copied as the contiguous
+//! block it is in every image. The results are bit for bit those of the composed ops (same
+//! products and sums in the same order), so the parity fixtures do not move.
+//!
+//! A tensor is read as `[outer, C, inner]` around its channel axis (dimension 1 for the range
+//! ops; any axis for the layer scale). The defaults compose burn's ops (other backends, CUDA);
+//! NdArray has the CPU kernels; `Autodiff<B>` records one node per call.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::backend::NdArray;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+
+use super::conv::host_f32;
+
+pub trait ChannelBackend: Backend {
+    /// Channels `start .. start + len` of `x` (dimension 1).
+    fn channel_slice(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
+        slice_composed::<Self>(x, start, len)
+    }
+
+    /// `x` placed at channels `start ..` of a zero tensor with `channels` channels: the gradient
+    /// of [`channel_slice`](Self::channel_slice).
+    fn channel_pad(x: FloatTensor<Self>, start: usize, channels: usize) -> FloatTensor<Self> {
+        pad_composed::<Self>(x, start, channels)
+    }
+
+    /// `a·(b[:, start .. start + C_a]·scale)`, `C_a` the channels of `a`.
+    fn gated_product(a: FloatTensor<Self>, b: FloatTensor<Self>, start: usize, scale: f64) -> FloatTensor<Self> {
+        gate_composed::<Self>(a, b, start, scale)
+    }
+
+    /// `x + y·γ`, `γ` broadcast along `axis` (`None`: `x + y`).
+    fn residual(x: FloatTensor<Self>, y: FloatTensor<Self>, gamma: Option<FloatTensor<Self>>, axis: usize) -> FloatTensor<Self> {
+        residual_composed::<Self>(x, y, gamma, axis)
+    }
+
+    /// `y·γ`, `γ` broadcast along `axis`: the residual's gradient towards `y`.
+    fn channel_scale(y: FloatTensor<Self>, gamma: FloatTensor<Self>, axis: usize) -> FloatTensor<Self> {
+        scale_composed::<Self>(y, gamma, axis)
+    }
+}
+
+fn slice_composed<B: Backend>(x: FloatTensor<B>, start: usize, len: usize) -> FloatTensor<B> {
+    let shape = with_dim(&x.shape(), 1, len);
+    B::float_reshape(flat3::<B>(x, 1).narrow(1, start, len).into_primitive().tensor(), shape)
+}
+
+fn pad_composed<B: Backend>(x: FloatTensor<B>, start: usize, channels: usize) -> FloatTensor<B> {
+    let shape = x.shape();
+    let [outer, c, inner] = split_at_axis(&shape, 1);
+    let x = flat3::<B>(x, 1);
+    let zeros = Tensor::<B, 3>::zeros([outer, channels, inner], &x.device());
+    let y = zeros.slice_assign([0..outer, start..start + c, 0..inner], x);
+    B::float_reshape(y.into_primitive().tensor(), with_dim(&shape, 1, channels))
+}
+
+fn gate_composed<B: Backend>(a: FloatTensor<B>, b: FloatTensor<B>, start: usize, scale: f64) -> FloatTensor<B> {
+    let shape = a.shape();
+    let c = shape[1];
+    let a = flat3::<B>(a, 1);
+    let b = flat3::<B>(b, 1).narrow(1, start, c);
+    B::float_reshape((a * b.mul_scalar(scale)).into_primitive().tensor(), shape)
+}
+
+fn residual_composed<B: Backend>(x: FloatTensor<B>, y: FloatTensor<B>, gamma: Option<FloatTensor<B>>, axis: usize) -> FloatTensor<B> {
+    let shape = x.shape();
+    let x = flat3::<B>(x, axis);
+    let y = flat3::<B>(y, axis);
+    let sum = match gamma {
+        Some(g) => x + y * float::<B, 1>(g).reshape([1, shape[axis], 1]),
+        None => x + y,
+    };
+    B::float_reshape(sum.into_primitive().tensor(), shape)
+}
+
+fn scale_composed<B: Backend>(y: FloatTensor<B>, gamma: FloatTensor<B>, axis: usize) -> FloatTensor<B> {
+    let shape = y.shape();
+    let scaled = flat3::<B>(y, axis) * float::<B, 1>(gamma).reshape([1, shape[axis], 1]);
+    B::float_reshape(scaled.into_primitive().tensor(), shape)
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `[outer, C, inner]` around `axis`.
+fn split_at_axis(shape: &Shape, axis: usize) -> [usize; 3] {
+    let dims = shape.as_slice();
+    let outer = dims[..axis].iter().product();
+    let inner = dims[axis + 1..].iter().product();
+    [outer, dims[axis], inner]
+}
+
+fn flat3<B: Backend>(t: FloatTensor<B>, axis: usize) -> Tensor<B, 3> {
+    let dims = split_at_axis(&t.shape(), axis);
+    float::<B, 1>(B::float_reshape(t, Shape::new([dims.iter().product()]))).reshape(dims)
+}
+
+fn with_dim(shape: &Shape, axis: usize, n: usize) -> Shape {
+    let mut dims = shape.as_slice().to_vec();
+    dims[axis] = n;
+    Shape::from(dims)
+}
+
+/// Channels `start .. start + len` of `x` (dimension 1).
+pub fn channel_slice<B: ChannelBackend, const D: usize>(x: Tensor<B, D>, start: usize, len: usize) -> Tensor<B, D> {
+    float(B::channel_slice(x.into_primitive().tensor(), start, len))
+}
+
+/// HorNet's gate `a·(b[:, start .. start + C_a]·scale)`.
+pub fn gated_product<B: ChannelBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, start: usize, scale: f64) -> Tensor<B, D> {
+    float(B::gated_product(a.into_primitive().tensor(), b.into_primitive().tensor(), start, scale))
+}
+
+/// The residual sum `x + y·γ`, `γ` (a layer scale) broadcast along `axis`.
+pub fn residual<B: ChannelBackend, const D: usize>(x: Tensor<B, D>, y: Tensor<B, D>, gamma: Option<Tensor<B, 1>>, axis: usize) -> Tensor<B, D> {
+    let gamma = gamma.map(|g| g.into_primitive().tensor());
+    float(B::residual(x.into_primitive().tensor(), y.into_primitive().tensor(), gamma, axis))
+}
+
+// Autodiff
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct SliceBackward;
+
+impl<B: ChannelBackend> Backward<B, 1> for SliceBackward {
+    /// `(start, channels of the input)`.
+    type State = (usize, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (start, channels) = ops.state;
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::channel_pad(grad, start, channels));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct GateBackward;
+
+impl<B: ChannelBackend> Backward<B, 2> for GateBackward {
+    /// `(a, b, start, scale)`.
+    type State = (FloatTensor<B>, FloatTensor<B>, usize, f64);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (a, b, start, scale) = ops.state;
+        let [node_a, node_b] = ops.parents;
+        if let Some(node) = node_b {
+            let channels = b.shape()[1];
+            // ∂/∂b[start + c] = g·a·scale, zero on b's other channels.
+            let db = B::channel_pad(B::gated_product(grad.clone(), a, 0, scale), start, channels);
+            grads.register::<B>(node.id, db);
+        }
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, B::gated_product(grad, b, start, scale));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ResidualBackward;
+
+impl<B: ChannelBackend> Backward<B, 2> for ResidualBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        match ops.parents {
+            [Some(x), Some(y)] => {
+                grads.register::<B>(x.id, grad.clone());
+                grads.register::<B>(y.id, grad);
+            }
+            [Some(node), None] | [None, Some(node)] => grads.register::<B>(node.id, grad),
+            [None, None] => {}
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ScaledResidualBackward;
+
+impl<B: ChannelBackend> Backward<B, 3> for ScaledResidualBackward {
+    /// `(y, γ, axis)`.
+    type State = (FloatTensor<B>, FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (y, gamma, axis) = ops.state;
+        let [node_x, node_y, node_gamma] = ops.parents;
+        if let Some(node) = node_gamma {
+            let c = gamma.shape()[0];
+            let gy = flat3::<B>(grad.clone(), axis) * flat3::<B>(y, axis);
+            let dgamma = gy.sum_dim(2).sum_dim(0).reshape([c]);
+            grads.register::<B>(node.id, dgamma.into_primitive().tensor());
+        }
+        if let Some(node) = node_y {
+            grads.register::<B>(node.id, B::channel_scale(grad.clone(), gamma, axis));
+        }
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, grad);
+        }
+    }
+}
+
+impl<B: ChannelBackend, C: CheckpointStrategy> ChannelBackend for Autodiff<B, C> {
+    fn channel_slice(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
+        let channels = x.primitive.shape()[1];
+        let y = B::channel_slice(x.primitive, start, len);
+        match SliceBackward.prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((start, channels), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn gated_product(a: FloatTensor<Self>, b: FloatTensor<Self>, start: usize, scale: f64) -> FloatTensor<Self> {
+        let y = B::gated_product(a.primitive.clone(), b.primitive.clone(), start, scale);
+        match GateBackward.prepare::<C>([a.node, b.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((a.primitive, b.primitive, start, scale), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn residual(x: FloatTensor<Self>, y: FloatTensor<Self>, gamma: Option<FloatTensor<Self>>, axis: usize) -> FloatTensor<Self> {
+        match gamma {
+            None => {
+                let out = B::residual(x.primitive, y.primitive, None, axis);
+                ResidualBackward.prepare::<C>([x.node, y.node]).compute_bound().stateless(out)
+            }
+            Some(g) => {
+                let out = B::residual(x.primitive, y.primitive.clone(), Some(g.primitive.clone()), axis);
+                match ScaledResidualBackward.prepare::<C>([x.node, y.node, g.node]).compute_bound().stateful() {
+                    OpsKind::Tracked(prep) => prep.finish((y.primitive, g.primitive, axis), out),
+                    OpsKind::UnTracked(prep) => prep.finish(out),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl ChannelBackend for crate::device::Cuda {}
+
+// ---------------------------------------------------------------------------------------------
+// NdArray: the CPU kernels
+// ---------------------------------------------------------------------------------------------
+
+fn ndarray(data: Vec<f32>, shape: Shape) -> FloatTensor<NdArray<f32>> {
+    NdArrayTensor::from_data(TensorData::new(data, shape))
+}
+
+impl ChannelBackend for NdArray<f32> {
+    fn channel_slice(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let [outer, c, inner] = split_at_axis(&shape, 1);
+        let Some(xs) = host_f32(&x) else {
+            return slice_composed::<Self>(x, start, len);
+        };
+        let out = cpu::by_outer(outer * len * inner, outer, |first, chunk| {
+            for (o, block) in chunk.chunks_exact_mut(len * inner).enumerate() {
+                let from = ((first + o) * c + start) * inner;
+                block.copy_from_slice(&xs[from..from + len * inner]);
+            }
+        });
+        ndarray(out, with_dim(&shape, 1, len))
+    }
+
+    fn channel_pad(x: FloatTensor<Self>, start: usize, channels: usize) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let [outer, c, inner] = split_at_axis(&shape, 1);
+        let Some(xs) = host_f32(&x) else {
+            return pad_composed::<Self>(x, start, channels);
+        };
+        let out = cpu::by_outer(outer * channels * inner, outer, |first, chunk| {
+            for (o, block) in chunk.chunks_exact_mut(channels * inner).enumerate() {
+                let from = (first + o) * c * inner;
+                block[start * inner..(start + c) * inner].copy_from_slice(&xs[from..from + c * inner]);
+            }
+        });
+        ndarray(out, with_dim(&shape, 1, channels))
+    }
+
+    fn gated_product(a: FloatTensor<Self>, b: FloatTensor<Self>, start: usize, scale: f64) -> FloatTensor<Self> {
+        let shape = a.shape();
+        let [outer, c, inner] = split_at_axis(&shape, 1);
+        let cb = b.shape()[1];
+        let (Some(av), Some(bv)) = (host_f32(&a), host_f32(&b)) else {
+            return gate_composed::<Self>(a, b, start, scale);
+        };
+        let s = scale as f32;
+        let out = cpu::by_outer(outer * c * inner, outer, |first, chunk| {
+            for (o, block) in chunk.chunks_exact_mut(c * inner).enumerate() {
+                let at = (first + o) * c * inner;
+                let bt = ((first + o) * cb + start) * inner;
+                let (ar, br) = (&av[at..at + c * inner], &bv[bt..bt + c * inner]);
+                for ((y, &u), &v) in block.iter_mut().zip(ar).zip(br) {
+                    *y = u * (v * s);
+                }
+            }
+        });
+        ndarray(out, shape)
+    }
+
+    fn residual(x: FloatTensor<Self>, y: FloatTensor<Self>, gamma: Option<FloatTensor<Self>>, axis: usize) -> FloatTensor<Self> {
+        let shape = x.shape();
+        let [outer, c, inner] = split_at_axis(&shape, axis);
+        let gv = match &gamma {
+            Some(g) => host_f32(g).map(Some),
+            None => Some(None),
+        };
+        let (Some(xv), Some(yv), Some(gv)) = (host_f32(&x), host_f32(&y), gv) else {
+            return residual_composed::<Self>(x, y, gamma, axis);
+        };
+        let out = cpu::by_outer(outer * c * inner, outer, |first, chunk| {
+            let at = first * c * inner;
+            let (xr, yr) = (&xv[at..at + chunk.len()], &yv[at..at + chunk.len()]);
+            match gv.as_deref() {
+                None => chunk.iter_mut().zip(xr).zip(yr).for_each(|((o, &u), &v)| *o = u + v),
+                Some(g) => {
+                    let rows = chunk.chunks_exact_mut(inner).zip(xr.chunks_exact(inner)).zip(yr.chunks_exact(inner));
+                    for (r, ((o, xs), ys)) in rows.enumerate() {
+                        // Chunks start at a whole outer block, so row `r` is channel `r % c`.
+                        let gc = g[r % c];
+                        o.iter_mut().zip(xs).zip(ys).for_each(|((o, &u), &v)| *o = u + v * gc);
+                    }
+                }
+            }
+        });
+        ndarray(out, shape)
+    }
+
+    fn channel_scale(y: FloatTensor<Self>, gamma: FloatTensor<Self>, axis: usize) -> FloatTensor<Self> {
+        let shape = y.shape();
+        let [outer, c, inner] = split_at_axis(&shape, axis);
+        let (Some(yv), Some(gv)) = (host_f32(&y), host_f32(&gamma)) else {
+            return scale_composed::<Self>(y, gamma, axis);
+        };
+        let out = cpu::by_outer(outer * c * inner, outer, |first, chunk| {
+            let (at, len) = (first * c * inner, chunk.len());
+            for (r, (o, ys)) in chunk.chunks_exact_mut(inner).zip(yv[at..at + len].chunks_exact(inner)).enumerate() {
+                let gc = gv[r % c];
+                o.iter_mut().zip(ys).for_each(|(o, &v)| *o = v * gc);
+            }
+        });
+        ndarray(out, shape)
+    }
+}
+
+mod cpu {
+    use super::super::conv::{conv_threads, zeroed_by_image_chunks};
+
+    /// A buffer of `len` values filled by `f(first_outer, chunk)` over contiguous ranges of the
+    /// `outer` blocks, one range per thread (one thread per 64 K values at least).
+    pub fn by_outer(len: usize, outer: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+        if len == 0 {
+            return Vec::new();
+        }
+        let threads = conv_threads().min(len >> 16).max(1);
+        zeroed_by_image_chunks(len, outer, threads, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_util::{host, max_rel};
+    use crate::{Cpu, CpuAutodiff};
+    use burn::tensor::Distribution;
+
+    fn normal<const D: usize>(shape: [usize; D]) -> Tensor<Cpu, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    fn prim<const D: usize>(t: Tensor<Cpu, D>) -> FloatTensor<Cpu> {
+        t.into_primitive().tensor()
+    }
+
+    fn values(t: FloatTensor<Cpu>) -> Vec<f32> {
+        host(float::<Cpu, 1>(t.clone()).reshape([t.shape().num_elements()]))
+    }
+
+    /// The kernels against burn's ops (the defaults), bit for bit: at a size that one thread
+    /// computes, at one split over threads (≥ 2¹⁷ values), and on a strided (permuted) input.
+    #[test]
+    fn kernels_equal_burns_ops() {
+        for shape in [[3, 10, 2, 3], [4, 12, 48, 64]] {
+            let x = normal(shape);
+            let y = normal(shape);
+            let small = normal([shape[0], 4, shape[2], shape[3]]);
+            let gamma = normal([shape[1]]);
+            let ours = |f: &dyn Fn() -> FloatTensor<Cpu>, theirs: FloatTensor<Cpu>, what: &str| {
+                assert_eq!(values(f()), values(theirs), "{what} {shape:?}");
+            };
+            ours(&|| Cpu::channel_slice(prim(x.clone()), 3, 5), slice_composed::<Cpu>(prim(x.clone()), 3, 5), "slice");
+            ours(&|| Cpu::channel_pad(prim(small.clone()), 2, 9), pad_composed::<Cpu>(prim(small.clone()), 2, 9), "pad");
+            ours(
+                &|| Cpu::gated_product(prim(small.clone()), prim(x.clone()), 5, 1.0 / 3.0),
+                gate_composed::<Cpu>(prim(small.clone()), prim(x.clone()), 5, 1.0 / 3.0),
+                "gate",
+            );
+            ours(&|| Cpu::residual(prim(x.clone()), prim(y.clone()), None, 1), residual_composed::<Cpu>(prim(x.clone()), prim(y.clone()), None, 1), "sum");
+            for axis in [1, 3] {
+                let gamma = normal([shape[axis]]);
+                ours(
+                    &|| Cpu::residual(prim(x.clone()), prim(y.clone()), Some(prim(gamma.clone())), axis),
+                    residual_composed::<Cpu>(prim(x.clone()), prim(y.clone()), Some(prim(gamma.clone())), axis),
+                    "scaled residual",
+                );
+                ours(
+                    &|| Cpu::channel_scale(prim(y.clone()), prim(gamma.clone()), axis),
+                    scale_composed::<Cpu>(prim(y.clone()), prim(gamma.clone()), axis),
+                    "channel scale",
+                );
+            }
+            let strided = x.clone().permute([0, 1, 3, 2]);
+            ours(&|| Cpu::channel_slice(prim(strided.clone()), 1, 4), slice_composed::<Cpu>(prim(strided.clone()), 1, 4), "strided slice");
+            ours(
+                &|| Cpu::residual(prim(strided.clone()), prim(y.clone().permute([0, 1, 3, 2])), Some(prim(gamma.clone())), 1),
+                residual_composed::<Cpu>(prim(strided.clone()), prim(y.clone().permute([0, 1, 3, 2])), Some(prim(gamma.clone())), 1),
+                "strided residual",
+            );
+        }
+    }
+
+    /// `gnconv`'s chain (slices of one projection, gates that read several channel ranges of
+    /// one map, a layer-scaled residual) through autodiff: the ops' gradients against those
+    /// of burn's `narrow`, `mul` and `add` on every input, at one thread and at several.
+    #[test]
+    fn gradients_match_burns_autodiff() {
+        for [n, h, w] in [[2, 3, 5], [4, 48, 64]] {
+            let (d0, d1, d2) = (2, 4, 8);
+            let sum = d0 + d1 + d2;
+            let fused = normal([n, d0 + sum, h, w]);
+            let base = normal([n, d0 + sum, h, w]);
+            let pw1 = normal([d1, d0]);
+            let pw2 = normal([d2, d1]);
+            let skip = normal([n, d2, h, w]);
+            let gamma = normal([d2]);
+            let r = normal([n, d2, h, w]);
+            let run = |ours: bool| {
+                let leaf = |t: &Tensor<Cpu, 4>| Tensor::<CpuAutodiff, 4>::from_inner(t.clone()).require_grad();
+                let (fused, dw, skip) = (leaf(&fused), leaf(&base), leaf(&skip));
+                let pw1 = Tensor::<CpuAutodiff, 2>::from_inner(pw1.clone()).require_grad();
+                let pw2 = Tensor::<CpuAutodiff, 2>::from_inner(pw2.clone()).require_grad();
+                let gamma = Tensor::<CpuAutodiff, 1>::from_inner(gamma.clone()).require_grad();
+                // The "depthwise conv" of `abc`: an element-wise map, so that `dw` depends on
+                // the slice and its gradient flows back into `fused`.
+                let mix = |x: Tensor<CpuAutodiff, 4>, m: &Tensor<CpuAutodiff, 2>| {
+                    let [n, c, h, w] = x.dims();
+                    let flat = x.swap_dims(1, 3).reshape([n * w * h, c]).matmul(m.clone().transpose());
+                    flat.reshape([n, w, h, m.dims()[0]]).swap_dims(1, 3)
+                };
+                let y = if ours {
+                    let pwa = channel_slice(fused.clone(), 0, d0);
+                    let abc = channel_slice(fused.clone(), d0, sum);
+                    let dwm = abc * dw.clone().narrow(1, 0, sum);
+                    let x = gated_product(pwa, dwm.clone(), 0, 0.5);
+                    let x = gated_product(mix(x, &pw1), dwm.clone(), d0, 0.5);
+                    let x = gated_product(mix(x, &pw2), dwm, d0 + d1, 0.5);
+                    residual(skip.clone(), x, Some(gamma.clone()), 1)
+                } else {
+                    let pwa = fused.clone().narrow(1, 0, d0);
+                    let abc = fused.clone().narrow(1, d0, sum);
+                    let dwm = (abc * dw.clone().narrow(1, 0, sum)).mul_scalar(0.5);
+                    let parts = dwm.split_with_sizes(vec![d0, d1, d2], 1);
+                    let x = pwa * parts[0].clone();
+                    let x = mix(x, &pw1) * parts[1].clone();
+                    let x = mix(x, &pw2) * parts[2].clone();
+                    skip.clone() + x * gamma.clone().reshape([1, d2, 1, 1])
+                };
+                let g = (y.clone() * Tensor::from_inner(r.clone())).sum().backward();
+                let grads = vec![
+                    host(fused.grad(&g).unwrap()),
+                    host(dw.grad(&g).unwrap()),
+                    host(skip.grad(&g).unwrap()),
+                    host(pw1.grad(&g).unwrap()),
+                    host(pw2.grad(&g).unwrap()),
+                    host(gamma.grad(&g).unwrap()),
+                ];
+                (host(y.inner()), grads)
+            };
+            let (ours, theirs) = (run(true), run(false));
+            assert!(max_rel(&ours.0, &theirs.0) < 1e-6, "forward");
+            for (i, (a, b)) in ours.1.iter().zip(&theirs.1).enumerate() {
+                let err = max_rel(a, b);
+                assert!(err < 1e-5, "gradient {i} at {n}×{h}×{w}: {err}");
+                assert!(a.iter().any(|&v| v != 0.0), "gradient {i} is zero");
+            }
+        }
+    }
+
+    /// Token residuals (`[N, T, C]`, γ on the last axis, as GFNet's) and the plain sum.
+    #[test]
+    fn token_residual_gradients_match_burns_autodiff() {
+        let x = normal([3, 7, 5]);
+        let y = normal([3, 7, 5]);
+        let gamma = normal([5]);
+        for scaled in [false, true] {
+            let run = |ours: bool| {
+                let xa = Tensor::<CpuAutodiff, 3>::from_inner(x.clone()).require_grad();
+                let ya = Tensor::<CpuAutodiff, 3>::from_inner(y.clone()).require_grad();
+                let ga = Tensor::<CpuAutodiff, 1>::from_inner(gamma.clone()).require_grad();
+                let out = match (ours, scaled) {
+                    (true, s) => residual(xa.clone(), ya.clone() * 2.0, s.then(|| ga.clone()), 2),
+                    (false, true) => xa.clone() + ya.clone() * 2.0 * ga.clone().reshape([1, 1, 5]),
+                    (false, false) => xa.clone() + ya.clone() * 2.0,
+                };
+                let g = (out.clone() * out.clone()).sum().backward();
+                let dg = scaled.then(|| host(ga.grad(&g).unwrap()));
+                (host(out.inner()), host(xa.grad(&g).unwrap()), host(ya.grad(&g).unwrap()), dg)
+            };
+            let (ours, theirs) = (run(true), run(false));
+            assert_eq!(ours.0, theirs.0);
+            assert!(max_rel(&ours.1, &theirs.1) < 1e-6 && max_rel(&ours.2, &theirs.2) < 1e-6);
+            if let (Some(a), Some(b)) = (ours.3, theirs.3) {
+                assert!(max_rel(&a, &b) < 1e-5);
+            }
+        }
+    }
+}
