@@ -346,43 +346,39 @@ mod cpu {
     }
 
     pub fn add_relu(a: &[f32], b: &[f32]) -> Vec<f32> {
-        let y = by_rows(a.len(), 1, |at, out| {
+        by_rows(a.len(), 1, |at, out| {
             for ((o, &u), &v) in out.iter_mut().zip(&a[at..]).zip(&b[at..]) {
                 // `<` rather than `max` so that a NaN passes through, as in PyTorch.
                 let z = u + v;
                 *o = if z < 0.0 { 0.0 } else { z };
             }
-        });
-        y
+        })
     }
 
     pub fn relu_backward(grad: &[f32], y: &[f32]) -> Vec<f32> {
-        let dx = by_rows(y.len(), 1, |at, out| {
+        by_rows(y.len(), 1, |at, out| {
             for ((o, &g), &v) in out.iter_mut().zip(&grad[at..]).zip(&y[at..]) {
                 *o = if v > 0.0 { g } else { 0.0 };
             }
-        });
-        dx
+        })
     }
 
     pub fn gelu(x: &[f32]) -> Vec<f32> {
-        let y = by_rows(x.len(), 1, |at, out| {
+        by_rows(x.len(), 1, |at, out| {
             for (o, &v) in out.iter_mut().zip(&x[at..]) {
                 *o = 0.5 * v * (1.0 + erf(v * FRAC_1_SQRT_2));
             }
-        });
-        y
+        })
     }
 
     pub fn gelu_backward(grad: &[f32], x: &[f32]) -> Vec<f32> {
-        let dx = by_rows(x.len(), 1, |at, out| {
+        by_rows(x.len(), 1, |at, out| {
             for ((o, &v), &g) in out.iter_mut().zip(&x[at..]).zip(&grad[at..]) {
                 let cdf = 0.5 * (1.0 + erf(v * FRAC_1_SQRT_2));
                 let pdf = exp(-0.5 * v * v) * FRAC_1_SQRT_2PI;
                 *o = g * v.mul_add(pdf, cdf);
             }
-        });
-        dx
+        })
     }
 
     /// Eight running lanes, so that the reduction vectorises (a single accumulator would fix
@@ -402,7 +398,7 @@ mod cpu {
     }
 
     pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {
-        let y = by_rows(x.len(), d, |at, out| {
+        by_rows(x.len(), d, |at, out| {
             for (yr, xr) in out.chunks_exact_mut(d).zip(x[at..].chunks_exact(d)) {
                 let max = lanes::<true>(xr, f32::NEG_INFINITY);
                 // A row of -inf (every key masked) gives NaN, as burn's composed softmax.
@@ -412,12 +408,11 @@ mod cpu {
                 let inv = 1.0 / lanes::<false>(yr, 0.0);
                 yr.iter_mut().for_each(|o| *o *= inv);
             }
-        });
-        y
+        })
     }
 
     pub fn softmax_backward(grad: &[f32], y: &[f32], d: usize) -> Vec<f32> {
-        let dx = by_rows(y.len(), d, |at, out| {
+        by_rows(y.len(), d, |at, out| {
             for ((o, yr), gr) in out.chunks_exact_mut(d).zip(y[at..].chunks_exact(d)).zip(grad[at..].chunks_exact(d)) {
                 // Σ dy·y first into `o` (the products), then the lanes' sum.
                 for ((p, &a), &b) in o.iter_mut().zip(yr).zip(gr) {
@@ -428,8 +423,7 @@ mod cpu {
                     *p = a * (b - dot);
                 }
             }
-        });
-        dx
+        })
     }
 }
 
