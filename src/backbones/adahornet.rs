@@ -48,7 +48,8 @@ use serde::{Deserialize, Serialize};
 use super::hornet::{Block, Downsample, DwConv, GnconvArgs, Hornet, HornetArgs};
 use super::spec::{args_for_arch, ModelArgs};
 use super::{Backbone, BuildContext, Family};
-use crate::controllers::token_predictor::{gather_tokens, keep_count, top_k_keep, PredictorLG};
+use crate::nn::channel_op::select_tokens;
+use crate::controllers::token_predictor::{keep_count, top_k_keep, PredictorLG};
 use crate::metrics::flops::CostReport;
 use crate::nn::conv::conv2d_gemm;
 use crate::nn::layers::trunc_normal;
@@ -382,7 +383,7 @@ impl<B: ModelBackend> AdaHornet<B> {
                 let tokens = to_tokens(x.clone());
                 let (cur, abs) = match &sel {
                     None => (tokens, Tensor::<B, 1, Int>::arange(0..p as i64, &device).reshape([1, p]).expand([n, p])),
-                    Some(s) => (gather_tokens(tokens, s.kept.clone()), s.kept.clone()),
+                    Some(s) => (select_tokens(tokens, s.kept.clone()), s.kept.clone()),
                 };
                 let t = cur.dims()[1];
                 let log_probs = self.score_predictor[stage].forward(cur, Tensor::ones([n, t], &device));
@@ -471,8 +472,8 @@ fn ada_block_gathered<B: ModelBackend>(blk: &Block<B>, fast: &FastPath<B>, x: Te
     }
     .mul_scalar(g.scale);
     // Gathered: everything pointwise.
-    let dw = gather_tokens(to_tokens(dw), sel.kept.clone());
-    let y = gather_tokens(to_tokens(y), sel.kept.clone());
+    let dw = select_tokens(to_tokens(dw), sel.kept.clone());
+    let y = select_tokens(to_tokens(y), sel.kept.clone());
     let mut parts = dw.split_with_sizes(g.dims.clone(), 2).into_iter();
     let mut z = pointwise_rows(&g.proj_in, 0, d0, y) * parts.next().expect("order >= 1");
     for (pw, part) in g.pws.iter().zip(parts) {
@@ -483,14 +484,14 @@ fn ada_block_gathered<B: ModelBackend>(blk: &Block<B>, fast: &FastPath<B>, x: Te
         out = out * gamma.val().reshape([1, 1, c]);
     }
     let tokens = to_tokens(x);
-    let xk = gather_tokens(tokens.clone(), sel.kept.clone()) + out;
+    let xk = select_tokens(tokens.clone(), sel.kept.clone()) + out;
     let mut mlp = blk.pwconv2.forward(gelu(blk.pwconv1.forward(blk.norm2.forward(xk.clone()))));
     if let Some(gamma) = &blk.gamma2 {
         mlp = mlp * gamma.val().reshape([1, 1, c]);
     }
     let xk = xk + mlp;
     let all = match &sel.dropped {
-        Some(dropped) => Tensor::cat(vec![xk, fast.forward(gather_tokens(tokens, dropped.clone()))], 1),
+        Some(dropped) => Tensor::cat(vec![xk, fast.forward(select_tokens(tokens, dropped.clone()))], 1),
         None => xk,
     };
     let [n, p] = sel.inverse.dims();

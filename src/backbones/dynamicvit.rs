@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use super::spec::{args_for_arch, ModelArgs};
 use super::vit::{DeitArgs, VisionTransformer};
 use super::{Backbone, BuildContext, Family};
-use crate::controllers::token_predictor::{gather_tokens, gumbel_keep, keep_count, top_k_keep, GumbelSource, PredictorLG};
+use crate::nn::channel_op::{channel_slice, select_tokens};
+use crate::controllers::token_predictor::{gumbel_keep, keep_count, top_k_keep, GumbelSource, PredictorLG};
 use crate::metrics::flops::CostReport;
 use crate::ModelBackend;
 
@@ -281,11 +282,12 @@ impl<B: ModelBackend> DynamicVit<B> {
         for (i, block) in vit.blocks.iter().enumerate() {
             if vit.pruning_loc.get(stage) == Some(&i) {
                 let [_, t, _] = x.dims();
-                let cls = x.clone().narrow(1, 0, 1);
-                let spatial = x.narrow(1, 1, t - 1);
-                let log_probs = vit.score_predictor[stage].forward(spatial.clone(), Tensor::ones([n, t - 1], &device));
+                let spatial = channel_slice(x.clone(), 1, t - 1);
+                let log_probs = vit.score_predictor[stage].forward(spatial, Tensor::ones([n, t - 1], &device));
                 let keep = top_k_keep(log_probs, keep_count(patches, vit.token_ratio[stage]));
-                x = Tensor::cat(vec![cls, gather_tokens(spatial, keep.clone())], 1);
+                // The class token, then the kept patch tokens (indices past the class token).
+                let rows = Tensor::cat(vec![Tensor::<B, 2, Int>::zeros([n, 1], &device), keep.clone() + 1], 1);
+                x = select_tokens(x, rows);
                 abs = abs.gather(1, keep);
                 kept.push(abs.clone());
                 stage += 1;

@@ -103,13 +103,6 @@ pub fn top_k_keep<B: Backend>(log_probs: Tensor<B, 3>, k: usize) -> Tensor<B, 2,
     score.argsort_descending(1).narrow(1, 0, k)
 }
 
-/// Gathers tokens `idx` `[N, k]` of `x` `[N, T, C]` → `[N, k, C]` (`batch_index_select`).
-pub fn gather_tokens<B: Backend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-    let [n, k] = idx.dims();
-    let c = x.dims()[2];
-    x.gather(1, idx.reshape([n, k, 1]).expand([n, k, c]))
-}
-
 /// Where the Gumbel noise of the differentiable recipe comes from.
 pub trait GumbelSource<B: Backend> {
     /// Standard Gumbel noise of `shape` for pruning stage `stage`.

@@ -22,8 +22,8 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
 use super::conv::host_f32;
 
@@ -53,6 +53,40 @@ pub trait ChannelBackend: Backend {
     fn channel_scale(y: FloatTensor<Self>, gamma: FloatTensor<Self>, axis: usize) -> FloatTensor<Self> {
         scale_composed::<Self>(y, gamma, axis)
     }
+
+    /// Tokens `idx[n, j]` of each image of `x` `[N, T, C]` → `[N, k, C]`.
+    fn select_tokens(x: FloatTensor<Self>, idx: IntTensor<Self>) -> FloatTensor<Self> {
+        select_tokens_composed::<Self>(x, idx)
+    }
+
+    /// `grad` `[N, k, C]` added into zeros `[N, tokens, C]` at the rows `idx`: the gradient of
+    /// [`select_tokens`](Self::select_tokens).
+    fn scatter_tokens(grad: FloatTensor<Self>, idx: IntTensor<Self>, tokens: usize) -> FloatTensor<Self> {
+        scatter_tokens_composed::<Self>(grad, idx, tokens)
+    }
+}
+
+/// Row `n·T + idx[n, j]` of the `[N·T, C]` rows for every `(n, j)`.
+fn token_rows<B: Backend>(idx: IntTensor<B>, tokens: usize) -> Tensor<B, 1, Int> {
+    let idx = Tensor::<B, 2, Int>::from_primitive(idx);
+    let [n, k] = idx.dims();
+    let first_row = Tensor::<B, 1, Int>::arange_step(0..(n * tokens) as i64, tokens.max(1), &idx.device()).reshape([n, 1]);
+    (idx + first_row).reshape([n * k])
+}
+
+fn select_tokens_composed<B: Backend>(x: FloatTensor<B>, idx: IntTensor<B>) -> FloatTensor<B> {
+    let [n, t, c] = float::<B, 3>(x.clone()).dims();
+    let k = idx.shape()[1];
+    let rows = token_rows::<B>(idx, t);
+    float::<B, 3>(x).reshape([n * t, c]).select(0, rows).reshape([n, k, c]).into_primitive().tensor()
+}
+
+fn scatter_tokens_composed<B: Backend>(grad: FloatTensor<B>, idx: IntTensor<B>, tokens: usize) -> FloatTensor<B> {
+    let [n, k, c] = float::<B, 3>(grad.clone()).dims();
+    let rows = token_rows::<B>(idx, tokens);
+    let zeros = Tensor::<B, 2>::zeros([n * tokens, c], &float::<B, 3>(grad.clone()).device());
+    let out = zeros.select_assign(0, rows, float::<B, 3>(grad).reshape([n * k, c]), IndexingUpdateOp::Add);
+    out.reshape([n, tokens, c]).into_primitive().tensor()
 }
 
 fn slice_composed<B: Backend>(x: FloatTensor<B>, start: usize, len: usize) -> FloatTensor<B> {
@@ -125,6 +159,13 @@ pub fn channel_slice<B: ChannelBackend, const D: usize>(x: Tensor<B, D>, start: 
 /// HorNet's gate `a·(b[:, start .. start + C_a]·scale)`.
 pub fn gated_product<B: ChannelBackend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>, start: usize, scale: f64) -> Tensor<B, D> {
     float(B::gated_product(a.into_primitive().tensor(), b.into_primitive().tensor(), start, scale))
+}
+
+/// Tokens `idx[n, j]` of each image of `x` `[N, T, C]` → `[N, k, C]` (DynamicViT's
+/// `batch_index_select`): whole rows copied, where burn's `gather` with an index expanded
+/// over `C` computed an index per value (a tenth of a DynamicViT forward, on one thread).
+pub fn select_tokens<B: ChannelBackend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    float(B::select_tokens(x.into_primitive().tensor(), idx.into_primitive()))
 }
 
 /// The residual sum `x + y·γ`, `γ` (a layer scale) broadcast along `axis`.
@@ -220,7 +261,32 @@ impl<B: ChannelBackend> Backward<B, 3> for ScaledResidualBackward {
     }
 }
 
+#[derive(Debug)]
+struct SelectTokensBackward;
+
+impl<B: ChannelBackend> Backward<B, 1> for SelectTokensBackward {
+    /// `(idx, tokens of the input)`.
+    type State = (IntTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (idx, tokens) = ops.state;
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::scatter_tokens(grad, idx, tokens));
+        }
+    }
+}
+
 impl<B: ChannelBackend, C: CheckpointStrategy> ChannelBackend for Autodiff<B, C> {
+    fn select_tokens(x: FloatTensor<Self>, idx: IntTensor<Self>) -> FloatTensor<Self> {
+        let tokens = x.primitive.shape()[1];
+        let y = B::select_tokens(x.primitive, idx.clone());
+        match SelectTokensBackward.prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((idx, tokens), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn channel_slice(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
         let channels = x.primitive.shape()[1];
         let y = B::channel_slice(x.primitive, start, len);
@@ -361,6 +427,49 @@ impl ChannelBackend for NdArray<f32> {
         });
         ndarray(out, shape)
     }
+
+    fn select_tokens(x: FloatTensor<Self>, idx: IntTensor<Self>) -> FloatTensor<Self> {
+        let [_, t, c] = split_at_axis(&x.shape(), 1);
+        let Some(xs) = host_f32(&x) else {
+            return select_tokens_composed::<Self>(x, idx);
+        };
+        let (n, k, rows) = host_indices(idx);
+        assert!(rows.iter().all(|&r| r < t), "token index out of range 0..{t}");
+        let out = cpu::by_outer(n * k * c, n, |first, chunk| {
+            for (o, image) in chunk.chunks_exact_mut(k * c).enumerate() {
+                let (src, picks) = (&xs[(first + o) * t * c..], &rows[(first + o) * k..]);
+                for (row, &r) in image.chunks_exact_mut(c).zip(picks) {
+                    row.copy_from_slice(&src[r * c..(r + 1) * c]);
+                }
+            }
+        });
+        ndarray(out, Shape::new([n, k, c]))
+    }
+
+    fn scatter_tokens(grad: FloatTensor<Self>, idx: IntTensor<Self>, tokens: usize) -> FloatTensor<Self> {
+        let [_, k, c] = split_at_axis(&grad.shape(), 1);
+        let Some(gs) = host_f32(&grad) else {
+            return scatter_tokens_composed::<Self>(grad, idx, tokens);
+        };
+        let (n, _, rows) = host_indices(idx);
+        assert!(rows.iter().all(|&r| r < tokens), "token index out of range 0..{tokens}");
+        let out = cpu::by_outer(n * tokens * c, n, |first, chunk| {
+            for (o, image) in chunk.chunks_exact_mut(tokens * c).enumerate() {
+                let (src, picks) = (&gs[(first + o) * k * c..], &rows[(first + o) * k..]);
+                for (g, &r) in src.chunks_exact(c).take(k).zip(picks) {
+                    image[r * c..(r + 1) * c].iter_mut().zip(g).for_each(|(o, &v)| *o += v);
+                }
+            }
+        });
+        ndarray(out, Shape::new([n, tokens, c]))
+    }
+}
+
+fn host_indices(idx: IntTensor<NdArray<f32>>) -> (usize, usize, Vec<usize>) {
+    let idx = Tensor::<NdArray<f32>, 2, Int>::from_primitive(idx);
+    let [n, k] = idx.dims();
+    let values = idx.into_data().convert::<i64>().into_vec::<i64>().unwrap_or_default();
+    (n, k, values.into_iter().map(|v| v as usize).collect())
 }
 
 mod cpu {
@@ -532,6 +641,33 @@ mod tests {
             if let (Some(a), Some(b)) = (ours.3, theirs.3) {
                 assert!(max_rel(&a, &b) < 1e-5);
             }
+        }
+    }
+
+    /// Token selection against burn's `gather` (forward and gradient), with a token picked
+    /// twice so that the gradient must add, at one thread and split over threads.
+    #[test]
+    fn token_selection_matches_burns_gather() {
+        for [n, t, c] in [[2, 5, 3], [4, 197, 384]] {
+            let x = normal([n, t, c]);
+            let picks: Vec<i64> = (0..n).flat_map(|i| [0, (i + 2) % t, t - 1, (i + 2) % t].map(|v| v as i64)).collect();
+            let idx = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(picks, [n, 4]), &Default::default());
+            let r = normal([n, 4, c]);
+            let run = |ours: bool| {
+                let xa = Tensor::<CpuAutodiff, 3>::from_inner(x.clone()).require_grad();
+                let ia = Tensor::<CpuAutodiff, 2, Int>::from_inner(idx.clone());
+                let y = if ours { select_tokens(xa.clone(), ia) } else { xa.clone().gather(1, ia.reshape([n, 4, 1]).expand([n, 4, c])) };
+                let g = (y.clone() * Tensor::from_inner(r.clone())).sum().backward();
+                (host(y.inner()), host(xa.grad(&g).unwrap()))
+            };
+            let (ours, theirs) = (run(true), run(false));
+            assert_eq!(ours.0, theirs.0, "forward");
+            assert_eq!(ours.1, theirs.1, "gradient");
+            assert_eq!(values(Cpu::select_tokens(prim(x.clone()), idx.clone().into_primitive())), host(select_tokens(x.clone(), idx.clone())));
+            let composed = select_tokens_composed::<Cpu>(prim(x.clone()), idx.clone().into_primitive());
+            assert_eq!(values(composed), ours.0, "composed forward");
+            let grad = prim(r.clone());
+            assert_eq!(values(Cpu::scatter_tokens(grad.clone(), idx.clone().into_primitive(), t)), values(scatter_tokens_composed::<Cpu>(grad, idx.into_primitive(), t)));
         }
     }
 }

@@ -586,6 +586,7 @@ pub(crate) use cpu::{for_image_chunks, for_image_ranges, gemm_strided, zeroed_by
 mod cpu {
     use super::Geometry;
     use crate::nn::depthwise::{self, Depthwise};
+    use crate::nn::pool::join_all;
 
     /// Column matrix `[Cg·kh·kw, Ho·Wo]` of image `img`, group `grp` (zero where the kernel
     /// overhangs the padded border).
@@ -1003,14 +1004,8 @@ mod cpu {
         if ranges.len() <= 1 {
             return vec![f(0, n)];
         }
-        std::thread::scope(|scope| {
-            let f = &f;
-            let handles: Vec<_> =
-                ranges[1..].iter().map(|&(a, b)| scope.spawn(move || f(a, b - a))).collect();
-            let mut out = vec![f(ranges[0].0, ranges[0].1 - ranges[0].0)];
-            out.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
-            out
-        })
+        let f = &f;
+        join_all(ranges.into_iter().map(|(a, b)| move || f(a, b - a)).collect())
     }
 
     /// What the forward applies to each output channel as it is written.
@@ -1277,24 +1272,16 @@ mod cpu {
             f(0, out);
             return;
         }
-        std::thread::scope(|scope| {
-            let f = &f;
-            let mut rest = out;
-            let mut mine = None;
-            for t in 0..threads {
-                let (a, b) = (t * images / threads, (t + 1) * images / threads);
-                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * per);
-                rest = tail;
-                if t == 0 {
-                    mine = Some((a, chunk));
-                } else {
-                    scope.spawn(move || f(a, chunk));
-                }
-            }
-            if let Some((a, chunk)) = mine {
-                f(a, chunk);
-            }
-        });
+        let f = &f;
+        let mut rest = out;
+        let mut tasks = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let (a, b) = (t * images / threads, (t + 1) * images / threads);
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * per);
+            rest = tail;
+            tasks.push(move || f(a, chunk));
+        }
+        join_all(tasks);
     }
 
     /// A buffer of `len` floats as [`for_image_chunks`] fills it: each thread zeroes its own
@@ -1412,21 +1399,17 @@ mod cpu {
             pool(0, &mut out, &mut idx);
             return (out, idx);
         }
-        std::thread::scope(|scope| {
-            let pool = &pool;
-            let (mut rest_o, mut rest_i) = (&mut out[..], &mut idx[..]);
-            for t in 0..threads {
-                let (a, b) = (t * n / threads, (t + 1) * n / threads);
-                let (co, to) = std::mem::take(&mut rest_o).split_at_mut((b - a) * per);
-                let (ci, ti) = std::mem::take(&mut rest_i).split_at_mut((b - a) * per);
-                (rest_o, rest_i) = (to, ti);
-                if t + 1 == threads {
-                    pool(a, co, ci);
-                } else {
-                    scope.spawn(move || pool(a, co, ci));
-                }
-            }
-        });
+        let pool = &pool;
+        let (mut rest_o, mut rest_i) = (&mut out[..], &mut idx[..]);
+        let mut tasks = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let (a, b) = (t * n / threads, (t + 1) * n / threads);
+            let (co, to) = std::mem::take(&mut rest_o).split_at_mut((b - a) * per);
+            let (ci, ti) = std::mem::take(&mut rest_i).split_at_mut((b - a) * per);
+            (rest_o, rest_i) = (to, ti);
+            tasks.push(move || pool(a, co, ci));
+        }
+        join_all(tasks);
         (out, idx)
     }
 

@@ -957,23 +957,18 @@ mod fft_cpu {
             return vec![f(0..g.n, dst)];
         }
         let items_per = g.n.div_ceil(nt);
-        std::thread::scope(|s| {
-            let mut handles = Vec::with_capacity(nt);
-            let mut rest = dst;
-            let mut start = 0;
-            while start < g.n {
-                let end = (start + items_per).min(g.n);
-                let (head, tail) = rest.split_at_mut((end - start) * dst_per_item);
-                rest = tail;
-                let f = &f;
-                handles.push(s.spawn(move || f(start..end, head)));
-                start = end;
-            }
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("global filter worker panicked"))
-                .collect()
-        })
+        let f = &f;
+        let mut tasks = Vec::with_capacity(nt);
+        let mut rest = dst;
+        let mut start = 0;
+        while start < g.n {
+            let end = (start + items_per).min(g.n);
+            let (head, tail) = rest.split_at_mut((end - start) * dst_per_item);
+            rest = tail;
+            tasks.push(move || f(start..end, head));
+            start = end;
+        }
+        crate::nn::pool::join_all(tasks)
     }
 
     /// Packs the weight (layout per `g`) into `[2 * pairs][Wf][H]` complex (a zero channel pads

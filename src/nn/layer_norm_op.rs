@@ -347,25 +347,16 @@ mod cpu {
         if threads == 1 {
             return vec![f(0, out)];
         }
-        std::thread::scope(|scope| {
-            let f = &f;
-            let mut rest = out;
-            let mut handles = Vec::new();
-            let mut mine = None;
-            for t in 0..threads {
-                let (a, b) = (t * rows / threads, (t + 1) * rows / threads);
-                let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * d);
-                rest = tail;
-                if t == 0 {
-                    mine = Some(chunk);
-                } else {
-                    handles.push(scope.spawn(move || f(a, chunk)));
-                }
-            }
-            let mut results = vec![f(0, mine.unwrap_or_default())];
-            results.extend(handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))));
-            results
-        })
+        let f = &f;
+        let mut rest = out;
+        let mut tasks = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let (a, b) = (t * rows / threads, (t + 1) * rows / threads);
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * d);
+            rest = tail;
+            tasks.push(move || f(a, chunk));
+        }
+        crate::nn::pool::join_all(tasks)
     }
 
     pub fn forward(x: &[f32], d: usize, weight: &[f32], bias: &[f32], eps: f64) -> Vec<f32> {

@@ -1,0 +1,60 @@
+//! The compute threads that every CPU kernel splits its work over.
+//!
+//! The kernels used to spawn fresh OS threads for every call (`std::thread::scope`). A fresh
+//! thread also starts with an empty thread-local GEMM workspace, which `gemm` allocates and
+//! the kernel then faults in page by page: per call, on every thread but the caller. In a
+//! DynamicViT forward at two threads (about 130 kernel calls) that left the second core idle
+//! for a tenth of the time. These threads are started once and keep their workspaces.
+
+use std::sync::OnceLock;
+
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        rayon::ThreadPoolBuilder::new().num_threads(cores.max(2)).thread_name(|i| format!("rlprune-compute-{i}")).build().ok()
+    })
+    .as_ref()
+}
+
+/// Runs every task, concurrently where there are several, and returns their results in order.
+/// A panic in a task is resumed on the caller.
+pub(crate) fn join_all<R: Send, F: FnOnce() -> R + Send>(tasks: Vec<F>) -> Vec<R> {
+    if tasks.len() <= 1 {
+        return tasks.into_iter().map(|t| t()).collect();
+    }
+    let mut results: Vec<Option<R>> = tasks.iter().map(|_| None).collect();
+    match pool() {
+        Some(pool) => pool.scope(|s| {
+            for (task, slot) in tasks.into_iter().zip(results.iter_mut()) {
+                s.spawn(move |_| *slot = Some(task()));
+            }
+        }),
+        None => std::thread::scope(|s| {
+            for (task, slot) in tasks.into_iter().zip(results.iter_mut()) {
+                s.spawn(move || *slot = Some(task()));
+            }
+        }),
+    }
+    results.into_iter().map(|r| r.expect("every task ran")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::join_all;
+
+    #[test]
+    fn results_come_back_in_order_and_panics_reach_the_caller() {
+        let tasks: Vec<_> = (0..7).map(|i| move || i * i).collect();
+        assert_eq!(join_all(tasks), vec![0, 1, 4, 9, 16, 25, 36]);
+        let mut data = vec![0u32; 10];
+        let tasks: Vec<_> = data.chunks_mut(3).enumerate().map(|(i, c)| move || c.fill(i as u32)).collect();
+        join_all(tasks);
+        assert_eq!(data, [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]);
+        let caught = std::panic::catch_unwind(|| {
+            let tasks: Vec<_> = (0..3).map(|i| move || assert_ne!(i, 1, "task 1 fails")).collect();
+            join_all(tasks);
+        });
+        assert!(caught.is_err());
+    }
+}
