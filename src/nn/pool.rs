@@ -11,24 +11,34 @@ use std::sync::OnceLock;
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
+        // The calling thread runs one part itself, so one thread fewer than cores: a pool thread
+        // that waits for work spins for a while, and one per core would compete with the
+        // caller's serial work between kernels.
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        rayon::ThreadPoolBuilder::new().num_threads(cores.max(2)).thread_name(|i| format!("rlprune-compute-{i}")).build().ok()
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cores.saturating_sub(1).max(1))
+            .thread_name(|i| format!("rlprune-compute-{i}"))
+            .build()
+            .ok()
     })
     .as_ref()
 }
 
-/// Runs every task, concurrently where there are several, and returns their results in order.
-/// A panic in a task is resumed on the caller.
+/// Runs every task, the first on the calling thread and the others on the pool, and returns
+/// their results in order. A panic in a task is resumed on the caller.
 pub(crate) fn join_all<R: Send, F: FnOnce() -> R + Send>(tasks: Vec<F>) -> Vec<R> {
     if tasks.len() <= 1 {
         return tasks.into_iter().map(|t| t()).collect();
     }
     let mut results: Vec<Option<R>> = tasks.iter().map(|_| None).collect();
     match pool() {
-        Some(pool) => pool.scope(|s| {
-            for (task, slot) in tasks.into_iter().zip(results.iter_mut()) {
+        Some(pool) => pool.in_place_scope(|s| {
+            let mut jobs = tasks.into_iter().zip(results.iter_mut());
+            let (first, first_slot) = jobs.next().expect("two tasks or more");
+            for (task, slot) in jobs {
                 s.spawn(move |_| *slot = Some(task()));
             }
+            *first_slot = Some(first());
         }),
         None => std::thread::scope(|s| {
             for (task, slot) in tasks.into_iter().zip(results.iter_mut()) {
