@@ -21,6 +21,7 @@
 use burn::module::Module;
 use burn::tensor::activation::{log_softmax, softmax};
 use crate::nn::activation_op::gelu;
+use crate::nn::channel_op::channel_slice;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 
@@ -79,9 +80,13 @@ impl<B: crate::ModelBackend> PredictorLG<B> {
         let x = gelu(lin.forward(norm.forward(x)));
         let [n, t, c] = x.dims();
         let half = c / 2;
-        let local = x.clone().narrow(2, 0, half);
+        // Each token's channels as a contiguous range: the two halves are block copies
+        // (burn's `narrow` of the last dimension copies value by value, on one thread).
+        let rows = x.reshape([n * t, c, 1]);
+        let local = channel_slice(rows.clone(), 0, half).reshape([n, t, half]);
+        let tail = channel_slice(rows, half, c - half).reshape([n, t, c - half]);
         let p = policy.reshape([n, t, 1]);
-        let global = (x.narrow(2, half, c - half) * p.clone()).sum_dim(1) / p.sum_dim(1);
+        let global = (tail * p.clone()).sum_dim(1) / p.sum_dim(1);
         let x = Tensor::cat(vec![local, global.expand([n, t, c - half])], 2);
         let (l0, _, l2, _, l4) = &self.out_conv;
         let x = gelu(l2.forward(gelu(l0.forward(x))));
