@@ -5,7 +5,7 @@
 //! training that was about 15 % of the CPU time. Softmax is a max, a subtraction, `exp`, a sum
 //! and a division, each a pass with its own allocation and autodiff node. Here GELU is one
 //! pass forward and one backward, softmax one row at a time (max, exponentials and sum, scale)
-//! with the backward `dx = y·(dy − Σ dy·y)`; both split over [`conv_threads`] threads and use
+//! with the backward `dx = y·(dy − Σ dy·y)`; both split over [`conv_threads`](super::conv::conv_threads) threads and use
 //! polynomial `exp` and `erf` that the compiler vectorises (see [`fast`]). The GELU backward
 //! is the exact derivative of the erf form, as PyTorch's; burn's own GELU backward
 //! differentiates the tanh approximation instead (up to about 1e-3 away).
@@ -24,7 +24,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use super::conv::{conv_threads, host_f32};
+use super::conv::host_f32;
 
 pub trait ActivationBackend: Backend {
     /// The exact (erf-based) GELU, `x·Φ(x)`, element-wise.
@@ -323,26 +323,16 @@ pub mod fast {
 }
 
 mod cpu {
-    use super::conv_threads;
     use super::fast::{erf, exp};
-    use crate::nn::conv::zeroed_by_image_chunks;
+    use crate::nn::conv::zeroed_by_rows;
 
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
     const FRAC_1_SQRT_2PI: f32 = super::FRAC_1_SQRT_2PI as f32;
 
-    /// Threads for `len` values: one per 64 K at least.
-    fn threads(len: usize) -> usize {
-        conv_threads().min(len >> 16).max(1)
-    }
-
     /// A buffer of `len` values filled by `f(first_index, chunk)` over contiguous chunks (whole
     /// rows of `d`), each zeroed and filled by its own thread.
     fn by_rows(len: usize, d: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-        let rows = len.checked_div(d).unwrap_or(0);
-        if rows == 0 {
-            return vec![0.0f32; len];
-        }
-        zeroed_by_image_chunks(len, rows, threads(len), |first_row, chunk| f(first_row * d, chunk))
+        zeroed_by_rows(len, len.checked_div(d).unwrap_or(0), |first_row, chunk| f(first_row * d, chunk))
     }
 
     pub fn add_relu(a: &[f32], b: &[f32]) -> Vec<f32> {

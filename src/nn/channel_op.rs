@@ -6,7 +6,7 @@
 //! iterator, and runs every element-wise op on the calling thread. In HorNet-T inference at two
 //! threads the channel splits of `gnconv` alone were about a sixth of the time, all of it serial
 //! while the other core waited. Here each op is one pass over memory, split by the leading
-//! dimension over [`conv_threads`] threads, and a channel range is copied as the contiguous
+//! dimension over [`conv_threads`](super::conv::conv_threads) threads, and a channel range is copied as the contiguous
 //! block it is in every image. The results are bit for bit those of the composed ops (same
 //! products and sums in the same order), so the parity fixtures do not move.
 //!
@@ -25,7 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, Int, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use super::conv::host_f32;
+use super::conv::{host_f32, zeroed_by_rows};
 
 pub trait ChannelBackend: Backend {
     /// Channels `start .. start + len` of `x` (dimension 1).
@@ -75,17 +75,18 @@ fn token_rows<B: Backend>(idx: IntTensor<B>, tokens: usize) -> Tensor<B, 1, Int>
 }
 
 fn select_tokens_composed<B: Backend>(x: FloatTensor<B>, idx: IntTensor<B>) -> FloatTensor<B> {
-    let [n, t, c] = float::<B, 3>(x.clone()).dims();
+    let [n, t, c] = split_at_axis(&x.shape(), 1);
     let k = idx.shape()[1];
     let rows = token_rows::<B>(idx, t);
     float::<B, 3>(x).reshape([n * t, c]).select(0, rows).reshape([n, k, c]).into_primitive().tensor()
 }
 
 fn scatter_tokens_composed<B: Backend>(grad: FloatTensor<B>, idx: IntTensor<B>, tokens: usize) -> FloatTensor<B> {
-    let [n, k, c] = float::<B, 3>(grad.clone()).dims();
+    let grad = float::<B, 3>(grad);
+    let [n, k, c] = grad.dims();
     let rows = token_rows::<B>(idx, tokens);
-    let zeros = Tensor::<B, 2>::zeros([n * tokens, c], &float::<B, 3>(grad.clone()).device());
-    let out = zeros.select_assign(0, rows, float::<B, 3>(grad).reshape([n * k, c]), IndexingUpdateOp::Add);
+    let zeros = Tensor::<B, 2>::zeros([n * tokens, c], &grad.device());
+    let out = zeros.select_assign(0, rows, grad.reshape([n * k, c]), IndexingUpdateOp::Add);
     out.reshape([n, tokens, c]).into_primitive().tensor()
 }
 
@@ -142,7 +143,7 @@ fn split_at_axis(shape: &Shape, axis: usize) -> [usize; 3] {
 
 fn flat3<B: Backend>(t: FloatTensor<B>, axis: usize) -> Tensor<B, 3> {
     let dims = split_at_axis(&t.shape(), axis);
-    float::<B, 1>(B::float_reshape(t, Shape::new([dims.iter().product()]))).reshape(dims)
+    float(B::float_reshape(t, Shape::new(dims)))
 }
 
 fn with_dim(shape: &Shape, axis: usize, n: usize) -> Shape {
@@ -339,7 +340,7 @@ impl ChannelBackend for NdArray<f32> {
         let Some(xs) = host_f32(&x) else {
             return slice_composed::<Self>(x, start, len);
         };
-        let out = cpu::by_outer(outer * len * inner, outer, |first, chunk| {
+        let out = zeroed_by_rows(outer * len * inner, outer, |first, chunk| {
             for (o, block) in chunk.chunks_exact_mut(len * inner).enumerate() {
                 let from = ((first + o) * c + start) * inner;
                 block.copy_from_slice(&xs[from..from + len * inner]);
@@ -354,7 +355,7 @@ impl ChannelBackend for NdArray<f32> {
         let Some(xs) = host_f32(&x) else {
             return pad_composed::<Self>(x, start, channels);
         };
-        let out = cpu::by_outer(outer * channels * inner, outer, |first, chunk| {
+        let out = zeroed_by_rows(outer * channels * inner, outer, |first, chunk| {
             for (o, block) in chunk.chunks_exact_mut(channels * inner).enumerate() {
                 let from = (first + o) * c * inner;
                 block[start * inner..(start + c) * inner].copy_from_slice(&xs[from..from + c * inner]);
@@ -371,7 +372,7 @@ impl ChannelBackend for NdArray<f32> {
             return gate_composed::<Self>(a, b, start, scale);
         };
         let s = scale as f32;
-        let out = cpu::by_outer(outer * c * inner, outer, |first, chunk| {
+        let out = zeroed_by_rows(outer * c * inner, outer, |first, chunk| {
             for (o, block) in chunk.chunks_exact_mut(c * inner).enumerate() {
                 let at = (first + o) * c * inner;
                 let bt = ((first + o) * cb + start) * inner;
@@ -394,21 +395,9 @@ impl ChannelBackend for NdArray<f32> {
         let (Some(xv), Some(yv), Some(gv)) = (host_f32(&x), host_f32(&y), gv) else {
             return residual_composed::<Self>(x, y, gamma, axis);
         };
-        let out = cpu::by_outer(outer * c * inner, outer, |first, chunk| {
-            let at = first * c * inner;
-            let (xr, yr) = (&xv[at..at + chunk.len()], &yv[at..at + chunk.len()]);
-            match gv.as_deref() {
-                None => chunk.iter_mut().zip(xr).zip(yr).for_each(|((o, &u), &v)| *o = u + v),
-                Some(g) => {
-                    let rows = chunk.chunks_exact_mut(inner).zip(xr.chunks_exact(inner)).zip(yr.chunks_exact(inner));
-                    for (r, ((o, xs), ys)) in rows.enumerate() {
-                        // Chunks start at a whole outer block, so row `r` is channel `r % c`.
-                        let gc = g[r % c];
-                        o.iter_mut().zip(xs).zip(ys).for_each(|((o, &u), &v)| *o = u + v * gc);
-                    }
-                }
-            }
-        });
+        // Without a scale every channel is alike: whole blocks are rows.
+        let dims = if gv.is_some() { [outer, c, inner] } else { [outer, 1, c * inner] };
+        let out = scaled_sum(Some(&xv), &yv, gv.as_deref(), dims);
         ndarray(out, shape)
     }
 
@@ -418,13 +407,7 @@ impl ChannelBackend for NdArray<f32> {
         let (Some(yv), Some(gv)) = (host_f32(&y), host_f32(&gamma)) else {
             return scale_composed::<Self>(y, gamma, axis);
         };
-        let out = cpu::by_outer(outer * c * inner, outer, |first, chunk| {
-            let (at, len) = (first * c * inner, chunk.len());
-            for (r, (o, ys)) in chunk.chunks_exact_mut(inner).zip(yv[at..at + len].chunks_exact(inner)).enumerate() {
-                let gc = gv[r % c];
-                o.iter_mut().zip(ys).for_each(|(o, &v)| *o = v * gc);
-            }
-        });
+        let out = scaled_sum(None, &yv, Some(&gv), [outer, c, inner]);
         ndarray(out, shape)
     }
 
@@ -435,7 +418,7 @@ impl ChannelBackend for NdArray<f32> {
         };
         let (n, k, rows) = host_indices(idx);
         assert!(rows.iter().all(|&r| r < t), "token index out of range 0..{t}");
-        let out = cpu::by_outer(n * k * c, n, |first, chunk| {
+        let out = zeroed_by_rows(n * k * c, n, |first, chunk| {
             for (o, image) in chunk.chunks_exact_mut(k * c).enumerate() {
                 let (src, picks) = (&xs[(first + o) * t * c..], &rows[(first + o) * k..]);
                 for (row, &r) in image.chunks_exact_mut(c).zip(picks) {
@@ -453,7 +436,7 @@ impl ChannelBackend for NdArray<f32> {
         };
         let (n, _, rows) = host_indices(idx);
         assert!(rows.iter().all(|&r| r < tokens), "token index out of range 0..{tokens}");
-        let out = cpu::by_outer(n * tokens * c, n, |first, chunk| {
+        let out = zeroed_by_rows(n * tokens * c, n, |first, chunk| {
             for (o, image) in chunk.chunks_exact_mut(tokens * c).enumerate() {
                 let (src, picks) = (&gs[(first + o) * k * c..], &rows[(first + o) * k..]);
                 for (g, &r) in src.chunks_exact(c).take(k).zip(picks) {
@@ -465,25 +448,28 @@ impl ChannelBackend for NdArray<f32> {
     }
 }
 
+/// `x + y·γ` (or `y·γ` without `x`; `γ = 1` when absent) over `[outer, c, inner]`, `γ` per channel.
+fn scaled_sum(x: Option<&[f32]>, y: &[f32], gamma: Option<&[f32]>, [outer, c, inner]: [usize; 3]) -> Vec<f32> {
+    zeroed_by_rows(outer * c * inner, outer, |first, chunk| {
+        let (at, len) = (first * c * inner, chunk.len());
+        let rows = chunk.chunks_exact_mut(inner).zip(y[at..at + len].chunks_exact(inner));
+        for (r, (o, ys)) in rows.enumerate() {
+            // Chunks start at a whole outer block, so row `r` is channel `r % c`. `v·1` is `v`
+            // exactly, so the unscaled sum stays bit for bit `x + y`.
+            let g = gamma.map_or(1.0, |g| g[r % c]);
+            match x {
+                Some(x) => o.iter_mut().zip(&x[at + r * inner..]).zip(ys).for_each(|((o, &u), &v)| *o = u + v * g),
+                None => o.iter_mut().zip(ys).for_each(|(o, &v)| *o = v * g),
+            }
+        }
+    })
+}
+
 fn host_indices(idx: IntTensor<NdArray<f32>>) -> (usize, usize, Vec<usize>) {
     let idx = Tensor::<NdArray<f32>, 2, Int>::from_primitive(idx);
     let [n, k] = idx.dims();
     let values = idx.into_data().convert::<i64>().into_vec::<i64>().unwrap_or_default();
     (n, k, values.into_iter().map(|v| v as usize).collect())
-}
-
-mod cpu {
-    use super::super::conv::{conv_threads, zeroed_by_image_chunks};
-
-    /// A buffer of `len` values filled by `f(first_outer, chunk)` over contiguous ranges of the
-    /// `outer` blocks, one range per thread (one thread per 64 K values at least).
-    pub fn by_outer(len: usize, outer: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-        if len == 0 {
-            return Vec::new();
-        }
-        let threads = conv_threads().min(len >> 16).max(1);
-        zeroed_by_image_chunks(len, outer, threads, f)
-    }
 }
 
 #[cfg(test)]

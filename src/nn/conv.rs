@@ -581,7 +581,7 @@ impl Geometry {
 }
 
 /// Splitting work over images (or channels, or rows) on scoped threads, for the CPU kernels.
-pub(crate) use cpu::{for_image_chunks, for_image_ranges, gemm_strided, zeroed_by_image_chunks};
+pub(crate) use cpu::{elementwise_threads, for_image_chunks, for_image_ranges, gemm_strided, zeroed_by_image_chunks, zeroed_by_rows};
 
 mod cpu {
     use super::Geometry;
@@ -1265,12 +1265,11 @@ mod cpu {
     /// Splits `out` (`images` equal slabs) into `threads` contiguous ranges of images and runs
     /// `f(first_image, slab_range)` on each, the first on the calling thread: every thread
     /// writes its own part of the output, so nothing is concatenated afterwards.
-    pub(crate) fn for_image_chunks<T: Send>(out: &mut [T], images: usize, threads: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    pub(crate) fn for_image_chunks<T: Send, R: Send>(out: &mut [T], images: usize, threads: usize, f: impl Fn(usize, &mut [T]) -> R + Sync) -> Vec<R> {
         let per = out.len().checked_div(images).unwrap_or(0);
         let threads = threads.clamp(1, images.max(1));
         if threads == 1 {
-            f(0, out);
-            return;
+            return vec![f(0, out)];
         }
         let f = &f;
         let mut rest = out;
@@ -1281,7 +1280,21 @@ mod cpu {
             rest = tail;
             tasks.push(move || f(a, chunk));
         }
-        join_all(tasks);
+        join_all(tasks)
+    }
+
+    /// Threads for an element-wise pass over `len` values: one per 64 K values at least.
+    pub(crate) fn elementwise_threads(len: usize) -> usize {
+        super::conv_threads().min(len >> 16).max(1)
+    }
+
+    /// A buffer of `len` values in `rows` equal rows, zeroed and filled by `f(first_row, chunk)`
+    /// over contiguous ranges of rows, as many as [`elementwise_threads`] gives.
+    pub(crate) fn zeroed_by_rows(len: usize, rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+        if rows == 0 || len == 0 {
+            return vec![0.0f32; len];
+        }
+        zeroed_by_image_chunks(len, rows, elementwise_threads(len), f)
     }
 
     /// A buffer of `len` floats as [`for_image_chunks`] fills it: each thread zeroes its own

@@ -20,7 +20,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, FloatTensorOps};
 use burn::tensor::{Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-use super::conv::{conv_threads, host_f32};
+use super::conv::host_f32;
 
 /// What the backward needs besides the output gradient.
 #[derive(Debug, Clone)]
@@ -226,12 +226,7 @@ mod channels {
     //! channel planes, each a contiguous row of `H·W` values, so every loop is over pixels and
     //! vectorises. Images are split over threads.
 
-    use crate::nn::conv::{conv_threads, zeroed_by_image_chunks};
-
-    /// Threads for `n` images of `len` values each: one per 64 K values at least.
-    fn threads(n: usize, len: usize) -> usize {
-        conv_threads().min((n * len) >> 16).clamp(1, n.max(1))
-    }
+    use crate::nn::conv::{elementwise_threads, zeroed_by_image_chunks};
 
     /// Per-pixel mean and `1/√(var + eps)` of one image `[c, p]` (two passes, biased variance).
     fn stats(x: &[f32], c: usize, p: usize, eps: f64, mean: &mut [f32], rstd: &mut [f32]) {
@@ -255,7 +250,7 @@ mod channels {
         if n == 0 {
             return vec![0.0f32; x.len()];
         }
-        zeroed_by_image_chunks(x.len(), n, threads(n, slab), |first, out| {
+        zeroed_by_image_chunks(x.len(), n, elementwise_threads(x.len()), |first, out| {
             let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
             for (i, yi) in out.chunks_exact_mut(slab).enumerate() {
                 let xi = &x[(first + i) * slab..][..slab];
@@ -280,7 +275,7 @@ mod channels {
         }
         // Each thread's per-channel sums for dweight and dbias, added in image order after.
         let partials = std::sync::Mutex::new(Vec::new());
-        let dx = zeroed_by_image_chunks(x.len(), n, threads(n, slab), |first, out| {
+        let dx = zeroed_by_image_chunks(x.len(), n, elementwise_threads(x.len()), |first, out| {
             let (mut mean, mut rstd) = (vec![0.0f32; p], vec![0.0f32; p]);
             let (mut c1, mut c2) = (vec![0.0f32; p], vec![0.0f32; p]);
             let (mut pw, mut pb) = (vec![0.0f64; c], vec![0.0f64; c]);
@@ -327,7 +322,7 @@ mod channels {
 mod cpu {
     //! Row by row, each row in cache for both of its passes; rows split over threads.
 
-    use super::conv_threads;
+    use crate::nn::conv::{elementwise_threads, for_image_chunks};
 
     /// `(mean, 1/√(var + eps))` of a row, two passes in f64 (rows are a few hundred values).
     #[inline(always)]
@@ -340,23 +335,10 @@ mod cpu {
     }
 
     /// Runs `f(first_row, rows_out)` over contiguous row ranges of `out` on up to
-    /// `conv_threads()` threads (one per 64 K values at least), results in order.
+    /// [`elementwise_threads`] threads, results in order.
     fn for_rows<R: Send>(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) -> R + Sync) -> Vec<R> {
         let rows = out.len().checked_div(d).unwrap_or(0);
-        let threads = conv_threads().min(out.len() >> 16).clamp(1, rows.max(1));
-        if threads == 1 {
-            return vec![f(0, out)];
-        }
-        let f = &f;
-        let mut rest = out;
-        let mut tasks = Vec::with_capacity(threads);
-        for t in 0..threads {
-            let (a, b) = (t * rows / threads, (t + 1) * rows / threads);
-            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut((b - a) * d);
-            rest = tail;
-            tasks.push(move || f(a, chunk));
-        }
-        crate::nn::pool::join_all(tasks)
+        for_image_chunks(out, rows, elementwise_threads(out.len()), f)
     }
 
     pub fn forward(x: &[f32], d: usize, weight: &[f32], bias: &[f32], eps: f64) -> Vec<f32> {
