@@ -386,7 +386,7 @@ impl<B: ModelBackend> AdaHornet<B> {
                     Some(s) => (select_tokens(tokens, s.kept.clone()), s.kept.clone()),
                 };
                 let t = cur.dims()[1];
-                let log_probs = self.score_predictor[stage].forward(cur, Tensor::ones([n, t], &device));
+                let log_probs = self.score_predictor[stage].forward(cur, None);
                 let top = top_k_keep(log_probs, counts[stage].min(t));
                 let abs = abs.gather(1, top);
                 kept.push(abs.clone());
@@ -419,7 +419,7 @@ impl<B: ModelBackend> AdaHornet<B> {
         for (j, blk) in self.stages[ADAPTIVE_STAGE].iter().enumerate() {
             if self.pruning_loc.get(stage) == Some(&j) {
                 let policy = prev.clone().unwrap_or_else(|| Tensor::ones([n, p], &device));
-                let log_probs = self.score_predictor[stage].forward(to_tokens(x.clone()), policy.clone());
+                let log_probs = self.score_predictor[stage].forward(to_tokens(x.clone()), Some(policy.clone()));
                 let log_keep = log_probs.narrow(2, 0, 1).reshape([n, p]);
                 let mut score = log_keep.clone().detach();
                 if gumbel {

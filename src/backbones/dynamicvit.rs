@@ -283,7 +283,7 @@ impl<B: ModelBackend> DynamicVit<B> {
             if vit.pruning_loc.get(stage) == Some(&i) {
                 let [_, t, _] = x.dims();
                 let spatial = channel_slice(x.clone(), 1, t - 1);
-                let log_probs = vit.score_predictor[stage].forward(spatial, Tensor::ones([n, t - 1], &device));
+                let log_probs = vit.score_predictor[stage].forward(spatial, None);
                 let keep = top_k_keep(log_probs, keep_count(patches, vit.token_ratio[stage]));
                 // The class token, then the kept patch tokens (indices past the class token).
                 let rows = Tensor::cat(vec![Tensor::<B, 2, Int>::zeros([n, 1], &device), keep.clone() + 1], 1);
@@ -329,7 +329,7 @@ impl<B: ModelBackend> DynamicVit<B> {
         for (i, block) in vit.blocks.iter().enumerate() {
             if vit.pruning_loc.get(stage) == Some(&i) {
                 let spatial = x.clone().narrow(1, 1, patches);
-                let log_probs = vit.score_predictor[stage].forward(spatial.clone(), prev.clone());
+                let log_probs = vit.score_predictor[stage].forward(spatial.clone(), Some(prev.clone()));
                 let keep = decide(stage, &spatial, log_probs, prev);
                 decisions.push(keep.clone());
                 policy = Tensor::cat(vec![Tensor::ones([n, 1], &device), keep.clone()], 1);

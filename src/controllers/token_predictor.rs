@@ -22,6 +22,7 @@ use burn::module::Module;
 use burn::tensor::activation::{log_softmax, softmax};
 use crate::nn::activation_op::gelu;
 use crate::nn::channel_op::channel_slice;
+use crate::nn::linear_op::linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 
@@ -72,10 +73,11 @@ impl<B: crate::ModelBackend> PredictorLG<B> {
         (tokens * (5 * dim + dim * dim + dim * (dim / 2) + (dim / 2) * (dim / 4) + (dim / 4) * 2)) as u64
     }
 
-    /// `x`: spatial tokens `[N, T, C]`; `policy`: keep mask `[N, T]`. Returns log-probabilities
-    /// `[N, T, 2]` (index 0 = keep). The first C/2 features are per token ("local"); the other
-    /// C/2 are replaced by their policy-weighted mean over the kept tokens ("global").
-    pub fn forward(&self, x: Tensor<B, 3>, policy: Tensor<B, 2>) -> Tensor<B, 3> {
+    /// `x`: spatial tokens `[N, T, C]`; `policy`: keep mask `[N, T]`, or `None` when every token
+    /// is kept. Returns log-probabilities `[N, T, 2]` (index 0 = keep). The first C/2 features are
+    /// per token ("local"); the other C/2 are replaced by their policy-weighted mean over the kept
+    /// tokens ("global").
+    pub fn forward(&self, x: Tensor<B, 3>, policy: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
         let (norm, lin) = &self.in_conv;
         let x = gelu(lin.forward(norm.forward(x)));
         let [n, t, c] = x.dims();
@@ -85,11 +87,26 @@ impl<B: crate::ModelBackend> PredictorLG<B> {
         let rows = x.reshape([n * t, c, 1]);
         let local = channel_slice(rows.clone(), 0, half).reshape([n, t, half]);
         let tail = channel_slice(rows, half, c - half).reshape([n, t, c - half]);
-        let p = policy.reshape([n, t, 1]);
-        let global = (tail * p.clone()).sum_dim(1) / p.sum_dim(1);
-        let x = Tensor::cat(vec![local, global.expand([n, t, c - half])], 2);
+        let global = match policy {
+            None => tail.mean_dim(1),
+            Some(policy) => {
+                let p = policy.reshape([n, t, 1]);
+                (tail * p.clone()).sum_dim(1) / p.sum_dim(1)
+            }
+        };
         let (l0, _, l2, _, l4) = &self.out_conv;
-        let x = gelu(l2.forward(gelu(l0.forward(x))));
+        // `l0(cat(local, global))` without the concatenation: the global half's product is one
+        // row per image, added to every token's product of the local half (a serial copy of the
+        // whole `[N, T, C]` map before, and half the multiply-adds of `l0` spent on copies of one
+        // row).
+        let w = l0.weight.val();
+        let out = w.dims()[0];
+        let w = w.reshape([out, c, 1]);
+        let w_local = channel_slice(w.clone(), 0, half).reshape([out, half]);
+        let w_global = channel_slice(w, half, c - half).reshape([out, c - half]);
+        let per_image = linear(global, w_global, l0.bias.as_ref().map(|b| b.val()));
+        let x = linear(local, w_local, None) + per_image;
+        let x = gelu(l2.forward(gelu(x)));
         log_softmax(l4.forward(x), 2)
     }
 }
@@ -166,7 +183,9 @@ mod tests {
         let p = PredictorLG::<Cpu>::new(8, &dev);
         let x = Tensor::<Cpu, 3>::random([2, 5, 8], Distribution::Default, &dev);
         let all = Tensor::<Cpu, 2>::ones([2, 5], &dev);
-        let lp = p.forward(x.clone(), all);
+        let lp = p.forward(x.clone(), Some(all));
+        // No policy is the full policy.
+        assert!((p.forward(x.clone(), None) - lp.clone()).abs().max().into_scalar() < 1e-6);
         let sum = lp.clone().exp().sum_dim(2).reshape([10]).into_data().to_vec::<f32>().unwrap();
         assert!(sum.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sum:?}");
         // Dropping token 4 from the policy changes the others' scores (global half), and
@@ -175,8 +194,8 @@ mod tests {
             TensorData::new(vec![1.0f32, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0], [2, 5]),
             &dev,
         );
-        let masked = p.forward(x.clone(), mask).narrow(1, 0, 4);
-        let sub = p.forward(x.narrow(1, 0, 4), Tensor::ones([2, 4], &dev));
+        let masked = p.forward(x.clone(), Some(mask)).narrow(1, 0, 4);
+        let sub = p.forward(x.narrow(1, 0, 4), None);
         assert!((masked.clone() - sub).abs().max().into_scalar() < 1e-5);
         assert!((masked - lp.narrow(1, 0, 4)).abs().max().into_scalar() > 1e-6);
         assert_eq!(PredictorLG::<Cpu>::num_params(8), p.num_params());

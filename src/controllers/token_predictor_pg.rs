@@ -240,7 +240,7 @@ pub fn stage_evals(student: &DynamicVit<Ad>, traj: &TokenTrajectory) -> Vec<(Ten
             let tokens = Tensor::<Ad, 3>::from_data(TensorData::new(st.tokens.clone(), [n, p, c]), &device);
             let keep = Tensor::<Ad, 2>::from_data(TensorData::new(st.keep.clone(), [n, p]), &device);
             let alive = Tensor::<Ad, 2>::from_data(TensorData::new(st.alive.clone(), [n, p]), &device);
-            let log_probs = predictor.forward(tokens, alive.clone());
+            let log_probs = predictor.forward(tokens, Some(alive.clone()));
             let lp_keep = log_probs.clone().narrow(2, 0, 1).reshape([n, p]);
             let lp_drop = log_probs.narrow(2, 1, 1).reshape([n, p]);
             // Tokens already dropped are not decided again: they contribute nothing.
@@ -381,7 +381,7 @@ mod tests {
         let evals = stage_evals(&student, &a);
         let lp: Vec<f32> = host(evals[0].0.clone().inner());
         let tokens = Tensor::<Cpu, 3>::from_data(TensorData::new(a.stages[0].tokens.clone(), [n, 16, 8]), &Default::default());
-        let direct = snap.vit().score_predictor[0].forward(tokens, Tensor::ones([n, 16], &Default::default()));
+        let direct = snap.vit().score_predictor[0].forward(tokens, None);
         let direct: Vec<f32> = host(direct.flatten(0, 2));
         for i in 0..n {
             let want: f32 = (0..16).map(|j| {
