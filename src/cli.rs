@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::device::DeviceSpec;
@@ -130,6 +130,10 @@ pub enum Command {
         /// Time a training step (forward, cross-entropy, backward, SGD update) instead of inference.
         #[arg(long)]
         train: bool,
+        /// Time the dense forward against a channel-routed forward whose policy keeps every one
+        /// of K groups, in alternation (what routing itself costs; CPU inference).
+        #[arg(long, value_name = "K", conflicts_with = "train")]
+        routed: Option<usize>,
         /// Untimed steps first.
         #[arg(long, default_value_t = 2, value_name = "W")]
         warmup: usize,
@@ -283,10 +287,25 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{report}");
             Ok(())
         }
-        Command::Bench { model, batch, threads, train, warmup, repeats, img_size, num_classes, in_chans, json, device } => {
+        Command::Bench { model, batch, threads, train, routed, warmup, repeats, img_size, num_classes, in_chans, json, device } => {
             use crate::metrics::bench;
             if let Some(t) = threads {
                 bench::limit_threads(t)?;
+            }
+            if let Some(groups) = routed {
+                if DeviceSpec::select(Some(&device), "cpu")? != DeviceSpec::Cpu {
+                    bail!("--routed measures the CPU backend only");
+                }
+                ensure!(batch >= 1, "--batch must be at least 1");
+                let target = bench::BenchModel::resolve(&model, img_size, num_classes, in_chans)?;
+                let built = target.build::<crate::Cpu>(&Default::default())?;
+                let report = crate::controllers::eval::routing_overhead(&model, &built, target.input_shape(batch), groups, warmup, repeats)?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", report.table());
+                }
+                return Ok(());
             }
             let opts = bench::BenchOptions {
                 batch,

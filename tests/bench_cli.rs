@@ -165,3 +165,33 @@ fn bench_zoo_names_and_bad_input() {
         assert!(err.contains(expect) && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn bench_routed_times_a_keep_all_router_against_the_dense_net() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = json_line(&rlprune(
+        &["bench", "small-cnn", "--routed", "4", "--batch", "3", "--repeats", "3", "--warmup", "1", "--json"],
+        dir.path(),
+    ));
+    assert_eq!((j["batch"].as_u64(), j["groups"].as_u64(), j["repeats"].as_u64()), (Some(3), Some(4), Some(3)), "{j}");
+    for side in ["dense_ms", "routed_ms", "pair_ratio"] {
+        let s = &j[side];
+        let f = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{side}.{k} missing in {j}"));
+        assert!(f("min") > 0.0 && f("min") <= f("p10") && f("p10") <= f("median") && f("median") <= f("p90") && f("p90") <= f("max"), "{j}");
+    }
+    let ratio = j["speed_ratio"].as_f64().unwrap();
+    let implied = j["dense_ms"]["median"].as_f64().unwrap() / j["routed_ms"]["median"].as_f64().unwrap();
+    assert!((ratio - implied).abs() < 1e-9, "{j}");
+
+    for (args, expect) in [
+        // GFNet has no convolution a channel router can prune.
+        (vec!["bench", "gfnet-ti", "--routed", "4"], "no layers a channel router can prune"),
+        (vec!["bench", "small-cnn", "--routed", "0"], "at least one group"),
+        (vec!["bench", "small-cnn", "--routed", "4", "--train"], "--train"),
+    ] {
+        let out = rlprune(&args, dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains(expect) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -156,3 +156,123 @@ pub fn table(report: &Value) -> String {
     }
     s
 }
+
+/// What [`routing_overhead`] measured: the dense forward against a channel-routed forward whose
+/// policy keeps every group, timed call by call in alternation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoutingOverhead {
+    pub model: String,
+    pub batch: usize,
+    pub groups: usize,
+    pub repeats: usize,
+    pub dense_ms: crate::metrics::bench::Stats,
+    pub routed_ms: crate::metrics::bench::Stats,
+    /// Routed speed over dense speed, from the medians (1.0 = routing costs nothing).
+    pub speed_ratio: f64,
+    /// The same ratio per alternating pair, median and spread.
+    pub pair_ratio: crate::metrics::bench::Stats,
+}
+
+impl RoutingOverhead {
+    pub fn table(&self) -> String {
+        let row = |name: &str, s: &crate::metrics::bench::Stats| {
+            format!("{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n", s.median, s.min, s.p10, s.p90, s.max)
+        };
+        format!(
+            "{} batch {}: dense forward against a {}-group channel router that keeps every group, {} alternating pairs\n\
+             {:<12} {:>10} {:>10} {:>10} {:>10} {:>10}\n{}{}\
+             routed speed / dense speed: {:.3} (per pair {:.3}, p10–p90 {:.3}–{:.3})\n",
+            self.model,
+            self.batch,
+            self.groups,
+            self.repeats,
+            "ms/batch",
+            "median",
+            "min",
+            "p10",
+            "p90",
+            "max",
+            row("dense", &self.dense_ms),
+            row("routed", &self.routed_ms),
+            self.speed_ratio,
+            self.pair_ratio.median,
+            self.pair_ratio.p10,
+            self.pair_ratio.p90,
+        )
+    }
+}
+
+/// A router of `groups` groups for `model` whose greedy policy keeps every group: its head
+/// scores the last action highest whatever the image (the encoders and the cell still run).
+pub fn keep_all_router(model: &crate::backbones::AnyBackbone<Cpu>, groups: usize) -> Result<super::channel_router::ChannelRouter<Cpu>> {
+    use crate::backbones::Backbone;
+    use burn::module::Param;
+    let convs = model.prunable_convs();
+    anyhow::ensure!(!convs.is_empty(), "the model has no layers a channel router can prune");
+    anyhow::ensure!(groups >= 1, "a router needs at least one group");
+    let cfg = super::ControllerConfig { kind: "channel-router".into(), groups, hidden: 64, rnn: "gru".into(), options: Default::default() };
+    let device = Default::default();
+    let in_ch = super::channel_router::ChannelRouter::<Cpu>::input_channels(0, &convs);
+    let mut router = super::channel_router::ChannelRouter::<Cpu>::new(&cfg, &in_ch, false, &device);
+    let mut bias = vec![0.0f32; groups];
+    bias[groups - 1] = 1.0;
+    router.head.weight = Param::from_tensor(Tensor::zeros([groups, cfg.hidden], &device));
+    router.head.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [groups]), &device)));
+    Ok(router)
+}
+
+/// Times `model`'s dense forward against its routed forward under [`keep_all_router`] on one
+/// random batch: `warmup` untimed pairs, then `repeats` pairs, the two sides alternating so that
+/// load changes hit both. Each call reads its logits back.
+pub fn routing_overhead(
+    name: &str,
+    model: &crate::backbones::AnyBackbone<Cpu>,
+    shape: [usize; 4],
+    groups: usize,
+    warmup: usize,
+    repeats: usize,
+) -> Result<RoutingOverhead> {
+    use crate::backbones::Backbone;
+    use crate::controllers::Mode;
+    use rand::SeedableRng;
+    anyhow::ensure!(repeats >= 1, "at least one timed repeat");
+    let router = keep_all_router(model, groups)?;
+    let device = Default::default();
+    let x = Tensor::<Cpu, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let mut policy = super::channel_router::RouterPolicy::new(router);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let dense_logits = model.forward(x.clone());
+    let (routed_logits, trace) = model.forward_controlled(x.clone(), &mut policy, Mode::Greedy, &mut rng)?;
+    anyhow::ensure!(
+        trace.steps.iter().all(|s| s.actions.iter().all(|&a| a == groups)),
+        "the keep-all router dropped groups"
+    );
+    let gap = (dense_logits - routed_logits).abs().max().into_scalar();
+    anyhow::ensure!(gap < 1e-3, "the routed forward keeping every group differs from the dense one by {gap}");
+    let (mut dense, mut routed) = (Vec::with_capacity(repeats), Vec::with_capacity(repeats));
+    for i in 0..warmup + repeats {
+        let t = Instant::now();
+        let _ = model.forward(x.clone()).into_data();
+        let d = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let (logits, _) = model.forward_controlled(x.clone(), &mut policy, Mode::Greedy, &mut rng)?;
+        let _ = logits.into_data();
+        let r = t.elapsed().as_secs_f64();
+        if i >= warmup {
+            dense.push(d * 1e3);
+            routed.push(r * 1e3);
+        }
+    }
+    let pairs: Vec<f64> = dense.iter().zip(&routed).map(|(d, r)| d / r).collect();
+    let (dense_ms, routed_ms) = (crate::metrics::bench::Stats::of(&dense), crate::metrics::bench::Stats::of(&routed));
+    Ok(RoutingOverhead {
+        model: name.to_string(),
+        batch: shape[0],
+        groups,
+        repeats,
+        speed_ratio: dense_ms.median / routed_ms.median,
+        pair_ratio: crate::metrics::bench::Stats::of(&pairs),
+        dense_ms,
+        routed_ms,
+    })
+}

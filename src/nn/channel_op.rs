@@ -169,6 +169,11 @@ pub fn select_tokens<B: ChannelBackend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>)
     float(B::select_tokens(x.into_primitive().tensor(), idx.into_primitive()))
 }
 
+/// `y·γ`, `γ` broadcast along `axis`: a per-channel scale as one pass.
+pub fn channel_scale<B: ChannelBackend, const D: usize>(y: Tensor<B, D>, gamma: Tensor<B, 1>, axis: usize) -> Tensor<B, D> {
+    float(B::channel_scale(y.into_primitive().tensor(), gamma.into_primitive().tensor(), axis))
+}
+
 /// The residual sum `x + y·γ`, `γ` (a layer scale) broadcast along `axis`.
 pub fn residual<B: ChannelBackend, const D: usize>(x: Tensor<B, D>, y: Tensor<B, D>, gamma: Option<Tensor<B, 1>>, axis: usize) -> Tensor<B, D> {
     let gamma = gamma.map(|g| g.into_primitive().tensor());

@@ -788,6 +788,8 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     // Latency and throughput, same weights, routed vs unpruned.
     let sample = crate::controllers::eval::example_images(&test_loader)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
+    // One policy for every call, as a deployed router would be held.
+    let mut policy = RouterPolicy::new(router.clone());
     let bench = crate::controllers::eval::latency_against_unpruned(
         &sample,
         ev.flops_ratio,
@@ -796,8 +798,7 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
             Ok(())
         },
         |x| {
-            let mut p = RouterPolicy::new(router.clone());
-            let (l, _) = backbone.forward_controlled(x, &mut p, Mode::Greedy, &mut rng)?;
+            let (l, _) = backbone.forward_controlled(x, &mut policy, Mode::Greedy, &mut rng)?;
             let _ = l.into_data();
             Ok(())
         },
