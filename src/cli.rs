@@ -215,7 +215,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train { experiment, mut set, out, resume, stop_after_epoch, device } => {
             with_device_override(&mut set, device.as_deref())?;
             let (exp, layered) = Experiment::load(&experiment, &set)?;
-            let opts = TrainOptions { out, resume, stop_after_epoch, base_dir: cwd };
+            let opts = TrainOptions { out, resume, stop_after_epoch, base_dir: cwd.clone() };
             let summary = supervised::train(&exp, &layered, &opts)?;
             if let Some(m) = summary.history.last() {
                 println!(
@@ -226,6 +226,18 @@ pub fn run(cli: Cli) -> Result<()> {
                     100.0 * summary.best_top1,
                     summary.run_dir.display()
                 );
+            }
+            if let (Some(o), false) = (summary.outcome, summary.interrupted) {
+                let run = summary.run_dir.strip_prefix(&cwd).unwrap_or(&summary.run_dir);
+                println!(
+                    "{}: backbone top-1 {:.2}%, pruned top-1 {:.2}% at FLOPs ratio {:.3} ({:.2}× fewer MACs in the pruned layers)",
+                    exp.name,
+                    100.0 * o.backbone_top1,
+                    100.0 * o.top1,
+                    o.flops_ratio,
+                    1.0 / o.flops_ratio.max(1e-12)
+                );
+                println!("measure its speed against the unpruned network: rlprune eval {}", run.display());
             }
             if summary.interrupted {
                 bail!("interrupted: run {} can be continued with --resume {}", summary.run_dir.display(), summary.run_dir.display());

@@ -346,6 +346,9 @@ pub struct RnpState {
     /// absent in states written before it was kept, which then restart from `compute_penalty`.
     #[serde(default)]
     pub price: Option<f64>,
+    /// Test FLOPs ratio of what `checkpoints/best.safetensors` holds (absent in older states).
+    #[serde(default)]
+    pub best_flops: Option<f64>,
 }
 
 impl RnpState {
@@ -443,6 +446,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 finetune_optimizer_steps: 0,
                 best: None,
                 finetune_best: None,
+                best_flops: None,
                 unpruned_top1,
                 price: None,
             }
@@ -585,6 +589,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             best = ev.top1;
             save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;
             save_weights(&ck.join("router_best.safetensors"), &rt, "channel-router", epoch + 1, "router")?;
+            state.best_flops = Some(ev.flops_ratio);
         }
         state.rl_epochs = epoch + 1;
         state.step = learner.step;
@@ -689,6 +694,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 ft_best = ev.top1;
                 save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, tag, "model")?;
                 save_weights(&ck.join("router_best.safetensors"), &rt, "channel-router", tag, "router")?;
+                state.best_flops = Some(ev.flops_ratio);
             }
             state.finetune_epochs = epoch + 1;
             state.finetune_optimizer_steps = opt.steps;
@@ -740,7 +746,12 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         tb.flush()?;
     }
     tracing::info!("done in {:.1}s (backbone phase {:.1}s)", t_start.elapsed().as_secs_f64(), backbone_seconds);
-    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted })
+    let outcome = state.best_flops.map(|flops_ratio| crate::train::supervised::PruningOutcome {
+        backbone_top1: unpruned_top1,
+        top1: best,
+        flops_ratio,
+    });
+    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome })
 }
 
 /// `rlprune eval RUN_DIR` for an RNP run: greedy top-1, mean and per-layer FLOPs ratio, the

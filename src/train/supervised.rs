@@ -70,6 +70,17 @@ pub struct TrainSummary {
     pub history: Vec<EpochMetrics>,
     pub best_top1: f64,
     pub interrupted: bool,
+    /// For a run that prunes: what its best checkpoint gives against the backbone it started from.
+    pub outcome: Option<PruningOutcome>,
+}
+
+/// A pruned network's best checkpoint against its unpruned backbone, on the test split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PruningOutcome {
+    pub backbone_top1: f64,
+    pub top1: f64,
+    /// MACs of the pruned layers over their unpruned MACs.
+    pub flops_ratio: f64,
 }
 
 pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
@@ -393,7 +404,7 @@ where
         }
         tb.flush()?;
     }
-    Ok(TrainSummary { run_dir, epochs_done: state.epoch, history, best_top1: state.best_metric, interrupted })
+    Ok(TrainSummary { run_dir, epochs_done: state.epoch, history, best_top1: state.best_metric, interrupted, outcome: None })
 }
 
 fn finite_or_null(v: f64) -> serde_json::Value {
