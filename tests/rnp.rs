@@ -331,7 +331,9 @@ fn synthetic_batch(n: usize, seed: u64) -> rlprune::data::Batch {
     rlprune::data::Batch { images, labels, shape: [n, 1, 16, 16], indices: (0..n).collect() }
 }
 
-fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
+/// Per step of five: the sampled actions and the rewards, per decision and image.
+#[allow(clippy::type_complexity)]
+fn learner_rollouts(workers: usize, seed: u64) -> Vec<(Vec<Vec<usize>>, Vec<Vec<f32>>)> {
     use rlprune::backbones::AnyBackbone;
     use rlprune::controllers::ControllerConfig;
     use rlprune::rl::RlConfig;
@@ -347,7 +349,7 @@ fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
         .map(|s| {
             let r = l.step(&synthetic_batch(16, s), 1e-2, 1e-2).unwrap();
             assert!(r.stats.flops_ratio > 0.0 && r.stats.flops_ratio <= 1.0);
-            (r.stats.reward_mean, r.stats.reward_std)
+            (r.trajectory.actions, r.trajectory.rewards)
         })
         .collect()
 }
@@ -355,12 +357,17 @@ fn learner_rewards(workers: usize, seed: u64) -> Vec<(f64, f64)> {
 #[test]
 fn same_seed_and_workers_give_identical_rewards() {
     let _guard = lock();
-    let a = learner_rewards(2, 7);
-    let b = learner_rewards(2, 7);
+    // Every image's sampled action at every layer, and every reward, of five steps.
+    let a = learner_rollouts(2, 7);
+    let b = learner_rollouts(2, 7);
     assert_eq!(a, b);
-    let c = learner_rewards(1, 7);
-    let d = learner_rewards(1, 7);
+    let c = learner_rollouts(1, 7);
+    let d = learner_rollouts(1, 7);
     assert_eq!(c, d);
+    // The control: another seed samples other actions, so the equalities above are not
+    // those of a policy that ignores its random stream.
+    let other = learner_rollouts(2, 8);
+    assert_ne!(a.iter().map(|(acts, _)| acts).collect::<Vec<_>>(), other.iter().map(|(acts, _)| acts).collect::<Vec<_>>());
 }
 
 /// A small RNP experiment on synthetic data (phase 1 trains a tiny CNN for one epoch); `rl` is

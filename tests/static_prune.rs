@@ -35,6 +35,44 @@ fn mask(c: usize, kept: &[usize]) -> Tensor<Cpu, 4> {
     Tensor::from_data(TensorData::new(m, [1, c, 1, 1]), &Default::default())
 }
 
+/// The `keep` filters of largest Σ|w| (ties to the lower index), ascending: computed here from
+/// the raw weights, independently of `top_l1_filters`.
+fn by_hand_top_l1(weight: &Tensor<Cpu, 4>, keep: usize) -> Vec<usize> {
+    let [o, i, kh, kw] = weight.dims();
+    let w: Vec<f32> = weight.clone().into_data().to_vec().unwrap();
+    let per = i * kh * kw;
+    let l1: Vec<f64> = (0..o).map(|f| w[f * per..(f + 1) * per].iter().map(|v| v.abs() as f64).sum()).collect();
+    let mut kept: Vec<usize> = Vec::new();
+    for _ in 0..keep.min(o) {
+        let best = (0..o).filter(|f| !kept.contains(f)).fold(None, |b: Option<usize>, f| match b {
+            Some(b) if l1[b] >= l1[f] => Some(b),
+            _ => Some(f),
+        });
+        kept.extend(best);
+    }
+    kept.sort_unstable();
+    kept
+}
+
+#[test]
+fn top_l1_filters_ranks_by_the_l1_norm() {
+    let dev = Default::default();
+    // Filter 0: Σ|w| = 4, ‖w‖₂ = 2; filter 1: Σ|w| = 3, ‖w‖₂ = 3; filter 2: Σ|w| = 3.5 with a
+    // negative weight, ‖w‖₂ ≈ 2.69. By L1 the order is 0, 2, 1; by L2 it is 1, 2, 0.
+    let w = Tensor::<Cpu, 4>::from_data(
+        TensorData::new(vec![1.0f32, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0, 0.0, -2.5, 1.0, 0.0, 0.0], [3, 1, 2, 2]),
+        &dev,
+    );
+    assert_eq!(top_l1_filters(&w, 1), vec![0]);
+    assert_eq!(top_l1_filters(&w, 2), vec![0, 2]);
+    assert_eq!(top_l1_filters(&w, 3), vec![0, 1, 2]);
+    // Random filters of several shapes against the count by hand.
+    for (shape, keep) in [([8, 3, 3, 3], 3), ([16, 8, 1, 1], 9), ([5, 2, 3, 3], 5)] {
+        let w = Tensor::<Cpu, 4>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+        assert_eq!(top_l1_filters(&w, keep), by_hand_top_l1(&w, keep), "{shape:?}, keep {keep}");
+    }
+}
+
 fn max_abs_diff(a: Tensor<Cpu, 2>, b: Tensor<Cpu, 2>) -> f32 {
     (a - b).abs().max().into_scalar()
 }
@@ -48,7 +86,7 @@ fn pruned_small_cnn_equals_masked_full_network() {
     m.features.iter_mut().for_each(|l| randomize_bn(&mut l.bn));
     let keep = [5, 7, 9, 3];
     let kept: Vec<Vec<usize>> =
-        m.features.iter().zip(keep).map(|(l, k)| top_l1_filters(&l.conv.weight.val(), k)).collect();
+        m.features.iter().zip(keep).map(|(l, k)| by_hand_top_l1(&l.conv.weight.val(), k)).collect();
     let x = Tensor::<Cpu, 4>::random([6, 1, 16, 16], Distribution::Normal(0.0, 1.0), &dev);
     // Reference: the full network with the pruned channels zeroed after ReLU.
     let mut h = x.clone();
@@ -110,7 +148,7 @@ fn pruned_resnets_equal_masked_full_networks() {
             h = max_pool2d(h, [3, 3], [2, 2], [1, 1], [1, 1], false);
         }
         for (b, &k) in m.layers.iter().flatten().zip(&keep) {
-            let kept = top_l1_filters(&b.conv1.weight.val(), k);
+            let kept = by_hand_top_l1(&b.conv1.weight.val(), k);
             let inner = relu(b.bn1.forward(b.conv1.forward(h.clone()))) * mask(b.conv1.out_channels(), &kept);
             h = relu(b.bn2.forward(b.conv2.forward(inner)) + b.shortcut(h, false));
         }
