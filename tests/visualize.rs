@@ -93,8 +93,25 @@ fn fixture_model_toml_pngs_grey_exactly_the_dropped_patches() {
     let map = keep_map(&model, x).unwrap();
     assert_eq!(map.grid, [14, 14]);
     assert_eq!(map.stages.iter().map(|s| s[0].len()).collect::<Vec<_>>(), vec![137, 96, 67]);
+    // The kept patches come from the reference's own run (the fixture's `keep_abs_s{i}`), not
+    // from the code that drew the pictures; the keep map agrees with them as sets.
+    let reference: Vec<rlprune::nn::params::HostTensor> =
+        (0..3).map(|s| read_tensor(&fx.join("output.safetensors"), &format!("keep_abs_s{s}")).unwrap()).collect();
     for (i, f) in files.iter().enumerate() {
-        let kept: Vec<Vec<usize>> = map.stages.iter().map(|s| s[i].clone()).collect();
+        let kept: Vec<Vec<usize>> = reference
+            .iter()
+            .map(|t| {
+                let k = t.shape[1];
+                let mut row: Vec<usize> = t.data[i * k..(i + 1) * k].iter().map(|&v| v as usize).collect();
+                row.sort_unstable();
+                row
+            })
+            .collect();
+        for (s, want) in kept.iter().enumerate() {
+            let mut got = map.stages[s][i].clone();
+            got.sort_unstable();
+            assert_eq!(&got, want, "image {i}, stage {s}: keep map against the reference");
+        }
         // 112×112 images: default scale 2.
         check_png(f, [112, 112], map.grid, &kept, 2);
     }
