@@ -17,17 +17,10 @@ use burn::tensor::backend::AutodiffBackend;
 use rlprune::device::DeviceSpec;
 use rlprune::{Cpu, ModelBackend};
 
+mod common;
+
 fn fixture_dir(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let base = std::env::var("RLPRUNE_PARITY_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        [root.join("../shared/parity"), root.join("../../shared/parity")]
-            .into_iter()
-            .find(|p| p.exists())
-            .expect("parity fixtures not found (set RLPRUNE_PARITY_DIR)")
-    });
-    let d = base.join(name);
-    assert!(d.exists(), "fixture {} not found", d.display());
-    d
+    common::parity_fixture(name)
 }
 
 fn config(dir: &Path) -> serde_json::Value {

@@ -13,6 +13,8 @@ use rlprune::import::{
 };
 use rlprune::nn::params::{HostTensor, StateDict};
 
+mod common;
+
 struct Fixtures {
     dir: PathBuf,
     /// What the malicious pickles would create if anything executed them.
@@ -451,22 +453,8 @@ fn failed_write_leaves_the_old_file_intact() {
 
 // --------------------------------------------------------------------------- parity fixture
 
-/// `shared/parity/<name>`: `$RLPRUNE_SHARED`, else the first `shared` folder above the crate
-/// (`../shared` from the main checkout, `../../shared` from a worktree under `wt/`).
 fn parity_dir(name: &str) -> PathBuf {
-    let roots: Vec<PathBuf> = match std::env::var_os("RLPRUNE_SHARED") {
-        Some(s) => vec![PathBuf::from(s)],
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .ancestors()
-            .skip(1)
-            .map(|a| a.join("shared"))
-            .collect(),
-    };
-    roots
-        .iter()
-        .map(|r| r.join("parity").join(name))
-        .find(|p| p.is_dir())
-        .unwrap_or_else(|| panic!("parity fixture {name} not found under any of {roots:?}"))
+    common::parity_fixture(name)
 }
 
 #[test]

@@ -2,28 +2,17 @@
 //! built from its `config.json` `args`, loads the reference `state_dict` strictly and must
 //! reproduce the reference logits in eval mode (the inner, non-autodiff backend).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use burn::module::Module;
 use rlprune::backbones::{infer, AnyBackbone, Backbone, ModelSpec};
 use rlprune::import::{read_safetensors, read_tensor};
 use rlprune::nn::params::{load_strict, HostTensor};
 
+mod common;
+
 const MAX_ABS: f64 = 1e-4;
 const REL_L2: f64 = 1e-5;
-
-/// `../shared/parity` next to the checkout (`../../shared` from a worktree under `wt/`), or
-/// `$RLPRUNE_PARITY_DIR`. Missing fixtures fail the tests rather than skip them.
-fn parity_root() -> PathBuf {
-    if let Ok(d) = std::env::var("RLPRUNE_PARITY_DIR") {
-        return PathBuf::from(d);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    [root.join("../shared/parity"), root.join("../../shared/parity")]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("parity fixtures not found next to {} (set RLPRUNE_PARITY_DIR)", root.display()))
-}
 
 struct Fixture {
     dir: PathBuf,
@@ -42,15 +31,14 @@ fn family(constructor: &str) -> &'static str {
     }
 }
 
-fn fixture(name: &str) -> Option<Fixture> {
-    let dir = parity_root().join(name);
-    assert!(dir.exists(), "fixture {} not found", dir.display());
+fn fixture(name: &str) -> Fixture {
+    let dir = common::parity_fixture(name);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let fam = family(config["constructor"].as_str().unwrap());
     let spec = ModelSpec::from_args(fam, &config["args"]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let num_params = config["num_params"].as_u64().unwrap();
-    Some(Fixture { dir, spec, num_params })
+    Fixture { dir, spec, num_params }
 }
 
 /// (max abs error, relative L2 error) of `got` against `want`.
@@ -81,7 +69,7 @@ fn check(name: &str) {
 }
 
 fn check_on<B: rlprune::ModelBackend>(name: &str, device: &B::Device) {
-    let Some(fx) = fixture(name) else { return };
+    let fx = fixture(name);
     let model: AnyBackbone<B> = fx.spec.build(device).unwrap();
     assert_eq!(model.num_params() as u64, fx.num_params, "{name}: parameter count");
     assert_eq!(fx.spec.cost_native().params(), fx.num_params, "{name}: analytic parameter count");
@@ -119,7 +107,7 @@ fn hornet_gf() {
 #[test]
 fn infer_writes_reference_logits() {
     let name = "hornet_gf_seed0";
-    let Some(fx) = fixture(name) else { return };
+    let fx = fixture(name);
     let tmp = tempfile::tempdir().unwrap();
     let toml_path = tmp.path().join("model.toml");
     std::fs::write(&toml_path, fx.spec.to_toml_string()).unwrap();
@@ -135,8 +123,8 @@ fn infer_writes_reference_logits() {
 
 #[test]
 fn infer_rejects_wrong_weights() {
-    let Some(fx) = fixture("gfnet_iso_seed0") else { return };
-    let Some(other) = fixture("gfnet_h_seed0") else { return };
+    let fx = fixture("gfnet_iso_seed0");
+    let other = fixture("gfnet_h_seed0");
     let tmp = tempfile::tempdir().unwrap();
     let toml_path = tmp.path().join("model.toml");
     std::fs::write(&toml_path, fx.spec.to_toml_string()).unwrap();

@@ -15,9 +15,7 @@ mod common;
 use common::{rlprune, ok, failed};
 
 fn fixture() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/parity/dynamicvit_deit_tiny_r0.7_seed0");
-    assert!(d.exists(), "fixture {} not found", d.display());
-    d
+    common::parity_fixture("dynamicvit_deit_tiny_r0.7_seed0")
 }
 
 /// Checks one written PNG against the kept cells per stage: size, the first panel equal to the

@@ -122,3 +122,28 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// The folder of the reference fixtures: `$RLPRUNE_PARITY_DIR` if set, else the first
+/// `shared/parity` above the crate (`../shared` next to a checkout, `../../shared` from a
+/// worktree under `wt/`). Missing fixtures fail the test that needs them, naming where they
+/// were looked for; nothing skips.
+pub fn parity_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("RLPRUNE_PARITY_DIR") {
+        let d = PathBuf::from(d);
+        assert!(d.is_dir(), "RLPRUNE_PARITY_DIR={} is not a folder", d.display());
+        return d;
+    }
+    let candidates: Vec<PathBuf> = repo_root().ancestors().skip(1).map(|a| a.join("shared").join("parity")).collect();
+    candidates
+        .iter()
+        .find(|p| p.is_dir())
+        .cloned()
+        .unwrap_or_else(|| panic!("parity fixtures not found in any of {candidates:?} (set RLPRUNE_PARITY_DIR)"))
+}
+
+/// The fixture `name` under [`parity_root`]; a missing one fails the test.
+pub fn parity_fixture(name: &str) -> PathBuf {
+    let d = parity_root().join(name);
+    assert!(d.is_dir(), "parity fixture {} not found", d.display());
+    d
+}
