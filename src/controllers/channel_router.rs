@@ -293,10 +293,6 @@ impl<B: LinearBackend> RouterPolicy<B> {
         let host = (!B::ad_enabled(&device)).then(|| HostRouter::of(&router)).flatten().map(|r| (r, HostState::default()));
         Self { router, rule, state: None, host }
     }
-
-    pub fn router(&self) -> &ChannelRouter<B> {
-        &self.router
-    }
 }
 
 /// A Linear's weight, transposed to `[in, out]`, and its bias, read back once.

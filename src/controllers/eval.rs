@@ -29,6 +29,30 @@ pub fn example_images(loader: &Loader) -> Result<Tensor<Cpu, 4>> {
     images(loader, LATENCY_BATCHES[LATENCY_BATCHES.len() - 1])
 }
 
+/// `warmup` untimed pairs, then `repeats` pairs of `a` then `b`, each call timed: the two sides
+/// alternate call by call, so a load change on a shared machine hits both alike. Seconds per call.
+fn time_alternately(
+    warmup: usize,
+    repeats: usize,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut ta, mut tb) = (Vec::with_capacity(repeats), Vec::with_capacity(repeats));
+    for i in 0..warmup + repeats {
+        let t = Instant::now();
+        a()?;
+        let da = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        b()?;
+        let db = t.elapsed().as_secs_f64();
+        if i >= warmup {
+            ta.push(da);
+            tb.push(db);
+        }
+    }
+    Ok((ta, tb))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
@@ -55,17 +79,7 @@ pub fn latency_against_unpruned(
         };
         debug_assert_eq!(x.dims(), [b, c, h, w]);
         let reps = if b == 1 { 40 } else { 8 };
-        unpruned(x.clone())?;
-        pruned(x.clone())?;
-        let (mut tu, mut tp) = (Vec::with_capacity(reps), Vec::with_capacity(reps));
-        for _ in 0..reps {
-            let t = Instant::now();
-            unpruned(x.clone())?;
-            tu.push(t.elapsed().as_secs_f64());
-            let t = Instant::now();
-            pruned(x.clone())?;
-            tp.push(t.elapsed().as_secs_f64());
-        }
+        let (tu, tp) = time_alternately(1, reps, || unpruned(x.clone()), || pruned(x.clone()))?;
         let (u, p) = (median(tu), median(tp));
         let speedup = u / p;
         out.insert(
@@ -249,20 +263,20 @@ pub fn routing_overhead(
     );
     let gap = (dense_logits - routed_logits).abs().max().into_scalar();
     anyhow::ensure!(gap < 1e-3, "the routed forward keeping every group differs from the dense one by {gap}");
-    let (mut dense, mut routed) = (Vec::with_capacity(repeats), Vec::with_capacity(repeats));
-    for i in 0..warmup + repeats {
-        let t = Instant::now();
-        let _ = model.forward(x.clone()).into_data();
-        let d = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let (logits, _) = model.forward_controlled(x.clone(), &mut policy, Mode::Greedy, &mut rng)?;
-        let _ = logits.into_data();
-        let r = t.elapsed().as_secs_f64();
-        if i >= warmup {
-            dense.push(d * 1e3);
-            routed.push(r * 1e3);
-        }
-    }
+    let (dense, routed) = time_alternately(
+        warmup,
+        repeats,
+        || {
+            let _ = model.forward(x.clone()).into_data();
+            Ok(())
+        },
+        || {
+            let (logits, _) = model.forward_controlled(x.clone(), &mut policy, Mode::Greedy, &mut rng)?;
+            let _ = logits.into_data();
+            Ok(())
+        },
+    )?;
+    let (dense, routed): (Vec<f64>, Vec<f64>) = (dense.iter().map(|s| s * 1e3).collect(), routed.iter().map(|s| s * 1e3).collect());
     let pairs: Vec<f64> = dense.iter().zip(&routed).map(|(d, r)| d / r).collect();
     let (dense_ms, routed_ms) = (crate::metrics::bench::Stats::of(&dense), crate::metrics::bench::Stats::of(&routed));
     Ok(RoutingOverhead {
