@@ -20,7 +20,9 @@ Standard library only.
 import argparse
 import gzip
 import hashlib
+import json
 import os
+import re
 import struct
 import sys
 
@@ -86,6 +88,12 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
+    manifest = {
+        "description": "Fashion-MNIST subset: per split, the first `quota` images of each class in "
+        "file order. `source_sha256`: decompressed contents of the official files it was drawn from; "
+        "`indices`: positions in those files; `sha256`: decompressed contents of the shipped files.",
+        "splits": {},
+    }
     for prefix, quota in QUOTA.items():
         rows, cols, images = read_images(find(args.source, f"{prefix}-images-idx3-ubyte"))
         labels = read_labels(find(args.source, f"{prefix}-labels-idx1-ubyte"))
@@ -102,12 +110,26 @@ def main():
         n = len(keep)
         img_payload = struct.pack(">IIII", IMAGES_MAGIC, n, rows, cols) + b"".join(images[i] for i in keep)
         lbl_payload = struct.pack(">II", LABELS_MAGIC, n) + bytes(labels[i] for i in keep)
+        entry = {"quota_per_class": quota, "source_len": len(labels), "source_sha256": {}, "sha256": {}}
         for stem, payload in ((f"{prefix}-images-idx3-ubyte", img_payload), (f"{prefix}-labels-idx1-ubyte", lbl_payload)):
             out = os.path.join(args.out, stem + ".gz")
             digest = write_gz(out, payload)
             content = hashlib.sha256(payload).hexdigest()
+            entry["source_sha256"][stem] = hashlib.sha256(read_maybe_gz(find(args.source, stem))).hexdigest()
+            entry["sha256"][stem] = content
             print(f"{out}: {n} entries, sha256 {digest}, contents sha256 {content}")
+        entry["indices"] = keep
+        manifest["splits"][prefix] = entry
         print(f"{prefix}: kept {n} images; last index kept {keep[-1]} of {len(labels)}")
+
+    path = os.path.join(args.out, "manifest.json")
+    with open(path + ".tmp", "w") as f:
+        text = json.dumps(manifest, indent=1)
+        # Index lists on one line each: the manifest stays readable and diffs stay small.
+        text = re.sub(r"\[\s*([0-9,\s]+?)\s*\]", lambda m: "[" + ",".join(m.group(1).split()).replace(",,", ",") + "]", text)
+        f.write(text + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"{path}: written")
 
 
 if __name__ == "__main__":
