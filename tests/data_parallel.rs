@@ -161,35 +161,66 @@ schedule = { kind = "constant" }
 tensorboard = false
 "#;
 
-fn train_weights(dir: &std::path::Path, extra: &str) -> (rlprune::train::supervised::TrainSummary, rlprune::nn::params::StateDict) {
-    let exp_path = dir.join(format!("exp{}.toml", extra.len()));
-    std::fs::write(&exp_path, format!("{extra}\n{GFNET_SYNTH}")).unwrap();
+fn train_weights(dir: &std::path::Path, tag: &str, toml: &str) -> (rlprune::train::supervised::TrainSummary, rlprune::nn::params::StateDict) {
+    let exp_path = dir.join(format!("{tag}.toml"));
+    std::fs::write(&exp_path, toml).unwrap();
     let (exp, layered) = rlprune::experiment::Experiment::load(&exp_path, &[]).unwrap();
-    let out = dir.join(format!("run{}", extra.len()));
+    let out = dir.join(tag);
     let opts = rlprune::train::supervised::TrainOptions { out: Some(out.clone()), base_dir: dir.to_path_buf(), ..Default::default() };
     let summary = rlprune::train::supervised::train(&exp, &layered, &opts).unwrap();
     let weights = rlprune::import::read_safetensors(&out.join("checkpoints").join("last.safetensors")).unwrap();
     (summary, weights)
 }
 
+fn max_weight_diff(a: &rlprune::nn::params::StateDict, b: &rlprune::nn::params::StateDict) -> f32 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    let mut diff = 0f32;
+    for (k, t) in a {
+        for (u, v) in t.data.iter().zip(&b[k].data) {
+            diff = diff.max((u - v).abs());
+        }
+    }
+    diff
+}
+
+const TWO_PEERS: &str = "devices = [\"cpu\", \"cpu\"]";
+
 /// The trainer with `devices = ["cpu", "cpu"]` (8 steps of SGD with momentum, 2 peers with 8
 /// images each) ends with the same weights and loss as the single-device trainer.
 #[test]
 fn data_parallel_trainer_matches_single_device() {
+    use rlprune::train::data_parallel::PeerWork;
     let _rng = common::rng_lock();
     let tmp = tempfile::tempdir().unwrap();
-    let (single, w1) = train_weights(tmp.path(), "");
-    let (dp, w2) = train_weights(tmp.path(), "devices = [\"cpu\", \"cpu\"]");
-    assert_eq!(w1.keys().collect::<Vec<_>>(), w2.keys().collect::<Vec<_>>());
-    let mut diff = 0f32;
-    for (k, a) in &w1 {
-        for (u, v) in a.data.iter().zip(&w2[k].data) {
-            diff = diff.max((u - v).abs());
-        }
-    }
+    let (single, w1) = train_weights(tmp.path(), "single", GFNET_SYNTH);
+    let (dp, w2) = train_weights(tmp.path(), "two", &format!("{TWO_PEERS}\n{GFNET_SYNTH}"));
+    // Both peers ran every step on their half of each batch of 16 (128 images, 8 steps).
+    assert_eq!(single.peers, vec![]);
+    assert_eq!(dp.peers, vec![PeerWork { rank: 0, steps: 8, images: 64 }, PeerWork { rank: 1, steps: 8, images: 64 }]);
+    let diff = max_weight_diff(&w1, &w2);
     let (l1, l2) = (single.history[0].train_loss, dp.history[0].train_loss);
     println!("trainer: max weight difference {diff:.3e}; train loss {l1:.6} vs {l2:.6}");
     assert!(diff <= 1e-4, "weights differ by {diff:.3e}");
     assert!((l1 - l2).abs() <= 1e-4, "train loss {l1} vs {l2}");
     assert_eq!(single.history[0].train_top1, dp.history[0].train_top1);
+}
+
+/// Control for the test above: with BatchNorm, each peer normalises its own shard, so two peers
+/// must not reproduce one device. If they did, the "two peers" run would be one device in
+/// disguise.
+#[test]
+fn data_parallel_trainer_differs_from_single_device_with_batchnorm() {
+    let _rng = common::rng_lock();
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn = GFNET_SYNTH.replace(
+        "arch = \"gfnet-ti\"\npatch_size = 4\nembed_dim = 16\ndepth = 2\ndrop_path_rate = 0.0",
+        "arch = \"small-cnn\"\nchannels = [4, 4, 8, 8]",
+    );
+    assert_ne!(cnn, GFNET_SYNTH);
+    let (_, w1) = train_weights(tmp.path(), "single", &cnn);
+    let (dp, w2) = train_weights(tmp.path(), "two", &format!("{TWO_PEERS}\n{cnn}"));
+    assert_eq!(dp.peers.len(), 2);
+    let diff = max_weight_diff(&w1, &w2);
+    println!("small-cnn trainer: max weight difference {diff:.3e} (BatchNorm statistics per shard)");
+    assert!(diff > 1e-3, "a BatchNorm backbone on two peers should differ from one device, max diff {diff:.3e}");
 }

@@ -638,7 +638,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
         tb.flush()?;
     }
     tracing::info!("done in {:.1}s", t_start.elapsed().as_secs_f64());
-    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome: None })
+    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome: None, peers: Vec::new() })
 }
 
 /// Phase 2 of a fresh static-l1 run: the allocation (uniform or from a sensitivity scan) and

@@ -386,7 +386,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
         let s = supervised::train_on::<Ad>(&teacher_exp, layered, &sup, &device)?;
         if s.interrupted {
-            return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true, outcome: None });
+            return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true, outcome: None, peers: Vec::new() });
         }
         let file = checkpoint::dir(&sub).join("last.safetensors");
         let skeleton = build_backbone::<Cpu>(&teacher_exp, layered, &ctx, base, &Default::default())?;
@@ -651,7 +651,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         last_eval.flops_ratio,
         last_eval.keep_ratios
     );
-    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome: None })
+    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome: None, peers: Vec::new() })
 }
 
 /// Reads a run's `dynamicvit.json`.

@@ -751,7 +751,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         top1: best,
         flops_ratio,
     });
-    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome })
+    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome, peers: Vec::new() })
 }
 
 /// `rlprune eval RUN_DIR` for an RNP run: greedy top-1, mean and per-layer FLOPs ratio, the

@@ -145,7 +145,16 @@ struct Job {
 }
 
 /// What a worker answers: its shard's summed loss and correct count.
-type JobResult = Result<(f64, usize)>;
+/// A worker's answer: its shard's summed loss, correct predictions, and number of images.
+type JobResult = Result<(f64, usize, usize)>;
+
+/// What one peer of a data-parallel run computed: how many steps, how many images in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerWork {
+    pub rank: usize,
+    pub steps: u64,
+    pub images: usize,
+}
 
 /// Peer 0's handle on one worker thread: its job queue, its answers, and the thread.
 type Worker = (Sender<Job>, Receiver<JobResult>, JoinHandle<Result<()>>);
@@ -155,6 +164,7 @@ type Worker = (Sender<Job>, Receiver<JobResult>, JoinHandle<Result<()>>);
 pub struct Replicas<B: AutodiffBackend> {
     peer0: Peer<B>,
     workers: Vec<Worker>,
+    work: Vec<PeerWork>,
     _group: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -207,7 +217,8 @@ impl<B: AutodiffBackend> Replicas<B> {
         }
         let peer0 = Peer::<B> { rank: 0, num_peers, device: devices[0].clone() };
         peer0.register()?;
-        Ok(Self { peer0, workers, _group: group })
+        let work = (0..num_peers).map(|rank| PeerWork { rank, steps: 0, images: 0 }).collect();
+        Ok(Self { peer0, workers, work, _group: group })
     }
 
     pub fn num_peers(&self) -> usize {
@@ -240,11 +251,15 @@ impl<B: AutodiffBackend> Replicas<B> {
             }
         };
         let (mut loss_sum, mut correct) = (loss0 * own.len() as f64, correct0);
+        self.work[0].steps += 1;
+        self.work[0].images += own.len();
         for rank in 1..self.num_peers() {
             match self.workers[rank - 1].1.recv() {
-                Ok(Ok((l, c))) => {
+                Ok(Ok((l, c, images))) => {
                     loss_sum += l;
                     correct += c;
+                    self.work[rank].steps += 1;
+                    self.work[rank].images += images;
                 }
                 Ok(Err(e)) => return Err(e.context(format!("data-parallel peer {rank}"))),
                 Err(_) => return Err(worker_stopped(rank)),
@@ -253,8 +268,8 @@ impl<B: AutodiffBackend> Replicas<B> {
         Ok((model, loss_sum / n.max(1) as f64, correct))
     }
 
-    /// Stops the workers and leaves the collective.
-    pub fn finish(mut self) -> Result<()> {
+    /// Stops the workers and leaves the collective; returns what each peer computed.
+    pub fn finish(mut self) -> Result<Vec<PeerWork>> {
         let workers = std::mem::take(&mut self.workers);
         let mut first_err = None;
         for (tx, _, handle) in workers {
@@ -273,7 +288,7 @@ impl<B: AutodiffBackend> Replicas<B> {
         let r = self.peer0.finish();
         match first_err {
             Some(e) => Err(e),
-            None => r,
+            None => r.map(|()| std::mem::take(&mut self.work)),
         }
     }
 }
@@ -290,7 +305,7 @@ where
         match step(model, &mut optim, &job.shard, job.lr, &peer.device, &sync) {
             Ok((m, loss, correct)) => {
                 model = m;
-                if results.send(Ok((loss * job.shard.len() as f64, correct))).is_err() {
+                if results.send(Ok((loss * job.shard.len() as f64, correct, job.shard.len()))).is_err() {
                     break;
                 }
             }

@@ -72,6 +72,8 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// For a run that prunes: what its best checkpoint gives against the backbone it started from.
     pub outcome: Option<PruningOutcome>,
+    /// For a data-parallel run: what each peer computed (steps and images), in rank order.
+    pub peers: Vec<crate::train::data_parallel::PeerWork>,
 }
 
 /// A pruned network's best checkpoint against its unpruned backbone, on the test split.
@@ -382,8 +384,12 @@ where
         }
     }
 
-    if let Some(r) = replicas {
-        r.finish()?;
+    let peers = match replicas {
+        Some(r) => r.finish()?,
+        None => Vec::new(),
+    };
+    for p in &peers {
+        tracing::info!("data-parallel peer {}: {} steps, {} images", p.rank, p.steps, p.images);
     }
     if let Some(tb) = tb.as_mut() {
         if state.epoch == exp.train.epochs {
@@ -404,7 +410,7 @@ where
         }
         tb.flush()?;
     }
-    Ok(TrainSummary { run_dir, epochs_done: state.epoch, history, best_top1: state.best_metric, interrupted, outcome: None })
+    Ok(TrainSummary { run_dir, epochs_done: state.epoch, history, best_top1: state.best_metric, interrupted, outcome: None, peers })
 }
 
 fn finite_or_null(v: f64) -> serde_json::Value {
