@@ -91,6 +91,37 @@ fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
     let metrics = std::fs::read_to_string(pg.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"student_epoch\":1"), "{metrics}");
 
+    // Gumbel training for 8 student epochs (the backbone at the predictors' rate) from the same
+    // teacher and the same predictor initialisation: the student's loss (cross-entropy,
+    // distillation, keep ratio) falls, and the predictors end elsewhere than after one epoch
+    // (were they never updated, both runs would hold their initial weights).
+    let long = dir.path().join("gumbel8");
+    ok(&rlprune(
+        &[
+            "train", exp_s, "--set", "controller.epochs=8", "--set", "controller.lr=3e-3", "--set", "controller.lr_scale=1",
+            "--set", &teacher, "--out", long.to_str().unwrap(),
+        ],
+        dir.path(),
+    ));
+    let losses: Vec<f64> = std::fs::read_to_string(long.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|l| l.get("student_epoch").map(|_| l["train_loss"].as_f64().unwrap()))
+        .collect();
+    println!("gumbel student losses: {losses:?}");
+    assert_eq!(losses.len(), 8);
+    let late = losses[5..].iter().sum::<f64>() / 3.0;
+    assert!(late < 0.93 * losses[0], "the student's loss did not fall: {losses:?}");
+    let one = read_safetensors(&ck.join("last.safetensors")).unwrap();
+    let eight = read_safetensors(&long.join("checkpoints/last.safetensors")).unwrap();
+    let predictors: Vec<&String> = one.keys().filter(|k| k.starts_with("score_predictor.")).collect();
+    assert!(!predictors.is_empty());
+    for k in predictors {
+        let moved = one[k].data.iter().zip(&eight[k].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(moved > 1e-6, "{k}: the predictors did not move (max change {moved:.2e})");
+    }
+
     // PPO on two rollout workers: the same seed and worker count give the same student.
     let ppo: Vec<_> = ["ppo_a", "ppo_b"]
         .iter()

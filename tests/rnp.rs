@@ -402,8 +402,9 @@ histograms = false
 }
 
 /// `rl.finetune_epochs`: after router training, the backbone is fine-tuned under the frozen
-/// router. The router phase is deterministic (seed, one worker), so a run with one fine-tuning
-/// epoch repeats the run without it and then changes the backbone's weights.
+/// router. The router phase is deterministic (seed, one worker), so a run with three fine-tuning
+/// epochs repeats the run without them, then lowers the training loss and changes the backbone's
+/// weights while the router stays bit for bit what the router phase left.
 #[test]
 fn finetune_phase_trains_the_backbone_after_the_router() {
     use std::process::Command;
@@ -411,12 +412,13 @@ fn finetune_phase_trains_the_backbone_after_the_router() {
     let exp = dir.path().join("rnp.toml");
     std::fs::write(
         &exp,
-        rnp_experiment("rnp-ft", 5, 128, "epochs = 1\nworkers = 1\nfinetune_lr = 0.05"),
+        // Four classes and 8 steps per epoch: enough for the fine-tuning loss to fall clearly.
+        rnp_experiment("rnp-ft", 5, 256, "epochs = 1\nworkers = 1\nfinetune_lr = 0.05"),
     )
     .unwrap();
     let run = |ft: usize, out: &str| {
         let o = Command::new(env!("CARGO_BIN_EXE_rlprune"))
-            .args(["train", "rnp.toml", "--out", out, "--set", &format!("rl.finetune_epochs={ft}")])
+            .args(["train", "rnp.toml", "--out", out, "--set", "data.classes=4", "--set", &format!("rl.finetune_epochs={ft}")])
             .current_dir(dir.path())
             .output()
             .unwrap();
@@ -427,13 +429,28 @@ fn finetune_phase_trains_the_backbone_after_the_router() {
         (lines, weights)
     };
     let (plain, w_plain) = run(0, "plain");
-    let (ft, w_ft) = run(1, "ft");
+    let (ft, w_ft) = run(3, "ft");
     let rl_line = |v: &[serde_json::Value]| v.iter().find(|l| l.get("rl_epoch").is_some()).cloned().unwrap();
     assert_eq!(rl_line(&plain)["reward_mean"], rl_line(&ft)["reward_mean"], "the router phase must be the same");
     assert!(plain.iter().all(|l| l.get("finetune_epoch").is_none()));
-    let line = ft.iter().find(|l| l.get("finetune_epoch").is_some()).expect("a fine-tuning epoch in metrics.jsonl");
-    assert!(line["train_loss"].as_f64().unwrap().is_finite());
-    assert!((0.0..=1.0).contains(&line["test_flops_ratio"].as_f64().unwrap()));
+    let lines: Vec<&serde_json::Value> = ft.iter().filter(|l| l.get("finetune_epoch").is_some()).collect();
+    assert_eq!(lines.len(), 3, "three fine-tuning epochs in metrics.jsonl");
+    let losses: Vec<f64> = lines.iter().map(|l| l["train_loss"].as_f64().unwrap()).collect();
+    println!("fine-tuning losses {losses:?}");
+    assert!(losses[2] < 0.5 * losses[0], "fine-tuning did not lower the loss: {losses:?}");
+    assert!((0.0..=1.0).contains(&lines[2]["test_flops_ratio"].as_f64().unwrap()));
+    // The router after the router phase (the run without fine-tuning) is the router the
+    // fine-tuned run keeps and pairs with its best backbone.
+    let ck = |run: &str, file: &str| rlprune::import::read_safetensors(&dir.path().join(run).join("checkpoints").join(file)).unwrap();
+    let router = ck("plain", "router.safetensors");
+    for file in ["router.safetensors", "router_best.safetensors"] {
+        let after = ck("ft", file);
+        assert_eq!(router.keys().collect::<Vec<_>>(), after.keys().collect::<Vec<_>>());
+        for (k, t) in &router {
+            let same = t.data.iter().zip(&after[k].data).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "ft/{file} {k}: the router changed during fine-tuning");
+        }
+    }
     let changed = w_plain
         .iter()
         .filter(|(k, a)| a.data.iter().zip(&w_ft[k.as_str()].data).any(|(x, y)| (x - y).abs() > 1e-6))
