@@ -1,4 +1,5 @@
-//! Reference-weight import: PyTorch zip checkpoints (written from the format by
+//! Reference-weight import: real `torch.save` checkpoints of the parity fixtures, PyTorch zip
+//! checkpoints (written from the format by
 //! `tests/py/make_pth.py`, stdlib only), malicious pickles, broken files, safetensors round trips
 //! and the parity fixture.
 
@@ -524,4 +525,30 @@ fn parity_fixture_gfnet_iso_weights_match_config() {
     write_safetensors(&p, &sd, &[("arch".to_string(), "gfnet_iso".to_string())].into()).unwrap();
     assert_eq!(read_weights(&p).unwrap(), sd);
     assert_eq!(read_safetensors_metadata(&p).unwrap()["arch"], "gfnet_iso");
+}
+
+/// Checkpoints written by PyTorch's own `torch.save` (2.15, zip format): two bare state dicts and
+/// a DeiT training checkpoint (`{"model": ..., "epoch": ..., "args": ...}`). Each must load to
+/// exactly the tensors of the fixture's `weights.safetensors`, with the same dtypes.
+#[test]
+fn real_torch_save_checkpoints_load_bit_for_bit() {
+    for name in ["gfnet_iso_seed0", "hornet_gf_seed0", "tome_deit_tiny_r8_seed0"] {
+        let dir = parity_dir(name);
+        let (pth, pth_dtypes) = read_weights_with_dtypes(&dir.join("weights.pth")).unwrap();
+        let (st, st_dtypes) = read_weights_with_dtypes(&dir.join("weights.safetensors")).unwrap();
+        assert_eq!(pth.keys().collect::<Vec<_>>(), st.keys().collect::<Vec<_>>(), "{name}: keys");
+        assert_eq!(pth_dtypes, st_dtypes, "{name}: dtypes");
+        let mut values = 0usize;
+        for (k, want) in &st {
+            let got = &pth[k];
+            assert_eq!(got.shape, want.shape, "{name} {k}: shape");
+            let same = got.data.iter().zip(&want.data).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && got.data.len() == want.data.len(), "{name} {k}: values differ");
+            values += want.data.len();
+        }
+        println!("{name}: {} tensors, {values} values identical", st.len());
+        assert!(values > 10_000, "{name}: suspiciously small ({values} values)");
+        // The explicit reader agrees with the format-detecting one.
+        assert_eq!(read_pth(&dir.join("weights.pth")).unwrap(), pth);
+    }
 }
