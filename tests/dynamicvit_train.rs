@@ -76,6 +76,12 @@ fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
         e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents")
     }));
 
+    // The documented refusal: token-predictor runs cannot be resumed; the run stays untouched.
+    let before = common::snapshot(&gumbel);
+    let e = failed(&rlprune(&["train", exp_s, "--resume", gumbel.to_str().unwrap()], dir.path()));
+    assert!(e.contains("--resume is not supported for token-predictor runs"), "{e}");
+    assert_eq!(common::snapshot(&gumbel), before, "a refused resume must not touch the run");
+
     // The policy-gradient student from the first run's teacher (no phase 1).
     let pg = dir.path().join("pg");
     let teacher = format!("backbone.weights={}", ck.join("teacher.safetensors").display());

@@ -526,3 +526,37 @@ fn interrupted_rnp_run_resumes_exactly() {
     assert_eq!(phase1_epochs("cut"), phase1_epochs("full"));
     assert_eq!(results("full").len(), 4);
 }
+
+/// The documented refusal: a DQN run stopped inside its router epochs cannot be resumed (its
+/// replay buffer is not checkpointed). The error says so and the run is left as it was; once
+/// the router epochs are done, the fine-tuning phase resumes normally.
+#[test]
+fn dqn_resume_inside_router_epochs_is_refused_and_after_them_allowed() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rnp.toml"),
+        rnp_experiment("rnp-dqn", 3, 64, "algorithm = \"dqn\"\nepochs = 2\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05"),
+    )
+    .unwrap();
+    let train = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rlprune")).arg("train").arg("rnp.toml").args(args).current_dir(dir.path()).output().unwrap()
+    };
+    let snapshot = |run: &str| common::snapshot(&dir.path().join(run));
+
+    let o = train(&["--out", "inside", "--stop-after-epoch", "1"]);
+    assert!(!o.status.success(), "stopped after router epoch 1 of 2");
+    let before = snapshot("inside");
+    let o = train(&["--resume", "inside"]);
+    let err = common::failed(&o);
+    assert!(err.contains("--resume of a DQN run within its router epochs is not supported"), "{err}");
+    assert_eq!(snapshot("inside"), before, "a refused resume must not touch the run");
+
+    let o = train(&["--out", "after", "--stop-after-epoch", "3"]);
+    assert!(!o.status.success(), "stopped after both router epochs and fine-tuning epoch 1");
+    let o = train(&["--resume", "after"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("after/checkpoints/rnp_state.json")).unwrap()).unwrap();
+    assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(2), Some(2)));
+}

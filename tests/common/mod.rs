@@ -147,3 +147,23 @@ pub fn parity_fixture(name: &str) -> PathBuf {
     assert!(d.is_dir(), "parity fixture {} not found", d.display());
     d
 }
+
+/// Every file under `dir` with its bytes, sorted by path: to show that a refused command left a
+/// run directory exactly as it was.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
