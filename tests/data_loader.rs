@@ -11,16 +11,24 @@ use rlprune::data::transforms::{self, Transform};
 use rlprune::data::{Batch, DataConfig, Dataset, DatasetKind, Loader, Sample};
 
 /// `n` 1x2x3 images; image `i` holds the value `i / 1000` everywhere except pixel (0, 0, 0),
-/// which is 0. Labels are `i % 3`. Counts `get` calls; fails at `fail_at`.
+/// which is 0. Labels are `i % 3`. Counts `get` calls; fails at `fail_at`. For the prefetch
+/// test, each read also records how far ahead of the consumer (`taken` batches received) the
+/// batch it belongs to is, reads being numbered in order (one loader worker).
 struct Counting {
     n: usize,
     gets: AtomicUsize,
     fail_at: Option<usize>,
+    batch: usize,
+    taken: AtomicUsize,
+    max_lead: AtomicUsize,
 }
 
 impl Counting {
     fn new(n: usize) -> Arc<Self> {
-        Arc::new(Self { n, gets: AtomicUsize::new(0), fail_at: None })
+        Arc::new(Self::failing_at(n, None))
+    }
+    fn failing_at(n: usize, fail_at: Option<usize>) -> Self {
+        Self { n, gets: AtomicUsize::new(0), fail_at, batch: 1, taken: AtomicUsize::new(0), max_lead: AtomicUsize::new(0) }
     }
 }
 
@@ -29,7 +37,9 @@ impl Dataset for Counting {
         self.n
     }
     fn get(&self, index: usize) -> anyhow::Result<Sample> {
-        self.gets.fetch_add(1, Ordering::SeqCst);
+        let read = self.gets.fetch_add(1, Ordering::SeqCst);
+        let lead = (read / self.batch).saturating_sub(self.taken.load(Ordering::SeqCst));
+        self.max_lead.fetch_max(lead, Ordering::SeqCst);
         if Some(index) == self.fail_at {
             anyhow::bail!("counting: cannot read image {index}");
         }
@@ -148,25 +158,40 @@ fn order_and_augmentation_are_a_function_of_seed_epoch_train() {
     assert_eq!(collect(&ev, 0), collect(&ev, 5));
 }
 
+/// Waits until `ds` has served `reads` reads; fails (rather than hangs) if that never happens.
+fn await_reads(ds: &Counting, reads: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ds.gets.load(Ordering::SeqCst) < reads {
+        assert!(std::time::Instant::now() < deadline, "the producer stopped at {} reads, expected {reads}", ds.gets.load(Ordering::SeqCst));
+        std::thread::yield_now();
+    }
+}
+
+/// With one worker and `prefetch = 3`, after `t` batches are received the producer fills the
+/// channel (batches t..t+2) and builds batch t+3, then blocks. The consumer waits for exactly
+/// that before taking each batch (so the producer must run ahead), and every read records its
+/// batch's lead over the batches received: never more than prefetch + 1 (+1 for the moment
+/// between a receive and the count). No timing is involved.
 #[test]
 fn prefetch_runs_ahead_of_a_slow_consumer_but_stays_bounded() {
-    let ds = Counting::new(64);
-    let mut c = cfg(4);
-    c.prefetch = 3;
+    let (n, batch, prefetch) = (64, 4, 3);
+    let ds = Arc::new(Counting { batch, ..Counting::failing_at(n, None) });
+    let mut c = cfg(batch);
+    c.prefetch = prefetch;
+    c.workers = 1;
     let loader = Loader::new(ds.clone(), &c, true, 0);
     let mut it = loader.epoch(0);
-    let first = it.next().unwrap().unwrap();
-    assert_eq!(first.len(), 4);
-    std::thread::sleep(Duration::from_millis(300));
-    // One batch taken, `prefetch` waiting in the channel, one built and blocked on send.
-    let gets = ds.gets.load(Ordering::SeqCst);
-    assert!(gets >= 4 * 4, "the producer should have prepared batches ahead, got {gets} reads");
-    assert!(gets <= 4 * 5, "the producer ran too far ahead: {gets} reads");
-    let mut seen = first.indices.clone();
-    for b in it.by_ref() {
-        std::thread::sleep(Duration::from_millis(2));
-        seen.extend(b.unwrap().indices);
+    let mut seen = Vec::new();
+    for t in 0..n / batch {
+        await_reads(&ds, (n / batch).min(t + prefetch + 1) * batch);
+        let b = it.next().unwrap().unwrap();
+        ds.taken.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(b.len(), batch);
+        seen.extend(b.indices);
     }
+    assert!(it.next().is_none());
+    let lead = ds.max_lead.load(Ordering::SeqCst);
+    assert!(lead >= prefetch && lead <= prefetch + 2, "the producer ran {lead} batches ahead");
     seen.sort_unstable();
     assert_eq!(seen, (0..64).collect::<Vec<_>>());
     // Dropping an epoch early stops its threads (this would hang otherwise).
@@ -177,7 +202,7 @@ fn prefetch_runs_ahead_of_a_slow_consumer_but_stays_bounded() {
 
 #[test]
 fn errors_end_the_stream_and_bad_config_is_reported() {
-    let ds = Arc::new(Counting { n: 40, gets: AtomicUsize::new(0), fail_at: Some(17) });
+    let ds = Arc::new(Counting::failing_at(40, Some(17)));
     let loader = Loader::new(ds, &cfg(5), false, 0);
     let items: Vec<_> = loader.epoch(0).collect();
     assert_eq!(items.len(), 4, "batches 0..3 then the error in batch 3");
