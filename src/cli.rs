@@ -197,6 +197,10 @@ pub enum DataAction {
         /// Target directory (default: data/<name>).
         #[arg(long, value_name = "D")]
         dir: Option<PathBuf>,
+        /// Download each file from URL/<file name> (a local copy or a proxy) instead of its
+        /// official host; the files are verified against the same checksums.
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
     },
     /// Open a dataset where rlprune would find it and print a summary.
     Check {
@@ -346,8 +350,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { action } => match action {
-            DataAction::Fetch { dataset, dir } => {
-                let path = crate::data::fetch(&dataset, dir.as_deref(), &cwd)?;
+            DataAction::Fetch { dataset, dir, mirror } => {
+                let path = crate::data::fetch(&dataset, dir.as_deref(), &cwd, mirror.as_deref())?;
                 println!("{dataset}: downloaded and verified into {}", path.display());
                 Ok(())
             }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use rlprune::data::fetch::{self, Remote};
 use rlprune::data::{self, DataConfig, DatasetKind};
 
+mod common;
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -259,19 +261,24 @@ fn download_verifies_sha256_and_never_leaves_partial_files() {
     assert!(e.contains("download of http://127.0.0.1") && e.contains("failed"), "{e}");
     assert!(e.contains("data/fashion-mnist-subset") && e.contains("apt-get install dataset-fashion-mnist"), "{e}");
     assert_eq!(files_in(dir), vec!["hello.bin"]);
-    assert!(err_of(data::fetch("synthetic", None, dir)).contains("nothing to fetch"));
-    // A whole-dataset fetch that cannot download leaves no dataset directory and no file behind.
-    // Only run where the official host does not resolve, so that the test never downloads.
-    let offline = std::net::ToSocketAddrs::to_socket_addrs(&("ossci-datasets.s3.amazonaws.com", 443)).is_err();
-    if offline {
-        let base = tempfile::tempdir().unwrap();
-        let e = err_of(data::fetch("mnist", None, base.path()));
-        assert!(
-            e.contains("download of https://ossci-datasets.s3.amazonaws.com/mnist/") && e.contains("failed"),
-            "{e}"
-        );
-        assert!(!base.path().join("data/mnist").exists(), "no empty dataset directory left");
-    }
+    assert!(err_of(data::fetch("synthetic", None, dir, None)).contains("nothing to fetch"));
+    // A whole-dataset fetch that cannot download leaves no dataset directory and no file behind:
+    // through `rlprune data fetch --mirror`, from a local server that serves the wrong bytes.
+    let base = tempfile::tempdir().unwrap();
+    let mirror = serve(b"not an IDX file".to_vec(), 1);
+    let mirror = mirror.trim_end_matches("/file.gz");
+    let out = common::rlprune(&["data", "fetch", "mnist", "--mirror", mirror], base.path());
+    let e = common::failed(&out);
+    assert!(e.contains(&format!("download of {mirror}/train-images-idx3-ubyte.gz failed")), "{e}");
+    assert!(e.contains("sha256 mismatch") && e.contains("no partial file left"), "{e}");
+    assert!(!base.path().join("data/mnist").exists(), "no empty dataset directory left");
+    assert_eq!(files_in(base.path()), Vec::<String>::new());
+    // The same for a CIFAR archive, from a mirror that is not there.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead_mirror = format!("http://127.0.0.1:{port}/mirror/");
+    let e = err_of(data::fetch("cifar10", None, base.path(), Some(&dead_mirror)));
+    assert!(e.contains(&format!("download of http://127.0.0.1:{port}/mirror/cifar-10-binary.tar.gz failed")), "{e}");
+    assert!(!base.path().join("data/cifar-10-batches-bin").exists(), "no empty dataset directory left");
 }
 
 #[test]
@@ -311,7 +318,7 @@ fn cifar_archive_extraction_writes_only_known_files_flat() {
 #[ignore = "needs internet access; downloads MNIST (11 MB)"]
 fn fetch_real_mnist() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = data::fetch("mnist", None, tmp.path()).unwrap();
+    let dir = data::fetch("mnist", None, tmp.path(), None).unwrap();
     let report = data::check("mnist", Some(&dir), tmp.path()).unwrap();
     assert!(report.contains("official file, sha256 verified"), "{report}");
 }

@@ -229,14 +229,24 @@ fn offline_hint(kind: DatasetKind, target: &Path) -> String {
     }
 }
 
-/// Streams `remote.url` into a temporary file in `dir`, verifying its SHA-256 (or, where pinned,
+/// Where to download `remote` from: its official URL, or `<mirror>/<its file name>`.
+fn source_url(remote: &Remote, mirror: Option<&str>) -> String {
+    match mirror {
+        Some(m) => {
+            let name = remote.url.rsplit('/').next().unwrap_or(remote.file);
+            format!("{}/{name}", m.trim_end_matches('/'))
+        }
+        None => remote.url.to_string(),
+    }
+}
+
+/// Streams `url` (`remote`'s file) into a temporary file in `dir`, verifying its SHA-256 (or, where pinned,
 /// its decompressed contents' SHA-256). The verified temporary file is returned; dropping it
 /// deletes it.
-fn download(remote: &Remote, dir: &Path, kind: DatasetKind, target: &Path) -> anyhow::Result<TempFile> {
+fn download(remote: &Remote, url: &str, dir: &Path, kind: DatasetKind, target: &Path) -> anyhow::Result<TempFile> {
     let fail = |why: String| {
         anyhow::anyhow!(
-            "download of {} failed: {why}; nothing was written for it (no partial file left); {}",
-            remote.url,
+            "download of {url} failed: {why}; nothing was written for it (no partial file left); {}",
             offline_hint(kind, target)
         )
     };
@@ -247,7 +257,7 @@ fn download(remote: &Remote, dir: &Path, kind: DatasetKind, target: &Path) -> an
         .build()
         .into();
     let resp = agent
-        .get(remote.url)
+        .get(url)
         .header("Accept-Encoding", "identity")
         .call()
         .map_err(|e| fail(describe_ureq_error(&e)))?;
@@ -302,14 +312,16 @@ fn describe_ureq_error(e: &ureq::Error) -> String {
 /// nothing is left in `dir`. `kind` selects the offline advice in the error message.
 pub fn fetch_file(remote: &Remote, dir: &Path, kind: DatasetKind) -> anyhow::Result<PathBuf> {
     let dest = dir.join(remote.file);
-    download(remote, dir, kind, dir)?.persist(&dest)?;
+    download(remote, remote.url, dir, kind, dir)?.persist(&dest)?;
     Ok(dest)
 }
 
 /// Downloads dataset `name` (`mnist`, `fashion-mnist`, `cifar10`, `cifar100`) into `dir`, or
 /// `<base_dir>/data/<name>` by default, verifying every file (see the module docs). Files already
-/// present and verified are kept. Returns the dataset directory.
-pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<PathBuf> {
+/// present and verified are kept. With `mirror`, each file comes from `<mirror>/<file name>`
+/// (a local copy or a proxy) instead of its official host, verified the same way. Returns the
+/// dataset directory.
+pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path, mirror: Option<&str>) -> anyhow::Result<PathBuf> {
     let kind = DatasetKind::from_name(name)?;
     if matches!(kind, DatasetKind::ImageFolder | DatasetKind::Synthetic) {
         anyhow::bail!(
@@ -320,13 +332,16 @@ pub fn fetch(name: &str, dir: Option<&Path>, base_dir: &Path) -> anyhow::Result<
         Some(d) => resolve(d, base_dir),
         None => base_dir.join("data").join(kind.default_dir_name()),
     };
-    let created = !target.exists();
+    // The directories this call creates (target first), to remove again if nothing lands in them.
+    let created: Vec<PathBuf> = target.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
     std::fs::create_dir_all(&target).with_context(|| format!("{}: cannot create directory", target.display()))?;
     remove_stale_parts(&target);
-    let result = fetch_into(kind, &target);
-    if result.is_err() && created {
-        // Only succeeds when nothing was written: leave no empty dataset directory behind.
-        let _ = std::fs::remove_dir(&target);
+    let result = fetch_into(kind, &target, mirror);
+    if result.is_err() {
+        // `remove_dir` only removes empty directories: nothing written is ever deleted.
+        for d in &created {
+            let _ = std::fs::remove_dir(d);
+        }
     }
     result.map(|()| target)
 }
@@ -343,7 +358,7 @@ fn remove_stale_parts(dir: &Path) {
     }
 }
 
-fn fetch_into(kind: DatasetKind, target: &Path) -> anyhow::Result<()> {
+fn fetch_into(kind: DatasetKind, target: &Path, mirror: Option<&str>) -> anyhow::Result<()> {
     match kind {
         DatasetKind::Mnist | DatasetKind::FashionMnist => {
             let files = if kind == DatasetKind::Mnist { &MNIST_FILES } else { &FASHION_FILES };
@@ -352,7 +367,7 @@ fn fetch_into(kind: DatasetKind, target: &Path) -> anyhow::Result<()> {
                 if dest.is_file() && !matches!(provenance(&dest, r)?, Provenance::Other { .. }) {
                     continue;
                 }
-                fetch_file(r, target, kind)?;
+                download(r, &source_url(r, mirror), target, kind, target)?.persist(&dest)?;
             }
             // Parse both splits fully, as `open` will.
             for split in [Split::Train, Split::Test] {
@@ -363,13 +378,12 @@ fn fetch_into(kind: DatasetKind, target: &Path) -> anyhow::Result<()> {
             let variant = Variant::from_kind(kind)?;
             let archive = if kind == DatasetKind::Cifar10 { CIFAR10_ARCHIVE } else { CIFAR100_ARCHIVE };
             if !cifar_complete(variant, target) {
-                let tmp = download(&archive, target, kind, target)?;
-                extract_cifar(variant, &tmp.path, target)
-                    .with_context(|| format!("{}: cannot extract the verified archive", archive.url))?;
+                let url = source_url(&archive, mirror);
+                let tmp = download(&archive, &url, target, kind, target)?;
+                extract_cifar(variant, &tmp.path, target).with_context(|| format!("{url}: cannot extract the verified archive"))?;
                 if !cifar_complete(variant, target) {
                     anyhow::bail!(
-                        "{}: the verified archive lacks some data files or they have unexpected sizes",
-                        archive.url
+                        "{url}: the verified archive lacks some data files or they have unexpected sizes"
                     );
                 }
             }
