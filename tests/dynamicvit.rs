@@ -14,7 +14,6 @@ use rlprune::controllers::token_predictor::FixedGumbel;
 use rlprune::import::{read_safetensors, read_tensor};
 use rlprune::nn::params::{load_strict, HostTensor, StateDict};
 use burn::tensor::backend::AutodiffBackend;
-use rlprune::device::DeviceSpec;
 use rlprune::{Cpu, ModelBackend};
 
 mod common;
@@ -53,18 +52,9 @@ fn index_sets(t: &HostTensor) -> Vec<BTreeSet<i64>> {
     t.data.chunks(k).map(|r| r.iter().map(|&v| v as i64).collect()).collect()
 }
 
-/// The device named by `RLPRUNE_TEST_DEVICE` (`cuda`, `cuda:N`: a test binary built with
-/// `--features cuda`, as `scripts/gpu-check.sh` runs it), else the CPU.
-fn test_device() -> DeviceSpec {
-    match std::env::var("RLPRUNE_TEST_DEVICE") {
-        Ok(d) => DeviceSpec::parse(&d).unwrap_or_else(|e| panic!("RLPRUNE_TEST_DEVICE: {e:#}")),
-        Err(_) => DeviceSpec::Cpu,
-    }
-}
-
 #[test]
 fn eval_matches_reference_logits_and_kept_sets() {
-    let result: anyhow::Result<()> = rlprune::with_backend!(test_device(), |B, device| {
+    let result: anyhow::Result<()> = rlprune::with_backend!(common::test_device(), |B, device| {
         eval_on::<B>(&device);
         Ok(())
     });
@@ -85,7 +75,8 @@ fn eval_on<B: ModelBackend>(dev: &B::Device) {
     let (logits, kept) = model.forward_pruned(input.to_tensor::<B, 4>(dev));
     let (max_abs, rel) = errors(&HostTensor::from_tensor(&logits), &want["output"]);
     println!("dynamicvit eval: logits max abs err {max_abs:.3e}, rel L2 {rel:.3e}");
-    assert!(max_abs <= 1e-4 && rel <= 1e-5, "max abs {max_abs:.3e}, rel L2 {rel:.3e}");
+    let tol = common::parity_tolerance();
+    assert!(max_abs <= tol.max_abs && rel <= tol.rel_l2, "max abs {max_abs:.3e}, rel L2 {rel:.3e} ({tol:?})");
     assert_eq!(kept.len(), 3);
     for (i, k) in kept.iter().enumerate() {
         let got = index_sets(&HostTensor::from_tensor(&k.clone().float()));
@@ -121,7 +112,7 @@ fn infer_writes_logits_and_keep_abs() {
 
 #[test]
 fn train_loss_and_gradients_match_reference() {
-    let result: anyhow::Result<()> = rlprune::with_autodiff_backend!(test_device(), |B, device| {
+    let result: anyhow::Result<()> = rlprune::with_autodiff_backend!(common::test_device(), |B, device| {
         train_on::<B>(&device);
         Ok(())
     });
@@ -155,7 +146,10 @@ where
     let teacher_tokens = tokens.narrow(1, 1, t - 1);
     let (e_logit, _) = errors(&HostTensor::from_tensor(&teacher_logits), &want["teacher_logits"]);
     let (e_tok, _) = errors(&HostTensor::from_tensor(&teacher_tokens), &want["teacher_tokens"]);
-    assert!(e_logit < 1e-4 && e_tok < 1e-4, "teacher differs: {e_logit:.3e} {e_tok:.3e}");
+    println!("dynamicvit train teacher logits: max abs err {e_logit:.3e}");
+    println!("dynamicvit train teacher tokens: max abs err {e_tok:.3e}");
+    let tol = common::parity_tolerance();
+    assert!(e_logit <= tol.max_abs && e_tok <= tol.max_abs, "teacher differs: {e_logit:.3e} {e_tok:.3e} ({tol:?})");
 
     let mut noise = FixedGumbel { per_stage: (0..3).map(|i| inputs[&format!("gumbel_s{i}")].to_tensor::<B, 3>(&dev)).collect() };
     let out = student.forward_train(inputs["input"].to_tensor::<B, 4>(&dev), &mut noise);
@@ -180,7 +174,7 @@ where
     let want_loss = cfg["loss"].as_f64().unwrap();
     let rel_loss = (got_loss - want_loss).abs() / want_loss.abs();
     println!("dynamicvit train: loss {got_loss:.7} vs {want_loss:.7} (rel err {rel_loss:.3e})");
-    assert!(rel_loss <= 1e-4, "loss {got_loss} vs reference {want_loss}");
+    assert!(rel_loss <= tol.rel_l2.max(1e-4), "loss {got_loss} vs reference {want_loss}");
 
     let grads = loss.total.backward();
     let vit = student.vit();
@@ -189,8 +183,8 @@ where
     let (_, r_head) = errors(&HostTensor::from_tensor(&g_head), &want["grad_head_weight"]);
     let (_, r_pred) = errors(&HostTensor::from_tensor(&g_pred), &want["grad_score_predictor0_out_conv4_weight"]);
     println!("dynamicvit train: grad head rel L2 {r_head:.3e}, grad score_predictor.0.out_conv.4 rel L2 {r_pred:.3e}");
-    assert!(r_head <= 1e-3, "head gradient rel L2 {r_head:.3e}");
-    assert!(r_pred <= 1e-3, "predictor gradient rel L2 {r_pred:.3e}");
+    assert!(r_head <= tol.rel_l2.max(1e-3), "head gradient rel L2 {r_head:.3e}");
+    assert!(r_pred <= tol.rel_l2.max(1e-3), "predictor gradient rel L2 {r_pred:.3e}");
 }
 
 #[test]

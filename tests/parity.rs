@@ -11,8 +11,6 @@ use rlprune::nn::params::{load_strict, HostTensor};
 
 mod common;
 
-const MAX_ABS: f64 = 1e-4;
-const REL_L2: f64 = 1e-5;
 
 struct Fixture {
     dir: PathBuf,
@@ -57,10 +55,7 @@ fn errors(got: &HostTensor, want: &HostTensor) -> (f64, f64) {
 /// Runs the fixture on the CPU, or on the device named by `RLPRUNE_TEST_DEVICE` (`cuda`,
 /// `cuda:N`; a test binary built with `--features cuda`, as `scripts/gpu-check.sh` runs it).
 fn check(name: &str) {
-    let spec = match std::env::var("RLPRUNE_TEST_DEVICE") {
-        Ok(d) => rlprune::device::DeviceSpec::parse(&d).unwrap_or_else(|e| panic!("RLPRUNE_TEST_DEVICE: {e:#}")),
-        Err(_) => rlprune::device::DeviceSpec::Cpu,
-    };
+    let spec = common::test_device();
     let result: anyhow::Result<()> = rlprune::with_backend!(spec, |B, device| {
         check_on::<B>(name, &device);
         Ok(())
@@ -80,7 +75,8 @@ fn check_on<B: rlprune::ModelBackend>(name: &str, device: &B::Device) {
     let got = HostTensor::from_tensor(&model.forward(input.to_tensor::<B, 4>(device)));
     let (max_abs, rel_l2) = errors(&got, &want);
     println!("{name}: max abs err {max_abs:.3e}, rel L2 {rel_l2:.3e}");
-    assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name}: max abs {max_abs:.3e}, rel L2 {rel_l2:.3e}");
+    let tol = common::parity_tolerance();
+    assert!(max_abs <= tol.max_abs && rel_l2 <= tol.rel_l2, "{name}: max abs {max_abs:.3e}, rel L2 {rel_l2:.3e} ({tol:?})");
 }
 
 #[test]
@@ -118,7 +114,8 @@ fn infer_writes_reference_logits() {
     let got = read_tensor(&out, "output").unwrap();
     let want = read_tensor(&fx.dir.join("output.safetensors"), "output").unwrap();
     let (max_abs, rel_l2) = errors(&got, &want);
-    assert!(max_abs <= MAX_ABS && rel_l2 <= REL_L2, "{name} via infer: {max_abs:.3e} / {rel_l2:.3e}");
+    let tol = common::CPU_TOLERANCE;
+    assert!(max_abs <= tol.max_abs && rel_l2 <= tol.rel_l2, "{name} via infer: {max_abs:.3e} / {rel_l2:.3e}");
 }
 
 #[test]

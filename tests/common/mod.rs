@@ -167,3 +167,37 @@ pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out.sort();
     out
 }
+
+/// The device the parity tests run on: `RLPRUNE_TEST_DEVICE` (`cuda`, `cuda:N`: a test binary
+/// built with `--features cuda`, as `scripts/gpu-check.sh` runs it), else the CPU.
+pub fn test_device() -> rlprune::device::DeviceSpec {
+    match std::env::var("RLPRUNE_TEST_DEVICE") {
+        Ok(d) => rlprune::device::DeviceSpec::parse(&d).unwrap_or_else(|e| panic!("RLPRUNE_TEST_DEVICE: {e:#}")),
+        Err(_) => rlprune::device::DeviceSpec::Cpu,
+    }
+}
+
+/// How close outputs must be to the reference's.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub max_abs: f64,
+    pub rel_l2: f64,
+}
+
+/// f32 throughout, as the reference ran.
+pub const CPU_TOLERANCE: Tolerance = Tolerance { max_abs: 1e-4, rel_l2: 1e-5 };
+
+/// A CUDA device: cubecl 0.10 stages f32 matmul and convolution operands as TF32 (10-bit
+/// mantissa) on tensor cores and has no switch to turn that off (cubek-matmul 0.2,
+/// `adjust_dtypes`). Measured on an H100: max abs up to 2.1e-4, rel L2 2–4e-4; this bound leaves
+/// a margin of 5. With TF32 off the CPU tolerance would apply. `scripts/gpu-check.sh` uses the
+/// same numbers.
+pub const TF32_TOLERANCE: Tolerance = Tolerance { max_abs: 1e-3, rel_l2: 2e-3 };
+
+/// The tolerance of [`test_device`].
+pub fn parity_tolerance() -> Tolerance {
+    match test_device() {
+        rlprune::device::DeviceSpec::Cpu => CPU_TOLERANCE,
+        _ => TF32_TOLERANCE,
+    }
+}
