@@ -256,3 +256,43 @@ fn gfnet_and_hornet_experiments_train_a_step() {
         assert!(m[0]["train_loss"].as_f64().unwrap().is_finite(), "{name}");
     }
 }
+
+/// A diverging run stops with an error naming the step; nothing non-finite is saved and the last
+/// finite epoch's checkpoint and metrics stay as they were; `eval` refuses non-finite weights.
+#[test]
+fn divergence_stops_the_run_and_keeps_the_last_finite_checkpoint() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    let run = |name: &str| dir.path().join(name);
+    // From scratch at lr 1e6: SGD ends epoch 1 with infinite BatchNorm statistics, AdamW's loss
+    // turns NaN within it. Neither leaves a checkpoint or a metrics line.
+    for (out, optimizer, says) in [
+        ("sgd", "train.optimizer={kind=\"sgd\",lr=1e6}", "weights became NaN or infinite"),
+        ("adamw", "train.optimizer={kind=\"adamw\",lr=1e6}", "the loss became NaN"),
+    ] {
+        let err = failed(&rlprune(&["train", e, "--out", out, "--set", optimizer], dir.path()));
+        assert!(err.contains(says) && err.contains("step "), "{err}");
+        assert!(!run(out).join("checkpoints/last.safetensors").exists(), "{out}: a checkpoint was written");
+        let lines = std::fs::read_to_string(run(out).join("metrics.jsonl")).unwrap_or_default();
+        assert_eq!(lines.lines().count(), 0, "{out}: {lines}");
+    }
+
+    // One good epoch, then resumed at lr 1e6: epoch 2 diverges and epoch 1 stays.
+    ok(&rlprune(&["train", e, "--out", "good", "--stop-after-epoch", "1"], dir.path()));
+    let before = common::snapshot(&run("good").join("checkpoints"));
+    let metrics_before = std::fs::read(run("good").join("metrics.jsonl")).unwrap();
+    let err = failed(&rlprune(&["train", e, "--resume", "good", "--set", "train.optimizer={kind=\"sgd\",lr=1e6}"], dir.path()));
+    assert!(err.contains("epoch 2, step") && err.contains("the checkpoint of epoch 1 is kept"), "{err}");
+    assert_eq!(common::snapshot(&run("good").join("checkpoints")), before, "epoch 1's checkpoint changed");
+    assert_eq!(std::fs::read(run("good").join("metrics.jsonl")).unwrap(), metrics_before);
+
+    // `eval` of a checkpoint holding a NaN fails, naming the file.
+    let last = run("good").join("checkpoints/last.safetensors");
+    let mut weights = rlprune::import::read_safetensors(&last).unwrap();
+    weights.values_mut().next().unwrap().data[0] = f32::NAN;
+    let meta = rlprune::import::read_safetensors_metadata(&last).unwrap();
+    let nan = dir.path().join("nan.safetensors");
+    rlprune::import::write_safetensors(&nan, &weights, &meta).unwrap();
+    let err = failed(&rlprune(&["eval", run("good").to_str().unwrap(), "--checkpoint", nan.to_str().unwrap()], dir.path()));
+    assert!(err.contains("nan.safetensors") && err.contains("NaN or infinite"), "{err}");
+}

@@ -16,7 +16,6 @@
 //! A run directory holds `pruning.json` (the plan), `checkpoints/{last,best}.safetensors` (the
 //! pruned weights) and `checkpoints/unpruned.safetensors` (the backbone before pruning).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,13 +30,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::ControllerConfig;
+use crate::train::checkpoint::save_weights;
 use crate::backbones::cnn::ConvBn;
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::data::{self, Loader, Subset};
 use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
-use crate::nn::params::{StateDict, load_strict, state_dict};
+use crate::nn::params::{load_strict, state_dict};
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 use crate::train::checkpoint;
 use crate::train::losses::{correct, cross_entropy};
@@ -399,15 +399,6 @@ pub struct PruningPlan {
 
 pub const PLAN_FILE: &str = "pruning.json";
 
-fn save_weights(path: &Path, dict: &StateDict, arch: &str, epoch: usize, content: &str) -> Result<()> {
-    let meta = BTreeMap::from([
-        ("format".to_string(), checkpoint::FORMAT.to_string()),
-        ("arch".to_string(), arch.to_string()),
-        ("epoch".to_string(), epoch.to_string()),
-        ("content".to_string(), content.to_string()),
-    ]);
-    crate::import::write_safetensors(path, dict, &meta)
-}
 
 /// Where a static-l1 run stands after its last completed fine-tuning epoch:
 /// `checkpoints/static_state.json`, written last (atomically), after `last.safetensors`,

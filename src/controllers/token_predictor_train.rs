@@ -29,7 +29,6 @@
 //! `rlprune infer --model`), `dynamicvit.json` (teacher vs student summary), `metrics.jsonl` and
 //! TensorBoard events.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -324,13 +323,7 @@ pub fn evaluate_pruned(model: &DynamicVit<Cpu>, args: &DynamicVitArgs, loader: &
 // ---------------------------------------------------------------------------------------------
 
 fn save_weights(path: &Path, dict: &crate::nn::params::StateDict, arch: &str, epoch: usize) -> Result<()> {
-    let meta = BTreeMap::from([
-        ("format".to_string(), checkpoint::FORMAT.to_string()),
-        ("arch".to_string(), arch.to_string()),
-        ("epoch".to_string(), epoch.to_string()),
-        ("content".to_string(), "model".to_string()),
-    ]);
-    crate::import::write_safetensors(path, dict, &meta)
+    checkpoint::save_weights(path, dict, arch, epoch, "model")
 }
 
 fn with_lr(cfg: &OptimizerConfig, lr: f64) -> OptimizerConfig {

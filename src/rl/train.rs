@@ -3,7 +3,6 @@
 //! with backbone fine-tuning under sampled policies, and the `rlprune train` pipeline for
 //! experiments with `[controller] kind = "channel-router"`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -21,6 +20,7 @@ use super::RlConfig;
 use super::ppo::ppo_update;
 use super::reinforce::{UpdateStats, learner_step};
 use super::rollout::{RolloutPool, Trajectory, worker_seed};
+use crate::train::checkpoint::save_weights;
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
 use crate::controllers::{ControllerConfig, Mode};
@@ -304,21 +304,6 @@ pub fn evaluate_controlled(
     })
 }
 
-fn save_weights(
-    path: &Path,
-    dict: &crate::nn::params::StateDict,
-    arch: &str,
-    epoch: usize,
-    content: &str,
-) -> Result<()> {
-    let meta = BTreeMap::from([
-        ("format".to_string(), checkpoint::FORMAT.to_string()),
-        ("arch".to_string(), arch.to_string()),
-        ("epoch".to_string(), epoch.to_string()),
-        ("content".to_string(), content.to_string()),
-    ]);
-    crate::import::write_safetensors(path, dict, &meta)
-}
 
 /// Where an RNP run stands after its last completed epoch: `checkpoints/rnp_state.json`, written
 /// last (atomically), after the tensor files that carry the same epoch tag. Rollouts, minibatch

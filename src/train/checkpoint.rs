@@ -52,14 +52,50 @@ fn meta(arch: &str, epoch: usize, kind: &str) -> BTreeMap<String, String> {
     ])
 }
 
-/// Writes `last` (model + optimizer + state.json), and `best` when `is_best`.
+/// The first tensor holding a NaN or an infinity, with how many values in `dict` are not finite.
+pub fn non_finite(dict: &StateDict) -> Option<(&str, usize)> {
+    let mut first = None;
+    let mut count = 0;
+    for (k, t) in dict {
+        let n = t.data.iter().filter(|v| !v.is_finite()).count();
+        if n > 0 {
+            first.get_or_insert(k.as_str());
+            count += n;
+        }
+    }
+    first.map(|k| (k, count))
+}
+
+/// Refuses tensors that are not all finite: a diverged run must never be saved as a result.
+fn ensure_finite(dict: &StateDict, path: &Path) -> Result<()> {
+    if let Some((key, n)) = non_finite(dict) {
+        bail!(
+            "{}: not written: {n} values are NaN or infinite (first in {key}); the training diverged, \
+             the previous checkpoint is kept; lower the learning rate or set train.grad_clip",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes one tensor file of a run (`content`: model, optimizer, router, ...) with the metadata
+/// [`read_model`] checks, refusing non-finite values.
+pub fn save_weights(path: &Path, dict: &StateDict, arch: &str, epoch: usize, content: &str) -> Result<()> {
+    ensure_finite(dict, path)?;
+    write_safetensors(path, dict, &meta(arch, epoch, content))
+}
+
+/// Writes `last` (model + optimizer + state.json), and `best` when `is_best`. Nothing is written
+/// unless both model and optimizer state are finite.
 pub fn save(run_dir: &Path, model: &StateDict, optim: &StateDict, state: &TrainState, is_best: bool) -> Result<()> {
     let d = dir(run_dir);
+    ensure_finite(model, &d.join("last.safetensors"))?;
+    ensure_finite(optim, &d.join("last.optim.safetensors"))?;
     std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create checkpoint directory", d.display()))?;
-    write_safetensors(&d.join("last.safetensors"), model, &meta(&state.arch, state.epoch, "model"))?;
-    write_safetensors(&d.join("last.optim.safetensors"), optim, &meta(&state.arch, state.epoch, "optimizer"))?;
+    save_weights(&d.join("last.safetensors"), model, &state.arch, state.epoch, "model")?;
+    save_weights(&d.join("last.optim.safetensors"), optim, &state.arch, state.epoch, "optimizer")?;
     if is_best {
-        write_safetensors(&d.join("best.safetensors"), model, &meta(&state.arch, state.epoch, "model"))?;
+        save_weights(&d.join("best.safetensors"), model, &state.arch, state.epoch, "model")?;
     }
     let json = serde_json::to_vec_pretty(state)?;
     crate::fsutil::atomic_write(&d.join("state.json"), &json)
@@ -93,5 +129,9 @@ pub fn read_model(path: &Path, arch: &str, epoch: Option<usize>) -> Result<State
     {
         bail!("{}: written at epoch {got} but state.json says epoch {want}: the run was interrupted while checkpointing; resume from the previous run or remove the checkpoint", path.display());
     }
-    read_safetensors(path)
+    let dict = read_safetensors(path)?;
+    if let Some((key, n)) = non_finite(&dict) {
+        bail!("{}: {n} values are NaN or infinite (first in {key}): these weights diverged", path.display());
+    }
+    Ok(dict)
 }

@@ -333,10 +333,32 @@ where
         }
         let last = epoch + 1 == exp.train.epochs;
         let (test_loss, test_top1) = if (epoch + 1) % exp.train.eval_every == 0 || last {
-            evaluate(&model.valid(), &test_loader, &device.clone())?
+            let (loss, top1) = evaluate(&model.valid(), &test_loader, &device.clone())?;
+            if !loss.is_finite() {
+                bail!(
+                    "epoch {}, step {}: the test loss became {loss}: the weights diverged; the checkpoint of epoch {} is kept; \
+                     lower train.optimizer.lr or set train.grad_clip",
+                    epoch + 1,
+                    state.step,
+                    state.epoch
+                );
+            }
+            (loss, top1)
         } else {
             (f64::NAN, f64::NAN)
         };
+        // Checked before anything of this epoch is recorded: metrics and checkpoints stay those
+        // of the last finite epoch.
+        let weights = state_dict(&model.valid());
+        if let Some((key, n)) = checkpoint::non_finite(&weights) {
+            bail!(
+                "epoch {}, step {}: {n} weights became NaN or infinite (first in {key}): the training diverged; \
+                 the checkpoint of epoch {} is kept; lower train.optimizer.lr or set train.grad_clip",
+                epoch + 1,
+                state.step,
+                state.epoch
+            );
+        }
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / n_seen.max(1) as f64,
@@ -363,7 +385,7 @@ where
                 tb.scalar("test/top1", s, m.test_top1)?;
             }
             if exp.log.histograms {
-                for (name, t) in state_dict(&model.valid()) {
+                for (name, t) in &weights {
                     let values: Vec<f64> = t.data.iter().map(|&v| v as f64).collect();
                     tb.histogram(&format!("weights/{name}"), s, &values)?;
                 }
@@ -377,7 +399,7 @@ where
             state.best_metric = m.test_top1;
             state.best_epoch = m.epoch;
         }
-        checkpoint::save(&run_dir, &state_dict(&model.valid()), &optim.state_dict(), &state, is_best)?;
+        checkpoint::save(&run_dir, &weights, &optim.state_dict(), &state, is_best)?;
         history.push(m);
         if opts.stop_after_epoch == Some(state.epoch) {
             break;
@@ -470,6 +492,9 @@ fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path,
     let dict = checkpoint::read_model(weights, &exp.backbone.arch, None)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;
     let (loss, top1) = evaluate(&model, &test_loader, device)?;
+    if !loss.is_finite() {
+        bail!("{}: the test loss is {loss}: these weights do not give a usable model", weights.display());
+    }
     Ok(json!({
         "source": target.display().to_string(),
         "arch": exp.backbone.arch,
