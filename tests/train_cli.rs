@@ -90,7 +90,19 @@ fn resumed_run_matches_uninterrupted_run() {
     // Inside the warm-up: the rate at the end of epoch 1 is below the peak.
     let lr1 = part[0]["lr"].as_f64().unwrap();
     assert!(lr1 < 0.05 * 0.9, "epoch 1 should end inside the warm-up, lr {lr1}");
+    // What a process killed before its first TensorBoard flush leaves: an empty event file.
+    let litter = dir.path().join("part/events.out.tfevents.1700000000.host.1.rlprune");
+    std::fs::write(&litter, b"").unwrap();
     ok(&rlprune(&["train", e, "--resume", "part"], dir.path()));
+    assert!(!litter.exists(), "the resumed run removes empty event files");
+    let events: Vec<_> = std::fs::read_dir(dir.path().join("part"))
+        .unwrap()
+        .map(|f| f.unwrap())
+        .filter(|f| f.file_name().to_string_lossy().starts_with("events.out.tfevents."))
+        .map(|f| f.metadata().unwrap().len())
+        .collect();
+    assert_eq!(events.len(), 2, "both runs' event files are kept");
+    assert!(events.iter().all(|&n| n > 0));
     let (a, b) = (metrics(&dir.path().join("full")), metrics(&dir.path().join("part")));
     assert_eq!(a.len(), 3);
     assert_eq!(b.len(), 3);

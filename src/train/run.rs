@@ -79,11 +79,26 @@ impl RunLogs {
             crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
         }
         let metrics = MetricsLog::open(run_dir)?;
+        if !fresh {
+            remove_empty_event_files(run_dir);
+        }
         let mut tb = if exp.log.tensorboard { Some(EventWriter::create(run_dir)?) } else { None };
         if let (Some(tb), true) = (tb.as_mut(), fresh) {
             tb.text("config", 0, &format!("```toml\n{config_toml}\n```"))?;
         }
         Ok(Self { metrics, tb })
+    }
+}
+
+/// A process killed before its first TensorBoard flush leaves an empty event file; a resumed
+/// run removes them (files with events are kept: TensorBoard reads them all).
+fn remove_empty_event_files(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return };
+    for e in entries.flatten() {
+        let empty = e.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+        if empty && e.file_name().to_string_lossy().starts_with("events.out.tfevents.") {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
