@@ -530,3 +530,24 @@ fn image_folder_errors_name_the_file() {
     let e = err_of(data::open(&cfg, Path::new("/")));
     assert!(e.contains("nope"), "{e}");
 }
+
+/// Train and test splits of different image sizes are refused (unless `resize` makes them
+/// agree); different channel counts are refused in any case.
+#[test]
+fn splits_of_different_shapes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let labels = idx_labels(&[0, 1, 2, 3]);
+    std::fs::write(d.join("train-images-idx3-ubyte"), idx_images(4, 32, 32, |i| (i % 256) as u8)).unwrap();
+    std::fs::write(d.join("t10k-images-idx3-ubyte"), idx_images(4, 28, 28, |i| (i % 256) as u8)).unwrap();
+    for p in ["train", "t10k"] {
+        std::fs::write(d.join(format!("{p}-labels-idx1-ubyte")), &labels).unwrap();
+    }
+    let mut cfg = DataConfig::for_dataset(DatasetKind::Mnist);
+    cfg.root = Some(d.to_path_buf());
+    let e = err_of(data::open(&cfg, d));
+    assert!(e.contains("1x32x32") && e.contains("1x28x28") && e.contains("same shape"), "{e}");
+    cfg.resize = Some([28, 28]);
+    let splits = data::open(&cfg, d).unwrap();
+    assert_eq!((splits.train.len(), splits.test.len()), (4, 4));
+}

@@ -259,6 +259,21 @@ pub fn open(cfg: &DataConfig, base_dir: &Path) -> anyhow::Result<DataSplits> {
             }
         }
     };
+    let (a, b) = (train.image_shape(), test.image_shape());
+    // `resize` brings both splits to one height and width; channels must agree in any case.
+    if a[0] != b[0] || (cfg.resize.is_none() && a != b) {
+        anyhow::bail!(
+            "{} has {}x{}x{} images but {} has {}x{}x{}: the splits must have the same shape (or set data.resize)",
+            train.describe(),
+            a[0],
+            a[1],
+            a[2],
+            test.describe(),
+            b[0],
+            b[1],
+            b[2]
+        );
+    }
     let train = limit(train, cfg.train_limit)?;
     let test = limit(test, cfg.test_limit)?;
     Ok(DataSplits { train, test })
