@@ -132,3 +132,27 @@ fn infer_rejects_wrong_weights() {
     assert!(msg.contains("missing keys") && msg.contains("unexpected keys"), "{msg}");
     assert!(!out.exists());
 }
+
+/// An input with another channel count than the model's is refused, for a fixed-size model
+/// (GFNet) and a fully convolutional one (HorNet), and nothing is written.
+#[test]
+fn infer_rejects_inputs_with_the_wrong_channel_count() {
+    for name in ["gfnet_iso_seed0", "hornet_gf_seed0"] {
+        let fx = fixture(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let toml_path = tmp.path().join("model.toml");
+        std::fs::write(&toml_path, fx.spec.to_toml_string()).unwrap();
+        let x = read_tensor(&fx.dir.join("input.safetensors"), "input").unwrap();
+        assert_eq!(x.shape[1], 3);
+        let [n, _, h, w] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+        let gray = HostTensor { shape: vec![n, 1, h, w], data: x.data[..n * h * w].to_vec() };
+        let input = tmp.path().join("gray.safetensors");
+        let dict = [("input".to_string(), gray)].into_iter().collect();
+        rlprune::import::write_safetensors(&input, &dict, &Default::default()).unwrap();
+        let out = tmp.path().join("out.safetensors");
+        let err = infer(&toml_path, fx.dir.join("weights.safetensors"), &input, &out).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("gray.safetensors") && msg.contains("3-channel") && msg.contains("1 channels"), "{name}: {msg}");
+        assert!(!out.exists());
+    }
+}

@@ -189,6 +189,10 @@ impl ModelArgs for AdaHornetArgs {
         None
     }
 
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+
     fn num_classes(&self) -> usize {
         self.num_classes
     }

@@ -185,6 +185,10 @@ impl ModelArgs for DynamicVitArgs {
         Some(self.img_size)
     }
 
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+
     fn num_classes(&self) -> usize {
         self.num_classes
     }

@@ -121,6 +121,10 @@ impl ModelArgs for GfnetArgs {
         Some(self.img_size)
     }
 
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+
     fn num_classes(&self) -> usize {
         self.num_classes
     }
@@ -259,6 +263,10 @@ impl ModelArgs for GfnetPyramidArgs {
 
     fn img_size(&self) -> Option<usize> {
         Some(self.img_size)
+    }
+
+    fn in_chans(&self) -> usize {
+        self.in_chans
     }
 
     fn num_classes(&self) -> usize {

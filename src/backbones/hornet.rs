@@ -204,6 +204,10 @@ impl ModelArgs for HornetArgs {
         None
     }
 
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+
     fn num_classes(&self) -> usize {
         self.num_classes
     }

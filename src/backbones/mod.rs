@@ -237,6 +237,10 @@ macro_rules! registry {
                 match self { $($(Self::$variant(a) => <$args as ModelArgs>::img_size(a),)?)+ }
             }
 
+            pub fn in_chans(&self) -> usize {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::in_chans(a),)?)+ }
+            }
+
             pub fn num_classes(&self) -> usize {
                 match self { $($(Self::$variant(a) => <$args as ModelArgs>::num_classes(a),)?)+ }
             }

@@ -52,6 +52,9 @@ pub trait ModelArgs: Serialize + DeserializeOwned + Clone + Debug + PartialEq {
     /// The input side the model is built for; `None` for fully convolutional models.
     fn img_size(&self) -> Option<usize>;
 
+    /// Channels of the input images.
+    fn in_chans(&self) -> usize;
+
     fn num_classes(&self) -> usize;
 
     /// Parameters and MACs per stage at `img_size`×`img_size`, from the arguments alone.
@@ -172,6 +175,9 @@ fn infer_with<B: crate::ModelBackend>(model_toml: &Path, weights: &Path, input: 
     let x = import::read_tensor(input, "input")?;
     if x.shape.len() != 4 {
         bail!("input must be [N, C, H, W], got shape {:?}", x.shape);
+    }
+    if x.shape[1] != spec.in_chans() {
+        bail!("{}: the model takes {}-channel images, input has {} channels", input.display(), spec.in_chans(), x.shape[1]);
     }
     if let Some(s) = spec.img_size()
         && (x.shape[2] != s || x.shape[3] != s)

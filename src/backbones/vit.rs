@@ -120,6 +120,10 @@ impl ModelArgs for DeitArgs {
         Some(self.img_size)
     }
 
+    fn in_chans(&self) -> usize {
+        self.in_chans
+    }
+
     fn num_classes(&self) -> usize {
         self.num_classes
     }
