@@ -90,6 +90,11 @@ fn resumed_run_matches_uninterrupted_run() {
     // Inside the warm-up: the rate at the end of epoch 1 is below the peak.
     let lr1 = part[0]["lr"].as_f64().unwrap();
     assert!(lr1 < 0.05 * 0.9, "epoch 1 should end inside the warm-up, lr {lr1}");
+    // Another seed would continue a different run: refused, the run left as it was.
+    let before = common::snapshot(&dir.path().join("part"));
+    let err = failed(&rlprune(&["train", e, "--resume", "part", "--set", "seed=8"], dir.path()));
+    assert!(err.contains("started with seed 7") && err.contains("seed 8"), "{err}");
+    assert_eq!(common::snapshot(&dir.path().join("part")), before);
     // What a process killed before its first TensorBoard flush leaves: an empty event file.
     let litter = dir.path().join("part/events.out.tfevents.1700000000.host.1.rlprune");
     std::fs::write(&litter, b"").unwrap();

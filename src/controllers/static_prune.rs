@@ -438,7 +438,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let so = StaticL1Options::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let base = &opts.base_dir;
     let root = base.join(&exp.log.dir);
-    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, &exp.name)?;
+    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, exp)?;
     let resumed = if is_resumed { read_static_state(&run_dir)? } else { None };
     if let Some(st) = &resumed
         && st.arch != exp.backbone.arch

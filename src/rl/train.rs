@@ -368,7 +368,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let rl = exp.rl.clone().unwrap_or_default();
     let base = &opts.base_dir;
     let root = base.join(&exp.log.dir);
-    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, &exp.name)?;
+    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, exp)?;
     let resumed = if is_resumed { read_rnp_state(&run_dir)? } else { None };
     if let Some(st) = &resumed {
         if st.arch != exp.backbone.arch {

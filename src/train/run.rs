@@ -53,13 +53,35 @@ pub fn out_or_new_run_dir(out: Option<&Path>, root: &Path, name: &str) -> Result
 }
 
 /// The run directory of a controller run: the one `--resume` names (auto: the newest run of
-/// `name` with a checkpoint), else `--out` or a fresh one. The flag says whether it is resumed.
-pub fn resumed_or_new_run_dir(resume: Option<&Resume>, out: Option<&Path>, root: &Path, name: &str) -> Result<(PathBuf, bool)> {
-    match resume {
-        Some(Resume::Auto) => Ok((newest_run(root, name)?, true)),
-        Some(Resume::Dir(d)) => Ok((d.clone(), true)),
-        None => Ok((out_or_new_run_dir(out, root, name)?, false)),
+/// the experiment's name with a checkpoint), else `--out` or a fresh one. The flag says whether
+/// it is resumed.
+pub fn resumed_or_new_run_dir(resume: Option<&Resume>, out: Option<&Path>, root: &Path, exp: &Experiment) -> Result<(PathBuf, bool)> {
+    let dir = match resume {
+        Some(Resume::Auto) => newest_run(root, &exp.name)?,
+        Some(Resume::Dir(d)) => d.clone(),
+        None => return Ok((out_or_new_run_dir(out, root, &exp.name)?, false)),
+    };
+    check_resumed_seed(&dir, exp)?;
+    Ok((dir, true))
+}
+
+/// Every random stream of a run derives from its seed, so a resumed run keeps the seed its
+/// `config.toml` records; another seed (`--set seed=...`) would continue a different run.
+pub fn check_resumed_seed(run_dir: &Path, exp: &Experiment) -> Result<()> {
+    let path = run_dir.join("config.toml");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{}: not a valid run config", path.display()))?;
+    if let Some(seed) = table.get("seed").and_then(|v| v.as_integer())
+        && seed as u64 != exp.seed
+    {
+        bail!(
+            "{}: the run was started with seed {seed}, the experiment now says seed {}: a resumed run keeps its seed; \
+             resume without changing it, or start a new run",
+            run_dir.display(),
+            exp.seed
+        );
     }
+    Ok(())
 }
 
 /// The logs every run keeps: `log.txt` (attached to tracing), `metrics.jsonl` and, when

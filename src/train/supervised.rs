@@ -241,6 +241,7 @@ where
                 Resume::Auto => newest_run(&root, &exp.name)?,
                 Resume::Dir(d) => d.clone(),
             };
+            crate::train::run::check_resumed_seed(&dir, exp)?;
             let st = checkpoint::read_state(&dir)?;
             if st.arch != exp.backbone.arch {
                 bail!("{}: run was trained with arch '{}', the experiment builds '{}'", dir.display(), st.arch, exp.backbone.arch);
