@@ -246,8 +246,7 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
         let spec = model_from_toml(&target)?;
         let weights = opts.weights.as_ref().map(|w| data::resolve(w, base)).context("a model TOML needs --weights FILE")?;
         let data = opts.data.as_deref().context("a model TOML needs --data (a dataset name or a safetensors file with tensor `input`)")?;
-        let mut dict = import::read_weights(&weights)?;
-        import::drop_ignored_keys(&mut dict);
+        let dict = import::read_model_weights(&weights)?;
         let model = load_strict(spec.build::<Cpu>(&device)?, &dict, &weights.display().to_string())?;
         let images = images_from_data(data, opts.data_root.as_deref(), spec.img_size(), base, opts.images)?;
         if let Some(s) = spec.img_size() {

@@ -541,3 +541,23 @@ fn real_torch_save_checkpoints_load_bit_for_bit() {
         assert_eq!(read_pth(&dir.join("weights.pth")).unwrap(), pth);
     }
 }
+
+/// Integer tensors are never loaded as weights: a weight stored as int64 is refused, naming the
+/// tensor, while BatchNorm's int64 `num_batches_tracked` counters are dropped as before.
+#[test]
+fn integer_tensors_are_not_loaded_as_weights() {
+    use rlprune::import::{IntTensor, read_model_weights, write_safetensors_with_ints};
+    let dir = tempfile::tempdir().unwrap();
+    let floats: StateDict = [("fc.bias".to_string(), HostTensor::new(vec![2], vec![0.5, -0.5]))].into_iter().collect();
+    let counter = ("bn.num_batches_tracked".to_string(), IntTensor { shape: vec![], data: vec![100] });
+    let ok_path = dir.path().join("ok.safetensors");
+    write_safetensors_with_ints(&ok_path, &floats, &[counter.clone()].into_iter().collect(), &BTreeMap::new()).unwrap();
+    let dict = read_model_weights(&ok_path).unwrap();
+    assert_eq!(dict.keys().collect::<Vec<_>>(), vec!["fc.bias"]);
+
+    let weight = ("fc.weight".to_string(), IntTensor { shape: vec![2, 2], data: vec![1, 2, 3, 4] });
+    let bad_path = dir.path().join("bad.safetensors");
+    write_safetensors_with_ints(&bad_path, &floats, &[counter, weight].into_iter().collect(), &BTreeMap::new()).unwrap();
+    let e = err_of(read_model_weights(&bad_path));
+    assert!(e.contains("bad.safetensors") && e.contains("fc.weight") && e.contains("not a floating-point type"), "{e}");
+}

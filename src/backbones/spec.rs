@@ -168,8 +168,7 @@ pub fn infer_on(
 
 fn infer_with<B: crate::ModelBackend>(model_toml: &Path, weights: &Path, input: &Path, output: &Path, device: &B::Device) -> Result<()> {
     let spec = model_from_toml(model_toml)?;
-    let mut dict = import::read_weights(weights)?;
-    import::drop_ignored_keys(&mut dict);
+    let dict = import::read_model_weights(weights)?;
     let model: AnyBackbone<B> = build_model(&spec, device)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;
     let x = import::read_tensor(input, "input")?;

@@ -283,6 +283,18 @@ pub fn drop_ignored_keys(dict: &mut StateDict) {
     dict.retain(|k, _| k != "num_batches_tracked" && !k.ends_with(".num_batches_tracked"));
 }
 
+/// Model weights from a safetensors or `.pth` file ([`read_weights`]) without the entries the
+/// loader ignores, refusing integer or boolean tensors: they are buffers or data, never
+/// parameters, and read as floats they would load silently as nonsense weights.
+pub fn read_model_weights(path: &Path) -> Result<StateDict> {
+    let (mut dict, dtypes) = read_weights_with_dtypes(path)?;
+    drop_ignored_keys(&mut dict);
+    if let Some((k, d)) = dtypes.iter().find(|(k, d)| dict.contains_key(k.as_str()) && !d.is_float()) {
+        bail!("{}: tensor {k} is {d}, not a floating-point type: model weights must be f32, f64, f16 or bf16", path.display());
+    }
+    Ok(dict)
+}
+
 struct F32View<'a>(&'a HostTensor);
 
 impl View for F32View<'_> {

@@ -774,8 +774,7 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
         .find(|p| p.is_file());
     let backbone_top1 = match original {
         Some(p) => {
-            let mut dict = crate::import::read_weights(&p)?;
-            crate::import::drop_ignored_keys(&mut dict);
+            let dict = crate::import::read_model_weights(&p)?;
             let m = load_strict(build_backbone::<Cpu>(&nobase, layered, &ctx, base, &device)?, &dict, &p.display().to_string())?;
             Some(supervised::evaluate(&m, &test_loader, &device)?.1)
         }

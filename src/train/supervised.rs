@@ -117,8 +117,7 @@ pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx:
     match &exp.backbone.weights {
         Some(w) => {
             let path = base_dir.join(w);
-            let mut dict = crate::import::read_weights(&path)?;
-            crate::import::drop_ignored_keys(&mut dict);
+            let dict = crate::import::read_model_weights(&path)?;
             load_strict(model, &dict, &path.display().to_string())
         }
         None => Ok(model),
