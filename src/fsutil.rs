@@ -45,3 +45,13 @@ pub fn atomic_write_with(path: &Path, write: impl FnOnce(&mut File) -> Result<()
     }
     result
 }
+
+/// Opens `path` for appending, creating it if missing, but never through a symbolic link: a
+/// run's logs must not land in a file elsewhere that a link points to.
+pub fn open_append_no_follow(path: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        anyhow::bail!("{}: is a symbolic link; a run writes its own files, not through links", path.display());
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}: cannot open", path.display()))
+}

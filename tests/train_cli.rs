@@ -313,3 +313,42 @@ fn divergence_stops_the_run_and_keeps_the_last_finite_checkpoint() {
     let err = failed(&rlprune(&["eval", run("good").to_str().unwrap(), "--checkpoint", nan.to_str().unwrap()], dir.path()));
     assert!(err.contains("nan.safetensors") && err.contains("NaN or infinite"), "{err}");
 }
+
+/// A run directory belongs to one run: a second process is refused while the first holds it, a
+/// `--out` that already holds a run is refused without `--resume`, and a run never writes
+/// through a symbolic link planted in its directory.
+#[test]
+fn run_directories_are_owned() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    let run = dir.path().join("r");
+    ok(&rlprune(&["train", e, "--out", "r", "--stop-after-epoch", "1"], dir.path()));
+    let before = common::snapshot(&run);
+
+    // Finished or not, rerunning into it without --resume would overwrite it.
+    let err = failed(&rlprune(&["train", e, "--out", "r"], dir.path()));
+    assert!(err.contains("not empty") && err.contains("--resume"), "{err}");
+    assert_eq!(common::snapshot(&run), before);
+
+    // While another process holds the run (here: this test holds its lock), a resume may not
+    // enter.
+    {
+        let _held = rlprune::train::run::RunLock::acquire(&run).unwrap();
+        let err = failed(&rlprune(&["train", e, "--resume", "r"], dir.path()));
+        assert!(err.contains("another rlprune process is running in this run directory"), "{err}");
+        assert_eq!(common::snapshot(&run), before);
+    }
+
+    // A symbolic link in place of metrics.jsonl is not followed.
+    let elsewhere = dir.path().join("elsewhere.txt");
+    std::fs::write(&elsewhere, b"untouched\n").unwrap();
+    std::fs::remove_file(run.join("metrics.jsonl")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, run.join("metrics.jsonl")).unwrap();
+    let err = failed(&rlprune(&["train", e, "--resume", "r"], dir.path()));
+    assert!(err.contains("metrics.jsonl") && err.contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), b"untouched\n");
+
+    // Once released, the run continues.
+    std::fs::remove_file(run.join("metrics.jsonl")).unwrap();
+    ok(&rlprune(&["train", e, "--resume", "r"], dir.path()));
+}

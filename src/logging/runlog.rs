@@ -1,11 +1,11 @@
 //! tracing set-up: human-readable logs on stderr, copied into the current run's `log.txt`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -52,7 +52,7 @@ pub fn init(verbosity: u8) {
 
 /// Copies subsequent log lines into `path` (appending, so a resumed run keeps its history).
 pub fn attach_run_log(path: &Path) -> Result<()> {
-    let f = OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("{}: cannot open log file", path.display()))?;
+    let f = crate::fsutil::open_append_no_follow(path)?;
     if let Ok(mut guard) = RUN_LOG.lock() {
         *guard = Some(f);
     }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::experiment::Experiment;
+use crate::train::supervised::TrainOptions;
 use crate::logging::tensorboard::EventWriter;
 
 /// Where a run continues from.
@@ -39,6 +40,57 @@ pub fn new_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
         }
     }
     bail!("{}: too many runs started in the same second", base.display())
+}
+
+/// Held for the life of a run: an exclusive lock on `<run_dir>/.lock`, which the operating
+/// system releases when the process ends, however it ends.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    pub fn acquire(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open the run's lock file", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                bail!("{}: another rlprune process is running in this run directory", run_dir.display())
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("{}: cannot lock", path.display())),
+        }
+    }
+}
+
+/// Claims the run directory `opts` names before anything is written: `--resume auto` resolved
+/// to the newest run, a `--out` directory that already holds a run refused (continuing needs
+/// `--resume`), and the directory locked for the run's life. A fresh timestamped directory is
+/// created later, exclusively, and needs no lock.
+pub fn claim_run_dir(exp: &Experiment, opts: &TrainOptions) -> Result<(TrainOptions, Option<RunLock>)> {
+    let mut opts = opts.clone();
+    if let Some(Resume::Auto) = opts.resume {
+        opts.resume = Some(Resume::Dir(newest_run(&opts.base_dir.join(&exp.log.dir), &exp.name)?));
+    }
+    let dir = match (&opts.resume, &opts.out) {
+        (Some(Resume::Dir(d)), _) if d.is_dir() => d.clone(),
+        (Some(_), _) | (None, None) => return Ok((opts, None)),
+        (None, Some(d)) => {
+            let taken = std::fs::read_dir(d).map(|mut it| it.any(|e| e.is_ok_and(|e| e.file_name() != ".lock"))).unwrap_or(false);
+            if taken {
+                bail!("{}: the directory is not empty: continue the run there with --resume {}, or choose another --out", d.display(), d.display());
+            }
+            std::fs::create_dir_all(d).with_context(|| format!("{}: cannot create run directory", d.display()))?;
+            d.clone()
+        }
+    };
+    let lock = RunLock::acquire(&dir)?;
+    Ok((opts, Some(lock)))
 }
 
 /// `out` (created if missing) when the user gave `--out`, else a fresh `<root>/<name>/<timestamp>`.
@@ -158,11 +210,7 @@ pub struct MetricsLog {
 impl MetricsLog {
     pub fn open(run_dir: &Path) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let file = crate::fsutil::open_append_no_follow(&path)?;
         Ok(Self { file, path })
     }
 

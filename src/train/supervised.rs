@@ -86,6 +86,8 @@ pub struct PruningOutcome {
 }
 
 pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    let (opts, _lock) = super::run::claim_run_dir(exp, opts)?;
+    let opts = &opts;
     let specs = exp.device_specs().map_err(|e| layered.error_at(if exp.devices.is_empty() { "device" } else { "devices" }, e))?;
     if let Some(ctl) = &exp.controller {
         let kind = crate::controllers::kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
