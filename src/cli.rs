@@ -374,15 +374,3 @@ pub fn with_device_override(overrides: &mut Vec<String>, device: Option<&str>) -
     Ok(())
 }
 
-/// Resolves `eval`'s target: a run directory (its `config.toml`) or an experiment file.
-pub fn experiment_of(target: &Path) -> Result<PathBuf> {
-    if target.is_dir() {
-        let cfg = target.join("config.toml");
-        if !cfg.is_file() {
-            bail!("{}: not a run directory (no config.toml)", target.display());
-        }
-        Ok(cfg)
-    } else {
-        Ok(target.to_path_buf())
-    }
-}

@@ -395,3 +395,16 @@ impl Experiment {
         toml::to_string_pretty(self).context("serialising the resolved experiment")
     }
 }
+
+/// Resolves `eval`'s target: a run directory (its `config.toml`) or an experiment file.
+pub fn experiment_of(target: &Path) -> anyhow::Result<std::path::PathBuf> {
+    if target.is_dir() {
+        let cfg = target.join("config.toml");
+        if !cfg.is_file() {
+            anyhow::bail!("{}: not a run directory (no config.toml)", target.display());
+        }
+        Ok(cfg)
+    } else {
+        Ok(target.to_path_buf())
+    }
+}

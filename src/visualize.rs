@@ -213,7 +213,7 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
     let target = data::resolve(&opts.target, base);
     let device = Default::default();
     let (model, images, source): (AnyBackbone<Cpu>, Images, String) = if target.is_dir() {
-        let cfg = crate::cli::experiment_of(&target)?;
+        let cfg = crate::experiment::experiment_of(&target)?;
         let (exp, layered) = Experiment::load(&cfg, &[])?;
         let weights = match &opts.weights {
             Some(w) => data::resolve(w, base),

@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::ControllerConfig;
-use crate::train::checkpoint::save_weights;
 use crate::backbones::cnn::ConvBn;
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::data::{self, Loader, Subset};
@@ -39,7 +38,7 @@ use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
-use crate::train::checkpoint;
+use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::{correct, cross_entropy};
 use crate::train::optim::{Optimizer, OptimizerConfig};
 use crate::train::run::{RunLogs, resumed_or_new_run_dir};

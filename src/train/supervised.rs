@@ -462,7 +462,7 @@ pub fn evaluate<B: ModelBackend>(model: &AnyBackbone<B>, loader: &Loader, device
 /// `rlprune eval`: loads the run's (or experiment's) configuration, builds the model, loads
 /// the checkpoint and evaluates it on the test split. Returns a JSON report.
 pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[String], base: &Path) -> Result<serde_json::Value> {
-    let cfg = crate::cli::experiment_of(target)?;
+    let cfg = crate::experiment::experiment_of(target)?;
     let (exp, layered) = Experiment::load(&cfg, overrides)?;
     let weights = match checkpoint_file {
         Some(f) => f.to_path_buf(),
