@@ -58,7 +58,7 @@ use crate::rl::reinforce::policy_gradient_loss;
 use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::optim::{Optimizer, OptimizerConfig, ScheduleConfig};
-use crate::train::run::{out_or_new_run_dir, RunLogs};
+use crate::train::run::{epoch_seed, out_or_new_run_dir, RunLogs, SeedStream};
 use crate::train::supervised::{self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context};
 use crate::{Cpu, CpuAutodiff};
 
@@ -334,10 +334,6 @@ fn with_lr(cfg: &OptimizerConfig, lr: f64) -> OptimizerConfig {
     c
 }
 
-fn epoch_seed(seed: u64, epoch: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0xD1B5_4A32_D192_ED03 ^ (epoch as u64 + 1))
-}
-
 /// `rlprune train` for `[controller] kind = "token-predictor"` (see the module docs).
 pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     if opts.resume.is_some() {
@@ -398,7 +394,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     tracing::info!("teacher {}: test top-1 {:.2}% (loss {teacher_loss:.4})", teacher_exp.backbone.arch, 100.0 * teacher_top1);
 
     // 3. The student.
-    <Ad as Backend>::seed(&device, epoch_seed(exp.seed, usize::MAX));
+    <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::TokenPredictor, usize::MAX));
     let mut student = student_from_teacher::<Ad>(&args, &teacher, &device)?;
     let before = evaluate_pruned(&student.valid(), &args, &test_loader)?;
     tracing::info!(
@@ -441,7 +437,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     let mut interrupted = false;
     for epoch in 0..to.epochs {
         let t0 = Instant::now();
-        <Ad as Backend>::seed(&device, epoch_seed(exp.seed, exp.train.epochs + epoch));
+        <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::TokenPredictor, exp.train.epochs + epoch));
         let bar = progress::bar(steps_per_epoch as u64, &format!("student {}/{}", epoch + 1, to.epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
         let mut keep_sum = vec![0.0f64; stages];

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
+use burn::tensor::backend::Backend;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -33,7 +34,7 @@ use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{RunLogs, resumed_or_new_run_dir};
+use crate::train::run::{RunLogs, SeedStream, epoch_seed, resumed_or_new_run_dir};
 use crate::train::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
@@ -438,7 +439,9 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     };
     let unpruned_top1 = state.unpruned_top1;
 
-    // 3. Router training, alternating with backbone fine-tuning.
+    // 3. Router training, alternating with backbone fine-tuning. The router's initialisation
+    // must not depend on whether phase 1 ran in this process.
+    <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, usize::MAX));
     let mut learner = RnpLearner::new(backbone, ctx.in_channels, &ctl, &rl, exp.seed);
     if state.tag() > 0 {
         let file = ck.join("router.safetensors");
@@ -458,10 +461,13 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let steps_per_epoch = train_loader.num_batches();
     let mut history = Vec::new();
     let mut best = state.best.unwrap_or(f64::NEG_INFINITY);
-    let mut interrupted = false;
     let mut last_eval = None;
     let stop_here = |st: &RnpState| opts.stop_after_epoch == Some(st.tag());
-    for epoch in state.rl_epochs..rl.epochs {
+    // `--stop-after-epoch 0`: stop once the backbone (phase 1) is done.
+    let mut interrupted = stop_here(&state);
+    let router_epochs = if interrupted { rl.epochs..rl.epochs } else { state.rl_epochs..rl.epochs };
+    for epoch in router_epochs {
+        <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, epoch));
         let t0 = Instant::now();
         let bar = progress::bar(steps_per_epoch as u64, &format!("rl epoch {}/{}", epoch + 1, rl.epochs));
         let (mut sum, mut count) = (UpdateStats::default(), 0usize);
@@ -614,6 +620,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         let mut ft_best = state.finetune_best.unwrap_or(f64::NEG_INFINITY);
         let mut done = state.finetune_epochs * steps_per_epoch;
         for epoch in state.finetune_epochs..rl.finetune_epochs {
+            <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::RouterFineTune, epoch));
             let t0 = Instant::now();
             let bar = progress::bar(steps_per_epoch as u64, &format!("fine-tune epoch {}/{}", epoch + 1, rl.finetune_epochs));
             let router = learner.router.valid();

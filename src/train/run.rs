@@ -11,6 +11,28 @@ use crate::experiment::Experiment;
 use crate::train::supervised::TrainOptions;
 use crate::logging::tensorboard::EventWriter;
 
+/// Which phase of a run draws from burn's global RNG: each seeds it from its own stream at
+/// every epoch start, so an epoch draws the same numbers whether or not the process ran the
+/// epochs before it (a resumed run is bit-exact at every epoch boundary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedStream {
+    Supervised,
+    TokenPredictor,
+    Router,
+    RouterFineTune,
+}
+
+/// The backend seed of `stream`'s epoch `epoch` (`usize::MAX`: before its first epoch).
+pub fn epoch_seed(seed: u64, stream: SeedStream, epoch: usize) -> u64 {
+    let salt: u64 = match stream {
+        SeedStream::Supervised => 0,
+        SeedStream::TokenPredictor => 0xD1B5_4A32_D192_ED03,
+        SeedStream::Router => 0x524E_505F_524F_5554,
+        SeedStream::RouterFineTune => 0x524E_505F_4654_554E,
+    };
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(salt ^ (epoch as u64).wrapping_add(1))
+}
+
 /// Where a run continues from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {

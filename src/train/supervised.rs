@@ -25,6 +25,7 @@ use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
+use crate::train::run::{epoch_seed, SeedStream};
 use crate::ModelBackend;
 
 /// Set by the Ctrl-C handler; trainers stop after the current step, flush and exit.
@@ -129,10 +130,6 @@ pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx:
 pub fn build_context(train: &dyn Dataset, loader: &Loader) -> BuildContext {
     let [c, h, w] = loader.output_shape();
     BuildContext { num_classes: train.num_classes(), in_channels: c, img_size: [h, w] }
-}
-
-fn epoch_seed(seed: u64, epoch: usize) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(epoch as u64 + 1)
 }
 
 /// Phase 1 of a controller run: the backbone from `[backbone] weights` (seeded, so any layer
@@ -296,7 +293,7 @@ where
 
     for epoch in state.epoch..exp.train.epochs {
         let t0 = Instant::now();
-        B::seed(device, epoch_seed(exp.seed, epoch));
+        B::seed(device, epoch_seed(exp.seed, SeedStream::Supervised, epoch));
         let bar = progress::bar(steps_per_epoch as u64, &format!("epoch {}/{}", epoch + 1, exp.train.epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
         let mut lr = exp.train.optimizer.lr();
