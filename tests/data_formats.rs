@@ -551,3 +551,32 @@ fn splits_of_different_shapes_are_refused() {
     let splits = data::open(&cfg, d).unwrap();
     assert_eq!((splits.train.len(), splits.test.len()), (4, 4));
 }
+
+/// A gzip IDX file that would inflate far beyond its size is refused before it is inflated
+/// (when its header promises that much) or while it is (when the data runs past the header's
+/// promise), never by filling memory first.
+#[test]
+fn gzip_bombs_are_refused() {
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 64 MiB of pixels, as the header promises, deflated about 1000 times.
+    let bomb = dir.path().join("bomb-images.gz");
+    std::fs::write(&bomb, gz(&idx_images(1 << 16, 32, 32, |_| 0))).unwrap();
+    let e = err_of(mnist::read_images(&bomb));
+    assert!(e.contains("bomb-images.gz") && e.contains("refused before inflating"), "{e}");
+    // Three labels, then 64 MiB of zeros the header does not mention.
+    let mut raw = idx_labels(&[1, 2, 3]);
+    raw.extend(std::iter::repeat_n(0u8, 64 << 20));
+    let trail = dir.path().join("trail-labels.gz");
+    std::fs::write(&trail, gz(&raw)).unwrap();
+    let e = err_of(mnist::read_labels(&trail, 10));
+    assert!(e.contains("trail-labels.gz") && e.contains("gzip bomb"), "{e}");
+    // Images that compress as real ones do still read (4 MiB, beyond the fixed slack).
+    let ok = dir.path().join("noise-images.gz");
+    std::fs::write(&ok, gz(&idx_images(4096, 32, 32, |i| (i.wrapping_mul(2_654_435_761) >> 13) as u8))).unwrap();
+    assert_eq!(mnist::read_images(&ok).unwrap().count, 4096);
+}

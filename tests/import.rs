@@ -233,6 +233,11 @@ fn broken_pth_files_give_clear_errors() {
         ("not_a_dict.pth", &["not_a_dict.pth", "top level", "list"]),
         ("no_tensors.pth", &["no_tensors.pth", "no tensors found", "'epoch'"]),
         ("garbage.bin", &["garbage.bin", "not a readable zip archive"]),
+        (
+            "oversized_storage.pth",
+            &["oversized_storage.pth", "'archive/data/0' inflates to 524288 bytes", "2 float32 elements", "(8 bytes)"],
+        ),
+        ("bomb.pth", &["bomb.pth", "declare 268435", "refused before inflating"]),
         ("empty.pth", &["empty.pth", "not a readable zip archive"]),
     ];
     for (file, needles) in cases {

@@ -4,7 +4,8 @@
 //! `u32` dimensions (count, rows, cols) for images, magic `0x00000801` then one (count) for
 //! labels, then one byte per pixel or label. Compression is detected by the gzip magic bytes
 //! (`1f 8b`), not by the file name. The reader streams, so a header promising more data than the
-//! file holds costs no memory, and checks the exact length.
+//! file holds costs no memory, and checks the exact length; gzip data may inflate to at most
+//! 256 times its compressed size.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -28,6 +29,42 @@ pub const FASHION_CLASSES: [&str; 10] =
 
 /// Largest pixel payload accepted (guards against absurd headers).
 const MAX_BYTES: u64 = 1 << 34;
+
+/// gzip input may inflate to at most this multiple of its compressed size, plus [`GZ_SLACK`]
+/// (the official files inflate 2 to 5 times). A header promising more is refused before
+/// reading, and a stream that inflates further is cut off while it is read.
+const MAX_GZ_INFLATION: u64 = 256;
+const GZ_SLACK: u64 = 1 << 20;
+
+fn inflate_cap(compressed: u64) -> u64 {
+    compressed.saturating_mul(MAX_GZ_INFLATION).saturating_add(GZ_SLACK)
+}
+
+/// A decompressing reader that fails with [`std::io::ErrorKind::FileTooLarge`] past its cap.
+struct BoundedInflate<R> {
+    inner: R,
+    left: u64,
+    cap: u64,
+    compressed: u64,
+}
+
+impl<R: Read> Read for BoundedInflate<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(usize::try_from(self.left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > self.left {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!(
+                    "gzip data inflates to more than {} bytes, over {MAX_GZ_INFLATION} times the {}-byte file; refused (a gzip bomb?)",
+                    self.cap, self.compressed
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
 
 /// `train` / `t10k`: the file-name prefix of a split.
 pub fn split_prefix(split: Split) -> &'static str {
@@ -69,10 +106,31 @@ pub fn missing_files(dir: &Path) -> Vec<String> {
 /// Returns the reader and whether it decompresses.
 pub fn open_maybe_gz(path: &Path) -> anyhow::Result<(Box<dyn Read>, bool)> {
     let f = File::open(path).with_context(|| format!("{}: cannot open file", path.display()))?;
+    let compressed = f.metadata().with_context(|| format!("{}: cannot read file", path.display()))?.len();
     let mut r = BufReader::with_capacity(1 << 16, f);
     let head = r.fill_buf().with_context(|| format!("{}: cannot read file", path.display()))?;
     let gz = head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b;
-    if gz { Ok((Box::new(MultiGzDecoder::new(r)), true)) } else { Ok((Box::new(r), false)) }
+    if gz {
+        let cap = inflate_cap(compressed);
+        Ok((Box::new(BoundedInflate { inner: MultiGzDecoder::new(r), left: cap, cap, compressed }), true))
+    } else {
+        Ok((Box::new(r), false))
+    }
+}
+
+/// Refuses a gzip file whose header promises more than it may inflate to, before reading it.
+fn check_promise(path: &Path, gz: bool, total: u64) -> anyhow::Result<()> {
+    if !gz {
+        return Ok(());
+    }
+    let compressed = std::fs::metadata(path).with_context(|| format!("{}: cannot read file", path.display()))?.len();
+    if total > inflate_cap(compressed) {
+        anyhow::bail!(
+            "{}: the IDX header promises {total} bytes, over {MAX_GZ_INFLATION} times the {compressed}-byte gzip file; refused before inflating (a gzip bomb?)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// Reads until `buf` is full or the input ends; the number of bytes read.
@@ -90,7 +148,9 @@ fn read_up_to(r: &mut dyn Read, buf: &mut [u8], path: &Path, gz: bool) -> anyhow
 }
 
 fn read_error(path: &Path, gz: bool, offset: u64, e: std::io::Error) -> anyhow::Error {
-    if gz {
+    if e.kind() == std::io::ErrorKind::FileTooLarge {
+        anyhow::anyhow!("{}: {e}", path.display())
+    } else if gz {
         anyhow::anyhow!("{}: corrupt gzip data after {offset} decompressed bytes: {e}", path.display())
     } else {
         anyhow::anyhow!("{}: read error at byte offset {offset}: {e}", path.display())
@@ -211,6 +271,7 @@ pub fn read_images(path: &Path) -> anyhow::Result<IdxImages> {
             path.display()
         ),
     };
+    check_promise(path, gz, 16 + expected)?;
     let what = format!("{count} images x {rows} x {cols}");
     let pixels = read_payload(&mut *r, path, gz, 16, expected, &what)?;
     Ok(IdxImages { count: count as usize, rows: rows as usize, cols: cols as usize, pixels })
@@ -226,6 +287,7 @@ pub fn read_labels(path: &Path, num_classes: usize) -> anyhow::Result<Vec<u8>> {
     if count > MAX_BYTES {
         anyhow::bail!("{}: IDX label header promises {count} labels, more than this reader accepts", path.display());
     }
+    check_promise(path, gz, 8 + count)?;
     let labels = read_payload(&mut *r, path, gz, 8, count, &format!("{count} labels"))?;
     if let Some((i, &l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= num_classes) {
         anyhow::bail!(

@@ -23,6 +23,11 @@ use crate::nn::params::{HostTensor, StateDict};
 /// A state dict's pickle is small; this bounds what a corrupt or hostile archive can make us
 /// allocate for it.
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
+/// All entries together may inflate to at most this multiple of the archive's size, plus
+/// [`INFLATION_SLACK`]. `torch.save` stores entries uncompressed, so a real checkpoint is near
+/// 1; a compressed bomb is refused from the declared sizes, before anything is inflated.
+const MAX_INFLATION: u64 = 16;
+const INFLATION_SLACK: u64 = 1 << 20;
 /// A view with more elements than its storage (stride 0, i.e. `expand`) may not exceed this.
 const MAX_EXPANDED_NUMEL: usize = 1 << 26;
 
@@ -40,14 +45,16 @@ pub(crate) fn read_pth_with_dtypes(
 ) -> Result<(StateDict, BTreeMap<String, SourceDtype>)> {
     let p = path.display();
     let file = File::open(path).with_context(|| format!("{p}: cannot open"))?;
+    let file_len = file.metadata().with_context(|| format!("{p}: cannot read"))?.len();
     let mut zip = ZipArchive::new(BufReader::new(file)).map_err(|e| {
         anyhow!("{p}: not a readable zip archive, the file may be truncated or corrupt ({e})")
     })?;
+    check_inflation(&mut zip, file_len).map_err(|e| anyhow!("{p}: {e}"))?;
 
     let pkl_name = find_pickle(&zip).map_err(|e| anyhow!("{p}: {e}"))?;
     let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
     let pkl =
-        read_entry(&mut zip, &pkl_name, Some(MAX_PICKLE_BYTES)).map_err(|e| anyhow!("{p}: {e}"))?;
+        read_entry(&mut zip, &pkl_name, Some((MAX_PICKLE_BYTES, "a pickle"))).map_err(|e| anyhow!("{p}: {e}"))?;
     let big_endian =
         byte_order(&mut zip, &format!("{prefix}byteorder")).map_err(|e| anyhow!("{p}: {e}"))?;
 
@@ -67,7 +74,11 @@ pub(crate) fn read_pth_with_dtypes(
         let key = t.storage.key.as_str();
         let entry = format!("{prefix}data/{key}");
         if !cache.contains_key(key) {
-            let bytes = match read_entry(&mut zip, &entry, None) {
+            // The pickle declares each storage's size: an entry that would inflate beyond it
+            // is refused before it is read.
+            let declared = t.storage.numel.saturating_mul(t.storage.dtype.size()) as u64;
+            let what = format!("the pickle's {} {} elements", t.storage.numel, t.storage.dtype);
+            let bytes = match read_entry(&mut zip, &entry, Some((declared, what.as_str()))) {
                 Ok(b) => b,
                 Err(e) => bail!("{p}: {e} (storage of tensor '{name}')"),
             };
@@ -103,17 +114,38 @@ fn find_pickle(zip: &Archive) -> Result<String> {
     }
 }
 
-fn read_entry(zip: &mut Archive, name: &str, limit: Option<u64>) -> Result<Vec<u8>> {
+/// Refuses an archive whose entries declare more inflated bytes than [`MAX_INFLATION`] times
+/// its size. Each read is then bounded by its entry's declared size, so what the archive can
+/// make us allocate is bounded however its headers lie.
+fn check_inflation(zip: &mut Archive, file_len: u64) -> Result<()> {
+    let cap = file_len.saturating_mul(MAX_INFLATION).saturating_add(INFLATION_SLACK);
+    let mut total = 0u64;
+    for i in 0..zip.len() {
+        let e = zip.by_index_raw(i).map_err(|e| anyhow!("cannot read zip entry {i}: {e}"))?;
+        total = total.saturating_add(e.size());
+    }
+    if total > cap {
+        bail!(
+            "the zip entries declare {total} bytes once inflated, more than {MAX_INFLATION} times the \
+             file's {file_len} bytes; refused before inflating (a zip bomb, or not a torch.save checkpoint)"
+        );
+    }
+    Ok(())
+}
+
+/// Reads a zip entry whole; with `limit`, an entry declaring more bytes than `limit.0` (what
+/// `limit.1` allows) is refused before it is inflated.
+fn read_entry(zip: &mut Archive, name: &str, limit: Option<(u64, &str)>) -> Result<Vec<u8>> {
     let entry = match zip.by_name(name) {
         Ok(e) => e,
         Err(ZipError::FileNotFound) => bail!("zip entry '{name}' is missing"),
         Err(e) => bail!("cannot read zip entry '{name}': {e}"),
     };
     let size = entry.size();
-    if let Some(limit) = limit
+    if let Some((limit, what)) = limit
         && size > limit
     {
-        bail!("zip entry '{name}' is too large ({size} bytes)");
+        bail!("zip entry '{name}' inflates to {size} bytes, more than {what} allow ({limit} bytes)");
     }
     // The declared size only sizes the first allocation; reading stops at the real end.
     let mut buf = Vec::with_capacity(size.min(1 << 28) as usize);
@@ -131,7 +163,7 @@ fn byte_order(zip: &mut Archive, name: &str) -> Result<bool> {
     if zip.by_name(name).is_err() {
         return Ok(false); // files from before torch wrote it are little-endian
     }
-    let b = read_entry(zip, name, Some(64))?;
+    let b = read_entry(zip, name, Some((64, "a byte order")))?;
     match std::str::from_utf8(&b).map(str::trim) {
         Ok("little") => Ok(false),
         Ok("big") => Ok(true),

@@ -188,7 +188,8 @@ class TypedTensor:
 class Pickler(pickle.Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, Storage):
-            return ("storage", STORAGE_CLASS[obj.dtype], obj.key, "cpu", len(obj.values))
+            numel = getattr(obj, "numel", len(obj.values))
+            return ("storage", STORAGE_CLASS[obj.dtype], obj.key, "cpu", numel)
         return None
 
 
@@ -333,6 +334,21 @@ def main():
         z.writestr("archive/data/0", short.raw()[:6])
     write_zip(p("not_a_dict.pth"), pickle_bytes([Tensor(short, [2])]), [short])
     write_zip(p("no_tensors.pth"), pickle_bytes({"epoch": 3, "lr": 0.1}), [])
+    # ------------------------------------------------------------ zip bombs
+    # A storage entry that inflates far beyond the 8 bytes its pickle declares (within the
+    # whole-archive cap, so the per-entry check is what refuses it).
+    pkl = pickle_bytes(state_dict([("w", Tensor(short, [2]))]))
+    with zipfile.ZipFile(p("oversized_storage.pth"), "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", bytes(512 << 10))
+    # Consistent sizes, but 256 MiB of zeros deflated to a few hundred KB: about 1000 times the
+    # file once inflated.
+    big = Storage("0", "float32", [])
+    big.numel = 64 << 20
+    pkl = pickle_bytes(state_dict([("w", Tensor(big, [64 << 20]))]))
+    with zipfile.ZipFile(p("bomb.pth"), "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", bytes(256 << 20))
     rng = random.Random(0)
     open(p("garbage.bin"), "wb").write(bytes(rng.randrange(256) for _ in range(4096)))
     open(p("empty.pth"), "wb").close()
