@@ -352,3 +352,27 @@ fn run_directories_are_owned() {
     std::fs::remove_file(run.join("metrics.jsonl")).unwrap();
     ok(&rlprune(&["train", e, "--resume", "r"], dir.path()));
 }
+
+/// Sizes that cannot fit are refused with one line before anything is allocated: a backbone
+/// too large for the machine's memory, a training batch larger than the training split, and a
+/// benchmark batch too large for memory. No run directory is left behind.
+#[test]
+fn sizes_that_cannot_fit_are_refused_before_allocating() {
+    let (dir, exp) = setup(&SYNTH.replace("channels = [8, 8, 16, 16]", "channels = [100000, 100000, 100000, 100000]"));
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("training small-cnn at batch 32 needs at least") && err.contains("memory available"), "{err}");
+    assert!(err.contains("exp.toml"), "the error names the file: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let (dir, exp) = setup(&SYNTH.replace("batch_size = 32", "batch_size = 1000000000000"));
+    let err = failed(&rlprune(&["train", exp.to_str().unwrap()], dir.path()));
+    assert!(err.contains("data.batch_size = 1000000000000 is larger than the training split (256 images"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!dir.path().join("runs").exists(), "nothing was written");
+
+    let err = failed(&rlprune(&["bench", "gfnet-ti", "--batch", "1000000000"], dir.path()));
+    assert!(err.contains("inference of gfnet-ti at batch 1000000000 needs at least"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = failed(&rlprune(&["bench", "small-cnn", "--train", "--batch", "1000000000"], dir.path()));
+    assert!(err.contains("training of small-cnn at batch 1000000000 needs at least"), "{err}");
+}

@@ -143,3 +143,32 @@ fn model_toml_errors_name_the_key() {
     let err = ModelSpec::from_toml_str("[model]\nfamily = \"deit\"\n[other]\n").unwrap_err();
     assert!(format!("{err:#}").contains("other"), "{err:#}");
 }
+
+/// `backbones::cost` (what memory checks read before building) counts exactly the trainable
+/// parameters of the model `backbones::build` makes, for the families without reference
+/// arguments and two with them, at CIFAR and ImageNet sizes, with width options.
+#[test]
+fn registry_cost_counts_the_built_parameters() {
+    use rlprune::backbones::{BuildContext, build, cost};
+    let device = Default::default();
+    let cases: &[(&str, &str, usize, usize)] = &[
+        ("small-cnn", "", 1, 28),
+        ("small-cnn", "channels = [8, 12, 16, 24]", 3, 32),
+        ("vgg16-cifar", "width = 0.25", 3, 32),
+        ("resnet20-cifar", "", 3, 32),
+        ("resnet56-cifar", "width = 0.5", 3, 32),
+        ("resnet18", "width = 0.25", 3, 32),
+        ("resnet18", "width = 0.25", 3, 96),
+        ("gfnet-ti", "", 3, 32),
+        ("deit-ti", "", 3, 32),
+    ];
+    for &(arch, options, in_channels, size) in cases {
+        let options: toml::Table = toml::from_str(options).unwrap();
+        let ctx = BuildContext { num_classes: 10, in_channels, img_size: [size, size] };
+        let analytic = cost(arch, &options, &ctx).unwrap();
+        let model: AnyBackbone<Cpu> = build(arch, &options, &ctx, &device).unwrap();
+        let built = rlprune::nn::params::trainable_param_count(&model) as u64;
+        assert_eq!(analytic.params(), built, "{arch} {options:?} at {size}");
+        assert!(analytic.activations >= analytic.largest_activation && analytic.largest_activation > 0, "{arch}");
+    }
+}

@@ -2,6 +2,8 @@
 //! test bed. conv-BN-ReLU ×4 with two 2×2 max-pools, global average pool, linear head.
 
 use anyhow::Result;
+
+use crate::metrics::flops::CostReport;
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 
@@ -172,10 +174,36 @@ impl<B: ModelBackend> Family<B> for SmallCnn<B> {
     const ARCHS: &'static [&'static str] = &["small-cnn"];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
-        let opts: SmallCnnOptions = super::parse_options(options)?;
-        if opts.channels.contains(&0) {
-            anyhow::bail!("backbone.channels: every entry must be > 0, got {:?}", opts.channels);
+        Ok(Self::new(&Self::options(options)?, ctx, device))
+    }
+
+    fn cost(_arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        let opts = Self::options(options)?;
+        let [mut h, mut w] = ctx.img_size;
+        let mut cost = CostReport::new(h);
+        let mut c_in = ctx.in_channels;
+        for (i, &c) in opts.channels.iter().enumerate() {
+            cost.conv2d(c_in, c, 3, 1, false, [h, w]).add_params(2 * c).add_output(c * h * w);
+            if Self::pools_after(i) {
+                (h, w) = (h / 2, w / 2);
+                cost.add_output(c * h * w);
+            }
+            c_in = c;
         }
-        Ok(Self::new(&opts, ctx, device))
+        cost.linear(c_in, ctx.num_classes, true, 1);
+        Ok(cost)
     }
 }
+
+impl<B: ModelBackend> SmallCnn<B> {
+    fn options(options: &toml::Table) -> Result<SmallCnnOptions> {
+        let opts: SmallCnnOptions = super::parse_options(options)?;
+        if opts.channels.iter().any(|&c| c == 0 || c > MAX_CHANNELS) {
+            anyhow::bail!("backbone.channels: every entry must be in 1..={MAX_CHANNELS}, got {:?}", opts.channels);
+        }
+        Ok(opts)
+    }
+}
+
+/// A bound that keeps every size computed from the channels far from overflowing.
+const MAX_CHANNELS: usize = 1 << 20;

@@ -362,6 +362,11 @@ impl<B: ModelBackend> Family<B> for DynamicVit<B> {
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Self::from_args(&args_for_arch::<DynamicVitArgs>(arch, options, ctx)?, device)
     }
+
+    fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        let args = args_for_arch::<DynamicVitArgs>(arch, options, ctx)?;
+        Ok(args.cost(args.img_size().unwrap_or(ctx.img_size[0])))
+    }
 }
 
 /// Weights of the reference `DistillDiffPruningLoss_dynamic`.

@@ -414,6 +414,11 @@ impl<B: ModelBackend> Family<B> for Gfnet<B> {
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Self::from_args(&args_for_arch::<GfnetArgs>(arch, options, ctx)?, device)
     }
+
+    fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        let args = args_for_arch::<GfnetArgs>(arch, options, ctx)?;
+        Ok(args.cost(args.img_size().unwrap_or(ctx.img_size[0])))
+    }
 }
 
 /// GFNet-H: the hierarchical GFNet.
@@ -497,5 +502,10 @@ impl<B: ModelBackend> Family<B> for GfnetPyramid<B> {
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Self::from_args(&args_for_arch::<GfnetPyramidArgs>(arch, options, ctx)?, device)
+    }
+
+    fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        let args = args_for_arch::<GfnetPyramidArgs>(arch, options, ctx)?;
+        Ok(args.cost(args.img_size().unwrap_or(ctx.img_size[0])))
     }
 }

@@ -526,4 +526,9 @@ impl<B: ModelBackend> Family<B> for Hornet<B> {
         );
         Self::from_args(&args_for_arch::<HornetArgs>(arch, options, ctx)?, device)
     }
+
+    fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        let args = args_for_arch::<HornetArgs>(arch, options, ctx)?;
+        Ok(args.cost(args.img_size().unwrap_or(ctx.img_size[0])))
+    }
 }

@@ -94,6 +94,11 @@ pub trait Family<B: ModelBackend>: Backbone<B> + Sized {
     /// Builds `arch` with the family's options (the `[backbone]` table minus the generic keys).
     /// Options are parsed by the family with `deny_unknown_fields`.
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self>;
+
+    /// Parameters, MACs and layer outputs per image of what [`Family::build`] would build,
+    /// from the options alone: nothing is allocated, so a model too large for the machine is
+    /// refused before it is built (see [`crate::metrics::memory`]).
+    fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport>;
 }
 
 macro_rules! registry {
@@ -155,6 +160,17 @@ macro_rules! registry {
                     return <$ty::$name<B> as Family<B>>::build(arch, options, ctx, device)
                         .map(AnyBackbone::$variant)
                         .with_context(|| format!("building backbone '{arch}'"));
+                }
+            )+
+            anyhow::bail!("unknown backbone arch '{arch}' (known: {})", arch_names().join(", "))
+        }
+
+        /// [`Family::cost`] of `arch` with `options` (nothing is allocated).
+        pub fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+            $(
+                if <$ty::$name<crate::Cpu> as Family<crate::Cpu>>::ARCHS.contains(&arch) {
+                    return <$ty::$name<crate::Cpu> as Family<crate::Cpu>>::cost(arch, options, ctx)
+                        .with_context(|| format!("backbone '{arch}'"));
                 }
             )+
             anyhow::bail!("unknown backbone arch '{arch}' (known: {})", arch_names().join(", "))

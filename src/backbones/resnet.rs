@@ -20,6 +20,7 @@ use crate::controllers::{Controller, DecisionPoint, Mode, Trace, TraceStep};
 use crate::nn::activation_op::add_relu;
 use crate::nn::conv::global_avg_pool;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
+use crate::metrics::flops::CostReport;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -140,49 +141,98 @@ pub struct ResNet<B: Backend> {
 
 impl<B: ModelBackend> ResNet<B> {
     pub fn cifar(depth: usize, opts: &ResNetOptions, ctx: &BuildContext, device: &B::Device) -> Self {
-        let n = (depth - 2) / 6;
-        let widths: Vec<usize> = [16, 32, 64].iter().map(|&c| scale(c, opts.width)).collect();
-        Self::assemble(ctx, widths[0], 3, 1, false, &widths, &[n, n, n], false, device)
+        Self::assemble(ctx, &Layout::cifar(depth, opts), device)
     }
 
     pub fn resnet18(opts: &ResNetOptions, ctx: &BuildContext, device: &B::Device) -> Self {
-        let widths: Vec<usize> = [64, 128, 256, 512].iter().map(|&c| scale(c, opts.width)).collect();
-        let small = ctx.img_size[0] < 64;
-        let (k, s) = if small { (3, 1) } else { (7, 2) };
-        Self::assemble(ctx, widths[0], k, s, !small, &widths, &[2, 2, 2, 2], true, device)
+        Self::assemble(ctx, &Layout::resnet18(opts, ctx), device)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
-        ctx: &BuildContext,
-        stem: usize,
-        kernel: usize,
-        stride: usize,
-        stem_pool: bool,
-        widths: &[usize],
-        blocks: &[usize],
-        projection: bool,
-        device: &B::Device,
-    ) -> Self {
-        let mut c_in = stem;
+    fn assemble(ctx: &BuildContext, l: &Layout, device: &B::Device) -> Self {
+        let mut c_in = l.stem;
         let mut layers = Vec::new();
-        for (stage, (&c, &n)) in widths.iter().zip(blocks).enumerate() {
+        for (stage, (&c, &n)) in l.widths.iter().zip(&l.blocks).enumerate() {
             let mut stage_blocks = Vec::new();
             for b in 0..n {
-                let s = if stage > 0 && b == 0 { 2 } else { 1 };
-                stage_blocks.push(BasicBlock::new(c_in, c, s, projection, device));
+                stage_blocks.push(BasicBlock::new(c_in, c, Layout::block_stride(stage, b), l.projection, device));
                 c_in = c;
             }
             layers.push(stage_blocks);
         }
         Self {
-            conv1: Conv2d::new(ctx.in_channels, stem, kernel, stride, kernel / 2, 1, false, device),
-            bn1: BatchNorm2d::new(stem, device),
-            stem_pool,
+            conv1: Conv2d::new(ctx.in_channels, l.stem, l.kernel, l.stride, l.kernel / 2, 1, false, device),
+            bn1: BatchNorm2d::new(l.stem, device),
+            stem_pool: l.stem_pool,
             layers,
             fc: Linear::new(c_in, ctx.num_classes, true, device),
             img_size: ctx.img_size,
         }
+    }
+}
+
+/// A ResNet's shape: what [`ResNet::assemble`] builds and [`Family::cost`] counts.
+struct Layout {
+    stem: usize,
+    kernel: usize,
+    stride: usize,
+    stem_pool: bool,
+    widths: Vec<usize>,
+    blocks: Vec<usize>,
+    projection: bool,
+}
+
+impl Layout {
+    fn of(arch: &str, opts: &ResNetOptions, ctx: &BuildContext) -> Self {
+        match arch {
+            "resnet20-cifar" => Self::cifar(20, opts),
+            "resnet56-cifar" => Self::cifar(56, opts),
+            _ => Self::resnet18(opts, ctx),
+        }
+    }
+
+    fn cifar(depth: usize, opts: &ResNetOptions) -> Self {
+        let n = (depth - 2) / 6;
+        let widths: Vec<usize> = [16, 32, 64].iter().map(|&c| scale(c, opts.width)).collect();
+        Self { stem: widths[0], kernel: 3, stride: 1, stem_pool: false, widths, blocks: vec![n; 3], projection: false }
+    }
+
+    fn resnet18(opts: &ResNetOptions, ctx: &BuildContext) -> Self {
+        let widths: Vec<usize> = [64, 128, 256, 512].iter().map(|&c| scale(c, opts.width)).collect();
+        let small = ctx.img_size[0] < 64;
+        let (kernel, stride) = if small { (3, 1) } else { (7, 2) };
+        Self { stem: widths[0], kernel, stride, stem_pool: !small, widths, blocks: vec![2; 4], projection: true }
+    }
+
+    fn block_stride(stage: usize, block: usize) -> usize {
+        if stage > 0 && block == 0 { 2 } else { 1 }
+    }
+
+    fn cost(&self, ctx: &BuildContext) -> CostReport {
+        let [mut h, mut w] = ctx.img_size;
+        let mut cost = CostReport::new(h);
+        (h, w) = (h.div_ceil(self.stride), w.div_ceil(self.stride));
+        cost.conv2d(ctx.in_channels, self.stem, self.kernel, 1, false, [h, w]).add_params(2 * self.stem);
+        cost.add_output(self.stem * h * w);
+        if self.stem_pool {
+            (h, w) = (h.div_ceil(2), w.div_ceil(2));
+            cost.add_output(self.stem * h * w);
+        }
+        let mut c_in = self.stem;
+        for (stage, (&c, &n)) in self.widths.iter().zip(&self.blocks).enumerate() {
+            for b in 0..n {
+                let s = Self::block_stride(stage, b);
+                (h, w) = (h.div_ceil(s), w.div_ceil(s));
+                cost.conv2d(c_in, c, 3, 1, false, [h, w]).add_params(2 * c).add_output(c * h * w);
+                cost.conv2d(c, c, 3, 1, false, [h, w]).add_params(2 * c).add_output(c * h * w);
+                if self.projection && (s != 1 || c_in != c) {
+                    cost.conv2d(c_in, c, 1, 1, false, [h, w]).add_params(2 * c).add_output(c * h * w);
+                }
+                cost.add_output(c * h * w);
+                c_in = c;
+            }
+        }
+        cost.linear(c_in, ctx.num_classes, true, 1);
+        cost
     }
 }
 
@@ -322,14 +372,20 @@ impl<B: ModelBackend> Family<B> for ResNet<B> {
     const ARCHS: &'static [&'static str] = &["resnet20-cifar", "resnet56-cifar", "resnet18"];
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        Ok(Self::assemble(ctx, &Layout::of(arch, &Self::options(options)?, ctx), device))
+    }
+
+    fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        Ok(Layout::of(arch, &Self::options(options)?, ctx).cost(ctx))
+    }
+}
+
+impl<B: ModelBackend> ResNet<B> {
+    fn options(options: &toml::Table) -> Result<ResNetOptions> {
         let opts: ResNetOptions = super::parse_options(options)?;
         if !(opts.width > 0.0 && opts.width <= 8.0) {
             anyhow::bail!("backbone.width must be in (0, 8], got {}", opts.width);
         }
-        Ok(match arch {
-            "resnet20-cifar" => Self::cifar(20, &opts, ctx, device),
-            "resnet56-cifar" => Self::cifar(56, &opts, ctx, device),
-            _ => Self::resnet18(&opts, ctx, device),
-        })
+        Ok(opts)
     }
 }

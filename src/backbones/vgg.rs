@@ -17,6 +17,7 @@ use crate::controllers::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use rand_chacha::ChaCha8Rng;
 use crate::nn::Linear;
+use crate::metrics::flops::CostReport;
 
 /// `0` marks a 2×2 max-pool.
 const VGG16: [usize; 18] = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0];
@@ -117,10 +118,37 @@ impl<B: ModelBackend> Family<B> for Vgg<B> {
     const ARCHS: &'static [&'static str] = &["vgg16-cifar"];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
+        Ok(Self::new(&Self::options(options)?, ctx, device))
+    }
+
+    fn cost(_arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
+        let opts = Self::options(options)?;
+        let [mut h, mut w] = ctx.img_size;
+        let mut cost = CostReport::new(h);
+        let mut c_in = ctx.in_channels;
+        for &c in VGG16.iter() {
+            if c == 0 {
+                if h >= 2 && w >= 2 {
+                    (h, w) = (h / 2, w / 2);
+                    cost.add_output(c_in * h * w);
+                }
+                continue;
+            }
+            let c_out = ((c as f64 * opts.width).round() as usize).max(1);
+            cost.conv2d(c_in, c_out, 3, 1, false, [h, w]).add_params(2 * c_out).add_output(c_out * h * w);
+            c_in = c_out;
+        }
+        cost.linear(c_in, ctx.num_classes, true, 1);
+        Ok(cost)
+    }
+}
+
+impl<B: ModelBackend> Vgg<B> {
+    fn options(options: &toml::Table) -> Result<VggOptions> {
         let opts: VggOptions = super::parse_options(options)?;
         if !(opts.width > 0.0 && opts.width <= 8.0) {
             anyhow::bail!("backbone.width must be in (0, 8], got {}", opts.width);
         }
-        Ok(Self::new(&opts, ctx, device))
+        Ok(opts)
     }
 }

@@ -33,6 +33,8 @@ use crate::ModelBackend;
 use crate::backbones::zoo::{ZooSpec, zoo_entry};
 use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec, build, model_from_toml};
 use crate::device::DeviceSpec;
+use crate::metrics::flops::CostReport;
+use crate::metrics::memory::{self, Workload};
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
 
@@ -295,6 +297,14 @@ impl BenchModel {
         }
     }
 
+    /// The model's analytic cost per image (nothing is allocated).
+    pub fn cost(&self) -> Result<CostReport> {
+        match &self.kind {
+            BenchModelKind::Reference(spec) => Ok(spec.cost(self.ctx.img_size[0])),
+            BenchModelKind::Registry { arch } => crate::backbones::cost(arch, &toml::Table::new(), &self.ctx),
+        }
+    }
+
     /// Builds the model, freshly initialised, on `device`.
     pub fn build<B: ModelBackend>(&self, device: &B::Device) -> Result<AnyBackbone<B>> {
         match &self.kind {
@@ -437,6 +447,16 @@ pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     opts.validate()?;
     let model = BenchModel::resolve(target, opts.img_size, opts.num_classes, opts.in_chans)?;
     let shape = model.input_shape(opts.batch);
+    let workload = if opts.train { Workload::Training } else { Workload::Inference };
+    let input: u64 = shape[1..].iter().map(|&d| d as u64).product();
+    memory::ensure_fits(
+        &format!("{} of {target} at batch {}", if opts.train { "training" } else { "inference" }, opts.batch),
+        &model.cost()?,
+        input,
+        opts.batch as u64,
+        workload,
+        memory::available_bytes(),
+    )?;
     let (seconds, params) = if opts.train {
         crate::with_autodiff_backend!(opts.device, |B, device| {
             let m: AnyBackbone<B> = model.build(&device)?;

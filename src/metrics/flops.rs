@@ -31,11 +31,18 @@ pub struct StageCost {
 pub struct CostReport {
     pub img_size: usize,
     pub stages: Vec<StageCost>,
+    /// Elements of every counted layer's output for one image, summed: what training keeps for
+    /// the backward pass, at least (elementwise ops are not counted).
+    #[serde(skip)]
+    pub activations: u64,
+    /// Elements of the largest counted layer output for one image.
+    #[serde(skip)]
+    pub largest_activation: u64,
 }
 
 impl CostReport {
     pub fn new(img_size: usize) -> Self {
-        Self { img_size, stages: Vec::new() }
+        Self { img_size, stages: Vec::new(), activations: 0, largest_activation: 0 }
     }
 
     /// Starts a new stage; subsequent counts go there.
@@ -69,6 +76,13 @@ impl CostReport {
         self
     }
 
+    /// Records a layer output of `n` elements per image.
+    pub fn add_output(&mut self, n: usize) -> &mut Self {
+        self.activations = self.activations.saturating_add(n as u64);
+        self.largest_activation = self.largest_activation.max(n as u64);
+        self
+    }
+
     /// Adds `n` MACs that no primitive below describes.
     pub fn add_macs(&mut self, n: u64) -> &mut Self {
         self.cur().macs += n;
@@ -88,18 +102,21 @@ impl CostReport {
     ) -> &mut Self {
         let w = c_out * (c_in / groups) * kernel * kernel;
         self.add_params(w + if bias { c_out } else { 0 });
+        self.add_output(c_out * out_hw[0] * out_hw[1]);
         self.add_macs((out_hw[0] * out_hw[1] * w) as u64)
     }
 
     /// A linear layer applied to `tokens` rows.
     pub fn linear(&mut self, d_in: usize, d_out: usize, bias: bool, tokens: usize) -> &mut Self {
         self.add_params(d_in * d_out + if bias { d_out } else { 0 });
+        self.add_output(tokens * d_out);
         self.add_macs((tokens * d_in * d_out) as u64)
     }
 
     /// `nn.LayerNorm(dim)` over `rows` rows: `2·dim` parameters, 5 MACs per element.
     pub fn layer_norm(&mut self, dim: usize, rows: usize) -> &mut Self {
         self.add_params(2 * dim);
+        self.add_output(rows * dim);
         self.add_macs(5 * (rows * dim) as u64)
     }
 
@@ -110,16 +127,19 @@ impl CostReport {
 
     /// A batched matrix product `[m, k] × [k, n]`, `batch` times.
     pub fn matmul(&mut self, batch: usize, m: usize, k: usize, n: usize) -> &mut Self {
+        self.add_output(batch * m * n);
         self.add_macs((batch * m * k * n) as u64)
     }
 
     /// One `rfft2`/`irfft2` call whose input has shape `shape` (batch dimension first).
     pub fn fft(&mut self, shape: [usize; 4]) -> &mut Self {
+        self.add_output(shape[1] * shape[2] * shape[3]);
         self.add_macs(fft_macs(shape))
     }
 
     /// Bilinear resize producing `out_elems` elements.
     pub fn bilinear(&mut self, out_elems: usize) -> &mut Self {
+        self.add_output(out_elems);
         self.add_macs(4 * out_elems as u64)
     }
 }

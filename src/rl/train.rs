@@ -384,9 +384,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let splits = data::open(&exp.data, base)?;
     let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
     let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    if train_loader.num_batches() == 0 {
-        bail!("{}: the training split has no full batch (data.batch_size too large?)", splits.train.describe());
-    }
+    train_loader.ensure_batches()?;
     let ctx = build_context(splits.train.as_ref(), &train_loader);
     let device: burn::tensor::Device<Ad> = Default::default();
     let t_start = Instant::now();

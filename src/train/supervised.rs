@@ -26,6 +26,7 @@ use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
 use crate::train::run::{epoch_seed, SeedStream};
+use crate::metrics::memory::{self, Workload};
 use crate::ModelBackend;
 
 /// Set by the Ctrl-C handler; trainers stop after the current step, flush and exit.
@@ -110,13 +111,8 @@ pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result
 /// Builds the experiment's backbone for `ctx`, loading `[backbone] weights` if given; errors
 /// about backbone options point at their line.
 pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx: &BuildContext, base_dir: &Path, device: &B::Device) -> Result<AnyBackbone<B>> {
-    let model = backbones::build::<B>(&exp.backbone.arch, &exp.backbone.options, ctx, device).map_err(|e| {
-        let msg = format!("{e:#}");
-        match msg.split_once("backbone.").and_then(|(_, rest)| rest.split([' ', ':']).next()) {
-            Some(key) => anyhow::anyhow!("{}: {msg}", layered.origin_of(&format!("backbone.{key}"))),
-            None => anyhow::anyhow!("{}: {msg}", layered.origin_of("backbone.arch")),
-        }
-    })?;
+    let model = backbones::build::<B>(&exp.backbone.arch, &exp.backbone.options, ctx, device)
+        .map_err(|e| backbone_error(layered, e))?;
     match &exp.backbone.weights {
         Some(w) => {
             let path = base_dir.join(w);
@@ -125,6 +121,33 @@ pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx:
         }
         None => Ok(model),
     }
+}
+
+/// A backbone option's error, prefixed with the file and line of the key it names (else of
+/// `backbone.arch`).
+fn backbone_error(layered: &Layered, e: anyhow::Error) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    match msg.split_once("backbone.").and_then(|(_, rest)| rest.split([' ', ':']).next()) {
+        Some(key) => anyhow::anyhow!("{}: {msg}", layered.origin_of(&format!("backbone.{key}"))),
+        None => anyhow::anyhow!("{}: {msg}", layered.origin_of("backbone.arch")),
+    }
+}
+
+/// Refuses an experiment whose backbone and training batch cannot fit in the memory available,
+/// before anything is allocated (see [`crate::metrics::memory`]).
+pub fn check_training_memory(exp: &Experiment, layered: &Layered, ctx: &BuildContext) -> Result<()> {
+    let cost = backbones::cost(&exp.backbone.arch, &exp.backbone.options, ctx).map_err(|e| backbone_error(layered, e))?;
+    let input = (ctx.in_channels * ctx.img_size[0] * ctx.img_size[1]) as u64;
+    let batch = exp.data.batch_size as u64;
+    memory::ensure_fits(
+        &format!("training {} at batch {batch}", exp.backbone.arch),
+        &cost,
+        input,
+        batch,
+        Workload::Training,
+        memory::available_bytes(),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", layered.origin_of("backbone.arch")))
 }
 
 pub fn build_context(train: &dyn Dataset, loader: &Loader) -> BuildContext {
@@ -152,6 +175,7 @@ where
     B::InnerBackend: ModelBackend,
 {
     if exp.backbone.weights.is_some() {
+        check_training_memory(exp, layered, ctx)?;
         B::seed(device, exp.seed);
         return Ok(Ok(build_backbone(exp, layered, ctx, base_dir, device)?));
     }
@@ -221,10 +245,9 @@ where
     let splits = data::open(&exp.data, base)?;
     let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
     let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    if train_loader.num_batches() == 0 {
-        bail!("{}: the training split has no full batch (data.batch_size too large?)", splits.train.describe());
-    }
+    train_loader.ensure_batches()?;
     let ctx = build_context(splits.train.as_ref(), &train_loader);
+    check_training_memory(exp, layered, &ctx)?;
 
     B::seed(device, exp.seed);
     let mut model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
