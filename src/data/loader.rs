@@ -127,14 +127,6 @@ impl Loader {
             anyhow::bail!("data.{key}: {msg}");
         }
         let batch_size = if train { cfg.batch_size } else { cfg.eval_batch_size };
-        if train && batch_size > ds.len() {
-            anyhow::bail!(
-                "data.batch_size = {batch_size} is larger than the training split ({} images in {}); use at most {}",
-                ds.len(),
-                ds.describe(),
-                ds.len()
-            );
-        }
         let transform = Transform::from_config(cfg, ds.image_shape(), train)?;
         let plan = Plan { ds, transform, batch_size, drop_last: cfg.drop_last, train, seed };
         Ok(Self {
@@ -145,10 +137,19 @@ impl Loader {
         })
     }
 
-    /// Fails with the loader's configuration error, or when an epoch would hold no batch.
+    /// For a training loader: fails with the loader's configuration error, when the batch size
+    /// exceeds the split (a loader alone would give one partial batch) or when an epoch would
+    /// hold no batch.
     pub fn ensure_batches(&self) -> anyhow::Result<()> {
         if let Some(e) = &self.deferred {
             anyhow::bail!("{e}");
+        }
+        let (batch, n) = (self.plan.batch_size, self.plan.ds.len());
+        if batch > n {
+            anyhow::bail!(
+                "data.batch_size = {batch} is larger than the training split ({n} images in {}); use at most {n}",
+                self.plan.ds.describe()
+            );
         }
         if self.plan.num_batches() == 0 {
             anyhow::bail!("{}: the split has no full batch (data.batch_size too large?)", self.plan.ds.describe());
