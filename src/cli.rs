@@ -243,8 +243,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
                 println!("measure its speed against the unpruned network: rlprune eval {}", run.display());
             }
+            let run = summary.run_dir.display();
             if summary.interrupted {
-                bail!("interrupted: run {} can be continued with --resume {}", summary.run_dir.display(), summary.run_dir.display());
+                if !crate::train::run::has_checkpoint(&summary.run_dir) {
+                    bail!("interrupted before the first checkpoint: there is nothing to resume in {run} (it holds only logs; remove it and start again)");
+                }
+                if supervised::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+                    bail!("interrupted: run {run} can be continued with --resume {run}");
+                }
+                let n = opts.stop_after_epoch.unwrap_or(summary.epochs_done);
+                tracing::info!("stopped after epoch {n} as asked (--stop-after-epoch); continue with --resume {run}");
+            } else if opts.resume.is_some() && summary.history.is_empty() {
+                tracing::info!("run {run} is already complete: nothing left to do");
             }
             Ok(())
         }

@@ -376,3 +376,42 @@ fn sizes_that_cannot_fit_are_refused_before_allocating() {
     let err = failed(&rlprune(&["bench", "small-cnn", "--train", "--batch", "1000000000"], dir.path()));
     assert!(err.contains("training of small-cnn at batch 1000000000 needs at least"), "{err}");
 }
+
+/// A requested stop is a success with one line saying how to continue; resuming a finished run
+/// says there is nothing left to do; Ctrl-C before the first checkpoint does not promise a
+/// resume.
+#[test]
+fn requested_stops_succeed_and_interrupts_say_what_is_left() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    let out = rlprune(&["train", e, "--out", "r", "--stop-after-epoch", "1"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped after epoch 1 as asked") && err.contains("--resume"), "{err}");
+    assert!(!err.contains("error"), "{err}");
+    ok(&rlprune(&["train", e, "--resume", "r"], dir.path()));
+    let out = rlprune(&["train", e, "--resume", "r"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success() && err.contains("already complete: nothing left to do"), "{err}");
+    assert_eq!(metrics(&dir.path().join("r")).len(), 3);
+
+    // Ctrl-C inside the first epoch (a long one), once the run directory exists.
+    let (dir, exp) = setup(&SYNTH.replace("train_size = 256", "train_size = 400000"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rlprune"))
+        .args(["train", exp.to_str().unwrap(), "--out", "c"])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !dir.path().join("c/config.toml").is_file() {
+        assert!(t0.elapsed().as_secs() < 60, "the run never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = failed(&out);
+    assert!(!dir.path().join("c/checkpoints/state.json").exists(), "the first epoch must not have ended: {err}");
+    assert!(err.contains("before the first checkpoint") && err.contains("nothing to resume"), "{err}");
+}

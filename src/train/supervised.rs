@@ -423,7 +423,8 @@ where
         }
         checkpoint::save(&run_dir, &weights, &optim.state_dict(), &state, is_best)?;
         history.push(m);
-        if opts.stop_after_epoch == Some(state.epoch) {
+        if opts.stop_after_epoch == Some(state.epoch) && state.epoch < exp.train.epochs {
+            interrupted = true;
             break;
         }
     }
