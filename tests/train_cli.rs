@@ -397,7 +397,7 @@ fn requested_stops_succeed_and_interrupts_say_what_is_left() {
 
     // Ctrl-C inside the first epoch (a long one), once the run directory exists.
     let (dir, exp) = setup(&SYNTH.replace("train_size = 256", "train_size = 400000"));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rlprune"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_rlprune"))
         .args(["train", exp.to_str().unwrap(), "--out", "c"])
         .current_dir(dir.path())
         .stderr(std::process::Stdio::piped())
