@@ -88,9 +88,13 @@ pub enum Command {
     },
     /// Run a reference model (model TOML + weights) on `input` of a safetensors file; writes `output` (logits).
     Infer {
-        /// Model TOML: one [model] table with `family` and the reference constructor arguments.
-        #[arg(long, value_name = "MODEL.toml")]
-        model: PathBuf,
+        /// A zoo name of a reference model (see `rlprune zoo`) or a model TOML: one [model] table
+        /// with `family` and the reference constructor arguments.
+        #[arg(long, value_name = "NAME|MODEL.toml")]
+        model: String,
+        /// Override a model argument, e.g. --set num_classes=10 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
         /// Weights with the reference key names (.safetensors or a PyTorch .pth zip; no pickle code is run).
         #[arg(long, value_name = "W")]
         weights: PathBuf,
@@ -282,22 +286,24 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("wrote {0}/sweep.csv and {0}/sweep.png", dir.display());
             Ok(())
         }
-        Command::Infer { model, weights, input, output, device } => {
+        Command::Infer { model, set, weights, input, output, device } => {
             let device = DeviceSpec::select(Some(&device), "cpu")?;
-            crate::backbones::spec::infer_on(&model, &weights, &input, &output, device)?;
+            let spec = crate::backbones::spec::resolve_model(&model, &set)?;
+            crate::backbones::spec::infer_on(&spec, &weights, &input, &output, device)?;
             println!("wrote {}", output.display());
             Ok(())
         }
         Command::Zoo { json } => {
             let entries = crate::backbones::zoo::zoo();
+            let w = entries.iter().map(|e| e.name.len()).max().unwrap_or(4);
             if !json {
-                println!("{:<18} {:>14} {:>9} {:>5}", "name", "params", "GMACs", "img");
+                println!("{:<w$} {:>14} {:>9} {:>5}", "name", "params", "GMACs", "img");
             }
             for e in entries {
                 if json {
                     println!("{}", serde_json::json!({"name": e.name, "params": e.params, "gmacs": e.gmacs}));
                 } else {
-                    println!("{:<18} {:>14} {:>9.3} {:>5}", e.name, e.params, e.gmacs, e.img_size);
+                    println!("{:<w$} {:>14} {:>9.3} {:>5}", e.name, e.params, e.gmacs, e.img_size);
                 }
             }
             Ok(())
@@ -310,7 +316,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 crate::backbones::zoo::zoo_entry(&model)?.cost
             };
-            print!("{report}");
+            println!("{report}");
             Ok(())
         }
         Command::Bench { model, batch, threads, train, routed, warmup, repeats, img_size, num_classes, in_chans, json, device } => {

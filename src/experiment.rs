@@ -259,7 +259,7 @@ pub fn apply_override(layered: &mut Layered, spec: &str) -> Result<()> {
     if key.is_empty() || key.split('.').any(|p| p.is_empty()) {
         bail!("--set {spec}: '{key}' is not a dotted key path");
     }
-    let value = parse_value(raw.trim());
+    let value = crate::backbones::spec::parse_override_value(raw.trim());
     let parts: Vec<&str> = key.split('.').collect();
     let mut table = &mut layered.table;
     for (i, p) in parts[..parts.len() - 1].iter().enumerate() {
@@ -274,12 +274,6 @@ pub fn apply_override(layered: &mut Layered, spec: &str) -> Result<()> {
     Ok(())
 }
 
-fn parse_value(raw: &str) -> toml::Value {
-    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
-        Err(_) => toml::Value::String(raw.to_string()),
-    }
-}
 
 /// Turns a merged table into a typed value, pointing errors at the key's origin.
 pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: toml::Table, prefix: &str) -> Result<T> {

@@ -8,6 +8,8 @@ use rlprune::backbones::zoo::{official_name, zoo, ZooSpec};
 use rlprune::backbones::{AnyBackbone, ModelSpec};
 use rlprune::Cpu;
 
+mod common;
+
 fn official() -> Option<Vec<(String, u64, f64)>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let p = [root.join("../shared/reference"), root.join("../../shared/reference")]
@@ -171,4 +173,51 @@ fn registry_cost_counts_the_built_parameters() {
         assert_eq!(analytic.params(), built, "{arch} {options:?} at {size}");
         assert!(analytic.activations >= analytic.largest_activation && analytic.largest_activation > 0, "{arch}");
     }
+}
+
+/// A zoo name works where a model TOML is taken: `infer --model deit-ti --set ...` gives what
+/// the equivalent model TOML gives, and bad names or keys get one clear error. `zoo` prints
+/// aligned columns; `flops` ends its output with a newline.
+#[test]
+fn zoo_names_work_where_a_model_is_expected() {
+    use rlprune::backbones::spec::resolve_model;
+    let dir = tempfile::tempdir().unwrap();
+    let sets = ["num_classes=10".to_string(), "img_size=32".to_string()];
+    let spec = resolve_model("deit-ti", &sets).unwrap();
+    assert_eq!((spec.num_classes(), spec.img_size()), (10, Some(32)));
+    let model: AnyBackbone<Cpu> = spec.build(&Default::default()).unwrap();
+    let weights = dir.path().join("w.safetensors");
+    rlprune::import::write_safetensors(&weights, &rlprune::nn::params::state_dict(&model), &Default::default()).unwrap();
+    std::fs::write(dir.path().join("m.toml"), spec.to_toml_string()).unwrap();
+    let x = rlprune::nn::params::HostTensor::new(vec![2, 3, 32, 32], (0..2 * 3 * 32 * 32).map(|i| ((i % 97) as f32) / 97.0).collect());
+    let input = dir.path().join("x.safetensors");
+    rlprune::import::write_safetensors(&input, &[("input".to_string(), x)].into_iter().collect(), &Default::default()).unwrap();
+    let run = |model: &str, extra: &[&str], out: &str| {
+        let mut args = vec!["infer", "--model", model, "--weights", "w.safetensors", "--input", "x.safetensors", "--output", out];
+        args.extend_from_slice(extra);
+        common::rlprune(&args, dir.path())
+    };
+    common::ok(&run("deit-ti", &["--set", "num_classes=10", "--set", "img_size=32"], "by_name.safetensors"));
+    common::ok(&run("m.toml", &[], "by_file.safetensors"));
+    let a = rlprune::import::read_tensor(&dir.path().join("by_name.safetensors"), "output").unwrap();
+    let b = rlprune::import::read_tensor(&dir.path().join("by_file.safetensors"), "output").unwrap();
+    assert_eq!(a.shape, vec![2, 10]);
+    assert_eq!(a.data, b.data);
+
+    let err = common::failed(&run("deit-tiny", &[], "o.safetensors"));
+    assert!(err.contains("'deit-tiny'") && err.contains("rlprune zoo"), "{err}");
+    let err = common::failed(&run("deit-ti", &["--set", "num_clases=10"], "o.safetensors"));
+    assert!(err.contains("num_clases"), "{err}");
+    let err = common::failed(&run("missing.toml", &[], "o.safetensors"));
+    assert!(err.contains("missing.toml: no such model file"), "{err}");
+    assert!(!dir.path().join("o.safetensors").exists());
+
+    let zoo = common::ok(&common::rlprune(&["zoo"], dir.path()));
+    let widths: std::collections::BTreeSet<usize> = zoo.lines().map(|l| l.trim_end().len()).collect();
+    assert_eq!(widths.len(), 1, "zoo rows of different widths:\n{zoo}");
+    for name in ["small-cnn", "resnet20-cifar", "dynamicvit-deit-256-0.7"] {
+        assert!(zoo.lines().any(|l| l.starts_with(name)), "{name} missing:\n{zoo}");
+    }
+    let flops = common::ok(&common::rlprune(&["flops", "gfnet-ti"], dir.path()));
+    assert!(flops.ends_with(")\n"), "{flops:?}");
 }

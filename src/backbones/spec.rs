@@ -85,6 +85,45 @@ pub fn model_from_toml(path: impl AsRef<Path>) -> Result<ModelSpec> {
     ModelSpec::from_toml_str(&text).with_context(|| format!("in {}", path.display()))
 }
 
+/// A `--set`-style value: parsed as TOML (`0.1`, `true`, `[1, 2]`, `"x"`), else taken as a
+/// plain string.
+pub fn parse_override_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// The model `target` names: a model TOML file, or the zoo name of a reference model (see
+/// `rlprune zoo`), with `key=value` overrides of its arguments (`num_classes=10`,
+/// `img_size=288`, ...).
+pub fn resolve_model(target: &str, overrides: &[String]) -> Result<ModelSpec> {
+    let path = Path::new(target);
+    let mut table = if path.is_file() {
+        model_from_toml(path)?.to_table()
+    } else if let Some(spec) = ModelSpec::named(target) {
+        spec.to_table()
+    } else if target.ends_with(".toml") || target.contains('/') {
+        bail!("{target}: no such model file");
+    } else {
+        bail!(
+            "'{target}' is neither a model TOML file nor the zoo name of a reference model (`rlprune zoo` lists them; \
+             the CNN baselines are built by experiments)"
+        );
+    };
+    for o in overrides {
+        let (key, raw) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value, e.g. --set num_classes=10"))?;
+        let key = key.trim();
+        if key == "family" || key.is_empty() {
+            bail!("--set {o}: '{key}' cannot be overridden");
+        }
+        table.insert(key.to_string(), parse_override_value(raw.trim()));
+    }
+    ModelSpec::from_table(&table).with_context(|| {
+        if overrides.is_empty() { target.to_string() } else { format!("{target} with --set {}", overrides.join(" --set ")) }
+    })
+}
+
 /// Builds the model a spec describes, freshly initialised as the reference does.
 pub fn build_model<B: ModelBackend>(spec: &ModelSpec, device: &B::Device) -> Result<AnyBackbone<B>> {
     spec.build(device)
@@ -151,25 +190,24 @@ pub fn infer(
     input: impl AsRef<Path>,
     output: impl AsRef<Path>,
 ) -> Result<()> {
-    infer_on(model_toml, weights, input, output, crate::device::DeviceSpec::Cpu)
+    infer_on(&model_from_toml(model_toml)?, weights, input, output, crate::device::DeviceSpec::Cpu)
 }
 
-/// [`infer`] on a chosen device (`rlprune infer --device`).
+/// [`infer`] of a resolved model (see [`resolve_model`]) on a chosen device (`rlprune infer`).
 pub fn infer_on(
-    model_toml: impl AsRef<Path>,
+    spec: &ModelSpec,
     weights: impl AsRef<Path>,
     input: impl AsRef<Path>,
     output: impl AsRef<Path>,
     device: crate::device::DeviceSpec,
 ) -> Result<()> {
-    let (model_toml, weights, input, output) = (model_toml.as_ref(), weights.as_ref(), input.as_ref(), output.as_ref());
-    crate::with_backend!(device, |B, device| infer_with::<B>(model_toml, weights, input, output, &device))
+    let (weights, input, output) = (weights.as_ref(), input.as_ref(), output.as_ref());
+    crate::with_backend!(device, |B, device| infer_with::<B>(spec, weights, input, output, &device))
 }
 
-fn infer_with<B: crate::ModelBackend>(model_toml: &Path, weights: &Path, input: &Path, output: &Path, device: &B::Device) -> Result<()> {
-    let spec = model_from_toml(model_toml)?;
+fn infer_with<B: crate::ModelBackend>(spec: &ModelSpec, weights: &Path, input: &Path, output: &Path, device: &B::Device) -> Result<()> {
     let dict = import::read_model_weights(weights)?;
-    let model: AnyBackbone<B> = build_model(&spec, device)?;
+    let model: AnyBackbone<B> = build_model(spec, device)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;
     let x = import::read_tensor(input, "input")?;
     if x.shape.len() != 4 {
