@@ -163,7 +163,7 @@ pub enum Command {
     /// Draw what a token/spatial-pruning model (DynamicViT, AdaHorNet) kept: per image a PNG with the
     /// image and one panel per pruning stage, dropped regions greyed out; plus index.json.
     Visualize {
-        /// A run directory (config.toml + checkpoints/) or a model TOML (then --weights and --data).
+        /// A run directory (config.toml + checkpoints/), or a model TOML or zoo name (then --weights and --data).
         target: PathBuf,
         /// Number of images (the first ones of the test split or of the input file).
         #[arg(long, default_value_t = 8, value_name = "N")]

@@ -24,7 +24,8 @@ use image::{Rgb, RgbImage};
 use rand::SeedableRng;
 use serde_json::json;
 
-use crate::backbones::{model_from_toml, AnyBackbone};
+use crate::backbones::spec::resolve_model;
+use crate::backbones::{AnyBackbone, ModelSpec};
 use crate::data::{self, DataConfig, DatasetKind, Loader};
 use crate::experiment::Experiment;
 use crate::import;
@@ -242,10 +243,13 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
             None => dataset_images(&exp.data, base, opts.images)?,
         };
         (model, images, format!("{} ({})", target.display(), weights.display()))
-    } else if target.is_file() {
-        let spec = model_from_toml(&target)?;
-        let weights = opts.weights.as_ref().map(|w| data::resolve(w, base)).context("a model TOML needs --weights FILE")?;
-        let data = opts.data.as_deref().context("a model TOML needs --data (a dataset name or a safetensors file with tensor `input`)")?;
+    } else if target.is_file() || ModelSpec::named(&target.to_string_lossy()).is_some() {
+        let spec = resolve_model(&target.to_string_lossy(), &[])?;
+        let weights = opts.weights.as_ref().map(|w| data::resolve(w, base)).context("a model TOML or zoo name needs --weights FILE")?;
+        let data = opts
+            .data
+            .as_deref()
+            .context("a model TOML or zoo name needs --data (a dataset name or a safetensors file with tensor `input`)")?;
         let dict = import::read_model_weights(&weights)?;
         let model = load_strict(spec.build::<Cpu>(&device)?, &dict, &weights.display().to_string())?;
         let images = images_from_data(data, opts.data_root.as_deref(), spec.img_size(), base, opts.images)?;
@@ -254,7 +258,7 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
         }
         (model, images, format!("{} ({})", target.display(), weights.display()))
     } else {
-        bail!("{}: neither a run directory nor a model TOML file", target.display());
+        bail!("{}: neither a run directory, a model TOML file nor a zoo name", target.display());
     };
 
     let [n, c, h, w] = images.shape;

@@ -183,7 +183,7 @@ fn run_directory_pngs_and_bad_options() {
     let err = failed(&rlprune(&["visualize", run.to_str().unwrap(), "--images", "0", "--out", o], tmp.path()));
     assert!(err.contains("--images"), "{err}");
     let err = failed(&rlprune(&["visualize", tmp.path().join("nope").to_str().unwrap(), "--out", o], tmp.path()));
-    assert!(err.contains("neither a run directory nor a model TOML"), "{err}");
+    assert!(err.contains("neither a run directory, a model TOML file nor a zoo name"), "{err}");
     let model = tmp.path().join("m.toml");
     std::fs::write(&model, "[model]\nfamily = \"deit\"\nimg_size = 16\npatch_size = 4\nembed_dim = 8\ndepth = 1\nnum_heads = 2\n").unwrap();
     let err = failed(&rlprune(&["visualize", model.to_str().unwrap(), "--out", o], tmp.path()));
