@@ -296,6 +296,22 @@ fn safetensors_round_trip_with_metadata() {
     assert_eq!(read_tensor(&p, "a.bias").unwrap(), d["a.bias"]);
     let e = err_of(read_tensor(&p, "input"));
     assert!(e.contains("no tensor 'input'") && e.contains("a.bias"), "{e}");
+    // Identical contents give identical files: the metadata is written sorted.
+    let many: BTreeMap<String, String> = (0..8).map(|i| (format!("key{i}"), format!("value {i}"))).collect();
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let q = dir.path().join(format!("same{i}.safetensors"));
+            write_safetensors(&q, &d, &many).unwrap();
+            let bytes = std::fs::read(&q).unwrap();
+            std::fs::remove_file(&q).unwrap();
+            bytes
+        })
+        .collect();
+    assert!(files.windows(2).all(|w| w[0] == w[1]), "the same tensors and metadata gave different files");
+    let text = String::from_utf8_lossy(&files[0]);
+    let positions: Vec<usize> = (0..8).map(|i| text.find(&format!("\"key{i}\"")).unwrap()).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "metadata not sorted: {positions:?}");
+    assert_eq!(u64::from_le_bytes(files[0][..8].try_into().unwrap()) % 8, 0, "data section 8-byte aligned");
     // No metadata.
     write_safetensors(&p, &d, &BTreeMap::new()).unwrap();
     assert!(read_safetensors_metadata(&p).unwrap().is_empty());

@@ -397,16 +397,41 @@ pub fn write_safetensors_with_ints(
             bail!("{p}: tensor '{k}' given twice");
         }
     }
-    let info: Option<HashMap<String, String>> = if metadata.is_empty() {
-        None
-    } else {
-        Some(metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-    };
     let views = dict
         .iter()
         .map(|(k, t)| (k.as_str(), AnyView::F32(F32View(t))))
         .chain(ints.iter().map(|(k, t)| (k.as_str(), AnyView::I64(I64View(t)))));
-    let bytes = safetensors::tensor::serialize(views, info)
+    let bytes = safetensors::tensor::serialize(views, None::<HashMap<String, String>>)
         .with_context(|| format!("{p}: cannot serialise safetensors"))?;
+    let bytes = with_sorted_metadata(bytes, metadata).with_context(|| format!("{p}: cannot serialise safetensors"))?;
     crate::fsutil::atomic_write(path, &bytes).with_context(|| format!("{p}: cannot write safetensors"))
+}
+
+/// Adds `metadata` to a serialised safetensors file's header in sorted order, so identical
+/// contents give identical files (the `safetensors` crate writes it from a `HashMap`, in an
+/// order that changes from process to process).
+fn with_sorted_metadata(bytes: Vec<u8>, metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    if metadata.is_empty() {
+        return Ok(bytes);
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().context("short safetensors buffer")?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])?;
+    let mut text = String::from("{\"__metadata__\":");
+    text.push_str(&serde_json::to_string(metadata)?);
+    for (k, v) in &header {
+        text.push(',');
+        text.push_str(&serde_json::to_string(k)?);
+        text.push(':');
+        text.push_str(&serde_json::to_string(v)?);
+    }
+    text.push('}');
+    // The data section starts 8-byte aligned, as the format's writer pads it.
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
