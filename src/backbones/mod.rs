@@ -297,6 +297,14 @@ registry! {
     AdaHornet => adahornet::AdaHornet [adahornet::AdaHornetArgs],
 }
 
+/// Checks a CNN baseline's channel-width multiplier (`backbone.width`).
+pub fn check_width(width: f64) -> Result<()> {
+    if !(width > 0.0 && width <= 8.0) {
+        anyhow::bail!("backbone.width must be in (0, 8], got {width}");
+    }
+    Ok(())
+}
+
 /// Parses a family's options table into its typed options, naming the offending key.
 pub fn parse_options<T: serde::de::DeserializeOwned>(options: &toml::Table) -> Result<T> {
     let value = toml::Value::Table(options.clone());

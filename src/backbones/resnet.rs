@@ -383,9 +383,7 @@ impl<B: ModelBackend> Family<B> for ResNet<B> {
 impl<B: ModelBackend> ResNet<B> {
     fn options(options: &toml::Table) -> Result<ResNetOptions> {
         let opts: ResNetOptions = super::parse_options(options)?;
-        if !(opts.width > 0.0 && opts.width <= 8.0) {
-            anyhow::bail!("backbone.width must be in (0, 8], got {}", opts.width);
-        }
+        super::check_width(opts.width)?;
         Ok(opts)
     }
 }

@@ -146,9 +146,7 @@ impl<B: ModelBackend> Family<B> for Vgg<B> {
 impl<B: ModelBackend> Vgg<B> {
     fn options(options: &toml::Table) -> Result<VggOptions> {
         let opts: VggOptions = super::parse_options(options)?;
-        if !(opts.width > 0.0 && opts.width <= 8.0) {
-            anyhow::bail!("backbone.width must be in (0, 8], got {}", opts.width);
-        }
+        super::check_width(opts.width)?;
         Ok(opts)
     }
 }

@@ -28,11 +28,20 @@ pub enum Workload {
 
 /// Bytes that `cost`'s model needs at least for `batch` images of `input_elems` values each.
 pub fn needed_bytes(cost: &CostReport, input_elems: u64, batch: u64, workload: Workload) -> u64 {
-    let (weights, per_image) = match workload {
-        Workload::Inference => (cost.params(), input_elems.saturating_add(cost.largest_activation.saturating_mul(2))),
-        Workload::Training => (cost.params().saturating_mul(4), input_elems.saturating_add(cost.activations)),
+    let weights = match workload {
+        Workload::Inference => cost.params(),
+        Workload::Training => cost.params().saturating_mul(4),
     };
-    weights.saturating_add(batch.saturating_mul(per_image)).saturating_mul(F32)
+    weights.saturating_mul(F32).saturating_add(batch.saturating_mul(per_image_bytes(cost, input_elems, workload)))
+}
+
+/// The part of [`needed_bytes`] that grows with each image of the batch.
+fn per_image_bytes(cost: &CostReport, input_elems: u64, workload: Workload) -> u64 {
+    let elems = match workload {
+        Workload::Inference => input_elems.saturating_add(cost.largest_activation.saturating_mul(2)),
+        Workload::Training => input_elems.saturating_add(cost.activations),
+    };
+    elems.saturating_mul(F32)
 }
 
 /// Memory this process may still use: `MemAvailable`, and the cgroup's limit when one is set
@@ -67,7 +76,7 @@ pub fn ensure_fits(what: &str, cost: &CostReport, input_elems: u64, batch: u64, 
             "{what} needs at least {} ({} parameters, {} per image), more than the {} of memory available; use a smaller model or batch",
             human(needed),
             cost.params(),
-            human(needed_bytes(cost, input_elems, 1, workload).saturating_sub(needed_bytes(cost, input_elems, 0, workload))),
+            human(per_image_bytes(cost, input_elems, workload)),
             human(available)
         );
     }

@@ -202,17 +202,6 @@ fn remove_empty_event_files(run_dir: &Path) {
 /// RNP and static-l1 runs `checkpoints/rnp_state.json`, `checkpoints/static_state.json` or a
 /// phase-1 `backbone/checkpoints/state.json`.
 pub fn newest_run(root: &Path, name: &str) -> Result<PathBuf> {
-    newest_run_with_checkpoint(root, name)
-}
-
-/// Whether `run` holds a checkpoint a resume can start from (see [`newest_run`]).
-pub fn has_checkpoint(run: &Path) -> bool {
-    ["checkpoints/state.json", "checkpoints/rnp_state.json", "checkpoints/static_state.json", "backbone/checkpoints/state.json"]
-        .iter()
-        .any(|f| run.join(f).is_file())
-}
-
-fn newest_run_with_checkpoint(root: &Path, name: &str) -> Result<PathBuf> {
     let base = root.join(name);
     let entries = std::fs::read_dir(&base)
         .with_context(|| format!("--resume auto: no runs of '{name}' under {}", base.display()))?;
@@ -242,4 +231,11 @@ impl MetricsLog {
         self.file.flush()?;
         Ok(())
     }
+}
+
+/// Whether `run` holds a checkpoint a resume can start from (see [`newest_run`]).
+pub fn has_checkpoint(run: &Path) -> bool {
+    ["checkpoints/state.json", "checkpoints/rnp_state.json", "checkpoints/static_state.json", "backbone/checkpoints/state.json"]
+        .iter()
+        .any(|f| run.join(f).is_file())
 }
