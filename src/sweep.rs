@@ -213,7 +213,7 @@ pub fn write_csv(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
 /// Registers a system sans-serif font for the plot's text (plotters' `ab_glyph` backend needs
 /// font bytes; none is bundled). `RLPRUNE_FONT` names a TTF/OTF file to use instead. Without
 /// any, the plot is drawn without text.
-fn register_font() -> bool {
+pub(crate) fn register_font() -> bool {
     use std::sync::OnceLock;
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {

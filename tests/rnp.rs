@@ -572,3 +572,58 @@ fn dqn_resume_inside_router_epochs_is_refused_and_after_them_allowed() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("after/checkpoints/rnp_state.json")).unwrap()).unwrap();
     assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(2), Some(2)));
 }
+
+/// `rlprune eval` of an RNP run reports every image's widths (the distinct width paths with
+/// their shares) and the compute per class, and `rlprune visualize` of the run draws the channel
+/// use per layer and class as a PNG, with the numbers in `channel_use.json`.
+#[test]
+fn eval_and_visualize_show_per_image_decisions() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("rnp.toml"),
+        rnp_experiment("rnp-vis", 3, 128, "epochs = 1\nworkers = 1\nentropy_bonus = 0.5\nbackbone_widths = \"policy-and-random\""),
+    )
+    .unwrap();
+    let rlprune = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    rlprune(&["train", "rnp.toml", "--out", "run", "--set", "data.classes=4"]);
+    let report: serde_json::Value = serde_json::from_str(&rlprune(&["eval", "run", "--json"])).unwrap();
+    let paths = report["width_paths"].as_array().unwrap();
+    let shares: Vec<f64> = paths.iter().map(|p| p["share"].as_f64().unwrap()).collect();
+    assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9, "shares {shares:?}");
+    assert!(shares.windows(2).all(|w| w[0] >= w[1]), "most taken first: {shares:?}");
+    assert!(paths.iter().all(|p| p["groups"].as_array().unwrap().len() == 4));
+    // The paths' FLOPs, weighted by their shares, are the split's FLOPs ratio.
+    let mean: f64 = paths.iter().map(|p| p["share"].as_f64().unwrap() * p["flops_ratio"].as_f64().unwrap()).sum();
+    assert!((mean - report["flops_ratio"].as_f64().unwrap()).abs() < 1e-9);
+    let classes = report["per_class"].as_array().unwrap();
+    assert_eq!(classes.iter().map(|c| c["images"].as_u64().unwrap()).sum::<u64>(), 64);
+    let top1: f64 = classes.iter().map(|c| c["top1"].as_f64().unwrap() * c["images"].as_f64().unwrap()).sum::<f64>() / 64.0;
+    assert!((top1 - report["top1"].as_f64().unwrap()).abs() < 1e-9);
+    let table = rlprune(&["eval", "run"]);
+    assert!(table.contains("width paths (groups per routed layer)") && table.contains("class "), "{table}");
+
+    let out = rlprune(&["visualize", "run", "--out", "vis"]);
+    assert!(out.contains("channel_use.png"), "{out}");
+    let png = image::open(dir.path().join("vis/channel_use.png")).unwrap();
+    assert!(png.width() > 200 && png.height() > 4 * 20, "{}×{}", png.width(), png.height());
+    let uses: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("vis/channel_use.json")).unwrap()).unwrap();
+    let share = uses["share"].as_array().unwrap();
+    assert_eq!(share.len(), 4, "one table per routed layer");
+    for layer in share {
+        for row in layer.as_array().unwrap() {
+            let row: Vec<f64> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(row.len(), 4, "one share per width");
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{row:?}");
+        }
+    }
+    let class_flops: Vec<f64> = uses["class_flops_ratio"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (c, f) in classes.iter().zip(&class_flops) {
+        assert!((c["flops_ratio"].as_f64().unwrap() - f).abs() < 1e-9);
+    }
+}

@@ -99,6 +99,9 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// Width paths listed by [`table`], most taken first (the report holds all of them).
+const WIDTH_PATHS_SHOWN: usize = 8;
+
 /// The table view of an eval report (plain runs and controller runs).
 pub fn table(report: &Value) -> String {
     let mut s = String::new();
@@ -148,6 +151,41 @@ pub fn table(report: &Value) -> String {
             _ => String::new(),
         };
         s.push_str(&format!("{name:<20} {r:>6.3} {tail}\n"));
+    }
+    if let Some(paths) = report.get("width_paths").and_then(|v| v.as_array()).filter(|p| !p.is_empty()) {
+        let common = paths.iter().filter(|p| f(&p["share"]) >= 0.1).count();
+        s.push_str(&format!(
+            "\nwidth paths (groups per routed layer): {} distinct, {common} taken by ≥ 10 % of the images\n",
+            paths.len()
+        ));
+        s.push_str(&format!("{:<20} {:>7} {:>7} {:>7}\n", "groups", "images", "FLOPs", "top-1"));
+        for p in paths.iter().take(WIDTH_PATHS_SHOWN) {
+            let groups: Vec<String> =
+                p["groups"].as_array().map(|g| g.iter().map(|v| v.to_string()).collect()).unwrap_or_default();
+            s.push_str(&format!(
+                "{:<20} {:>6.1}% {:>7.3} {:>6.1}%\n",
+                groups.join(" "),
+                100.0 * f(&p["share"]),
+                f(&p["flops_ratio"]),
+                100.0 * f(&p["top1"])
+            ));
+        }
+        if paths.len() > WIDTH_PATHS_SHOWN {
+            let rest: f64 = paths.iter().skip(WIDTH_PATHS_SHOWN).map(|p| f(&p["share"])).sum();
+            s.push_str(&format!("({} more, {:.1}% of the images)\n", paths.len() - WIDTH_PATHS_SHOWN, 100.0 * rest));
+        }
+    }
+    if let Some(classes) = report.get("per_class").and_then(|v| v.as_array()).filter(|c| !c.is_empty()) {
+        s.push_str(&format!("\n{:<20} {:>7} {:>7} {:>7}\n", "class", "images", "FLOPs", "top-1"));
+        for c in classes {
+            s.push_str(&format!(
+                "{:<20} {:>7} {:>7.3} {:>6.1}%\n",
+                c["class"].as_str().unwrap_or("?"),
+                c["images"].as_u64().unwrap_or(0),
+                f(&c["flops_ratio"]),
+                100.0 * f(&c["top1"])
+            ));
+        }
     }
     if let Some(lat) = report.get("latency").and_then(|v| v.as_object()) {
         s.push_str(&format!(

@@ -78,6 +78,15 @@ pub struct RlConfig {
     /// (0 = never).
     #[serde(default = "d_alt")]
     pub alternate_every: usize,
+    /// What widths the backbone is fine-tuned at during router training (every
+    /// `alternate_every` updates). `"policy"`: the router's sampled widths. `"policy-and-random"`:
+    /// those and, in a second loss on the same batch, widths drawn uniformly per image and
+    /// layer, as slimmable networks are trained. Under its own samples alone the backbone
+    /// becomes good at the widths the policy already prefers, which then win every comparison,
+    /// and the policy collapses to one width per layer; with random widths as well the backbone
+    /// stays usable at every width, so that a per-image choice can pay.
+    #[serde(default)]
+    pub backbone_widths: BackboneWidths,
     /// Epochs of backbone fine-tuning after router training, under the frozen router's greedy
     /// decisions (the policy the network is evaluated with), as the static baseline fine-tunes
     /// its pruned network. 0 = none.
@@ -118,6 +127,15 @@ pub struct RlConfig {
     /// DQN: gradient updates (replay minibatches) per rollout batch.
     #[serde(default = "d_one_usize")]
     pub updates_per_batch: usize,
+}
+
+/// `[rl] backbone_widths`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackboneWidths {
+    #[default]
+    Policy,
+    PolicyAndRandom,
 }
 
 fn d_clip() -> f64 {

@@ -13,7 +13,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
@@ -164,9 +164,17 @@ impl RnpLearner {
             let (_, trace) =
                 backbone_snap.forward_controlled(x.clone().inner(), &mut policy, Mode::Sample, &mut rng)?;
             let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
-            let mut replay = Replay { actions, k: self.router.groups() };
-            let (logits, _) = self.backbone.forward_controlled(x, &mut replay, Mode::Sample, &mut rng)?;
-            let loss = cross_entropy(logits, y, 0.0);
+            let k = self.router.groups();
+            let random: Option<Vec<Vec<usize>>> = (self.cfg.backbone_widths == super::BackboneWidths::PolicyAndRandom)
+                .then(|| actions.iter().map(|a| a.iter().map(|_| rng.random_range(1..=k)).collect()).collect());
+            let mut replay = Replay { actions, k };
+            let (logits, _) = self.backbone.forward_controlled(x.clone(), &mut replay, Mode::Sample, &mut rng)?;
+            let mut loss = cross_entropy(logits, y.clone(), 0.0);
+            if let Some(random) = random {
+                let mut replay = Replay { actions: random, k };
+                let (logits, _) = self.backbone.forward_controlled(x, &mut replay, Mode::Sample, &mut rng)?;
+                loss = loss + cross_entropy(logits, y, 0.0);
+            }
             backbone_loss = Some(loss.clone().into_scalar().elem::<f64>());
             let grads = GradientsParams::from_grads(loss.backward(), &self.backbone);
             self.backbone = self.backbone_opt.step(self.backbone.clone(), grads, backbone_lr, 1.0);
@@ -244,6 +252,82 @@ pub struct ControlledEval {
     /// Per layer, every image's action (for histograms).
     #[serde(skip)]
     pub actions: Vec<Vec<f64>>,
+    /// Every image's label and its decision-layer FLOPs ratio, in split order.
+    #[serde(skip)]
+    pub labels: Vec<usize>,
+    #[serde(skip)]
+    pub image_flops: Vec<f64>,
+    /// The split's class names.
+    #[serde(skip)]
+    pub class_names: Vec<String>,
+    /// Every distinct sequence of widths the images took, most taken first.
+    pub width_paths: Vec<WidthPath>,
+    /// Where the policy spends, class by class (the split's class names).
+    pub per_class: Vec<ClassSpend>,
+}
+
+/// One sequence of per-layer widths (groups computed in each routed layer) and the images that
+/// took it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WidthPath {
+    pub groups: Vec<usize>,
+    /// Share of the split's images.
+    pub share: f64,
+    pub top1: f64,
+    pub flops_ratio: f64,
+}
+
+/// The images of one class: how many, how often right, and the compute they got.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassSpend {
+    pub class: String,
+    pub images: usize,
+    pub top1: f64,
+    pub flops_ratio: f64,
+}
+
+/// Per-image decisions summed up: `paths[i]` image i's widths, `spent[i]` its decision-layer
+/// MACs, `full` the MACs of one image at full width, `labels` and `right` its class and whether
+/// it was classified right.
+fn decision_summary(
+    paths: &[Vec<usize>],
+    spent: &[u64],
+    full: u64,
+    labels: &[usize],
+    right: &[bool],
+    class_names: &[String],
+) -> (Vec<WidthPath>, Vec<ClassSpend>) {
+    let n = paths.len().max(1) as f64;
+    let full = full.max(1) as f64;
+    let mut by_path: std::collections::BTreeMap<&[usize], (usize, usize, u64)> = Default::default();
+    for i in 0..paths.len() {
+        let e = by_path.entry(&paths[i]).or_default();
+        *e = (e.0 + 1, e.1 + right[i] as usize, e.2 + spent[i]);
+    }
+    let mut width_paths: Vec<WidthPath> = by_path
+        .into_iter()
+        .map(|(groups, (count, hits, macs))| WidthPath {
+            groups: groups.to_vec(),
+            share: count as f64 / n,
+            top1: hits as f64 / count as f64,
+            flops_ratio: macs as f64 / (count as f64 * full),
+        })
+        .collect();
+    width_paths.sort_by(|a, b| b.share.total_cmp(&a.share).then_with(|| a.groups.cmp(&b.groups)));
+    let per_class = class_names
+        .iter()
+        .enumerate()
+        .filter_map(|(c, name)| {
+            let members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == c).collect();
+            (!members.is_empty()).then(|| ClassSpend {
+                class: name.clone(),
+                images: members.len(),
+                top1: members.iter().filter(|&&i| right[i]).count() as f64 / members.len() as f64,
+                flops_ratio: members.iter().map(|&i| spent[i]).sum::<u64>() as f64 / (members.len() as f64 * full),
+            })
+        })
+        .collect();
+    (width_paths, per_class)
 }
 
 /// Runs the router greedily on every batch of `loader`.
@@ -260,6 +344,8 @@ pub fn evaluate_controlled(
     let mut full: Vec<u64> = Vec::new();
     let mut layers = Vec::new();
     let mut actions: Vec<Vec<f64>> = Vec::new();
+    let (mut paths, mut image_macs, mut labels, mut right) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut image_full = 0u64;
     for batch in loader.epoch(0) {
         let batch = batch?;
         let (x, y) = batch.to_tensors::<Cpu>(&device);
@@ -267,8 +353,15 @@ pub fn evaluate_controlled(
         let mut policy = RouterPolicy::new(router.clone());
         let (logits, trace) = backbone.forward_controlled(x, &mut policy, Mode::Greedy, &mut rng)?;
         loss_sum += cross_entropy(logits.clone(), y.clone(), 0.0).into_scalar().elem::<f64>() * n as f64;
-        n_correct += correct(logits, y);
+        let pred: Vec<i64> =
+            logits.argmax(1).reshape([n]).into_data().convert::<i64>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        right.extend(pred.iter().zip(&batch.labels).map(|(p, l)| p == l));
+        labels.extend(batch.labels.iter().map(|&l| l as usize));
+        n_correct += pred.iter().zip(&batch.labels).filter(|(p, l)| p == l).count();
         n_seen += n;
+        image_full = trace.steps.iter().map(|s| s.point.macs_full).sum();
+        paths.extend((0..n).map(|i| trace.steps.iter().map(|s| s.actions[i]).collect::<Vec<_>>()));
+        image_macs.extend((0..n).map(|i| trace.steps.iter().map(|s| s.macs[i]).sum::<u64>()));
         if spent.is_empty() {
             spent = vec![0; trace.steps.len()];
             full = vec![0; trace.steps.len()];
@@ -284,6 +377,9 @@ pub fn evaluate_controlled(
     if n_seen == 0 {
         bail!("the evaluation split is empty");
     }
+    let class_names = loader.dataset().class_names();
+    let (width_paths, per_class) = decision_summary(&paths, &image_macs, image_full, &labels, &right, &class_names);
+    let image_flops = image_macs.iter().map(|&m| m as f64 / image_full.max(1) as f64).collect();
     let action_distribution = actions
         .iter()
         .map(|acts| {
@@ -301,6 +397,11 @@ pub fn evaluate_controlled(
         layer_flops_ratio: spent.iter().zip(&full).map(|(&s, &f)| s as f64 / f.max(1) as f64).collect(),
         action_distribution,
         actions,
+        labels,
+        image_flops,
+        class_names,
+        width_paths,
+        per_class,
     })
 }
 
@@ -746,8 +847,20 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
 /// `rlprune eval RUN_DIR` for an RNP run: greedy top-1, mean and per-layer FLOPs ratio, the
 /// action distribution per layer, and measured latency / throughput at batch 1 and 64 of the
 /// routed backbone against the same backbone unpruned.
-pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &Path) -> Result<serde_json::Value> {
-    let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("eval_rnp_run needs a [controller] section"))?;
+/// An RNP run's routed network as evaluated: the backbone and router weights (best, else last),
+/// the test split's loader and the experiment's build context.
+pub struct RoutedRun {
+    pub backbone: AnyBackbone<Cpu>,
+    pub router: ChannelRouter<Cpu>,
+    pub test_loader: Loader,
+    pub backbone_file: std::path::PathBuf,
+    pub router_file: std::path::PathBuf,
+    pub ctx: crate::backbones::BuildContext,
+}
+
+/// Loads what [`eval_rnp_run`] evaluates.
+pub fn load_routed_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &Path) -> Result<RoutedRun> {
+    let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("an RNP run needs a [controller] section"))?;
     let rl = exp.rl.clone().unwrap_or_default();
     let ck = checkpoint::dir(run_dir);
     let (bfile, rfile) = if ck.join("best.safetensors").is_file() && ck.join("router_best.safetensors").is_file() {
@@ -767,6 +880,16 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
     let in_ch = ChannelRouter::<Cpu>::input_channels(ctx.in_channels, &backbone.prunable_convs());
     let router = ChannelRouter::<Cpu>::new(&ctl, &in_ch, rl.value_head(), &device);
     let router = load_strict(router, &crate::import::read_safetensors(&rfile)?, &rfile.display().to_string())?;
+    Ok(RoutedRun { backbone, router, test_loader, backbone_file: bfile, router_file: rfile, ctx })
+}
+
+pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &Path) -> Result<serde_json::Value> {
+    let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("eval_rnp_run needs a [controller] section"))?;
+    let RoutedRun { backbone, router, test_loader, backbone_file: bfile, router_file: rfile, ctx } =
+        load_routed_run(exp, layered, run_dir, base)?;
+    let device = Default::default();
+    let mut nobase = exp.clone();
+    nobase.backbone.weights = None;
     let ev = evaluate_controlled(&backbone, &router, &test_loader)?;
     // The same (fine-tuned) weights with every channel computed.
     let (_, unpruned_top1) = supervised::evaluate(&backbone, &test_loader, &device)?;
@@ -818,6 +941,32 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
         "layers": ev.layers,
         "layer_flops_ratio": ev.layer_flops_ratio,
         "action_distribution": ev.action_distribution,
+        "width_paths": ev.width_paths,
+        "per_class": ev.per_class,
         "latency": bench,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decision_summary;
+
+    #[test]
+    fn width_paths_and_class_spend_follow_the_images() {
+        // Four images over two routed layers of 100 + 300 MACs at full width.
+        let paths = vec![vec![1, 2], vec![2, 2], vec![1, 2], vec![2, 4]];
+        let spent = vec![100, 200, 100, 400];
+        let labels = vec![0, 1, 0, 1];
+        let right = vec![true, false, true, true];
+        let names: Vec<String> = ["bag", "shirt", "coat"].iter().map(|s| s.to_string()).collect();
+        let (paths, classes) = decision_summary(&paths, &spent, 400, &labels, &right, &names);
+        assert_eq!(paths.len(), 3);
+        assert_eq!(paths[0].groups, vec![1, 2]);
+        assert_eq!((paths[0].share, paths[0].top1, paths[0].flops_ratio), (0.5, 1.0, 0.25));
+        assert_eq!(paths[1].groups, vec![2, 2], "ties are listed in path order");
+        assert_eq!((paths[1].top1, paths[1].flops_ratio), (0.0, 0.5));
+        assert_eq!(classes.len(), 2, "a class with no image is left out");
+        assert_eq!((classes[0].class.as_str(), classes[0].images, classes[0].flops_ratio), ("bag", 2, 0.25));
+        assert_eq!((classes[1].class.as_str(), classes[1].top1, classes[1].flops_ratio), ("shirt", 0.5, 0.75));
+    }
 }
