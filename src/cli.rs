@@ -82,6 +82,10 @@ pub enum Command {
         /// Override a key of the static experiment only (repeatable); the sweep's data.* overrides apply to it too.
         #[arg(long = "static-set", value_name = "KEY=VALUE")]
         static_set: Vec<String>,
+        /// Train every point with each of these seeds (comma-separated, e.g. 0,1,2); the plot
+        /// shows the mean with the seeds' spread as error bars.
+        #[arg(long, value_name = "S1,S2,...", value_delimiter = ',')]
+        seeds: Vec<u64>,
         /// Sweep directory (default: <log.dir>/<name>-sweep/<timestamp>).
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
@@ -272,18 +276,19 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Sweep { experiment, set, static_experiment, static_set, out } => {
+        Command::Sweep { experiment, set, static_experiment, static_set, seeds, out } => {
             let opts = crate::sweep::SweepOptions {
                 experiment,
                 sets: set,
                 static_experiment,
                 static_sets: static_set,
+                seeds,
                 out,
                 base_dir: cwd,
             };
             let dir = crate::sweep::run_sweep(&opts)?;
             print!("{}", std::fs::read_to_string(dir.join("sweep.csv")).unwrap_or_default());
-            println!("wrote {0}/sweep.csv and {0}/sweep.png", dir.display());
+            println!("wrote {0}/sweep.csv, {0}/sweep_summary.csv and {0}/sweep.png", dir.display());
             Ok(())
         }
         Command::Infer { model, set, weights, input, output, device } => {

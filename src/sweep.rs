@@ -32,6 +32,9 @@ pub struct SweepOptions {
     pub static_experiment: Option<PathBuf>,
     /// `--static-set` overrides for the static experiment only.
     pub static_sets: Vec<String>,
+    /// Seeds (`seed = S`) each point is trained with; empty = the experiment's own seed. With
+    /// several, the plot shows each point's mean with the seeds' spread as error bars.
+    pub seeds: Vec<u64>,
     pub out: Option<PathBuf>,
     pub base_dir: PathBuf,
 }
@@ -48,6 +51,62 @@ pub struct SweepRow {
     pub latency_b1_ms: f64,
     pub latency_b64_ms: f64,
     pub throughput_b64: f64,
+    /// The run's seed when the sweep has several.
+    pub seed: Option<u64>,
+}
+
+/// The runs of one (method, value) over the seeds: means and sample standard deviations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepPoint {
+    pub method: String,
+    pub value: String,
+    pub runs: usize,
+    pub top1: f64,
+    pub top1_std: f64,
+    pub flops_ratio: f64,
+    pub flops_ratio_std: f64,
+    pub latency_b64_ms: f64,
+    pub latency_b64_ms_std: f64,
+    pub latency_b1_ms: f64,
+}
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n.max(1.0);
+    let var = if xs.len() > 1 { xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+/// Groups `rows` by (method, value) in their order of first appearance.
+pub fn summarize(rows: &[SweepRow]) -> Vec<SweepPoint> {
+    let mut keys: Vec<(&str, &str)> = Vec::new();
+    for r in rows {
+        if !keys.contains(&(r.method.as_str(), r.value.as_str())) {
+            keys.push((&r.method, &r.value));
+        }
+    }
+    keys.into_iter()
+        .map(|(m, v)| {
+            let group: Vec<&SweepRow> = rows.iter().filter(|r| r.method == m && r.value == v).collect();
+            let col = |f: fn(&SweepRow) -> f64| group.iter().map(|r| f(r)).collect::<Vec<f64>>();
+            let (top1, top1_std) = mean_std(&col(|r| r.top1));
+            let (flops_ratio, flops_ratio_std) = mean_std(&col(|r| r.flops_ratio));
+            let (latency_b64_ms, latency_b64_ms_std) = mean_std(&col(|r| r.latency_b64_ms));
+            let (latency_b1_ms, _) = mean_std(&col(|r| r.latency_b1_ms));
+            SweepPoint {
+                method: m.into(),
+                value: v.into(),
+                runs: group.len(),
+                top1,
+                top1_std,
+                flops_ratio,
+                flops_ratio_std,
+                latency_b64_ms,
+                latency_b64_ms_std,
+                latency_b1_ms,
+            }
+        })
+        .collect()
 }
 
 /// Splits the `--set` flags into the swept key with its values and the fixed overrides. A
@@ -84,8 +143,9 @@ fn ms(report: &Value, b: usize, k: &str) -> f64 {
     report["latency"][format!("batch{b}")][k].as_f64().unwrap_or(f64::NAN)
 }
 
-fn row_of(method: &str, value: &str, report: &Value) -> SweepRow {
+fn row_of(method: &str, value: &str, seed: Option<u64>, report: &Value) -> SweepRow {
     SweepRow {
+        seed,
         method: method.into(),
         value: value.into(),
         top1: report["top1"].as_f64().unwrap_or(f64::NAN),
@@ -110,10 +170,37 @@ fn train_and_eval(exp_path: &Path, sets: &[String], run_dir: &Path, base: &Path)
     supervised::eval_target(run_dir, None, &[], base)
 }
 
+/// The static baseline's overrides: at most one `--static-set` may list several values (a
+/// curve of static points), else the baseline is one point.
+fn split_static_sets(sets: &[String]) -> Result<Option<(String, Vec<String>, Vec<String>)>> {
+    let lists = sets.iter().filter(|s| s.split_once('=').is_some_and(|(_, v)| {
+        let v = v.trim();
+        !v.starts_with(['[', '{', '"', '\'']) && v.contains(',')
+    }));
+    if lists.count() == 0 {
+        return Ok(None);
+    }
+    split_sets(sets).map(Some)
+}
+
+/// `seed=S` for each of `seeds` (one `None` when the sweep has none: the experiment's seed),
+/// and the run directory below `dir` for it.
+fn seeded(dir: PathBuf, seeds: &[u64]) -> Vec<(Option<u64>, Vec<String>, PathBuf)> {
+    match seeds {
+        [] => vec![(None, Vec::new(), dir)],
+        [s] => vec![(Some(*s), vec![format!("seed={s}")], dir)],
+        _ => seeds.iter().map(|s| (Some(*s), vec![format!("seed={s}")], dir.join(format!("seed={s}")))).collect(),
+    }
+}
+
 /// Runs the sweep; returns its directory.
 pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     let base = &opts.base_dir;
     let (key, values, fixed) = split_sets(&opts.sets)?;
+    if let Some(s) = opts.seeds.iter().enumerate().find(|(i, s)| opts.seeds[..*i].contains(s)) {
+        bail!("sweep: seed {} is listed twice", s.1);
+    }
+    let static_sweep = split_static_sets(&opts.static_sets)?;
     // Check every value's configuration before the long runs start.
     let mut first = None;
     for v in &values {
@@ -135,22 +222,24 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     let mut reports = Vec::new();
     let mut rows = Vec::new();
     for v in &values {
-        let mut sets = fixed.clone();
-        sets.push(format!("{key}={v}"));
-        if let Some(w) = &shared_weights {
-            sets.push(format!("backbone.weights={}", toml_string(w)));
-        }
-        let run_dir = out.join(format!("{key}={v}"));
-        tracing::info!("sweep: {key} = {v} → {}", run_dir.display());
-        let report = train_and_eval(&opts.experiment, &sets, &run_dir, base)?;
-        if shared_weights.is_none() {
-            let w = run_dir.join("backbone").join("checkpoints").join("last.safetensors");
-            if w.is_file() {
-                shared_weights = Some(w);
+        for (seed, seed_set, run_dir) in seeded(out.join(format!("{key}={v}")), &opts.seeds) {
+            let mut sets = fixed.clone();
+            sets.push(format!("{key}={v}"));
+            sets.extend(seed_set);
+            if let Some(w) = &shared_weights {
+                sets.push(format!("backbone.weights={}", toml_string(w)));
             }
+            tracing::info!("sweep: {key} = {v} → {}", run_dir.display());
+            let report = train_and_eval(&opts.experiment, &sets, &run_dir, base)?;
+            if shared_weights.is_none() {
+                let w = run_dir.join("backbone").join("checkpoints").join("last.safetensors");
+                if w.is_file() {
+                    shared_weights = Some(w);
+                }
+            }
+            rows.push(row_of("rnp", v, seed, &report));
+            reports.push(report);
         }
-        rows.push(row_of("rnp", v, &report));
-        reports.push(report);
     }
     // The unpruned reference: the shared backbone, timed in the first value's evaluation.
     let r0 = &reports[0];
@@ -165,6 +254,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
             latency_b1_ms: ms(r0, 1, "unpruned_ms"),
             latency_b64_ms: ms(r0, 64, "unpruned_ms"),
             throughput_b64: ms(r0, 64, "unpruned_images_per_s"),
+            seed: None,
         },
     );
     if let Some(sp) = &opts.static_experiment {
@@ -181,14 +271,34 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
                 sets.push(s.clone());
             }
         }
-        sets.extend(opts.static_sets.iter().cloned());
-        let run_dir = out.join("static");
-        tracing::info!("sweep: static baseline {} → {}", sp.display(), run_dir.display());
-        let report = train_and_eval(sp, &sets, &run_dir, base)?;
-        rows.push(row_of("static", "", &report));
-        reports.push(report);
+        let points: Vec<(String, Vec<String>, PathBuf)> = match &static_sweep {
+            None => {
+                sets.extend(opts.static_sets.iter().cloned());
+                vec![(String::new(), sets, out.join("static"))]
+            }
+            Some((skey, svalues, sfixed)) => svalues
+                .iter()
+                .map(|v| {
+                    let mut s = sets.clone();
+                    s.extend(sfixed.iter().cloned());
+                    s.push(format!("{skey}={v}"));
+                    (v.clone(), s, out.join("static").join(format!("{skey}={v}")))
+                })
+                .collect(),
+        };
+        for (value, sets, dir) in points {
+            for (seed, seed_set, run_dir) in seeded(dir, &opts.seeds) {
+                let mut sets = sets.clone();
+                sets.extend(seed_set);
+                tracing::info!("sweep: static baseline {} → {}", sp.display(), run_dir.display());
+                let report = train_and_eval(sp, &sets, &run_dir, base)?;
+                rows.push(row_of("static", &value, seed, &report));
+                reports.push(report);
+            }
+        }
     }
     write_csv(&out.join("sweep.csv"), &key, &rows)?;
+    write_summary_csv(&out.join("sweep_summary.csv"), &key, &summarize(&rows))?;
     crate::fsutil::atomic_write(&out.join("sweep.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
     plot(&out.join("sweep.png"), &key, &rows)?;
     Ok(out)
@@ -198,13 +308,45 @@ fn toml_string(p: &Path) -> String {
     format!("\"{}\"", p.display().to_string().replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// `sweep.csv`: `method,<key>,top1,flops_ratio,latency_b1_ms,latency_b64_ms,throughput_b64`.
+/// `sweep.csv`, one line per run:
+/// `method,<key>,top1,flops_ratio,latency_b1_ms,latency_b64_ms,throughput_b64,seed`.
 pub fn write_csv(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
-    let mut s = format!("method,{key},top1,flops_ratio,latency_b1_ms,latency_b64_ms,throughput_b64\n");
+    let mut s = format!("method,{key},top1,flops_ratio,latency_b1_ms,latency_b64_ms,throughput_b64,seed\n");
     for r in rows {
         s.push_str(&format!(
-            "{},{},{:.6},{:.6},{:.4},{:.4},{:.2}\n",
-            r.method, r.value, r.top1, r.flops_ratio, r.latency_b1_ms, r.latency_b64_ms, r.throughput_b64
+            "{},{},{:.6},{:.6},{:.4},{:.4},{:.2},{}\n",
+            r.method,
+            r.value,
+            r.top1,
+            r.flops_ratio,
+            r.latency_b1_ms,
+            r.latency_b64_ms,
+            r.throughput_b64,
+            r.seed.map(|s| s.to_string()).unwrap_or_default()
+        ));
+    }
+    crate::fsutil::atomic_write(path, s.as_bytes())
+}
+
+/// `sweep_summary.csv`, one line per point: the means over its seeds and their standard
+/// deviations.
+pub fn write_summary_csv(path: &Path, key: &str, points: &[SweepPoint]) -> Result<()> {
+    let mut s = format!(
+        "method,{key},runs,top1,top1_std,flops_ratio,flops_ratio_std,latency_b1_ms,latency_b64_ms,latency_b64_ms_std\n"
+    );
+    for p in points {
+        s.push_str(&format!(
+            "{},{},{},{:.6},{:.6},{:.6},{:.6},{:.4},{:.4},{:.4}\n",
+            p.method,
+            p.value,
+            p.runs,
+            p.top1,
+            p.top1_std,
+            p.flops_ratio,
+            p.flops_ratio_std,
+            p.latency_b1_ms,
+            p.latency_b64_ms,
+            p.latency_b64_ms_std
         ));
     }
     crate::fsutil::atomic_write(path, s.as_bytes())
@@ -243,9 +385,11 @@ pub(crate) fn register_font() -> bool {
 }
 
 /// `sweep.png`: top-1 against the FLOPs ratio (left) and against measured batch-64 latency
-/// (right), the swept controller as a line, the static baseline and the unpruned model as
-/// single markers.
+/// (right). The swept controller and a static baseline with several points are lines; each point
+/// is the mean over its seeds, with the seeds' standard deviation as error bars in both
+/// directions; the unpruned model is a cross.
 pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
+    let points = summarize(rows);
     let text = register_font();
     let (w, h) = PLOT_SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
@@ -253,23 +397,30 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         let panels = root.split_evenly((1, 2));
         let e = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("drawing the sweep plot: {e:?}");
-        let finite: Vec<&SweepRow> = rows.iter().filter(|r| r.top1.is_finite()).collect();
-        let (mut ylo, mut yhi) =
-            finite.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), r| (a.min(r.top1), b.max(r.top1)));
+        let finite: Vec<&SweepPoint> = points.iter().filter(|p| p.top1.is_finite()).collect();
+        let (mut ylo, mut yhi) = finite
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.top1 - p.top1_std), b.max(p.top1 + p.top1_std)));
         if !ylo.is_finite() {
             (ylo, yhi) = (0.0, 1.0);
         }
         let pad = ((yhi - ylo) * 0.1).max(0.005);
         let (ylo, yhi) = ((ylo - pad) * 100.0, (yhi + pad) * 100.0);
-        let lat_max =
-            rows.iter().map(|r| r.latency_b64_ms).filter(|x| x.is_finite()).fold(0.0f64, f64::max).max(1e-3) * 1.1;
+        let lat_max = points
+            .iter()
+            .map(|p| p.latency_b64_ms + p.latency_b64_ms_std)
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, f64::max)
+            .max(1e-3)
+            * 1.1;
+        type Axis = Box<dyn Fn(&SweepPoint) -> (f64, f64)>;
         for (panel, (xlabel, xmax, xof)) in panels.iter().zip([
+            ("decision-layer FLOPs ratio", 1.05, Box::new(|p: &SweepPoint| (p.flops_ratio, p.flops_ratio_std)) as Axis),
             (
-                "decision-layer FLOPs ratio",
-                1.05,
-                Box::new(|r: &SweepRow| r.flops_ratio) as Box<dyn Fn(&SweepRow) -> f64>,
+                "latency at batch 64 (ms, measured)",
+                lat_max,
+                Box::new(|p: &SweepPoint| (p.latency_b64_ms, p.latency_b64_ms_std)) as Axis,
             ),
-            ("latency at batch 64 (ms, measured)", lat_max, Box::new(|r: &SweepRow| r.latency_b64_ms)),
         ]) {
             let mut builder = ChartBuilder::on(panel);
             builder.margin(15);
@@ -287,29 +438,48 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
                 mesh.disable_x_mesh().disable_y_mesh().x_labels(0).y_labels(0);
             }
             mesh.draw().map_err(e)?;
-            let pts = |m: &str| -> Vec<(f64, f64)> {
-                rows.iter()
-                    .filter(|r| r.method == m)
-                    .map(|r| (xof(r), r.top1 * 100.0))
-                    .filter(|p| p.0.is_finite() && p.1.is_finite())
-                    .collect()
+            // (x, x spread, top-1 %, top-1 spread %) of every finite point of a method.
+            let pts = |m: &str| -> Vec<(f64, f64, f64, f64)> {
+                let mut v: Vec<_> = points
+                    .iter()
+                    .filter(|p| p.method == m)
+                    .map(|p| {
+                        let (x, dx) = xof(p);
+                        (x, dx, p.top1 * 100.0, p.top1_std * 100.0)
+                    })
+                    .filter(|p| p.0.is_finite() && p.2.is_finite())
+                    .collect();
+                v.sort_by(|a, b| a.0.total_cmp(&b.0));
+                v
             };
-            let rnp = pts("rnp");
-            let mut sorted = rnp.clone();
-            sorted.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
-            let s = chart.draw_series(LineSeries::new(sorted, BLUE.stroke_width(2))).map_err(e)?;
-            if text {
-                s.label(format!("RNP ({key})")).legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+            for (method, color, label) in [("rnp", BLUE, format!("RNP ({key})")), ("static", RED, "static L1".to_string())] {
+                let p = pts(method);
+                if p.is_empty() {
+                    continue;
+                }
+                let bars = p.iter().flat_map(|&(x, dx, y, dy)| {
+                    [
+                        PathElement::new(vec![(x, y - dy), (x, y + dy)], color.stroke_width(1)),
+                        PathElement::new(vec![(x - dx, y), (x + dx, y)], color.stroke_width(1)),
+                    ]
+                });
+                chart.draw_series(bars).map_err(e)?;
+                let s = if p.len() > 1 {
+                    chart.draw_series(LineSeries::new(p.iter().map(|q| (q.0, q.2)), color.stroke_width(2))).map_err(e)?
+                } else {
+                    chart.draw_series(std::iter::empty::<PathElement<(f64, f64)>>()).map_err(e)?
+                };
+                if text {
+                    s.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                }
+                if method == "rnp" {
+                    chart.draw_series(p.iter().map(|q| Circle::new((q.0, q.2), 5, color.filled()))).map_err(e)?;
+                } else {
+                    chart.draw_series(p.iter().map(|q| TriangleMarker::new((q.0, q.2), 8, color.filled()))).map_err(e)?;
+                }
             }
-            chart.draw_series(rnp.iter().map(|&p| Circle::new(p, 5, BLUE.filled()))).map_err(e)?;
             let s = chart
-                .draw_series(pts("static").into_iter().map(|p| TriangleMarker::new(p, 8, RED.filled())))
-                .map_err(e)?;
-            if text {
-                s.label("static L1").legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, RED.filled()));
-            }
-            let s = chart
-                .draw_series(pts("unpruned").into_iter().map(|p| Cross::new(p, 8, BLACK.stroke_width(3))))
+                .draw_series(pts("unpruned").into_iter().map(|p| Cross::new((p.0, p.2), 8, BLACK.stroke_width(3))))
                 .map_err(e)?;
             if text {
                 s.label("unpruned").legend(|(x, y)| Cross::new((x + 10, y), 6, BLACK.stroke_width(2)));
