@@ -96,6 +96,17 @@ fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
     assert_eq!(pg_summary["teacher_top1"], summary["teacher_top1"], "same teacher, same test split");
     let metrics = std::fs::read_to_string(pg.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"student_epoch\":1"), "{metrics}");
+    // The policy-gradient student minimises a surrogate, and its log says so.
+    let log = |run: &Path| std::fs::read_to_string(run.join("log.txt")).unwrap();
+    assert!(log(&pg).contains("student 1/1: train surrogate"), "{}", log(&pg));
+    assert!(log(&gumbel).contains("student 1/1: train loss"), "{}", log(&gumbel));
+    // eval's table gives the kept tokens per stage, and no empty per-layer table.
+    let table = ok(&rlprune(&["eval", gumbel.to_str().unwrap()], dir.path()));
+    let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert!(table.contains("kept tokens"), "{table}");
+    assert!(rows.iter().any(|r| r[..] == ["1", "11", "0.688"][..]), "{table}");
+    assert!(rows.iter().any(|r| r[..] == ["2", "7", "0.438"][..]), "{table}");
+    assert!(!table.contains("channels"), "{table}");
 
     // Gumbel training for 8 student epochs (the backbone at the predictors' rate) from the same
     // teacher and the same predictor initialisation: the student's loss (cross-entropy,

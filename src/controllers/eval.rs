@@ -130,8 +130,20 @@ pub fn table(report: &Value) -> String {
     let dist = report.get("action_distribution").and_then(|v| v.as_array()).cloned();
     let kept = report.get("kept_channels").and_then(|v| v.as_array()).cloned();
     let outs = report.get("out_channels").and_then(|v| v.as_array()).cloned();
-    s.push('\n');
+    if let (Some(kept), Some(ratios)) = (
+        report.get("kept_tokens").and_then(|v| v.as_array()),
+        report.get("keep_ratios").and_then(|v| v.as_array()),
+    ) {
+        s.push_str(&format!("\n{:<8} {:>12} {:>11}\n", "stage", "kept tokens", "keep ratio"));
+        for (i, (k, r)) in kept.iter().zip(ratios).enumerate() {
+            s.push_str(&format!("{:<8} {:>12} {:>11.3}\n", i + 1, k.as_u64().unwrap_or(0), f(r)));
+        }
+    }
+    if !layers.is_empty() {
+        s.push('\n');
+    }
     match &dist {
+        _ if layers.is_empty() => {}
         Some(d) => {
             let k = d.first().and_then(|r| r.as_array()).map(|r| r.len()).unwrap_or(0);
             let head: String = (1..=k).map(|a| format!(" {:>6}", format!("a={a}"))).collect();

@@ -549,9 +549,12 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         };
         let train_keep: Vec<f64> = keep_sum.iter().map(|s| s / n_seen.max(1) as f64).collect();
         tracing::info!(
-            "student {}/{}: train loss {:.4} top1 {:.2}% keep {:?} | test top-1 {:.2}% pruned (teacher {:.2}%) at FLOPs ratio {:.3} | {:.1}s",
+            "student {}/{}: {} {:.4} top1 {:.2}% keep {:?} | test top-1 {:.2}% pruned (teacher {:.2}%) at FLOPs ratio {:.3} | {:.1}s",
             m.epoch,
             to.epochs,
+            // Under policy gradients the minimised quantity is the surrogate (distillation plus
+            // the policy term, often negative), not a loss on the labels.
+            if pg { "train surrogate" } else { "train loss" },
             m.train_loss,
             100.0 * m.train_top1,
             train_keep.iter().map(|k| (k * 1000.0).round() / 1000.0).collect::<Vec<_>>(),
