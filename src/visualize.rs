@@ -404,7 +404,10 @@ pub fn draw_channel_use(path: &Path, u: &ChannelUse) -> Result<()> {
                 for (ci, row) in u.share[t].iter().enumerate() {
                     for (a, &s) in row.iter().enumerate() {
                         let (x, y) = (x0 + a as i32 * CELL as i32, top + ci as i32 * CELL as i32);
-                        panel.draw(&Rectangle::new([(x, y), (x + CELL as i32 - 1, y + CELL as i32 - 1)], blue(s).filled())).map_err(e)?;
+                        let cell = [(x, y), (x + CELL as i32 - 1, y + CELL as i32 - 1)];
+                        panel.draw(&Rectangle::new(cell, blue(s).filled())).map_err(e)?;
+                        // A light outline, so that a width no image took still shows as a cell.
+                        panel.draw(&Rectangle::new(cell, RGBColor(225, 225, 225))).map_err(e)?;
                     }
                 }
                 if text {
