@@ -100,6 +100,10 @@ fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
     let log = |run: &Path| std::fs::read_to_string(run.join("log.txt")).unwrap();
     assert!(log(&pg).contains("student 1/1: train surrogate"), "{}", log(&pg));
     assert!(log(&gumbel).contains("student 1/1: train loss"), "{}", log(&gumbel));
+    // The teacher is DeiT-S's recipe shrunk by the experiment's keys, and its log says so.
+    let teacher_log = std::fs::read_to_string(gumbel.join("teacher/log.txt")).unwrap();
+    let line = teacher_log.lines().find(|l| l.contains(" params), ")).unwrap();
+    assert!(line.contains(": deit-s with ") && line.contains("embed_dim = 16") && line.contains("depth = 3"), "{line}");
     // eval's table gives the kept tokens per stage, and no empty per-layer table.
     let table = ok(&rlprune(&["eval", gumbel.to_str().unwrap()], dir.path()));
     let rows: Vec<Vec<&str>> = table.lines().map(|l| l.split_whitespace().collect()).collect();

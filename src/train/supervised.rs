@@ -284,7 +284,7 @@ where
     tracing::info!(
         "run {}: {} on {} ({} params), {} train / {} test images",
         run_dir.display(),
-        exp.backbone.arch,
+        arch_description(&exp.backbone),
         splits.train.describe(),
         model.num_params(),
         splits.train.len(),
@@ -526,4 +526,14 @@ fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path,
         "top1": top1,
         "loss": loss,
     }))
+}
+
+/// The arch as a log line names it: with the `[backbone]` keys that change its named recipe,
+/// so that a shrunken `deit-s` is not reported as DeiT-S.
+pub fn arch_description(b: &crate::experiment::BackboneConfig) -> String {
+    if b.options.is_empty() {
+        return b.arch.clone();
+    }
+    let keys: Vec<String> = b.options.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+    format!("{} with {}", b.arch, keys.join(", "))
 }
