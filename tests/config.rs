@@ -168,3 +168,57 @@ fn shipped_experiments_parse() {
         }
     }
 }
+
+/// Every shipped experiment finds its data where it is usually installed (the shipped subset,
+/// Debian's Fashion-MNIST) or fails with one line that names the dataset and how to get it.
+#[test]
+fn shipped_experiments_find_their_data_or_say_how_to_get_it() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(root.join("experiments")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let (exp, _) = Experiment::load(&p, &[]).unwrap();
+        match rlprune::data::open(&exp.data, root) {
+            Ok(splits) => {
+                let (train, test) = (splits.train.len(), splits.test.len());
+                assert!(train > 0 && test > 0, "{}", p.display());
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                assert!(!msg.contains('\n'), "{}: not one line: {msg}", p.display());
+                let name = exp.data.dataset.name();
+                assert!(msg.contains(name) || msg.contains("root"), "{}: does not name the dataset: {msg}", p.display());
+                assert!(
+                    msg.contains("rlprune data fetch") || msg.contains("root"),
+                    "{}: does not say how to get the data: {msg}",
+                    p.display()
+                );
+            }
+        }
+    }
+}
+
+/// A run whose data cannot be found stops before it creates its run directory, for every kind of
+/// experiment (supervised, RNP, static L1, token predictor).
+#[test]
+fn missing_data_leaves_no_run_directory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    for exp in ["fashion_mnist_cnn", "rnp_fashion_mnist", "static_fashion_mnist", "dynamicvit_fashion_mnist"] {
+        let runs = dir.path().join(exp);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlprune"))
+            .arg("train")
+            .arg(root.join("experiments").join(format!("{exp}.toml")))
+            .args(["--set", &format!("log.dir=\"{}\"", runs.display())])
+            .args(["--set", &format!("data.root=\"{}\"", dir.path().join("nowhere").display())])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{exp}: {err}");
+        assert!(err.contains("fashion-mnist") && err.trim().lines().count() == 1, "{exp}: {err}");
+        assert!(!runs.exists(), "{exp}: left {}", runs.display());
+    }
+}

@@ -437,6 +437,11 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let so = StaticL1Options::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let base = &opts.base_dir;
     let root = base.join(&exp.log.dir);
+    // The data first: a run that cannot start leaves no run directory behind.
+    let splits = data::open(&exp.data, base)?;
+    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    train_loader.ensure_batches()?;
     let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, exp)?;
     let resumed = if is_resumed { read_static_state(&run_dir)? } else { None };
     if let Some(st) = &resumed
@@ -444,10 +449,6 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     {
         bail!("{}: run was trained with arch '{}', the experiment builds '{}'", run_dir.display(), st.arch, exp.backbone.arch);
     }
-    let splits = data::open(&exp.data, base)?;
-    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    train_loader.ensure_batches()?;
     let ctx = build_context(splits.train.as_ref(), &train_loader);
     let device: burn::tensor::Device<Ad> = Default::default();
     let t_start = Instant::now();

@@ -469,6 +469,11 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let rl = exp.rl.clone().unwrap_or_default();
     let base = &opts.base_dir;
     let root = base.join(&exp.log.dir);
+    // The data first: a run that cannot start leaves no run directory behind.
+    let splits = data::open(&exp.data, base)?;
+    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    train_loader.ensure_batches()?;
     let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, exp)?;
     let resumed = if is_resumed { read_rnp_state(&run_dir)? } else { None };
     if let Some(st) = &resumed {
@@ -482,10 +487,6 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             bail!("{}: --resume of a DQN run within its router epochs is not supported (the replay buffer is not checkpointed); rerun it, or resume after its last router epoch", run_dir.display());
         }
     }
-    let splits = data::open(&exp.data, base)?;
-    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    train_loader.ensure_batches()?;
     let ctx = build_context(splits.train.as_ref(), &train_loader);
     let device: burn::tensor::Device<Ad> = Default::default();
     let t_start = Instant::now();
