@@ -384,9 +384,38 @@ impl Experiment {
         Ok(specs)
     }
 
-    /// The resolved configuration as TOML (written into every run directory).
+    /// The experiment with `data.root` and `backbone.weights` resolved against `base`.
+    pub fn with_absolute_paths(&self, base: &Path) -> Experiment {
+        let mut e = self.clone();
+        let absolute = |p: &mut std::path::PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = e.data.root.as_mut() {
+            absolute(p);
+        }
+        if let Some(p) = e.backbone.weights.as_mut() {
+            absolute(p);
+        }
+        e
+    }
+
+    /// The resolved configuration as TOML (written into every run directory). The `[data]`
+    /// keys of other kinds of dataset (an image folder's split folders, the synthetic dataset's
+    /// shape) are left out: they do not apply to this run.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self).context("serialising the resolved experiment")
+        let mut table = toml::Table::try_from(self).context("serialising the resolved experiment")?;
+        if let Some(data) = table.get_mut("data").and_then(|d| d.as_table_mut()) {
+            for (kind, keys) in crate::data::config::KIND_ONLY_KEYS {
+                if *kind != self.data.dataset {
+                    keys.iter().for_each(|k| {
+                        data.remove(*k);
+                    });
+                }
+            }
+        }
+        toml::to_string_pretty(&table).context("serialising the resolved experiment")
     }
 }
 

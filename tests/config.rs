@@ -222,3 +222,43 @@ fn missing_data_leaves_no_run_directory() {
         assert!(!runs.exists(), "{exp}: left {}", runs.display());
     }
 }
+
+/// A run records its data root and weights as absolute paths and only the `[data]` keys that
+/// apply to its dataset, so `eval` of the run works from any directory.
+#[test]
+fn run_config_is_self_contained() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root.join("data"), dir.path().join("data")).unwrap();
+    std::fs::write(
+        dir.path().join("e.toml"),
+        "name = \"e\"\n[data]\ndataset = \"fashion-mnist\"\nroot = \"data/fashion-mnist-subset\"\ntrain_limit = 256\n\
+         test_limit = 64\nbatch_size = 64\n[backbone]\narch = \"small-cnn\"\nchannels = [4, 4, 8, 8]\n[train]\nepochs = 1\n\
+         [log]\nhistograms = false\n",
+    )
+    .unwrap();
+    let rlprune = |args: &[&str], cwd: &Path| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_rlprune")).args(args).current_dir(cwd).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    rlprune(&["train", "e.toml", "--out", "run"], dir.path());
+    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(dir.path().join("run/config.toml")).unwrap()).unwrap();
+    let data = cfg["data"].as_table().unwrap();
+    assert_eq!(data["root"].as_str().unwrap(), dir.path().join("data/fashion-mnist-subset").to_str().unwrap());
+    for key in ["classes", "channels", "size", "train_size", "test_size", "synthetic_seed", "train_dir", "test_dir"] {
+        assert!(!data.contains_key(key), "data.{key} does not apply to fashion-mnist: {data:?}");
+    }
+    // From another directory, the run evaluates as it trained.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let report: serde_json::Value =
+        serde_json::from_str(&rlprune(&["eval", run.to_str().unwrap(), "--json"], elsewhere.path())).unwrap();
+    assert_eq!(report["images"], 64);
+    // A synthetic experiment keeps the keys that shape its data.
+    let syn = dir.path().join("s.toml");
+    std::fs::write(&syn, "name = \"s\"\n[data]\ndataset = \"synthetic\"\nclasses = 4\n[backbone]\narch = \"small-cnn\"\n").unwrap();
+    let (exp, _) = Experiment::load(&syn, &[]).unwrap();
+    let text = exp.to_toml().unwrap();
+    assert!(text.contains("classes = 4") && !text.contains("train_dir"), "{text}");
+}

@@ -459,7 +459,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
             Ok(m) => m,
             Err(interrupted) => return Ok(interrupted),
         };
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, !is_resumed)?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, !is_resumed)?;
     let ck = checkpoint::dir(&run_dir);
     std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
 

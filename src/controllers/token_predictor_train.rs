@@ -381,7 +381,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     };
 
     // 2. Run directory, logs, the teacher's numbers.
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, true)?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, true)?;
     let mut model_table = toml::Table::new();
     model_table.insert("model".into(), toml::Value::Table(ModelSpec::DynamicVit(args.clone()).to_table()));
     crate::fsutil::atomic_write(&run_dir.join("model.toml"), toml::to_string_pretty(&model_table)?.as_bytes())?;

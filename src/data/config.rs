@@ -146,6 +146,12 @@ fn d_test_size() -> usize {
     128
 }
 
+/// `[data]` keys that apply to one kind of dataset only.
+pub const KIND_ONLY_KEYS: &[(DatasetKind, &[&str])] = &[
+    (DatasetKind::ImageFolder, &["train_dir", "test_dir"]),
+    (DatasetKind::Synthetic, &["classes", "channels", "size", "train_size", "test_size", "synthetic_seed"]),
+];
+
 /// The `[data]` table: which dataset, where it lives, batching and transforms.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]

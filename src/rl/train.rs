@@ -498,7 +498,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             Err(interrupted) => return Ok(interrupted),
         };
     let backbone_seconds = t_start.elapsed().as_secs_f64();
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, !is_resumed)?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, !is_resumed)?;
 
     // 2. Reorder channels by filter norm (function-preserving); a resumed run's weights are.
     let ck = checkpoint::dir(&run_dir);

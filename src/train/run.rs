@@ -168,9 +168,11 @@ pub struct RunLogs {
 impl RunLogs {
     /// Opens the logs of `run_dir`. A fresh run also records the resolved experiment, as
     /// `config.toml` and as TensorBoard text; a resumed one appends and keeps its original.
-    pub fn open(exp: &Experiment, run_dir: &Path, fresh: bool) -> Result<Self> {
+    /// Relative paths in the experiment resolve against `base` (the directory the command runs
+    /// in); `config.toml` records them absolute, so that the run works from anywhere.
+    pub fn open(exp: &Experiment, base: &Path, run_dir: &Path, fresh: bool) -> Result<Self> {
         crate::logging::attach_run_log(&run_dir.join("log.txt"))?;
-        let config_toml = exp.to_toml()?;
+        let config_toml = exp.with_absolute_paths(base).to_toml()?;
         if fresh {
             crate::fsutil::atomic_write(&run_dir.join("config.toml"), config_toml.as_bytes())?;
         }

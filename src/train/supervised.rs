@@ -280,7 +280,7 @@ where
             (out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?, None)
         }
     };
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, &run_dir, resumed.is_none())?;
+    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, resumed.is_none())?;
     tracing::info!(
         "run {}: {} on {} ({} params), {} train / {} test images",
         run_dir.display(),
