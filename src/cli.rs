@@ -367,8 +367,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Visualize { target, images, out, weights, data, data_root, scale } => {
             let opts = crate::visualize::VisualizeOptions { target, weights, data, data_root, images, out, scale, base_dir: cwd };
             let files = crate::visualize::visualize(&opts)?;
-            let names: Vec<String> = files.iter().filter_map(|f| f.file_name()).map(|f| f.to_string_lossy().into_owned()).take(3).collect();
-            println!("wrote {} file(s) to {} ({}{})", files.len(), opts.out.display(), names.join(", "), if files.len() > 3 { ", ..." } else { "" });
+            if files.iter().any(|f| f.ends_with("channel_use.png")) {
+                println!("wrote channel_use.png and channel_use.json to {}", opts.out.display());
+            } else {
+                println!("wrote {} image(s) and index.json to {}", files.len(), opts.out.display());
+            }
             Ok(())
         }
         Command::Data { action } => match action {
