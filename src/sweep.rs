@@ -170,9 +170,12 @@ fn train_and_eval(exp_path: &Path, sets: &[String], run_dir: &Path, base: &Path)
     supervised::eval_target(run_dir, None, &[], base)
 }
 
+/// A swept key with its values, and the fixed overrides.
+type SweptSets = (String, Vec<String>, Vec<String>);
+
 /// The static baseline's overrides: at most one `--static-set` may list several values (a
 /// curve of static points), else the baseline is one point.
-fn split_static_sets(sets: &[String]) -> Result<Option<(String, Vec<String>, Vec<String>)>> {
+fn split_static_sets(sets: &[String]) -> Result<Option<SweptSets>> {
     let lists = sets.iter().filter(|s| s.split_once('=').is_some_and(|(_, v)| {
         let v = v.trim();
         !v.starts_with(['[', '{', '"', '\'']) && v.contains(',')
