@@ -226,7 +226,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train { experiment, mut set, out, resume, stop_after_epoch, device } => {
             with_device_override(&mut set, device.as_deref())?;
-            let (exp, layered) = Experiment::load(&experiment, &set)?;
+            let (resume, exp, layered) =
+                crate::train::run::experiment_to_resume(resume, Experiment::load(&experiment, &set)?, &set, &cwd)?;
             let opts = TrainOptions { out, resume, stop_after_epoch, base_dir: cwd.clone() };
             let summary = supervised::train(&exp, &layered, &opts)?;
             if let Some(m) = summary.history.last() {

@@ -415,3 +415,33 @@ fn requested_stops_succeed_and_interrupts_say_what_is_left() {
     assert!(!dir.path().join("c/checkpoints/state.json").exists(), "the first epoch must not have ended: {err}");
     assert!(err.contains("before the first checkpoint") && err.contains("nothing to resume"), "{err}");
 }
+
+/// `--resume` continues the run as its own `config.toml` says, not as the experiment file and
+/// the command line now say: a run started with `--set data.train_size=64` resumes on 64 images
+/// without repeating the flag; a `--set` that would change another key is refused, the run left
+/// as it was; more epochs are allowed and recorded in `config.toml`.
+#[test]
+fn resume_takes_the_runs_own_config() {
+    let (dir, exp) = setup(SYNTH);
+    let e = exp.to_str().unwrap();
+    ok(&rlprune(&["train", e, "--out", "r", "--set", "data.train_size=64", "--stop-after-epoch", "1"], dir.path()));
+    let run = dir.path().join("r");
+    assert_eq!(metrics(&run)[0]["step"], 2, "64 images in batches of 32");
+
+    let before = common::snapshot(&run);
+    let err = failed(&rlprune(&["train", e, "--resume", "r", "--set", "data.batch_size=16"], dir.path()));
+    assert!(err.contains("data.batch_size '32'") && err.contains("train.epochs"), "{err}");
+    assert_eq!(common::snapshot(&run), before, "a refused resume must not touch the run");
+
+    // Without the flag: the run's 64 images, not the file's 256.
+    ok(&rlprune(&["train", e, "--resume", "r", "--stop-after-epoch", "2"], dir.path()));
+    assert_eq!(metrics(&run)[1]["step"], 4, "{:?}", metrics(&run));
+    // One more epoch than the run was started with.
+    ok(&rlprune(&["train", e, "--resume", "r", "--set", "train.epochs=4"], dir.path()));
+    let m = metrics(&run);
+    assert_eq!(m.len(), 4, "{m:?}");
+    assert_eq!(m[3]["step"], 8);
+    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(run.join("config.toml")).unwrap()).unwrap();
+    assert_eq!(cfg["train"]["epochs"].as_integer(), Some(4));
+    assert_eq!(cfg["data"]["train_size"].as_integer(), Some(64));
+}

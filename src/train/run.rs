@@ -115,6 +115,69 @@ pub fn claim_run_dir(exp: &Experiment, opts: &TrainOptions) -> Result<(TrainOpti
     Ok((opts, Some(lock)))
 }
 
+/// `--set` keys a resumed run may change: how long it runs, its learning rates, how it logs,
+/// how its data are loaded. Every other key stays as the run's `config.toml` has it.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "train.epochs",
+    "train.optimizer",
+    "train.grad_clip",
+    "train.eval_every",
+    "rl.epochs",
+    "rl.finetune_epochs",
+    "rl.lr",
+    "rl.backbone_lr",
+    "rl.finetune_lr",
+    "controller.epochs",
+    "controller.fine_tune_epochs",
+    "controller.fine_tune_lr",
+    "log",
+    "data.workers",
+    "data.prefetch",
+    "data.eval_batch_size",
+    "device",
+];
+
+/// The experiment a `--resume` continues: the run's own `config.toml` (when it has one), with
+/// those of `sets` that change a key of [`RESUMABLE_KEYS`]. A set that would change any other
+/// key is refused, naming the key and the run's value; `seed` is left to
+/// [`check_resumed_seed`]. Returns the run's config file and the sets to apply to it (none
+/// when the run has no `config.toml`).
+pub fn resumed_config(run_dir: &Path, sets: &[String]) -> Result<Option<(PathBuf, Vec<String>)>> {
+    let cfg = run_dir.join("config.toml");
+    if !cfg.is_file() {
+        return Ok(None);
+    }
+    let (recorded, _) = Experiment::load(&cfg, &[]).with_context(|| format!("{}: the run's configuration", run_dir.display()))?;
+    let recorded_table = toml::Table::try_from(&recorded).context("reading the run's configuration")?;
+    let mut kept = Vec::new();
+    for set in sets {
+        let key = set.split_once('=').map(|(k, _)| k.trim()).unwrap_or(set.as_str());
+        let (changed, _) = Experiment::load(&cfg, std::slice::from_ref(set))?;
+        if toml::Table::try_from(&changed).context("reading the run's configuration")? == recorded_table {
+            continue;
+        }
+        let may_change =
+            key == "seed" || RESUMABLE_KEYS.iter().any(|k| key == *k || key.starts_with(&format!("{k}.")));
+        if !may_change {
+            let root = toml::Value::Table(recorded_table.clone());
+            let old = key
+                .split('.')
+                .try_fold(&root, |v, part| v.get(part))
+                .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                .unwrap_or_else(|| "its default".to_string());
+            bail!(
+                "--set {set}: {}: the run was started with {key} '{old}', and a resumed run keeps its configuration \
+                 (it continues from {}); only these keys may change on resume: {}",
+                run_dir.display(),
+                cfg.display(),
+                RESUMABLE_KEYS.join(", ")
+            );
+        }
+        kept.push(set.clone());
+    }
+    Ok(Some((cfg, kept)))
+}
+
 /// `out` (created if missing) when the user gave `--out`, else a fresh `<root>/<name>/<timestamp>`.
 pub fn out_or_new_run_dir(out: Option<&Path>, root: &Path, name: &str) -> Result<PathBuf> {
     match out {
@@ -240,4 +303,31 @@ pub fn has_checkpoint(run: &Path) -> bool {
     ["checkpoints/state.json", "checkpoints/rnp_state.json", "checkpoints/static_state.json", "backbone/checkpoints/state.json"]
         .iter()
         .any(|f| run.join(f).is_file())
+}
+
+/// Resolves `--resume` to its run directory and the experiment it continues: the run's own
+/// `config.toml` with the allowed `--set` changes ([`resumed_config`]), recorded into that
+/// `config.toml` (under the run's lock, atomically) when they change anything. Without
+/// `--resume`, or for a run without `config.toml`, the experiment file's.
+pub fn experiment_to_resume(
+    resume: Option<Resume>,
+    experiment: (Experiment, crate::experiment::Layered),
+    sets: &[String],
+    base: &Path,
+) -> Result<(Option<Resume>, Experiment, crate::experiment::Layered)> {
+    let (exp, layered) = experiment;
+    let dir = match resume {
+        None => return Ok((None, exp, layered)),
+        Some(Resume::Auto) => newest_run(&base.join(&exp.log.dir), &exp.name)?,
+        Some(Resume::Dir(d)) => d,
+    };
+    let Some((cfg, kept)) = resumed_config(&dir, sets)? else { return Ok((Some(Resume::Dir(dir)), exp, layered)) };
+    let (resumed, layered) = Experiment::load(&cfg, &kept)?;
+    check_resumed_seed(&dir, &resumed)?;
+    if !kept.is_empty() {
+        let _lock = RunLock::acquire(&dir)?;
+        crate::fsutil::atomic_write(&cfg, resumed.with_absolute_paths(base).to_toml()?.as_bytes())?;
+        tracing::info!("resuming {} with {}; recorded in its config.toml", dir.display(), kept.join(" "));
+    }
+    Ok((Some(Resume::Dir(dir)), resumed, layered))
 }
