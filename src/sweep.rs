@@ -116,9 +116,7 @@ pub fn split_sets(sets: &[String]) -> Result<(String, Vec<String>, Vec<String>)>
     let mut fixed = Vec::new();
     for s in sets {
         let (k, v) = s.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {s}: expected key=value"))?;
-        let v = v.trim();
-        let splittable = !v.starts_with(['[', '{', '"', '\'']) && v.contains(',');
-        if !splittable {
+        if !lists_values(v) {
             fixed.push(s.clone());
             continue;
         }
@@ -170,17 +168,20 @@ fn train_and_eval(exp_path: &Path, sets: &[String], run_dir: &Path, base: &Path)
     supervised::eval_target(run_dir, None, &[], base)
 }
 
+/// Whether a `--set` value lists several values: comma-separated, and not a TOML array, inline
+/// table or string (`[`, `{`, `"`), which are never split.
+fn lists_values(v: &str) -> bool {
+    let v = v.trim();
+    !v.starts_with(['[', '{', '"', '\'']) && v.contains(',')
+}
+
 /// A swept key with its values, and the fixed overrides.
 type SweptSets = (String, Vec<String>, Vec<String>);
 
 /// The static baseline's overrides: at most one `--static-set` may list several values (a
 /// curve of static points), else the baseline is one point.
 fn split_static_sets(sets: &[String]) -> Result<Option<SweptSets>> {
-    let lists = sets.iter().filter(|s| s.split_once('=').is_some_and(|(_, v)| {
-        let v = v.trim();
-        !v.starts_with(['[', '{', '"', '\'']) && v.contains(',')
-    }));
-    if lists.count() == 0 {
+    if !sets.iter().any(|s| s.split_once('=').is_some_and(|(_, v)| lists_values(v))) {
         return Ok(None);
     }
     split_sets(sets).map(Some)

@@ -336,31 +336,32 @@ pub struct ChannelUse {
 
 impl ChannelUse {
     pub fn from_eval(ev: &crate::rl::train::ControlledEval, groups: usize) -> Self {
-        let classes = ev.class_names.clone();
-        let count = |c: usize| ev.labels.iter().filter(|&&l| l == c).count().max(1) as f64;
+        // The classes that have test images, as the evaluation's per-class table lists them.
         let share = ev
             .actions
             .iter()
             .map(|acts| {
-                (0..classes.len())
+                ev.per_class
+                    .iter()
                     .map(|c| {
                         let mut row = vec![0.0; groups];
-                        for (&a, _) in acts.iter().zip(&ev.labels).filter(|(_, l)| **l == c) {
+                        for (&a, _) in acts.iter().zip(&ev.labels).filter(|(_, l)| **l == c.label) {
                             if let Some(slot) = (a as usize).checked_sub(1).and_then(|i| row.get_mut(i)) {
-                                *slot += 1.0;
+                                *slot += 1.0 / c.images as f64;
                             }
                         }
-                        row.iter().map(|v| v / count(c)).collect()
+                        row
                     })
                     .collect()
             })
             .collect();
-        let class_flops = (0..classes.len())
-            .map(|c| {
-                ev.image_flops.iter().zip(&ev.labels).filter(|(_, l)| **l == c).map(|(f, _)| f).sum::<f64>() / count(c)
-            })
-            .collect();
-        Self { layers: ev.layers.clone(), classes, groups, share, class_flops }
+        Self {
+            layers: ev.layers.clone(),
+            classes: ev.per_class.iter().map(|c| c.class.clone()).collect(),
+            groups,
+            share,
+            class_flops: ev.per_class.iter().map(|c| c.flops_ratio).collect(),
+        }
     }
 }
 

@@ -40,23 +40,29 @@ fn split_sets_finds_the_swept_key() {
     assert!(split_sets(&["a=1,2".to_string(), "b=3,4".to_string()]).is_err());
 }
 
-#[test]
-fn tiny_sweep_writes_csv_and_png() {
-    let dir = tempfile::tempdir().unwrap();
+/// The swept RNP experiment and the static baseline, written into `dir`.
+fn experiments(dir: &std::path::Path) -> (PathBuf, PathBuf) {
     let rnp = write(
-        dir.path(),
+        dir,
         "rnp.toml",
         &format!(
             "name = \"rnp-syn\"\n{COMMON}[controller]\nkind = \"channel-router\"\nhidden = 8\n[rl]\nepochs = 1\nworkers = 1\n"
         ),
     );
     let stat = write(
-        dir.path(),
+        dir,
         "static.toml",
         &format!(
             "name = \"static-syn\"\n{COMMON}[controller]\nkind = \"static-l1\"\ntarget_flops = 0.5\nfine_tune_epochs = 1\n"
         ),
     );
+    (rnp, stat)
+}
+
+#[test]
+fn tiny_sweep_writes_csv_and_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rnp, stat) = experiments(dir.path());
     let opts = SweepOptions {
         experiment: rnp,
         sets: vec!["rl.compute_penalty=0.05,0.5".into()],
@@ -112,18 +118,7 @@ fn tiny_sweep_writes_csv_and_png() {
 #[test]
 fn sweep_over_seeds_gives_means_and_spreads() {
     let dir = tempfile::tempdir().unwrap();
-    let rnp = write(
-        dir.path(),
-        "rnp.toml",
-        &format!(
-            "name = \"rnp-syn\"\n{COMMON}[controller]\nkind = \"channel-router\"\nhidden = 8\n[rl]\nepochs = 1\nworkers = 1\n"
-        ),
-    );
-    let stat = write(
-        dir.path(),
-        "static.toml",
-        &format!("name = \"static-syn\"\n{COMMON}[controller]\nkind = \"static-l1\"\nfine_tune_epochs = 1\n"),
-    );
+    let (rnp, stat) = experiments(dir.path());
     let opts = SweepOptions {
         experiment: rnp,
         sets: vec!["rl.compute_penalty=0.05,0.5".into()],

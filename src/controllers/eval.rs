@@ -139,17 +139,17 @@ pub fn table(report: &Value) -> String {
             s.push_str(&format!("{:<8} {:>12} {:>11.3}\n", i + 1, k.as_u64().unwrap_or(0), f(r)));
         }
     }
+    // A run without decision layers (token pruning) has no per-layer table.
     if !layers.is_empty() {
         s.push('\n');
-    }
-    match &dist {
-        _ if layers.is_empty() => {}
-        Some(d) => {
-            let k = d.first().and_then(|r| r.as_array()).map(|r| r.len()).unwrap_or(0);
-            let head: String = (1..=k).map(|a| format!(" {:>6}", format!("a={a}"))).collect();
-            s.push_str(&format!("{:<20} {:>6} {head}\n", "layer", "FLOPs"));
+        match &dist {
+            Some(d) => {
+                let k = d.first().and_then(|r| r.as_array()).map(|r| r.len()).unwrap_or(0);
+                let head: String = (1..=k).map(|a| format!(" {:>6}", format!("a={a}"))).collect();
+                s.push_str(&format!("{:<20} {:>6} {head}\n", "layer", "FLOPs"));
+            }
+            None => s.push_str(&format!("{:<20} {:>6} {:>12}\n", "layer", "FLOPs", "channels")),
         }
-        None => s.push_str(&format!("{:<20} {:>6} {:>12}\n", "layer", "FLOPs", "channels")),
     }
     for (t, name) in layers.iter().enumerate() {
         let r = lfr.get(t).map(f).unwrap_or(f64::NAN);

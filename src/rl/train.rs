@@ -252,14 +252,9 @@ pub struct ControlledEval {
     /// Per layer, every image's action (for histograms).
     #[serde(skip)]
     pub actions: Vec<Vec<f64>>,
-    /// Every image's label and its decision-layer FLOPs ratio, in split order.
+    /// Every image's label, in split order.
     #[serde(skip)]
     pub labels: Vec<usize>,
-    #[serde(skip)]
-    pub image_flops: Vec<f64>,
-    /// The split's class names.
-    #[serde(skip)]
-    pub class_names: Vec<String>,
     /// Every distinct sequence of widths the images took, most taken first.
     pub width_paths: Vec<WidthPath>,
     /// Where the policy spends, class by class (the split's class names).
@@ -280,6 +275,8 @@ pub struct WidthPath {
 /// The images of one class: how many, how often right, and the compute they got.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClassSpend {
+    /// The class's label and name.
+    pub label: usize,
     pub class: String,
     pub images: usize,
     pub top1: f64,
@@ -320,6 +317,7 @@ fn decision_summary(
         .filter_map(|(c, name)| {
             let members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == c).collect();
             (!members.is_empty()).then(|| ClassSpend {
+                label: c,
                 class: name.clone(),
                 images: members.len(),
                 top1: members.iter().filter(|&&i| right[i]).count() as f64 / members.len() as f64,
@@ -377,9 +375,8 @@ pub fn evaluate_controlled(
     if n_seen == 0 {
         bail!("the evaluation split is empty");
     }
-    let class_names = loader.dataset().class_names();
-    let (width_paths, per_class) = decision_summary(&paths, &image_macs, image_full, &labels, &right, &class_names);
-    let image_flops = image_macs.iter().map(|&m| m as f64 / image_full.max(1) as f64).collect();
+    let (width_paths, per_class) =
+        decision_summary(&paths, &image_macs, image_full, &labels, &right, &loader.dataset().class_names());
     let action_distribution = actions
         .iter()
         .map(|acts| {
@@ -398,8 +395,6 @@ pub fn evaluate_controlled(
         action_distribution,
         actions,
         labels,
-        image_flops,
-        class_names,
         width_paths,
         per_class,
     })
