@@ -46,6 +46,13 @@ pub struct RlConfig {
     /// Step size of the price λ's dual ascent (`budget = "mean"`).
     #[serde(default = "d_price_lr")]
     pub price_lr: f64,
+    /// Whose FLOPs the price λ holds to `flops_target` (`budget = "mean"`). `"sampled"`: the
+    /// sampled policy's, which training sees. `"greedy"`: the greedy policy's, which eval and
+    /// inference run; each rollout batch then also runs the greedy policy. The sampled and
+    /// greedy ratios can differ by a factor of two at the same λ, so only `"greedy"` makes the
+    /// evaluated network land at the target.
+    #[serde(default)]
+    pub budget_policy: BudgetPolicy,
     /// `"neg-ce"` (`-alpha * cross_entropy`, the paper) or `"correct"` (`+1` / `-gamma_wrong`).
     #[serde(default = "d_acc")]
     pub accuracy_reward: String,
@@ -127,6 +134,15 @@ pub struct RlConfig {
     /// DQN: gradient updates (replay minibatches) per rollout batch.
     #[serde(default = "d_one_usize")]
     pub updates_per_batch: usize,
+}
+
+/// `[rl] budget_policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetPolicy {
+    #[default]
+    Sampled,
+    Greedy,
 }
 
 /// `[rl] backbone_widths`.
@@ -262,6 +278,9 @@ impl RlConfig {
             v.push(("budget".into(), format!("must be \"per-image\" or \"mean\", got \"{}\"", self.budget)));
         } else if self.budget == "mean" && self.flops_target.is_none() {
             v.push(("budget".into(), "\"mean\" needs a flops_target to hold the mean FLOPs ratio to".into()));
+        }
+        if self.budget_policy == BudgetPolicy::Greedy && self.budget != "mean" {
+            v.push(("budget_policy".into(), "\"greedy\" holds the price of budget = \"mean\"; set that too".into()));
         }
         if !(self.price_lr >= 0.0 && self.price_lr.is_finite()) {
             v.push(("price_lr".into(), format!("must be >= 0, got {}", self.price_lr)));

@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::RlConfig;
+use super::{BudgetPolicy, RlConfig};
 use super::reinforce::UpdateStats;
 use super::reward;
 use super::workers::{WorkerPool, share, threads_per_worker};
@@ -39,6 +39,8 @@ pub struct Trajectory {
     pub macs_full: Vec<u64>,
     /// Self-critical baseline: the greedy rollout's returns-to-go `[T][n]`.
     pub greedy_returns: Option<Vec<Vec<f32>>>,
+    /// The greedy rollout's MACs spent and full MACs over all images, when it ran.
+    pub greedy_macs: Option<(u64, u64)>,
     pub groups: usize,
 }
 
@@ -75,6 +77,10 @@ impl Trajectory {
                 }
                 _ => None,
             };
+            acc.greedy_macs = match (acc.greedy_macs, p.greedy_macs) {
+                (Some(a), Some(b)) => Some((a.0 + b.0, a.1 + b.1)),
+                _ => None,
+            };
         }
         Ok(acc)
     }
@@ -105,6 +111,11 @@ impl Trajectory {
     /// Episode returns per image.
     pub fn episode_returns(&self) -> Vec<f32> {
         (0..self.n).map(|i| self.rewards.iter().map(|r| r[i]).sum()).collect()
+    }
+
+    /// The greedy policy's FLOPs ratio on this batch, when the greedy rollout ran.
+    pub fn greedy_flops_ratio(&self) -> Option<f64> {
+        self.greedy_macs.map(|(spent, full)| spent as f64 / full.max(1) as f64)
     }
 
     /// Reward, accuracy and FLOPs statistics (the learner adds entropy and losses).
@@ -185,11 +196,15 @@ pub fn rollout_shard(
             Ok((actions, rewards, acc, correct, trace))
         };
     let (actions, rewards, accuracy_term, correct, trace) = episode(Mode::Sample, &mut rng)?;
-    let greedy_returns = if cfg.baseline == "self-critical" {
-        let (_, r, _, _, _) = episode(Mode::Greedy, &mut rng)?;
-        Some(reward::returns_to_go(&r))
+    let self_critical = cfg.baseline == "self-critical";
+    let greedy_budget = cfg.flops_target.is_some() && cfg.budget == "mean" && cfg.budget_policy == BudgetPolicy::Greedy;
+    let (greedy_returns, greedy_macs) = if self_critical || greedy_budget {
+        let (_, r, _, _, greedy) = episode(Mode::Greedy, &mut rng)?;
+        let spent: u64 = greedy.steps.iter().flat_map(|s| s.macs.iter()).sum();
+        let full: u64 = greedy.steps.iter().map(|s| s.point.macs_full).sum::<u64>() * n as u64;
+        (self_critical.then(|| reward::returns_to_go(&r)), Some((spent, full)))
     } else {
-        None
+        (None, None)
     };
     let mut observations = Vec::with_capacity(trace.steps.len());
     for s in &trace.steps {
@@ -207,6 +222,7 @@ pub fn rollout_shard(
         macs: trace.steps.iter().map(|s| s.macs.clone()).collect(),
         macs_full: trace.steps.iter().map(|s| s.point.macs_full).collect(),
         greedy_returns,
+        greedy_macs,
         groups: k,
     })
 }
@@ -282,5 +298,36 @@ impl RolloutPool {
             })
             .collect();
         Trajectory::concat(self.pool.run(jobs)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(n: usize, greedy: Option<(u64, u64)>) -> Trajectory {
+        Trajectory {
+            n,
+            observations: vec![(vec![0.0; n], 1)],
+            actions: vec![vec![1; n]],
+            rewards: vec![vec![0.0; n]],
+            accuracy_term: vec![0.0; n],
+            correct: vec![true; n],
+            macs: vec![vec![10; n]],
+            macs_full: vec![40],
+            greedy_returns: None,
+            greedy_macs: greedy,
+            groups: 4,
+        }
+    }
+
+    #[test]
+    fn the_greedy_flops_ratio_pools_every_workers_images() {
+        let t = Trajectory::concat(vec![part(2, Some((20, 80))), part(6, Some((180, 240)))]).unwrap();
+        assert_eq!(t.greedy_macs, Some((200, 320)));
+        assert!((t.greedy_flops_ratio().unwrap() - 0.625).abs() < 1e-12);
+        assert!((t.stats().flops_ratio - 0.25).abs() < 1e-12);
+        let missing = Trajectory::concat(vec![part(2, Some((20, 80))), part(2, None)]).unwrap();
+        assert_eq!(missing.greedy_flops_ratio(), None);
     }
 }

@@ -130,7 +130,11 @@ impl RnpLearner {
             self.step,
         )?;
         if let (Some(target), "mean") = (self.cfg.flops_target, self.cfg.budget.as_str()) {
-            self.price = super::reward::next_price(self.price, self.cfg.price_lr, traj.stats().flops_ratio, target);
+            let held = match self.cfg.budget_policy {
+                super::BudgetPolicy::Sampled => traj.stats().flops_ratio,
+                super::BudgetPolicy::Greedy => traj.greedy_flops_ratio().unwrap_or(traj.stats().flops_ratio),
+            };
+            self.price = super::reward::next_price(self.price, self.cfg.price_lr, held, target);
         }
         // The learner's own draws (minibatch order, replay samples) use a stream apart from
         // every worker's.
