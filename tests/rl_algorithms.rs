@@ -53,6 +53,7 @@ fn toy_episodes(router: &ChannelRouter<Cpu>, rule: ActionRule, mode: Mode, n: us
         macs: vec![vec![0; n]; 2],
         macs_full: vec![0, 0],
         greedy_returns: None,
+        greedy_macs: None,
         groups: 3,
     }
 }
