@@ -10,7 +10,7 @@
 
 use anyhow::Result;
 use rlprune::backbones::{AnyBackbone, ModelSpec};
-use rlprune::metrics::bench::{bench_inference, Stats};
+use rlprune::bench::{bench_inference, Stats};
 use rlprune::Cpu;
 
 const PAIRS: &[(&str, &str)] = &[

@@ -326,7 +326,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench { model, batch, threads, train, routed, warmup, repeats, img_size, num_classes, in_chans, json, device } => {
-            use crate::metrics::bench;
+            use crate::bench;
             if let Some(t) = threads {
                 bench::limit_threads(t)?;
             }

@@ -5,6 +5,7 @@
 //! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md`, the README and docs/.
 
 pub mod backbones;
+pub mod bench;
 pub mod cli;
 pub mod controllers;
 pub mod data;

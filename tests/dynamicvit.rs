@@ -10,7 +10,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rlprune::backbones::dynamicvit::{distill_loss, DistillLossWeights, DynamicVit, DynamicVitArgs};
 use rlprune::backbones::vit::VisionTransformer;
 use rlprune::backbones::{infer, AnyBackbone, ModelSpec};
-use rlprune::controllers::token_predictor::FixedGumbel;
+use rlprune::backbones::token_predictor::FixedGumbel;
 use rlprune::import::{read_safetensors, read_tensor};
 use rlprune::nn::params::{load_strict, HostTensor, StateDict};
 use burn::tensor::backend::AutodiffBackend;

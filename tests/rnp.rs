@@ -113,7 +113,7 @@ fn sliced_grouped_execution_equals_masked_full_computation() {
 /// convolution runs as one GEMM per tap (≥ 8 input channels) and below them (im2col).
 #[test]
 fn ragged_execution_equals_grouped_execution_exactly() {
-    use rlprune::controllers::exec::{controlled_stack_grouped, controlled_stack_ragged};
+    use rlprune::backbones::controlled::{controlled_stack_grouped, controlled_stack_ragged};
     use rlprune::nn::conv::max_pool2x2;
     let _guard = lock();
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };

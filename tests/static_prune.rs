@@ -10,7 +10,8 @@ use rlprune::Cpu;
 use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
 use rlprune::backbones::resnet::{ResNet, ResNetOptions};
 use rlprune::backbones::{AnyBackbone, Backbone, BuildContext};
-use rlprune::controllers::static_prune::{top_l1_filters, uniform_allocation};
+use rlprune::backbones::surgery::top_l1_filters;
+use rlprune::controllers::static_prune::uniform_allocation;
 use rlprune::nn::BatchNorm2d;
 
 mod common;

@@ -49,7 +49,7 @@ use super::hornet::{Block, Downsample, DwConv, GnconvArgs, Hornet, HornetArgs};
 use super::spec::{args_for_arch, ModelArgs};
 use super::{Backbone, BuildContext, Family};
 use crate::nn::channel_op::select_tokens;
-use crate::controllers::token_predictor::{keep_count, top_k_keep, PredictorLG};
+use crate::backbones::token_predictor::{keep_count, top_k_keep, PredictorLG};
 use crate::metrics::flops::CostReport;
 use crate::nn::conv::conv2d_gemm;
 use crate::nn::layers::trunc_normal;

@@ -11,8 +11,8 @@ use burn::tensor::Tensor;
 use serde::Deserialize;
 
 use super::{Backbone, BuildContext, Family, PrunableConv};
-use crate::controllers::exec::{controlled_stack, reorder_stack_by_filter_norm};
-use crate::controllers::{Controller, Mode, Trace};
+use crate::backbones::controlled::{controlled_stack, reorder_stack_by_filter_norm};
+use crate::backbones::controlled::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use rand_chacha::ChaCha8Rng;
 use crate::nn::conv::{conv2d_bias_act, conv2d_bias_act_ragged, global_avg_pool, max_pool2x2};
@@ -166,7 +166,7 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
     }
 
     fn prune_channels(&mut self, keep: &[usize]) -> Result<()> {
-        crate::controllers::static_prune::prune_stack(&mut self.features, &mut self.fc, keep)
+        crate::backbones::surgery::prune_stack(&mut self.features, &mut self.fc, keep)
     }
 }
 

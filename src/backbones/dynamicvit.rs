@@ -26,7 +26,7 @@ use super::spec::{args_for_arch, ModelArgs};
 use super::vit::{DeitArgs, VisionTransformer};
 use super::{Backbone, BuildContext, Family};
 use crate::nn::channel_op::{channel_slice, select_tokens};
-use crate::controllers::token_predictor::{gumbel_keep, keep_count, top_k_keep, GumbelSource, PredictorLG};
+use crate::backbones::token_predictor::{gumbel_keep, keep_count, top_k_keep, GumbelSource, PredictorLG};
 use crate::metrics::flops::CostReport;
 use crate::ModelBackend;
 

@@ -8,11 +8,14 @@
 
 pub mod adahornet;
 pub mod cnn;
+pub mod controlled;
 pub mod dynamicvit;
 pub mod gfnet;
 pub mod hornet;
 pub mod resnet;
 pub mod spec;
+pub mod surgery;
+pub mod token_predictor;
 pub mod vgg;
 pub mod vit;
 pub mod zoo;
@@ -24,7 +27,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::controllers::{Controller, Mode, Trace};
+use controlled::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use crate::metrics::flops::CostReport;
 use rand_chacha::ChaCha8Rng;

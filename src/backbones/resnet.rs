@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{Backbone, BuildContext, Family, PrunableConv};
 use crate::ModelBackend;
-use crate::controllers::{Controller, DecisionPoint, Mode, Trace, TraceStep};
+use crate::backbones::controlled::{Controller, DecisionPoint, Mode, Trace, TraceStep};
 use crate::nn::activation_op::add_relu;
 use crate::nn::conv::global_avg_pool;
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
@@ -119,8 +119,8 @@ impl<B: ModelBackend> BasicBlock<B> {
     /// Keeps (and orders) the inner conv's output channels `idx`: conv1's filters, bn1, and
     /// conv2's input channels. The residual stream is untouched.
     fn select_inner(&mut self, idx: &[usize]) {
-        crate::controllers::static_prune::prune_conv_out(&mut self.conv1, &mut self.bn1, idx);
-        crate::controllers::static_prune::prune_conv_in(&mut self.conv2, idx);
+        crate::backbones::surgery::prune_conv_out(&mut self.conv1, &mut self.bn1, idx);
+        crate::backbones::surgery::prune_conv_in(&mut self.conv2, idx);
     }
 }
 
@@ -359,9 +359,9 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
 
     fn prune_channels(&mut self, keep: &[usize]) -> anyhow::Result<()> {
         let outs: Vec<usize> = self.layers.iter().flatten().map(|b| b.conv1.out_channels()).collect();
-        crate::controllers::static_prune::check_keep(keep, &outs)?;
+        crate::backbones::surgery::check_keep(keep, &outs)?;
         for (block, &k) in self.layers.iter_mut().flatten().zip(keep) {
-            let idx = crate::controllers::static_prune::top_l1_filters(&block.conv1.weight.val(), k);
+            let idx = crate::backbones::surgery::top_l1_filters(&block.conv1.weight.val(), k);
             block.select_inner(&idx);
         }
         Ok(())

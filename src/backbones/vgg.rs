@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use super::cnn::ConvBn;
 use super::{Backbone, BuildContext, Family, PrunableConv};
-use crate::controllers::exec::{controlled_stack, reorder_stack_by_filter_norm};
-use crate::controllers::{Controller, Mode, Trace};
+use crate::backbones::controlled::{controlled_stack, reorder_stack_by_filter_norm};
+use crate::backbones::controlled::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use rand_chacha::ChaCha8Rng;
 use crate::nn::Linear;
@@ -110,7 +110,7 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
     }
 
     fn prune_channels(&mut self, keep: &[usize]) -> Result<()> {
-        crate::controllers::static_prune::prune_stack(&mut self.features, &mut self.classifier, keep)
+        crate::backbones::surgery::prune_stack(&mut self.features, &mut self.classifier, keep)
     }
 }
 

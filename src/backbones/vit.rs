@@ -20,7 +20,7 @@ use crate::nn::attention::Attention;
 use crate::nn::channel_op::residual;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::nn::layers::trunc_normal;
-use crate::controllers::token_predictor::PredictorLG;
+use crate::backbones::token_predictor::PredictorLG;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 
 /// timm's `VisionTransformer` constructor arguments (DeiT uses `qkv_bias = true` and

@@ -229,17 +229,17 @@ pub struct RoutingOverhead {
     pub batch: usize,
     pub groups: usize,
     pub repeats: usize,
-    pub dense_ms: crate::metrics::bench::Stats,
-    pub routed_ms: crate::metrics::bench::Stats,
+    pub dense_ms: crate::bench::Stats,
+    pub routed_ms: crate::bench::Stats,
     /// Routed speed over dense speed, from the medians (1.0 = routing costs nothing).
     pub speed_ratio: f64,
     /// The same ratio per alternating pair, median and spread.
-    pub pair_ratio: crate::metrics::bench::Stats,
+    pub pair_ratio: crate::bench::Stats,
 }
 
 impl RoutingOverhead {
     pub fn table(&self) -> String {
-        let row = |name: &str, s: &crate::metrics::bench::Stats| {
+        let row = |name: &str, s: &crate::bench::Stats| {
             format!("{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n", s.median, s.min, s.p10, s.p90, s.max)
         };
         format!(
@@ -328,14 +328,14 @@ pub fn routing_overhead(
     )?;
     let (dense, routed): (Vec<f64>, Vec<f64>) = (dense.iter().map(|s| s * 1e3).collect(), routed.iter().map(|s| s * 1e3).collect());
     let pairs: Vec<f64> = dense.iter().zip(&routed).map(|(d, r)| d / r).collect();
-    let (dense_ms, routed_ms) = (crate::metrics::bench::Stats::of(&dense), crate::metrics::bench::Stats::of(&routed));
+    let (dense_ms, routed_ms) = (crate::bench::Stats::of(&dense), crate::bench::Stats::of(&routed));
     Ok(RoutingOverhead {
         model: name.to_string(),
         batch: shape[0],
         groups,
         repeats,
         speed_ratio: dense_ms.median / routed_ms.median,
-        pair_ratio: crate::metrics::bench::Stats::of(&pairs),
+        pair_ratio: crate::bench::Stats::of(&pairs),
         dense_ms,
         routed_ms,
     })

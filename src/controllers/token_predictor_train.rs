@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::ControllerConfig;
-use super::token_predictor::SampledGumbel;
+use crate::backbones::token_predictor::SampledGumbel;
 use super::token_predictor_pg::{KeepRule, TokenRolloutPool, decided_forward, per_image_ce, pg_rewards, ppo_predictors, stage_evals};
 use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArgs, distill_loss};
 use crate::backbones::spec::{ModelArgs, args_for_arch};

@@ -1,6 +1,6 @@
-//! Compute accounting: analytic parameter counts and multiply-accumulates (`flops`), and
-//! measured throughput and latency (`bench`).
+//! Compute accounting before anything runs: analytic parameter counts and multiply-accumulates
+//! (`flops`) and memory estimates (`memory`). Measured throughput and latency of a built model
+//! are `crate::bench`.
 
-pub mod bench;
 pub mod flops;
 pub mod memory;

@@ -1,6 +1,9 @@
-//! Controlled execution of a conv-BN-ReLU stack with real compute savings.
+//! The decision protocol between a backbone and a controller ([`Controller`], [`DecisionPoint`],
+//! [`Decision`], [`Trace`]), and the controlled execution of conv-BN-ReLU stacks. The protocol
+//! sits beside the backbones that call it, so that backbones need nothing from the controllers
+//! above them; `controllers` re-exports it.
 //!
-//! Samples are carried as *parts*: the rows of the batch that share the previous layer's action,
+//! Controlled execution has real compute savings. Samples are carried as *parts*: the rows of the batch that share the previous layer's action,
 //! with exactly the channels that layer computed. At each decision layer every (previous action,
 //! new action) pair runs the conv with the weight slice `[0..c_out(new), 0..c_in(prev)]` on its
 //! rows only, and the results are regrouped by the new action. Skipped channels are never
@@ -11,15 +14,118 @@
 
 use anyhow::{Result, bail};
 use burn::module::Param;
+use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Controller, DecisionPoint, Mode, Trace, TraceStep};
 use crate::ModelBackend;
 use crate::backbones::PrunableConv;
 use crate::backbones::cnn::ConvBn;
 use crate::nn::Linear;
 use crate::nn::conv::global_avg_pool;
+
+/// How a controller picks its actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Sample from the policy (training rollouts).
+    Sample,
+    /// The most probable action (evaluation, self-critical baseline).
+    Greedy,
+}
+
+/// One place in a backbone where a controller decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionPoint {
+    /// 0-based position in execution order.
+    pub index: usize,
+    /// Name of the controlled layer (e.g. `features.2.conv`).
+    pub name: String,
+    /// Number of channel groups k: actions are `1..=k` groups computed.
+    pub groups: usize,
+    pub out_channels: usize,
+    /// MACs of the full layer for one image.
+    pub macs_full: u64,
+}
+
+impl DecisionPoint {
+    /// Output channels computed when the first `action` of `groups` groups run (the last group
+    /// takes the remainder).
+    pub fn channels_for(&self, action: usize) -> usize {
+        channels_for(self.out_channels, self.groups, action)
+    }
+}
+
+/// Channels of the first `action` groups when `out` channels form `groups` groups.
+pub fn channels_for(out: usize, groups: usize, action: usize) -> usize {
+    let groups = groups.clamp(1, out.max(1));
+    let action = action.clamp(1, groups);
+    if action == groups { out } else { (out / groups) * action }
+}
+
+/// A controller's answer for a batch at one decision point.
+#[derive(Debug, Clone)]
+pub struct Decision<B: Backend> {
+    /// Per image, the number of groups to compute, in `1..=k`.
+    pub actions: Vec<usize>,
+    /// Log-probability of each image's action, `[N]`.
+    pub log_prob: Tensor<B, 1>,
+    /// Policy entropy per image, `[N]`.
+    pub entropy: Tensor<B, 1>,
+}
+
+/// An agent called at every decision point of a controlled forward pass.
+pub trait Controller<B: Backend> {
+    /// Number of channel groups per decision point (k).
+    fn groups(&self) -> usize;
+    /// Starts a new batch of `batch` images (clears recurrent state).
+    fn reset(&mut self, batch: usize);
+    /// Decides for every image of the batch. `observation` is the decision layer's input,
+    /// global-average-pooled: `[N, C_in]` (channels that were skipped upstream are zero).
+    fn decide(
+        &mut self,
+        point: &DecisionPoint,
+        observation: Tensor<B, 2>,
+        mode: Mode,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Decision<B>>;
+}
+
+/// One decision as it happened.
+#[derive(Debug, Clone)]
+pub struct TraceStep<B: Backend> {
+    pub point: DecisionPoint,
+    /// `[N, C_in]`, detached.
+    pub observation: Tensor<B, 2>,
+    pub actions: Vec<usize>,
+    pub log_prob: Tensor<B, 1>,
+    /// MACs actually spent by this layer, per image.
+    pub macs: Vec<u64>,
+}
+
+/// Everything a controlled forward pass decided and spent.
+#[derive(Debug, Clone)]
+pub struct Trace<B: Backend> {
+    pub steps: Vec<TraceStep<B>>,
+}
+
+impl<B: Backend> Trace<B> {
+    /// MACs spent per image over all decision layers.
+    pub fn macs_per_image(&self) -> Vec<u64> {
+        let n = self.steps.first().map(|s| s.macs.len()).unwrap_or(0);
+        let mut out = vec![0u64; n];
+        for s in &self.steps {
+            for (o, m) in out.iter_mut().zip(&s.macs) {
+                *o += m;
+            }
+        }
+        out
+    }
+
+    /// Full-model MACs of the decision layers for one image.
+    pub fn macs_full(&self) -> u64 {
+        self.steps.iter().map(|s| s.point.macs_full).sum()
+    }
+}
 
 struct Part<B: burn::tensor::backend::Backend> {
     /// Batch rows (original indices) held by this part, in tensor order.
@@ -210,7 +316,7 @@ fn decide_at<B: ModelBackend>(
     observation: Tensor<B, 2>,
     mode: Mode,
     rng: &mut ChaCha8Rng,
-) -> Result<(DecisionPoint, super::Decision<B>)> {
+) -> Result<(DecisionPoint, Decision<B>)> {
     let (n, k) = (observation.dims()[0], ctl.groups());
     let point =
         DecisionPoint { index: t, name: pc.name.clone(), groups: k, out_channels: pc.out_channels, macs_full: pc.macs };
