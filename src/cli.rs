@@ -229,7 +229,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let (resume, exp, layered) =
                 crate::train::run::experiment_to_resume(resume, Experiment::load(&experiment, &set)?, &set, &cwd)?;
             let opts = TrainOptions { out, resume, stop_after_epoch, base_dir: cwd.clone() };
-            let summary = supervised::train(&exp, &layered, &opts)?;
+            let summary = crate::methods::train(&exp, &layered, &opts)?;
             if let Some(m) = summary.history.last() {
                 println!(
                     "{}: epoch {}: test top-1 {:.2}% (best {:.2}%), run {}",
@@ -269,11 +269,11 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval { target, checkpoint, mut set, json, device } => {
             with_device_override(&mut set, device.as_deref())?;
-            let report = supervised::eval_target(&target, checkpoint.as_deref(), &set, &cwd)?;
+            let report = crate::methods::eval_target(&target, checkpoint.as_deref(), &set, &cwd)?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{}", crate::controllers::eval::table(&report));
+                print!("{}", crate::methods::eval::table(&report));
             }
             Ok(())
         }
@@ -337,7 +337,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 ensure!(batch >= 1, "--batch must be at least 1");
                 let target = bench::BenchModel::resolve(&model, img_size, num_classes, in_chans)?;
                 let built = target.build::<crate::Cpu>(&Default::default())?;
-                let report = crate::controllers::eval::routing_overhead(&model, &built, target.input_shape(batch), groups, warmup, repeats)?;
+                let report = crate::methods::eval::routing_overhead(&model, &built, target.input_shape(batch), groups, warmup, repeats)?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
                 } else {

@@ -338,6 +338,10 @@ impl Experiment {
             problems.push((join("train", &k), m));
         }
         if let Some(c) = &self.controller {
+            match crate::methods::kind(&c.kind) {
+                Ok(method) => problems.extend((method.check_options)(c).into_iter().map(|(k, m)| (join("controller", &k), m))),
+                Err(e) => problems.push(("controller.kind".into(), e.to_string())),
+            }
             for (k, m) in c.validate() {
                 problems.push((join("controller", &k), m));
             }

@@ -14,6 +14,7 @@ pub mod experiment;
 pub mod fsutil;
 pub mod import;
 pub mod logging;
+pub mod methods;
 pub mod metrics;
 pub mod nn;
 pub mod rl;

@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::experiment::Experiment;
 use crate::train::run::new_run_dir;
-use crate::train::supervised::{self, TrainOptions};
+use crate::train::supervised::TrainOptions;
 
 /// Width and height of `sweep.png`.
 pub const PLOT_SIZE: (u32, u32) = (1200, 500);
@@ -161,11 +161,11 @@ fn train_and_eval(exp_path: &Path, sets: &[String], run_dir: &Path, base: &Path)
     }
     let opts =
         TrainOptions { out: Some(run_dir.to_path_buf()), resume: None, stop_after_epoch: None, base_dir: base.into() };
-    let summary = supervised::train(&exp, &layered, &opts)?;
+    let summary = crate::methods::train(&exp, &layered, &opts)?;
     if summary.interrupted {
         bail!("interrupted during {}", run_dir.display());
     }
-    supervised::eval_target(run_dir, None, &[], base)
+    crate::methods::eval_target(run_dir, None, &[], base)
 }
 
 /// Whether a `--set` value lists several values: comma-separated, and not a TOML array, inline

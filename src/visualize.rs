@@ -299,8 +299,8 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
 /// `channel_use.png` ([`draw_channel_use`]) and `channel_use.json` (per layer and class, the
 /// share of the class's images at each width; per class the mean FLOPs ratio) into `out`.
 fn channel_use(exp: &Experiment, layered: &crate::experiment::Layered, run_dir: &Path, base: &Path, out: &Path) -> Result<Vec<PathBuf>> {
-    let run = crate::rl::train::load_routed_run(exp, layered, run_dir, base)?;
-    let ev = crate::rl::train::evaluate_controlled(&run.backbone, &run.router, &run.test_loader)?;
+    let run = crate::methods::rnp::load_routed_run(exp, layered, run_dir, base)?;
+    let ev = crate::methods::rnp::evaluate_controlled(&run.backbone, &run.router, &run.test_loader)?;
     let use_ = ChannelUse::from_eval(&ev, run.router.groups());
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the output directory", out.display()))?;
     let png = out.join("channel_use.png");
@@ -335,7 +335,7 @@ pub struct ChannelUse {
 }
 
 impl ChannelUse {
-    pub fn from_eval(ev: &crate::rl::train::ControlledEval, groups: usize) -> Self {
+    pub fn from_eval(ev: &crate::methods::rnp::ControlledEval, groups: usize) -> Self {
         // The classes that have test images, as the evaluation's per-class table lists them.
         let share = ev
             .actions

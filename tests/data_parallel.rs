@@ -167,7 +167,7 @@ fn train_weights(dir: &std::path::Path, tag: &str, toml: &str) -> (rlprune::trai
     let (exp, layered) = rlprune::experiment::Experiment::load(&exp_path, &[]).unwrap();
     let out = dir.join(tag);
     let opts = rlprune::train::supervised::TrainOptions { out: Some(out.clone()), base_dir: dir.to_path_buf(), ..Default::default() };
-    let summary = rlprune::train::supervised::train(&exp, &layered, &opts).unwrap();
+    let summary = rlprune::methods::train(&exp, &layered, &opts).unwrap();
     let weights = rlprune::import::read_safetensors(&out.join("checkpoints").join("last.safetensors")).unwrap();
     (summary, weights)
 }

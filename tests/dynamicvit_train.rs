@@ -253,13 +253,13 @@ fn the_shipped_dynamicvit_experiments_load() {
         let (e, _) = rlprune::experiment::Experiment::load(&root.join(f), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
         let ctl = e.controller.unwrap();
         assert_eq!(ctl.kind, "token-predictor", "{f}");
-        let o = rlprune::controllers::token_predictor_train::TokenPredictorOptions::from_config(&ctl).unwrap();
+        let o = rlprune::methods::token_predictor::TokenPredictorOptions::from_config(&ctl).unwrap();
         assert_eq!(o.training, training);
         assert_eq!(o.lr_scale, lr_scale, "{f}");
     }
     let (e, _) =
         rlprune::experiment::Experiment::load(&root.join("experiments/dynamicvit_deit_s_imagenet.toml"), &[]).unwrap();
-    let o = rlprune::controllers::token_predictor_train::TokenPredictorOptions::from_config(&e.controller.unwrap()).unwrap();
+    let o = rlprune::methods::token_predictor::TokenPredictorOptions::from_config(&e.controller.unwrap()).unwrap();
     assert_eq!(o.epochs, 30);
     assert_eq!(e.backbone.arch, "dynamicvit-deit-s-0.7");
 }

@@ -194,7 +194,7 @@ fn synthetic_batch(n: usize, seed: u64) -> rlprune::data::Batch {
 fn learner_trace(algorithm: &str, rnn: &str, workers: usize, seed: u64) -> Vec<(f64, f64, Vec<f64>)> {
     use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
     use rlprune::backbones::{AnyBackbone, BuildContext};
-    use rlprune::rl::train::RnpLearner;
+    use rlprune::methods::rnp::RnpLearner;
     let dev = Default::default();
     <Ad as burn::tensor::backend::Backend>::seed(&dev, seed);
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };

@@ -337,7 +337,7 @@ fn learner_rollouts(workers: usize, seed: u64) -> Vec<(Vec<Vec<usize>>, Vec<Vec<
     use rlprune::backbones::AnyBackbone;
     use rlprune::controllers::ControllerConfig;
     use rlprune::rl::RlConfig;
-    use rlprune::rl::train::RnpLearner;
+    use rlprune::methods::rnp::RnpLearner;
     let dev = Default::default();
     <rlprune::CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, seed);
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };

@@ -11,7 +11,7 @@ use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
 use rlprune::backbones::resnet::{ResNet, ResNetOptions};
 use rlprune::backbones::{AnyBackbone, Backbone, BuildContext};
 use rlprune::backbones::surgery::top_l1_filters;
-use rlprune::controllers::static_prune::uniform_allocation;
+use rlprune::methods::static_l1::uniform_allocation;
 use rlprune::nn::BatchNorm2d;
 
 mod common;
@@ -222,14 +222,14 @@ fn static_l1_trains_prunes_fine_tunes_and_evaluates() {
         stop_after_epoch: None,
         base_dir: dir.path().into(),
     };
-    let summary = rlprune::train::supervised::train(&e, &layered, &opts).unwrap();
+    let summary = rlprune::methods::train(&e, &layered, &opts).unwrap();
     assert_eq!(summary.epochs_done, 1);
-    let plan = rlprune::controllers::static_prune::read_plan(&run).unwrap();
+    let plan = rlprune::methods::static_l1::read_plan(&run).unwrap();
     assert!(plan.flops_ratio <= 0.4, "{plan:?}");
     assert!(plan.keep.iter().zip(&plan.out_channels).all(|(k, o)| k <= o) && plan.keep != plan.out_channels);
     let sens = plan.sensitivity.as_ref().expect("sensitivity scan recorded");
     assert_eq!(sens.curves.len(), 4);
-    let report = rlprune::train::supervised::eval_target(&run, None, &[], dir.path()).unwrap();
+    let report = rlprune::methods::eval_target(&run, None, &[], dir.path()).unwrap();
     assert!(run.join("eval.json").is_file());
     assert_eq!(report["controller"], "static-l1");
     assert!((report["flops_ratio"].as_f64().unwrap() - plan.flops_ratio).abs() < 1e-9);
@@ -242,7 +242,7 @@ fn static_l1_trains_prunes_fine_tunes_and_evaluates() {
     }
     let top1 = report["top1"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&top1));
-    let table = rlprune::controllers::eval::table(&report);
+    let table = rlprune::methods::eval::table(&report);
     assert!(table.contains("FLOPs ratio") && table.contains("features.3.conv") && table.contains("speedup"), "{table}");
 }
 
@@ -251,7 +251,8 @@ fn static_l1_trains_prunes_fine_tunes_and_evaluates() {
 #[test]
 fn interrupted_static_run_resumes_exactly() {
     use rlprune::train::run::Resume;
-    use rlprune::train::supervised::{TrainOptions, train};
+    use rlprune::methods::train;
+    use rlprune::train::supervised::TrainOptions;
     let _g = lock();
     let dir = tempfile::tempdir().unwrap();
     let text = |target: f64| {
@@ -329,7 +330,7 @@ fn the_shipped_static_experiment_loads() {
     let (e, _) = rlprune::experiment::Experiment::load(&p, &[]).unwrap();
     let ctl = e.controller.unwrap();
     assert_eq!(ctl.kind, "static-l1");
-    let o = rlprune::controllers::static_prune::StaticL1Options::from_config(&ctl).unwrap();
+    let o = rlprune::methods::static_l1::StaticL1Options::from_config(&ctl).unwrap();
     assert_eq!(o.target_flops, 0.5);
     assert_eq!(o.allocation, "sensitivity");
 }

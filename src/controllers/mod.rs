@@ -12,12 +12,8 @@
 //! A controller kind is one file plus one line in [`KINDS`].
 
 pub mod channel_router;
-pub mod eval;
-pub mod static_prune;
-pub mod token_predictor_pg;
-pub mod token_predictor_train;
 
-use anyhow::Result;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::backbones::controlled::{Controller, Decision, DecisionPoint, Mode, Trace, TraceStep, channels_for};
@@ -76,67 +72,6 @@ fn default_rnn() -> String {
     "gru".into()
 }
 
-/// A controller kind: how its extra `[controller]` keys are checked, and what `rlprune train`
-/// and `rlprune eval RUN_DIR` run for it.
-pub struct ControllerKind {
-    pub name: &'static str,
-    /// Problems with the kind-specific keys in `options`, as (key relative to `[controller]`,
-    /// message).
-    pub check_options: fn(&ControllerConfig) -> Vec<(String, String)>,
-    pub train: fn(
-        &crate::experiment::Experiment,
-        &crate::experiment::Layered,
-        &crate::train::supervised::TrainOptions,
-    ) -> Result<crate::train::supervised::TrainSummary>,
-    /// `(experiment, layered, run_dir, base_dir)` → the JSON report of `rlprune eval`.
-    pub eval: fn(
-        &crate::experiment::Experiment,
-        &crate::experiment::Layered,
-        &std::path::Path,
-        &std::path::Path,
-    ) -> Result<serde_json::Value>,
-}
-
-/// The controller registry: one line per kind.
-pub const KINDS: &[ControllerKind] = &[
-    ControllerKind {
-        name: "channel-router",
-        check_options: no_extra_options,
-        train: crate::rl::train::train_rnp,
-        eval: crate::rl::train::eval_rnp_run,
-    },
-    ControllerKind {
-        name: "static-l1",
-        check_options: static_prune::check_options,
-        train: static_prune::train_static,
-        eval: static_prune::eval_static_run,
-    },
-    ControllerKind {
-        name: "token-predictor",
-        check_options: token_predictor_train::check_options,
-        train: token_predictor_train::train_token_predictor,
-        eval: token_predictor_train::eval_token_predictor_run,
-    },
-];
-
-/// The registered kind called `name`.
-pub fn kind(name: &str) -> Result<&'static ControllerKind> {
-    KINDS.iter().find(|k| k.name == name).ok_or_else(|| {
-        anyhow::anyhow!("'{name}' is not a known controller (available: {})", kind_names().join(", "))
-    })
-}
-
-pub fn kind_names() -> Vec<&'static str> {
-    KINDS.iter().map(|k| k.name).collect()
-}
-
-/// For kinds without extra keys: every key in `options` is unknown.
-pub fn no_extra_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
-    cfg.options
-        .keys()
-        .map(|k| (k.clone(), format!("is not a key of controller '{}' (unknown key)", cfg.kind)))
-        .collect()
-}
 /// Recurrent cells of the channel router.
 pub const RNN_CELLS: &[&str] = &["gru", "lstm"];
 
@@ -144,10 +79,6 @@ impl ControllerConfig {
     /// Problems as (key relative to `[controller]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
-        match kind(&self.kind) {
-            Ok(k) => v.extend((k.check_options)(self)),
-            Err(e) => v.push(("kind".into(), e.to_string())),
-        }
         if !(1..=64).contains(&self.groups) {
             v.push(("groups".into(), format!("must be in 1..=64, got {}", self.groups)));
         }

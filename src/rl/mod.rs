@@ -6,7 +6,7 @@ pub mod ppo;
 pub mod reinforce;
 pub mod reward;
 pub mod rollout;
-pub mod train;
+
 pub mod workers;
 
 use serde::{Deserialize, Serialize};

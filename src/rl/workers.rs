@@ -3,7 +3,7 @@
 //! snapshot and a share of the batch), each worker runs its job and sends the result back over a
 //! crossbeam channel, and the learner gathers the results in worker order. What a job computes is
 //! the controller's business (`rl::rollout` for the channel router,
-//! `controllers::token_predictor_train` for the token predictor).
+//! `methods::token_predictor` for the token predictor).
 //!
 //! Each worker sets its convolutions' thread count to `cores / workers` (at least 1), so N
 //! workers split the cores instead of oversubscribing them (see `nn::conv`).

@@ -20,7 +20,6 @@ use super::optim::Optimizer;
 use super::run::{newest_run, out_or_new_run_dir, Resume, RunLogs};
 use crate::backbones::{self, AnyBackbone, Backbone, BuildContext};
 use crate::data::{self, Dataset, Loader};
-use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
@@ -85,27 +84,6 @@ pub struct PruningOutcome {
     pub top1: f64,
     /// MACs of the pruned layers over their unpruned MACs.
     pub flops_ratio: f64,
-}
-
-pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
-    let (opts, _lock) = super::run::claim_run_dir(exp, opts)?;
-    let opts = &opts;
-    let specs = exp.device_specs().map_err(|e| layered.error_at(if exp.devices.is_empty() { "device" } else { "devices" }, e))?;
-    if let Some(ctl) = &exp.controller {
-        let kind = crate::controllers::kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
-        return match specs.as_slice() {
-            [DeviceSpec::Cpu] => (kind.train)(exp, layered, opts),
-            [DeviceSpec::Cpu, ..] => bail!("{}: data-parallel training of controllers is not wired yet (the supervised trainer is); use one device", layered.origin_of("devices")),
-            _ => bail!("{}: controller training runs on the CPU only for now (the supervised trainer runs on CUDA)", layered.origin_of("device")),
-        };
-    }
-    match specs[0] {
-        DeviceSpec::Cpu => train_on_devices::<crate::CpuAutodiff>(exp, layered, opts, &vec![Default::default(); specs.len()]),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(_) => train_on_devices::<crate::device::CudaAutodiff>(exp, layered, opts, &crate::device::cuda_devices(&specs)?),
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => crate::device::cuda_unavailable(),
-    }
 }
 
 /// Builds the experiment's backbone for `ctx`, loading `[backbone] weights` if given; errors
@@ -478,54 +456,6 @@ pub fn evaluate<B: ModelBackend>(model: &AnyBackbone<B>, loader: &Loader, device
         bail!("the evaluation split is empty");
     }
     Ok((loss_sum / n_seen as f64, n_correct as f64 / n_seen as f64))
-}
-
-/// `rlprune eval`: loads the run's (or experiment's) configuration, builds the model, loads
-/// the checkpoint and evaluates it on the test split. Returns a JSON report.
-pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[String], base: &Path) -> Result<serde_json::Value> {
-    let cfg = crate::experiment::experiment_of(target)?;
-    let (exp, layered) = Experiment::load(&cfg, overrides)?;
-    let weights = match checkpoint_file {
-        Some(f) => f.to_path_buf(),
-        None if target.is_dir() => {
-            let ck = checkpoint::dir(target);
-            let best = ck.join("best.safetensors");
-            if best.is_file() { best } else { ck.join("last.safetensors") }
-        }
-        None => bail!("{}: an experiment file needs --checkpoint FILE (or pass a run directory)", target.display()),
-    };
-    if let Some(ctl) = &exp.controller
-        && target.is_dir()
-        && checkpoint_file.is_none()
-    {
-        let kind = crate::controllers::kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
-        let report = (kind.eval)(&exp, &layered, target, base)?;
-        crate::fsutil::atomic_write(&target.join("eval.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-        return Ok(report);
-    }
-    let spec = DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))?;
-    crate::with_backend!(spec, |B, device| eval_on::<B>(&exp, &layered, &weights, base, &device, target))
-}
-
-fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path, base: &Path, device: &B::Device, target: &Path) -> Result<serde_json::Value> {
-    let splits = data::open(&exp.data, base)?;
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    let ctx = build_context(splits.train.as_ref(), &test_loader);
-    let model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
-    let dict = checkpoint::read_model(weights, &exp.backbone.arch, None)?;
-    let model = load_strict(model, &dict, &weights.display().to_string())?;
-    let (loss, top1) = evaluate(&model, &test_loader, device)?;
-    if !loss.is_finite() {
-        bail!("{}: the test loss is {loss}: these weights do not give a usable model", weights.display());
-    }
-    Ok(json!({
-        "source": target.display().to_string(),
-        "arch": exp.backbone.arch,
-        "weights": weights.display().to_string(),
-        "images": splits.test.len(),
-        "top1": top1,
-        "loss": loss,
-    }))
 }
 
 /// The arch as a log line names it: with the `[backbone]` keys that change its named recipe,

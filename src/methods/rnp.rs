@@ -17,10 +17,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::RlConfig;
-use super::ppo::ppo_update;
-use super::reinforce::{UpdateStats, learner_step};
-use super::rollout::{RolloutPool, Trajectory, worker_seed};
+use crate::rl::RlConfig;
+use crate::rl::ppo::ppo_update;
+use crate::rl::reinforce::{UpdateStats, learner_step};
+use crate::rl::rollout::{RolloutPool, Trajectory, worker_seed};
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
 use crate::controllers::{ControllerConfig, Mode};
@@ -58,7 +58,7 @@ pub struct RnpLearner {
     pool: RolloutPool,
     device: burn::tensor::Device<Ad>,
     /// Replay buffer and target network when `[rl] algorithm = "dqn"`.
-    dqn: Option<super::dqn::DqnState<Ad>>,
+    dqn: Option<crate::rl::dqn::DqnState<Ad>>,
 }
 
 /// What one learner step did.
@@ -94,7 +94,7 @@ impl RnpLearner {
             weight_decay: 5e-4,
             nesterov: false,
         });
-        let dqn = (cfg.algorithm == "dqn").then(|| super::dqn::DqnState::new(&router, cfg));
+        let dqn = (cfg.algorithm == "dqn").then(|| crate::rl::dqn::DqnState::new(&router, cfg));
         Self {
             dqn,
             backbone,
@@ -131,10 +131,10 @@ impl RnpLearner {
         )?;
         if let (Some(target), "mean") = (self.cfg.flops_target, self.cfg.budget.as_str()) {
             let held = match self.cfg.budget_policy {
-                super::BudgetPolicy::Sampled => traj.stats().flops_ratio,
-                super::BudgetPolicy::Greedy => traj.greedy_flops_ratio().unwrap_or(traj.stats().flops_ratio),
+                crate::rl::BudgetPolicy::Sampled => traj.stats().flops_ratio,
+                crate::rl::BudgetPolicy::Greedy => traj.greedy_flops_ratio().unwrap_or(traj.stats().flops_ratio),
             };
-            self.price = super::reward::next_price(self.price, self.cfg.price_lr, held, target);
+            self.price = crate::rl::reward::next_price(self.price, self.cfg.price_lr, held, target);
         }
         // The learner's own draws (minibatch order, replay samples) use a stream apart from
         // every worker's.
@@ -169,7 +169,7 @@ impl RnpLearner {
                 backbone_snap.forward_controlled(x.clone().inner(), &mut policy, Mode::Sample, &mut rng)?;
             let actions: Vec<Vec<usize>> = trace.steps.iter().map(|s| s.actions.clone()).collect();
             let k = self.router.groups();
-            let random: Option<Vec<Vec<usize>>> = (self.cfg.backbone_widths == super::BackboneWidths::PolicyAndRandom)
+            let random: Option<Vec<Vec<usize>>> = (self.cfg.backbone_widths == crate::rl::BackboneWidths::PolicyAndRandom)
                 .then(|| actions.iter().map(|a| a.iter().map(|_| rng.random_range(1..=k)).collect()).collect());
             let mut replay = Replay { actions, k };
             let (logits, _) = self.backbone.forward_controlled(x.clone(), &mut replay, Mode::Sample, &mut rng)?;
@@ -908,11 +908,11 @@ pub fn eval_rnp_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base: &
         None => None,
     };
     // Latency and throughput, same weights, routed vs unpruned.
-    let sample = crate::controllers::eval::example_images(&test_loader)?;
+    let sample = crate::methods::eval::example_images(&test_loader)?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     // One policy for every call, as a deployed router would be held.
     let mut policy = RouterPolicy::new(router.clone());
-    let bench = crate::controllers::eval::latency_against_unpruned(
+    let bench = crate::methods::eval::latency_against_unpruned(
         &sample,
         ev.flops_ratio,
         |x| {

@@ -41,7 +41,7 @@ use burn::tensor::{ElementConversion, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::ControllerConfig;
+use crate::controllers::ControllerConfig;
 use crate::backbones::token_predictor::SampledGumbel;
 use super::token_predictor_pg::{KeepRule, TokenRolloutPool, decided_forward, per_image_ce, pg_rewards, ppo_predictors, stage_evals};
 use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArgs, distill_loss};

@@ -28,7 +28,7 @@ use burn::tensor::ElementConversion;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::ControllerConfig;
+use crate::controllers::ControllerConfig;
 use crate::backbones::{AnyBackbone, Backbone};
 use crate::data::{self, Loader, Subset};
 use crate::experiment::{Experiment, Layered};

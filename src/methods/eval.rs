@@ -268,16 +268,16 @@ impl RoutingOverhead {
 
 /// A router of `groups` groups for `model` whose greedy policy keeps every group: its head
 /// scores the last action highest whatever the image (the encoders and the cell still run).
-pub fn keep_all_router(model: &crate::backbones::AnyBackbone<Cpu>, groups: usize) -> Result<super::channel_router::ChannelRouter<Cpu>> {
+pub fn keep_all_router(model: &crate::backbones::AnyBackbone<Cpu>, groups: usize) -> Result<crate::controllers::channel_router::ChannelRouter<Cpu>> {
     use crate::backbones::Backbone;
     use burn::module::Param;
     let convs = model.prunable_convs();
     anyhow::ensure!(!convs.is_empty(), "the model has no layers a channel router can prune");
     anyhow::ensure!(groups >= 1, "a router needs at least one group");
-    let cfg = super::ControllerConfig { kind: "channel-router".into(), groups, hidden: 64, rnn: "gru".into(), options: Default::default() };
+    let cfg = crate::controllers::ControllerConfig { kind: "channel-router".into(), groups, hidden: 64, rnn: "gru".into(), options: Default::default() };
     let device = Default::default();
-    let in_ch = super::channel_router::ChannelRouter::<Cpu>::input_channels(0, &convs);
-    let mut router = super::channel_router::ChannelRouter::<Cpu>::new(&cfg, &in_ch, false, &device);
+    let in_ch = crate::controllers::channel_router::ChannelRouter::<Cpu>::input_channels(0, &convs);
+    let mut router = crate::controllers::channel_router::ChannelRouter::<Cpu>::new(&cfg, &in_ch, false, &device);
     let mut bias = vec![0.0f32; groups];
     bias[groups - 1] = 1.0;
     router.head.weight = Param::from_tensor(Tensor::zeros([groups, cfg.hidden], &device));
@@ -303,7 +303,7 @@ pub fn routing_overhead(
     let router = keep_all_router(model, groups)?;
     let device = Default::default();
     let x = Tensor::<Cpu, 4>::random(shape, burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-    let mut policy = super::channel_router::RouterPolicy::new(router);
+    let mut policy = crate::controllers::channel_router::RouterPolicy::new(router);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let dense_logits = model.forward(x.clone());
     let (routed_logits, trace) = model.forward_controlled(x.clone(), &mut policy, Mode::Greedy, &mut rng)?;

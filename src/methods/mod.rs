@@ -1,0 +1,163 @@
+//! Methods: the recipes that train and evaluate a pruned network, each on its controller
+//! (`[controller] kind`). [`rnp`] trains RNP's channel router by reinforcement learning,
+//! [`static_l1`] prunes filters by L1 norm once for all images and fine-tunes,
+//! [`token_predictor`] trains DynamicViT's token predictors (teacher, then the student by the
+//! Gumbel recipe or by policy gradient, [`token_predictor_pg`]); [`eval`] holds what their
+//! evaluations share (latency against the unpruned network, example images).
+//!
+//! A method is one file plus one entry in [`METHODS`].
+
+pub mod eval;
+pub mod rnp;
+pub mod static_l1;
+pub mod token_predictor;
+pub mod token_predictor_pg;
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+use crate::backbones::AnyBackbone;
+use crate::controllers::ControllerConfig;
+use crate::data::{self, Loader};
+use crate::device::DeviceSpec;
+use crate::experiment::{Experiment, Layered};
+use crate::nn::params::load_strict;
+use crate::train::checkpoint;
+use crate::train::supervised::{TrainOptions, TrainSummary, build_backbone, build_context, evaluate, train_on_devices};
+use crate::ModelBackend;
+
+/// A method: how its extra `[controller]` keys are checked, and what `rlprune train` and
+/// `rlprune eval RUN_DIR` run for it.
+pub struct Method {
+    pub name: &'static str,
+    /// Problems with the kind-specific keys in `options`, as (key relative to `[controller]`,
+    /// message).
+    pub check_options: fn(&ControllerConfig) -> Vec<(String, String)>,
+    pub train: fn(
+        &crate::experiment::Experiment,
+        &crate::experiment::Layered,
+        &TrainOptions,
+    ) -> Result<TrainSummary>,
+    /// `(experiment, layered, run_dir, base_dir)` → the JSON report of `rlprune eval`.
+    pub eval: fn(
+        &crate::experiment::Experiment,
+        &crate::experiment::Layered,
+        &std::path::Path,
+        &std::path::Path,
+    ) -> Result<serde_json::Value>,
+}
+
+/// The method registry: one entry per `[controller] kind`.
+pub const METHODS: &[Method] = &[
+    Method {
+        name: "channel-router",
+        check_options: no_extra_options,
+        train: rnp::train_rnp,
+        eval: rnp::eval_rnp_run,
+    },
+    Method {
+        name: "static-l1",
+        check_options: static_l1::check_options,
+        train: static_l1::train_static,
+        eval: static_l1::eval_static_run,
+    },
+    Method {
+        name: "token-predictor",
+        check_options: token_predictor::check_options,
+        train: token_predictor::train_token_predictor,
+        eval: token_predictor::eval_token_predictor_run,
+    },
+];
+
+/// The registered kind called `name`.
+pub fn kind(name: &str) -> Result<&'static Method> {
+    METHODS.iter().find(|k| k.name == name).ok_or_else(|| {
+        anyhow::anyhow!("'{name}' is not a known controller (available: {})", kind_names().join(", "))
+    })
+}
+
+pub fn kind_names() -> Vec<&'static str> {
+    METHODS.iter().map(|k| k.name).collect()
+}
+
+/// For kinds without extra keys: every key in `options` is unknown.
+pub fn no_extra_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
+    cfg.options
+        .keys()
+        .map(|k| (k.clone(), format!("is not a key of controller '{}' (unknown key)", cfg.kind)))
+        .collect()
+}
+
+/// `rlprune train`: the experiment's method on its `[controller] kind`, or supervised training
+/// of the backbone alone.
+pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    let (opts, _lock) = crate::train::run::claim_run_dir(exp, opts)?;
+    let opts = &opts;
+    let specs = exp.device_specs().map_err(|e| layered.error_at(if exp.devices.is_empty() { "device" } else { "devices" }, e))?;
+    if let Some(ctl) = &exp.controller {
+        let kind = kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
+        return match specs.as_slice() {
+            [DeviceSpec::Cpu] => (kind.train)(exp, layered, opts),
+            [DeviceSpec::Cpu, ..] => bail!("{}: data-parallel training of controllers is not wired yet (the supervised trainer is); use one device", layered.origin_of("devices")),
+            _ => bail!("{}: controller training runs on the CPU only for now (the supervised trainer runs on CUDA)", layered.origin_of("device")),
+        };
+    }
+    match specs[0] {
+        DeviceSpec::Cpu => train_on_devices::<crate::CpuAutodiff>(exp, layered, opts, &vec![Default::default(); specs.len()]),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(_) => train_on_devices::<crate::device::CudaAutodiff>(exp, layered, opts, &crate::device::cuda_devices(&specs)?),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => crate::device::cuda_unavailable(),
+    }
+}
+
+/// `rlprune eval`: loads the run's (or experiment's) configuration, builds the model, loads
+/// the checkpoint and evaluates it on the test split. Returns a JSON report.
+pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[String], base: &Path) -> Result<serde_json::Value> {
+    let cfg = crate::experiment::experiment_of(target)?;
+    let (exp, layered) = Experiment::load(&cfg, overrides)?;
+    let weights = match checkpoint_file {
+        Some(f) => f.to_path_buf(),
+        None if target.is_dir() => {
+            let ck = checkpoint::dir(target);
+            let best = ck.join("best.safetensors");
+            if best.is_file() { best } else { ck.join("last.safetensors") }
+        }
+        None => bail!("{}: an experiment file needs --checkpoint FILE (or pass a run directory)", target.display()),
+    };
+    if let Some(ctl) = &exp.controller
+        && target.is_dir()
+        && checkpoint_file.is_none()
+    {
+        let kind = kind(&ctl.kind).map_err(|e| layered.error_at("controller.kind", e))?;
+        let report = (kind.eval)(&exp, &layered, target, base)?;
+        crate::fsutil::atomic_write(&target.join("eval.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+        return Ok(report);
+    }
+    let spec = DeviceSpec::parse(&exp.device).map_err(|e| layered.error_at("device", e))?;
+    crate::with_backend!(spec, |B, device| eval_on::<B>(&exp, &layered, &weights, base, &device, target))
+}
+
+fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path, base: &Path, device: &B::Device, target: &Path) -> Result<serde_json::Value> {
+    let splits = data::open(&exp.data, base)?;
+    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
+    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
+    let dict = checkpoint::read_model(weights, &exp.backbone.arch, None)?;
+    let model = load_strict(model, &dict, &weights.display().to_string())?;
+    let (loss, top1) = evaluate(&model, &test_loader, device)?;
+    if !loss.is_finite() {
+        bail!("{}: the test loss is {loss}: these weights do not give a usable model", weights.display());
+    }
+    Ok(json!({
+        "source": target.display().to_string(),
+        "arch": exp.backbone.arch,
+        "weights": weights.display().to_string(),
+        "images": splits.test.len(),
+        "top1": top1,
+        "loss": loss,
+    }))
+}
+
