@@ -6,9 +6,8 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::device::DeviceSpec;
-use crate::experiment::Experiment;
-use crate::train::run::Resume;
-use crate::train::supervised::{self, TrainOptions};
+use crate::session::run::Resume;
+use crate::session::supervised::{self, TrainOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -227,7 +226,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train { experiment, mut set, out, resume, stop_after_epoch, device } => {
             with_device_override(&mut set, device.as_deref())?;
             let (resume, exp, layered) =
-                crate::train::run::experiment_to_resume(resume, Experiment::load(&experiment, &set)?, &set, &cwd)?;
+                crate::session::run::experiment_to_resume(resume, crate::methods::load(&experiment, &set)?, &set, &cwd)?;
             let opts = TrainOptions { out, resume, stop_after_epoch, base_dir: cwd.clone() };
             let summary = crate::methods::train(&exp, &layered, &opts)?;
             if let Some(m) = summary.history.last() {
@@ -254,7 +253,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let run = summary.run_dir.display();
             if summary.interrupted {
-                if !crate::train::run::has_checkpoint(&summary.run_dir) {
+                if !crate::session::run::has_checkpoint(&summary.run_dir) {
                     bail!("interrupted before the first checkpoint: there is nothing to resume in {run} (it holds only logs; remove it and start again)");
                 }
                 if supervised::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {

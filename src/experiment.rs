@@ -303,7 +303,9 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
 }
 
 impl Experiment {
-    /// Loads, merges includes, applies overrides, type-checks and validates.
+    /// Loads, merges includes, applies overrides, type-checks and validates every section. The
+    /// `[controller]` keys of one method (its kind and its own options) are the method's to
+    /// check: `crate::methods::load` loads and checks both.
     pub fn load(path: &Path, overrides: &[String]) -> Result<(Self, Layered)> {
         let mut layered = load_layered(path)?;
         for o in overrides {
@@ -338,10 +340,6 @@ impl Experiment {
             problems.push((join("train", &k), m));
         }
         if let Some(c) = &self.controller {
-            match crate::methods::kind(&c.kind) {
-                Ok(method) => problems.extend((method.check_options)(c).into_iter().map(|(k, m)| (join("controller", &k), m))),
-                Err(e) => problems.push(("controller.kind".into(), e.to_string())),
-            }
             for (k, m) in c.validate() {
                 problems.push((join("controller", &k), m));
             }

@@ -18,6 +18,7 @@ pub mod methods;
 pub mod metrics;
 pub mod nn;
 pub mod rl;
+pub mod session;
 pub mod sweep;
 pub mod train;
 pub mod visualize;

@@ -8,7 +8,7 @@ fn main() {
     rlprune::keep_freed_memory();
     let cli = rlprune::cli::Cli::parse();
     rlprune::logging::init(cli.verbose);
-    rlprune::train::supervised::install_interrupt_handler();
+    rlprune::session::supervised::install_interrupt_handler();
     if let Err(e) = rlprune::cli::run(cli) {
         rlprune::logging::flush_run_log();
         eprintln!("error: {e:#}");

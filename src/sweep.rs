@@ -16,9 +16,8 @@ use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
 use serde_json::Value;
 
-use crate::experiment::Experiment;
-use crate::train::run::new_run_dir;
-use crate::train::supervised::TrainOptions;
+use crate::session::run::new_run_dir;
+use crate::session::supervised::TrainOptions;
 
 /// Width and height of `sweep.png`.
 pub const PLOT_SIZE: (u32, u32) = (1200, 500);
@@ -155,7 +154,7 @@ fn row_of(method: &str, value: &str, seed: Option<u64>, report: &Value) -> Sweep
 }
 
 fn train_and_eval(exp_path: &Path, sets: &[String], run_dir: &Path, base: &Path) -> Result<Value> {
-    let (exp, layered) = Experiment::load(exp_path, sets)?;
+    let (exp, layered) = crate::methods::load(exp_path, sets)?;
     if exp.controller.is_none() {
         bail!("{}: sweep needs an experiment with a [controller] section", exp_path.display());
     }
@@ -210,7 +209,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     for v in &values {
         let mut sets = fixed.clone();
         sets.push(format!("{key}={v}"));
-        let (exp, _) = Experiment::load(&opts.experiment, &sets)?;
+        let (exp, _) = crate::methods::load(&opts.experiment, &sets)?;
         first.get_or_insert(exp);
     }
     let first = first.ok_or_else(|| anyhow::anyhow!("sweep: no values"))?;
@@ -264,7 +263,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     if let Some(sp) = &opts.static_experiment {
         let mut sets = Vec::new();
         if let Some(w) = &shared_weights {
-            let (sexp, _) = Experiment::load(sp, &[])?;
+            let (sexp, _) = crate::methods::load(sp, &[])?;
             if sexp.backbone.arch == first.backbone.arch && sexp.backbone.weights.is_none() {
                 sets.push(format!("backbone.weights={}", toml_string(w)));
             }

@@ -215,7 +215,7 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
     let device = Default::default();
     let (model, images, source): (AnyBackbone<Cpu>, Images, String) = if target.is_dir() {
         let cfg = crate::experiment::experiment_of(&target)?;
-        let (exp, layered) = Experiment::load(&cfg, &[])?;
+        let (exp, layered) = crate::methods::load(&cfg, &[])?;
         if exp.controller.as_ref().is_some_and(|c| c.kind == "channel-router") {
             return channel_use(&exp, &layered, &target, base, &opts.out);
         }
@@ -237,8 +237,8 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
         // The model is built for the experiment's data, whatever --data shows it.
         let splits = data::open(&exp.data, base)?;
         let loader = Loader::try_new(splits.train.clone(), &exp.data, false, exp.seed)?;
-        let ctx = crate::train::supervised::build_context(splits.train.as_ref(), &loader);
-        let model = crate::train::supervised::build_backbone::<Cpu>(&exp, &layered, &ctx, base, &device)?;
+        let ctx = crate::session::supervised::build_context(splits.train.as_ref(), &loader);
+        let model = crate::session::supervised::build_backbone::<Cpu>(&exp, &layered, &ctx, base, &device)?;
         let dict = checkpoint::read_model(&weights, &exp.backbone.arch, None)?;
         let model = load_strict(model, &dict, &weights.display().to_string())?;
         let images = match &opts.data {

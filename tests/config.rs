@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use rlprune::experiment::Experiment;
 
 mod common;
 use common::write;
@@ -26,7 +25,7 @@ fn err(text: &str, overrides: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "x.toml", text);
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    let e = Experiment::load(&p, &o).expect_err("should fail");
+    let e = rlprune::methods::load(&p, &o).expect_err("should fail");
     format!("{e:#}").replace(&dir.path().display().to_string(), "DIR")
 }
 
@@ -34,7 +33,7 @@ fn err(text: &str, overrides: &[&str]) -> String {
 fn valid_file_loads_with_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "x.toml", BASE);
-    let (exp, _) = Experiment::load(&p, &[]).unwrap();
+    let (exp, _) = rlprune::methods::load(&p, &[]).unwrap();
     assert_eq!(exp.seed, 3);
     assert_eq!(exp.data.batch_size, 16);
     assert_eq!(exp.train.epochs, 2);
@@ -95,7 +94,7 @@ fn unknown_arch_lists_known() {
 fn overrides_are_typed_and_named_in_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "x.toml", BASE);
-    let (exp, _) = Experiment::load(
+    let (exp, _) = rlprune::methods::load(
         &p,
         &["data.batch_size=32".into(), "train.optimizer.lr=0.5".into(), "name=renamed".into(), "log.tensorboard=false".into()],
     )
@@ -120,13 +119,13 @@ fn include_merges_and_including_file_wins() {
     write(dir.path(), "presets/opt.toml", "epochs = 7\noptimizer = { kind = \"adamw\", lr = 0.001 }\nlabel_smoothing = 0.1\n");
     let text = BASE.replace("[train]\nepochs = 2", "[train]\ninclude = \"presets/opt.toml\"\nepochs = 2");
     let p = write(dir.path(), "x.toml", &text);
-    let (exp, _) = Experiment::load(&p, &[]).unwrap();
+    let (exp, _) = rlprune::methods::load(&p, &[]).unwrap();
     assert_eq!(exp.train.epochs, 2, "the including file wins");
     assert_eq!(exp.train.label_smoothing, 0.1, "the preset fills in");
 
     // An error inside the preset points at the preset's line.
     write(dir.path(), "presets/opt.toml", "label_smoothing = 1.5\n");
-    let e = format!("{:#}", Experiment::load(&p, &[]).unwrap_err());
+    let e = format!("{:#}", rlprune::methods::load(&p, &[]).unwrap_err());
     assert!(e.ends_with("presets/opt.toml:1: train.label_smoothing must be in [0, 1), got 1.5"), "{e}");
 
     let text = BASE.replace("[train]\nepochs = 2", "[train]\ninclude = \"nope.toml\"\nepochs = 2");
@@ -139,7 +138,7 @@ fn include_cycle_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a.toml", "include = \"b.toml\"\n");
     let p = write(dir.path(), "b.toml", "include = \"a.toml\"\n");
-    let e = format!("{:#}", Experiment::load(&p, &[]).unwrap_err());
+    let e = format!("{:#}", rlprune::methods::load(&p, &[]).unwrap_err());
     assert!(e.contains("nested deeper"), "{e}");
 }
 
@@ -154,7 +153,7 @@ fn cuda_device_on_cpu_build_is_refused() {
 
 #[test]
 fn missing_file_is_an_error() {
-    let e = Experiment::load(Path::new("/nonexistent/x.toml"), &[]).unwrap_err();
+    let e = rlprune::methods::load(Path::new("/nonexistent/x.toml"), &[]).unwrap_err();
     assert!(format!("{e:#}").contains("/nonexistent/x.toml: cannot read"));
 }
 
@@ -164,7 +163,7 @@ fn shipped_experiments_parse() {
     for entry in std::fs::read_dir(root.join("experiments")).unwrap() {
         let p = entry.unwrap().path();
         if p.extension().is_some_and(|e| e == "toml") {
-            Experiment::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            rlprune::methods::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
         }
     }
 }
@@ -179,7 +178,7 @@ fn shipped_experiments_find_their_data_or_say_how_to_get_it() {
         if p.extension().is_none_or(|e| e != "toml") {
             continue;
         }
-        let (exp, _) = Experiment::load(&p, &[]).unwrap();
+        let (exp, _) = rlprune::methods::load(&p, &[]).unwrap();
         match rlprune::data::open(&exp.data, root) {
             Ok(splits) => {
                 let (train, test) = (splits.train.len(), splits.test.len());
@@ -258,7 +257,7 @@ fn run_config_is_self_contained() {
     // A synthetic experiment keeps the keys that shape its data.
     let syn = dir.path().join("s.toml");
     std::fs::write(&syn, "name = \"s\"\n[data]\ndataset = \"synthetic\"\nclasses = 4\n[backbone]\narch = \"small-cnn\"\n").unwrap();
-    let (exp, _) = Experiment::load(&syn, &[]).unwrap();
+    let (exp, _) = rlprune::methods::load(&syn, &[]).unwrap();
     let text = exp.to_toml().unwrap();
     assert!(text.contains("classes = 4") && !text.contains("train_dir"), "{text}");
 }

@@ -161,12 +161,12 @@ schedule = { kind = "constant" }
 tensorboard = false
 "#;
 
-fn train_weights(dir: &std::path::Path, tag: &str, toml: &str) -> (rlprune::train::supervised::TrainSummary, rlprune::nn::params::StateDict) {
+fn train_weights(dir: &std::path::Path, tag: &str, toml: &str) -> (rlprune::session::supervised::TrainSummary, rlprune::nn::params::StateDict) {
     let exp_path = dir.join(format!("{tag}.toml"));
     std::fs::write(&exp_path, toml).unwrap();
-    let (exp, layered) = rlprune::experiment::Experiment::load(&exp_path, &[]).unwrap();
+    let (exp, layered) = rlprune::methods::load(&exp_path, &[]).unwrap();
     let out = dir.join(tag);
-    let opts = rlprune::train::supervised::TrainOptions { out: Some(out.clone()), base_dir: dir.to_path_buf(), ..Default::default() };
+    let opts = rlprune::session::supervised::TrainOptions { out: Some(out.clone()), base_dir: dir.to_path_buf(), ..Default::default() };
     let summary = rlprune::methods::train(&exp, &layered, &opts).unwrap();
     let weights = rlprune::import::read_safetensors(&out.join("checkpoints").join("last.safetensors")).unwrap();
     (summary, weights)

@@ -202,7 +202,7 @@ fn both_training_modes_train_and_their_checkpoints_load_in_eval_and_infer() {
 
 fn load_err(dir: &Path, text: &str) -> String {
     let p = write(dir, "e.toml", text);
-    format!("{:#}", rlprune::experiment::Experiment::load(&p, &[]).unwrap_err())
+    format!("{:#}", rlprune::methods::load(&p, &[]).unwrap_err())
 }
 
 #[test]
@@ -250,7 +250,7 @@ fn the_shipped_dynamicvit_experiments_load() {
         ("experiments/dynamicvit_fashion_mnist.toml", "gumbel", 0.1),
         ("experiments/dynamicvit_deit_s_imagenet.toml", "gumbel", 0.01),
     ] {
-        let (e, _) = rlprune::experiment::Experiment::load(&root.join(f), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
+        let (e, _) = rlprune::methods::load(&root.join(f), &[]).unwrap_or_else(|e| panic!("{f}: {e:#}"));
         let ctl = e.controller.unwrap();
         assert_eq!(ctl.kind, "token-predictor", "{f}");
         let o = rlprune::methods::token_predictor::TokenPredictorOptions::from_config(&ctl).unwrap();
@@ -258,7 +258,7 @@ fn the_shipped_dynamicvit_experiments_load() {
         assert_eq!(o.lr_scale, lr_scale, "{f}");
     }
     let (e, _) =
-        rlprune::experiment::Experiment::load(&root.join("experiments/dynamicvit_deit_s_imagenet.toml"), &[]).unwrap();
+        rlprune::methods::load(&root.join("experiments/dynamicvit_deit_s_imagenet.toml"), &[]).unwrap();
     let o = rlprune::methods::token_predictor::TokenPredictorOptions::from_config(&e.controller.unwrap()).unwrap();
     assert_eq!(o.epochs, 30);
     assert_eq!(e.backbone.arch, "dynamicvit-deit-s-0.7");

@@ -375,15 +375,15 @@ fn experiment_files_includes_and_overrides() {
     let exp_path = dir.path().join("experiments/quickstart.toml");
     let agent_path = dir.path().join("agents/rnp-gru.toml");
     write(&agent_path, &agent);
-    rlprune::experiment::Experiment::load(&root.join("experiments/quickstart.toml"), &[]).unwrap();
+    rlprune::methods::load(&root.join("experiments/quickstart.toml"), &[]).unwrap();
     fuzz("experiment", &exp, cases(1500), |b| {
         write(&exp_path, b);
-        let _ = rlprune::experiment::Experiment::load(&exp_path, &[]);
+        let _ = rlprune::methods::load(&exp_path, &[]);
     });
     write(&exp_path, &exp);
     fuzz("include", &agent, cases(800), |b| {
         write(&agent_path, b);
-        let _ = rlprune::experiment::Experiment::load(&exp_path, &[]);
+        let _ = rlprune::methods::load(&exp_path, &[]);
     });
     write(&agent_path, &agent);
     let set = b"rl.flops_target=0.5".to_vec();
@@ -391,7 +391,7 @@ fn experiment_files_includes_and_overrides() {
     for (target, seed) in [("set", set), ("set-table", table)] {
         fuzz(target, &seed, cases(800), |b| {
             let o = String::from_utf8_lossy(b).into_owned();
-            let _ = rlprune::experiment::Experiment::load(&exp_path, &[o]);
+            let _ = rlprune::methods::load(&exp_path, &[o]);
         });
     }
 }

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use rlprune::experiment::Experiment;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
     let p = dir.path().join(name);
@@ -15,7 +14,7 @@ const BASE: &str = "name = \"t\"\n[data]\ndataset = \"synthetic\"\n[backbone]\na
 fn err(extra: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "e.toml", &format!("{BASE}{extra}"));
-    format!("{:#}", Experiment::load(&p, &[]).unwrap_err())
+    format!("{:#}", rlprune::methods::load(&p, &[]).unwrap_err())
 }
 
 #[test]
@@ -81,7 +80,7 @@ fn bad_ppo_and_dqn_keys_are_named() {
         "[controller]\nkind = \"channel-router\"\n[rl]\nalgorithm = \"dqn\"\nepsilon_end = 0.0\n",
     ] {
         let p = write(&dir, "ok.toml", &format!("{BASE}{extra}"));
-        Experiment::load(&p, &[]).unwrap();
+        rlprune::methods::load(&p, &[]).unwrap();
     }
 }
 
@@ -89,12 +88,12 @@ fn bad_ppo_and_dqn_keys_are_named() {
 fn the_shipped_rnp_experiments_load() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     for f in ["experiments/quickstart.toml", "experiments/rnp_fashion_mnist.toml"] {
-        let (exp, _) = Experiment::load(&root.join(f), &[]).unwrap();
+        let (exp, _) = rlprune::methods::load(&root.join(f), &[]).unwrap();
         let ctl = exp.controller.expect("controller from the agents preset");
         assert_eq!(ctl.kind, "channel-router");
         assert_eq!(exp.rl.expect("rl").algorithm, "reinforce");
     }
     // Presets can be overridden from the command line.
-    let (exp, _) = Experiment::load(&root.join("experiments/quickstart.toml"), &["rl.workers=1".into()]).unwrap();
+    let (exp, _) = rlprune::methods::load(&root.join("experiments/quickstart.toml"), &["rl.workers=1".into()]).unwrap();
     assert_eq!(exp.rl.unwrap().workers, 1);
 }

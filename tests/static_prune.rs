@@ -214,9 +214,9 @@ fn static_l1_trains_prunes_fine_tunes_and_evaluates() {
             "{SYNTHETIC}[controller]\nkind = \"static-l1\"\ntarget_flops = 0.4\nallocation = \"sensitivity\"\nfine_tune_epochs = 1\nsensitivity_images = 64\n"
         ),
     );
-    let (e, layered) = rlprune::experiment::Experiment::load(&exp, &[]).unwrap();
+    let (e, layered) = rlprune::methods::load(&exp, &[]).unwrap();
     let run = dir.path().join("run");
-    let opts = rlprune::train::supervised::TrainOptions {
+    let opts = rlprune::session::supervised::TrainOptions {
         out: Some(run.clone()),
         resume: None,
         stop_after_epoch: None,
@@ -250,9 +250,9 @@ fn static_l1_trains_prunes_fine_tunes_and_evaluates() {
 /// resumed to the end ends with the same weights and metrics as the run that never stopped.
 #[test]
 fn interrupted_static_run_resumes_exactly() {
-    use rlprune::train::run::Resume;
+    use rlprune::session::run::Resume;
     use rlprune::methods::train;
-    use rlprune::train::supervised::TrainOptions;
+    use rlprune::session::supervised::TrainOptions;
     let _g = lock();
     let dir = tempfile::tempdir().unwrap();
     let text = |target: f64| {
@@ -261,7 +261,7 @@ fn interrupted_static_run_resumes_exactly() {
         )
     };
     let exp = write(dir.path(), "s.toml", &text(0.5));
-    let (e, layered) = rlprune::experiment::Experiment::load(&exp, &[]).unwrap();
+    let (e, layered) = rlprune::methods::load(&exp, &[]).unwrap();
     let opts = |out: Option<&str>, resume: Option<Resume>, stop: Option<usize>| TrainOptions {
         out: out.map(|o| dir.path().join(o)),
         resume,
@@ -274,7 +274,7 @@ fn interrupted_static_run_resumes_exactly() {
     let s = train(&e, &layered, &opts(Some("cut"), None, Some(1))).unwrap();
     assert!(s.interrupted && s.epochs_done == 1);
     let other = write(dir.path(), "other.toml", &text(0.3));
-    let (e_other, l_other) = rlprune::experiment::Experiment::load(&other, &[]).unwrap();
+    let (e_other, l_other) = rlprune::methods::load(&other, &[]).unwrap();
     let err = format!("{:#}", train(&e_other, &l_other, &opts(None, Some(Resume::Dir(cut.clone())), None)).unwrap_err());
     assert!(err.contains("target_flops 0.5") && err.contains("0.3"), "resuming with another target: {err}");
     let s = train(&e, &layered, &opts(None, Some(Resume::Dir(cut.clone())), Some(2))).unwrap();
@@ -310,7 +310,7 @@ fn bad_static_l1_keys_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = |extra: &str| {
         let p = write(dir.path(), "e.toml", &format!("{SYNTHETIC}[controller]\n{extra}"));
-        format!("{:#}", rlprune::experiment::Experiment::load(&p, &[]).unwrap_err())
+        format!("{:#}", rlprune::methods::load(&p, &[]).unwrap_err())
     };
     let e = err("kind = \"static-l1\"\ntarget_flops = 1.5\n");
     assert!(e.contains("controller.target_flops must be in (0, 1]"), "{e}");
@@ -327,7 +327,7 @@ fn bad_static_l1_keys_are_named() {
 #[test]
 fn the_shipped_static_experiment_loads() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/static_fashion_mnist.toml");
-    let (e, _) = rlprune::experiment::Experiment::load(&p, &[]).unwrap();
+    let (e, _) = rlprune::methods::load(&p, &[]).unwrap();
     let ctl = e.controller.unwrap();
     assert_eq!(ctl.kind, "static-l1");
     let o = rlprune::methods::static_l1::StaticL1Options::from_config(&ctl).unwrap();

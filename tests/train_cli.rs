@@ -58,7 +58,7 @@ fn train_writes_the_run_directory_and_learns() {
     }
     assert!(std::fs::read_dir(run).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with("events.out.tfevents.")));
     // The resolved config is a loadable experiment.
-    rlprune::experiment::Experiment::load(&run.join("config.toml"), &[]).unwrap();
+    rlprune::methods::load(&run.join("config.toml"), &[]).unwrap();
     let m = metrics(run);
     assert_eq!(m.len(), 3);
     let top1 = m[2]["test_top1"].as_f64().unwrap();
@@ -333,7 +333,7 @@ fn run_directories_are_owned() {
     // While another process holds the run (here: this test holds its lock), a resume may not
     // enter.
     {
-        let _held = rlprune::train::run::RunLock::acquire(&run).unwrap();
+        let _held = rlprune::session::run::RunLock::acquire(&run).unwrap();
         let err = failed(&rlprune(&["train", e, "--resume", "r"], dir.path()));
         assert!(err.contains("another rlprune process is running in this run directory"), "{err}");
         assert_eq!(common::snapshot(&run), before);

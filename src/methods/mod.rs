@@ -25,7 +25,7 @@ use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
 use crate::nn::params::load_strict;
 use crate::train::checkpoint;
-use crate::train::supervised::{TrainOptions, TrainSummary, build_backbone, build_context, evaluate, train_on_devices};
+use crate::session::supervised::{TrainOptions, TrainSummary, build_backbone, build_context, evaluate, train_on_devices};
 use crate::ModelBackend;
 
 /// A method: how its extra `[controller]` keys are checked, and what `rlprune train` and
@@ -71,6 +71,24 @@ pub const METHODS: &[Method] = &[
     },
 ];
 
+/// Loads an experiment ([`Experiment::load`]) and checks its method's `[controller]` keys.
+pub fn load(path: &Path, overrides: &[String]) -> Result<(Experiment, Layered)> {
+    let (exp, layered) = Experiment::load(path, overrides)?;
+    check(&exp, &layered)?;
+    Ok((exp, layered))
+}
+
+/// Checks the experiment's `[controller] kind` and that method's own keys; the first problem
+/// becomes the error, at its file and line.
+pub fn check(exp: &Experiment, layered: &Layered) -> Result<()> {
+    let Some(c) = &exp.controller else { return Ok(()) };
+    let method = kind(&c.kind).map_err(|e| layered.error_at("controller.kind", e))?;
+    match (method.check_options)(c).into_iter().next() {
+        Some((k, m)) => Err(layered.error_at(&format!("controller.{k}"), m)),
+        None => Ok(()),
+    }
+}
+
 /// The registered kind called `name`.
 pub fn kind(name: &str) -> Result<&'static Method> {
     METHODS.iter().find(|k| k.name == name).ok_or_else(|| {
@@ -93,7 +111,8 @@ pub fn no_extra_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
 /// `rlprune train`: the experiment's method on its `[controller] kind`, or supervised training
 /// of the backbone alone.
 pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
-    let (opts, _lock) = crate::train::run::claim_run_dir(exp, opts)?;
+    check(exp, layered)?;
+    let (opts, _lock) = crate::session::run::claim_run_dir(exp, opts)?;
     let opts = &opts;
     let specs = exp.device_specs().map_err(|e| layered.error_at(if exp.devices.is_empty() { "device" } else { "devices" }, e))?;
     if let Some(ctl) = &exp.controller {
@@ -117,7 +136,7 @@ pub fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result
 /// the checkpoint and evaluates it on the test split. Returns a JSON report.
 pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[String], base: &Path) -> Result<serde_json::Value> {
     let cfg = crate::experiment::experiment_of(target)?;
-    let (exp, layered) = Experiment::load(&cfg, overrides)?;
+    let (exp, layered) = load(&cfg, overrides)?;
     let weights = match checkpoint_file {
         Some(f) => f.to_path_buf(),
         None if target.is_dir() => {

@@ -34,8 +34,8 @@ use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{RunLogs, SeedStream, epoch_seed, resumed_or_new_run_dir};
-use crate::train::supervised::{
+use crate::session::run::{RunLogs, SeedStream, epoch_seed, resumed_or_new_run_dir};
+use crate::session::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
 use crate::{Cpu, CpuAutodiff};
@@ -836,7 +836,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         tb.flush()?;
     }
     tracing::info!("done in {:.1}s (backbone phase {:.1}s)", t_start.elapsed().as_secs_f64(), backbone_seconds);
-    let outcome = state.best_flops.map(|flops_ratio| crate::train::supervised::PruningOutcome {
+    let outcome = state.best_flops.map(|flops_ratio| crate::session::supervised::PruningOutcome {
         backbone_top1: unpruned_top1,
         top1: best,
         flops_ratio,

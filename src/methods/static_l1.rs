@@ -38,8 +38,8 @@ use crate::nn::params::{load_strict, state_dict};
 use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::{correct, cross_entropy};
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::train::run::{RunLogs, resumed_or_new_run_dir};
-use crate::train::supervised::{
+use crate::session::run::{RunLogs, resumed_or_new_run_dir};
+use crate::session::supervised::{
     self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
 };
 use crate::{Cpu, CpuAutodiff};

@@ -58,8 +58,8 @@ use crate::rl::reinforce::policy_gradient_loss;
 use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::optim::{Optimizer, OptimizerConfig, ScheduleConfig};
-use crate::train::run::{epoch_seed, out_or_new_run_dir, RunLogs, SeedStream};
-use crate::train::supervised::{self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context};
+use crate::session::run::{epoch_seed, out_or_new_run_dir, RunLogs, SeedStream};
+use crate::session::supervised::{self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context};
 use crate::{Cpu, CpuAutodiff};
 
 type Ad = CpuAutodiff;

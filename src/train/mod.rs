@@ -1,12 +1,11 @@
-//! Training: the supervised trainer for backbones, its optimizers and schedules, losses, and
-//! checkpoints with exact resume.
+//! Training building blocks: `[train]`, optimizers and schedules, losses, checkpoints with exact
+//! resume, and data-parallel gradient averaging. The trainers that use them run on the session
+//! (`crate::session`).
 
 pub mod checkpoint;
 pub mod data_parallel;
 pub mod losses;
 pub mod optim;
-pub mod run;
-pub mod supervised;
 
 use serde::{Deserialize, Serialize};
 

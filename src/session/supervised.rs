@@ -13,10 +13,10 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use serde_json::json;
 
-use super::checkpoint::{self, RngState, TrainState};
-use super::data_parallel::{Replicas, StepFn, SyncGrads};
-use super::losses::{correct, cross_entropy};
-use super::optim::Optimizer;
+use crate::train::checkpoint::{self, RngState, TrainState};
+use crate::train::data_parallel::{Replicas, StepFn, SyncGrads};
+use crate::train::losses::{correct, cross_entropy};
+use crate::train::optim::Optimizer;
 use super::run::{newest_run, out_or_new_run_dir, Resume, RunLogs};
 use crate::backbones::{self, AnyBackbone, Backbone, BuildContext};
 use crate::data::{self, Dataset, Loader};
@@ -24,7 +24,7 @@ use crate::experiment::{Experiment, Layered};
 use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
-use crate::train::run::{epoch_seed, SeedStream};
+use crate::session::run::{epoch_seed, SeedStream};
 use crate::metrics::memory::{self, Workload};
 use crate::ModelBackend;
 
@@ -240,7 +240,7 @@ where
                 Resume::Auto => newest_run(&root, &exp.name)?,
                 Resume::Dir(d) => d.clone(),
             };
-            crate::train::run::check_resumed_seed(&dir, exp)?;
+            crate::session::run::check_resumed_seed(&dir, exp)?;
             let st = checkpoint::read_state(&dir)?;
             if st.arch != exp.backbone.arch {
                 bail!("{}: run was trained with arch '{}', the experiment builds '{}'", dir.display(), st.arch, exp.backbone.arch);

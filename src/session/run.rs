@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::experiment::Experiment;
-use crate::train::supervised::TrainOptions;
+use crate::session::supervised::TrainOptions;
 use crate::logging::tensorboard::EventWriter;
 
 /// Which phase of a run draws from burn's global RNG: each seeds it from its own stream at
