@@ -1,15 +1,9 @@
-//! Controllers: agents that decide, at each decision point of a backbone, how much of the next
-//! layer to compute. [`channel_router`] is RNP's recurrent channel-group router;
-//! [`static_prune`] is the static L1-norm filter-pruning baseline.
-//! [`token_predictor`] is DynamicViT's token keep predictor (its decisions are token sets, so it
-//! has its own interface there rather than the channel-group [`Controller`]);
-//! [`token_predictor_train`] trains it (kind `"token-predictor"`: teacher, then the student by
-//! the Gumbel recipe or by policy gradient).
-//!
-//! The backbone side lives in [`exec`]: a conv-BN-ReLU stack run under a controller with real
-//! sliced execution (samples grouped by action, sliced weights per group).
-//!
-//! A controller kind is one file plus one line in [`KINDS`].
+//! Controllers: the policies that decide, at each decision point of a backbone, how much of the
+//! next layer to compute. [`channel_router`] is RNP's recurrent channel-group router. The
+//! decision protocol ([`Controller`], [`DecisionPoint`], [`Trace`]) is defined beside the
+//! backbones that call it (`backbones::controlled`) and re-exported here; DynamicViT's token
+//! predictor is part of its backbone's weights (`backbones::token_predictor`). The recipes that
+//! train and evaluate controllers are `crate::methods`.
 
 pub mod channel_router;
 
@@ -23,7 +17,7 @@ pub use crate::backbones::controlled::{Controller, Decision, DecisionPoint, Mode
 /// `deny_unknown_fields`, so unknown keys are rejected there).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControllerConfig {
-    /// A name from [`KINDS`]: `"channel-router"` (RNP), `"static-l1"` or `"token-predictor"`.
+    /// A method name from `crate::methods::METHODS`: `"channel-router"` (RNP), `"static-l1"` or `"token-predictor"`.
     pub kind: String,
     /// Channel groups per decision layer (k).
     #[serde(default = "default_groups")]

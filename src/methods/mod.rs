@@ -20,13 +20,13 @@ use serde_json::json;
 
 use crate::backbones::AnyBackbone;
 use crate::controllers::ControllerConfig;
-use crate::data::{self, Loader};
 use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
 use crate::nn::params::load_strict;
 use crate::train::checkpoint;
-use crate::session::supervised::{TrainOptions, TrainSummary, build_backbone, build_context, evaluate, train_on_devices};
+use crate::session::supervised::{TrainOptions, TrainSummary, build_backbone, evaluate, train_on_devices};
 use crate::ModelBackend;
+use crate::session::EvalData;
 
 /// A method: how its extra `[controller]` keys are checked, and what `rlprune train` and
 /// `rlprune eval RUN_DIR` run for it.
@@ -160,9 +160,7 @@ pub fn eval_target(target: &Path, checkpoint_file: Option<&Path>, overrides: &[S
 }
 
 fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path, base: &Path, device: &B::Device, target: &Path) -> Result<serde_json::Value> {
-    let splits = data::open(&exp.data, base)?;
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let EvalData { splits, test_loader, ctx } = EvalData::open(exp, base)?;
     let model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
     let dict = checkpoint::read_model(weights, &exp.backbone.arch, None)?;
     let model = load_strict(model, &dict, &weights.display().to_string())?;

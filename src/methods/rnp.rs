@@ -4,7 +4,6 @@
 //! experiments with `[controller] kind = "channel-router"`.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -25,18 +24,18 @@ use crate::backbones::{AnyBackbone, Backbone};
 use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
 use crate::controllers::{ControllerConfig, Mode};
 use crate::data::Batch;
-use crate::data::{self, Loader};
+use crate::data::Loader;
 use crate::experiment::{Experiment, Layered};
-use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
 use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::session::run::{RunLogs, SeedStream, epoch_seed, resumed_or_new_run_dir};
+use crate::session::run::{RunLogs, SeedStream, epoch_seed};
+use crate::session::{Resumable, Session, epoch_batches, EvalData, skeleton};
 use crate::session::supervised::{
-    self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
+    self, EpochMetrics, TrainOptions, TrainSummary, build_backbone,
 };
 use crate::{Cpu, CpuAutodiff};
 
@@ -450,14 +449,6 @@ fn save_rnp_state(run_dir: &Path, st: &RnpState) -> Result<()> {
     crate::fsutil::atomic_write(&checkpoint::dir(run_dir).join(RNP_STATE), &json)
 }
 
-fn read_rnp_state(run_dir: &Path) -> Result<Option<RnpState>> {
-    let p = checkpoint::dir(run_dir).join(RNP_STATE);
-    if !p.is_file() {
-        return Ok(None);
-    }
-    checkpoint::read_json(&p, |st: &RnpState| &st.format).map(Some)
-}
-
 /// `rlprune train` for an experiment with `[controller] kind = "channel-router"`: supervised
 /// backbone training (unless `[backbone] weights` is given) into `<run>/backbone/`, channel
 /// reordering by filter norm, then `rl.epochs` of router training alternating with backbone
@@ -466,19 +457,11 @@ fn read_rnp_state(run_dir: &Path) -> Result<Option<RnpState>> {
 pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_rnp needs a [controller] section"))?;
     let rl = exp.rl.clone().unwrap_or_default();
-    let base = &opts.base_dir;
-    let root = base.join(&exp.log.dir);
-    // The data first: a run that cannot start leaves no run directory behind.
-    let splits = data::open(&exp.data, base)?;
-    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    train_loader.ensure_batches()?;
-    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, exp)?;
-    let resumed = if is_resumed { read_rnp_state(&run_dir)? } else { None };
+    let session = Session::open(exp, layered, opts, Resumable::Yes, |_| Ok(()))?;
+    let (run_dir, train_loader, test_loader) = (&session.run_dir, &session.train_loader, &session.test_loader);
+    let resumed = session.resumed_state(RNP_STATE, |st: &RnpState| &st.format)?;
     if let Some(st) = &resumed {
-        if st.arch != exp.backbone.arch {
-            bail!("{}: run was trained with arch '{}', the experiment builds '{}'", run_dir.display(), st.arch, exp.backbone.arch);
-        }
+        session.check_arch(&st.arch)?;
         if st.algorithm != rl.algorithm {
             bail!("{}: run was trained with [rl] algorithm '{}', the experiment says '{}'", run_dir.display(), st.algorithm, rl.algorithm);
         }
@@ -486,21 +469,19 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             bail!("{}: --resume of a DQN run within its router epochs is not supported (the replay buffer is not checkpointed); rerun it, or resume after its last router epoch", run_dir.display());
         }
     }
-    let ctx = build_context(splits.train.as_ref(), &train_loader);
+    let ctx = &session.ctx;
     let device: burn::tensor::Device<Ad> = Default::default();
-    let t_start = Instant::now();
 
     // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
-    let mut backbone: AnyBackbone<Ad> =
-        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", is_resumed, &device)? {
-            Ok(m) => m,
-            Err(interrupted) => return Ok(interrupted),
-        };
-    let backbone_seconds = t_start.elapsed().as_secs_f64();
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, !is_resumed)?;
+    let mut backbone: AnyBackbone<Ad> = match session.pretrained_backbone("backbone", &device)? {
+        Ok(m) => m,
+        Err(interrupted) => return Ok(interrupted),
+    };
+    let backbone_seconds = session.seconds();
+    let RunLogs { mut metrics, mut tb } = session.logs()?;
 
     // 2. Reorder channels by filter norm (function-preserving); a resumed run's weights are.
-    let ck = checkpoint::dir(&run_dir);
+    let ck = checkpoint::dir(run_dir);
     let mut state = match resumed {
         Some(st) => {
             let file = ck.join("last.safetensors");
@@ -515,7 +496,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             st
         }
         None => {
-            let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), &test_loader, &Default::default())?;
+            let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), test_loader, &Default::default())?;
             backbone.reorder_by_filter_norm()?;
             tracing::info!("phase 2: channels reordered by filter norm; unpruned test top-1 {:.2}%", 100.0 * unpruned_top1);
             RnpState {
@@ -568,11 +549,11 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     for epoch in router_epochs {
         <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, epoch));
         let t0 = Instant::now();
-        let bar = progress::bar(steps_per_epoch as u64, &format!("rl epoch {}/{}", epoch + 1, rl.epochs));
+        let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + epoch), steps_per_epoch, &format!("rl epoch {}/{}", epoch + 1, rl.epochs));
         let (mut sum, mut count) = (UpdateStats::default(), 0usize);
         let mut rollout_images = 0usize;
         let mut rollout_secs = 0.0;
-        for batch in train_loader.epoch(exp.train.epochs + epoch) {
+        for batch in &mut batches {
             let batch = batch?;
             let ts = Instant::now();
             let rep = learner.step(&batch, rl.lr, rl.backbone_lr)?;
@@ -596,7 +577,6 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 *a += b;
             }
             count += 1;
-            bar.inc(1);
             let step = learner.step as i64;
             if learner.step.is_multiple_of(exp.log.every_steps as u64)
                 && let Some(tb) = tb.as_mut()
@@ -619,17 +599,13 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                     }
                 }
             }
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
         }
-        bar.finish_and_clear();
-        if interrupted {
+        if batches.finish() {
+            interrupted = true;
             break;
         }
         let c = count.max(1) as f64;
-        let ev = evaluate_controlled(&learner.backbone.valid(), &learner.router.valid(), &test_loader)?;
+        let ev = evaluate_controlled(&learner.backbone.valid(), &learner.router.valid(), test_loader)?;
         let secs = t0.elapsed().as_secs_f64();
         tracing::info!(
             "rl epoch {}/{}: reward {:.4} ± {:.4}, train flops {:.3}, entropy {:.3} | test top-1 {:.2}% at flops ratio {:.3} | {:.1}s ({:.0} img/s rollout+update)",
@@ -686,7 +662,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         state.router_optimizer_steps = learner.router_opt.steps;
         state.backbone_optimizer_steps = learner.backbone_opt.steps;
         state.best = Some(best);
-        save_rnp_state(&run_dir, &state)?;
+        save_rnp_state(run_dir, &state)?;
         history.push(EpochMetrics {
             epoch: epoch + 1,
             train_loss: -sum.reward_mean / c,
@@ -721,10 +697,10 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         for epoch in state.finetune_epochs..rl.finetune_epochs {
             <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::RouterFineTune, epoch));
             let t0 = Instant::now();
-            let bar = progress::bar(steps_per_epoch as u64, &format!("fine-tune epoch {}/{}", epoch + 1, rl.finetune_epochs));
+            let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + rl.epochs + epoch), steps_per_epoch, &format!("fine-tune epoch {}/{}", epoch + 1, rl.finetune_epochs));
             let router = learner.router.valid();
             let (mut loss_sum, mut n_correct, mut n_seen) = (0.0f64, 0usize, 0usize);
-            for batch in train_loader.epoch(exp.train.epochs + rl.epochs + epoch) {
+            for batch in &mut batches {
                 let batch = batch?;
                 let lr = 0.5 * rl.finetune_lr * (1.0 + (std::f64::consts::PI * done as f64 / total).cos());
                 let (loss, hits) = finetune_step(&mut learner.backbone, &router, &mut opt, &batch, lr)?;
@@ -732,23 +708,18 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 n_correct += hits;
                 n_seen += batch.len();
                 done += 1;
-                bar.inc(1);
                 if done.is_multiple_of(exp.log.every_steps)
                     && let Some(tb) = tb.as_mut()
                 {
                     tb.scalar("finetune/loss", (learner.step + done as u64) as i64, loss)?;
                     tb.scalar("finetune/lr", (learner.step + done as u64) as i64, lr)?;
                 }
-                if INTERRUPTED.load(Ordering::SeqCst) {
-                    interrupted = true;
-                    break;
-                }
             }
-            bar.finish_and_clear();
-            if interrupted {
+            if batches.finish() {
+                interrupted = true;
                 break;
             }
-            let ev = evaluate_controlled(&learner.backbone.valid(), &router, &test_loader)?;
+            let ev = evaluate_controlled(&learner.backbone.valid(), &router, test_loader)?;
             let secs = t0.elapsed().as_secs_f64();
             let step = (learner.step + done as u64) as i64;
             let train_loss = loss_sum / n_seen.max(1) as f64;
@@ -789,7 +760,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             state.finetune_epochs = epoch + 1;
             state.finetune_optimizer_steps = opt.steps;
             state.finetune_best = Some(ft_best);
-            save_rnp_state(&run_dir, &state)?;
+            save_rnp_state(run_dir, &state)?;
             history.push(EpochMetrics {
                 epoch: tag,
                 train_loss,
@@ -835,13 +806,13 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         tb.hparams(&hp, &finals, learner.step as i64)?;
         tb.flush()?;
     }
-    tracing::info!("done in {:.1}s (backbone phase {:.1}s)", t_start.elapsed().as_secs_f64(), backbone_seconds);
+    tracing::info!("done in {:.1}s (backbone phase {:.1}s)", session.seconds(), backbone_seconds);
     let outcome = state.best_flops.map(|flops_ratio| crate::session::supervised::PruningOutcome {
         backbone_top1: unpruned_top1,
         top1: best,
         flops_ratio,
     });
-    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome, peers: Vec::new() })
+    Ok(TrainSummary { run_dir: run_dir.clone(), epochs_done: history.len(), history, best_top1: best, interrupted, outcome, peers: Vec::new() })
 }
 
 /// `rlprune eval RUN_DIR` for an RNP run: greedy top-1, mean and per-layer FLOPs ratio, the
@@ -868,13 +839,9 @@ pub fn load_routed_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base
     } else {
         (ck.join("last.safetensors"), ck.join("router.safetensors"))
     };
-    let splits = data::open(&exp.data, base)?;
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let EvalData { test_loader, ctx, .. } = EvalData::open(exp, base)?;
     let device = Default::default();
-    let mut nobase = exp.clone();
-    nobase.backbone.weights = None;
-    let model: AnyBackbone<Cpu> = build_backbone(&nobase, layered, &ctx, base, &device)?;
+    let model: AnyBackbone<Cpu> = skeleton(exp, layered, &ctx, base, &device)?;
     let backbone =
         load_strict(model, &checkpoint::read_model(&bfile, &exp.backbone.arch, None)?, &bfile.display().to_string())?;
     let in_ch = ChannelRouter::<Cpu>::input_channels(ctx.in_channels, &backbone.prunable_convs());

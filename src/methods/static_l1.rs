@@ -18,7 +18,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -38,9 +37,10 @@ use crate::nn::params::{load_strict, state_dict};
 use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::{correct, cross_entropy};
 use crate::train::optim::{Optimizer, OptimizerConfig};
-use crate::session::run::{RunLogs, resumed_or_new_run_dir};
+use crate::session::run::RunLogs;
+use crate::session::{Resumable, Session, epoch_batches, EvalData, skeleton};
 use crate::session::supervised::{
-    self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context,
+    self, EpochMetrics, TrainOptions, TrainSummary,
 };
 use crate::{Cpu, CpuAutodiff};
 
@@ -313,15 +313,6 @@ pub struct StaticState {
 
 const STATIC_STATE: &str = "static_state.json";
 
-/// The run's fine-tuning state, if it completed a fine-tuning epoch.
-fn read_static_state(run_dir: &Path) -> Result<Option<StaticState>> {
-    let p = checkpoint::dir(run_dir).join(STATIC_STATE);
-    if !p.is_file() {
-        return Ok(None);
-    }
-    checkpoint::read_json(&p, |st: &StaticState| &st.format).map(Some)
-}
-
 /// `rlprune train` for `[controller] kind = "static-l1"`: the backbone (trained into
 /// `<run>/backbone/` unless `[backbone] weights` is given), the allocation, physical L1 pruning,
 /// then `fine_tune_epochs` of fine-tuning. `--resume` continues phase 1, or the fine-tuning
@@ -329,38 +320,26 @@ fn read_static_state(run_dir: &Path) -> Result<Option<StaticState>> {
 pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_static needs a [controller] section"))?;
     let so = StaticL1Options::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
-    let base = &opts.base_dir;
-    let root = base.join(&exp.log.dir);
-    // The data first: a run that cannot start leaves no run directory behind.
-    let splits = data::open(&exp.data, base)?;
-    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    train_loader.ensure_batches()?;
-    let (run_dir, is_resumed) = resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &root, exp)?;
-    let resumed = if is_resumed { read_static_state(&run_dir)? } else { None };
-    if let Some(st) = &resumed
-        && st.arch != exp.backbone.arch
-    {
-        bail!("{}: run was trained with arch '{}', the experiment builds '{}'", run_dir.display(), st.arch, exp.backbone.arch);
+    let session = Session::open(exp, layered, opts, Resumable::Yes, |_| Ok(()))?;
+    let (run_dir, splits, train_loader, test_loader) = (&session.run_dir, &session.splits, &session.train_loader, &session.test_loader);
+    let resumed = session.resumed_state(STATIC_STATE, |st: &StaticState| &st.format)?;
+    if let Some(st) = &resumed {
+        session.check_arch(&st.arch)?;
     }
-    let ctx = build_context(splits.train.as_ref(), &train_loader);
     let device: burn::tensor::Device<Ad> = Default::default();
-    let t_start = Instant::now();
 
     // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
-    let mut model: AnyBackbone<Ad> =
-        match supervised::pretrained_backbone(exp, layered, &ctx, base, &run_dir, "backbone", is_resumed, &device)? {
-            Ok(m) => m,
-            Err(interrupted) => return Ok(interrupted),
-        };
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, !is_resumed)?;
-    let ck = checkpoint::dir(&run_dir);
-    std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
+    let mut model: AnyBackbone<Ad> = match session.pretrained_backbone("backbone", &device)? {
+        Ok(m) => m,
+        Err(interrupted) => return Ok(interrupted),
+    };
+    let RunLogs { mut metrics, mut tb } = session.logs()?;
+    let ck = session.checkpoint_dir()?;
 
     // 2. Allocation and physical pruning, or, resuming, the pruned network of the last epoch.
     let plan = match &resumed {
         Some(st) => {
-            let plan = read_plan(&run_dir)?;
+            let plan = read_plan(run_dir)?;
             if plan.allocation != so.allocation || plan.target_flops != so.target_flops {
                 bail!(
                     "{}: run was pruned with allocation '{}' at target_flops {}, the experiment says '{}' at {}",
@@ -377,7 +356,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
             tracing::info!("resuming {} after {} fine-tuning epochs", run_dir.display(), st.epochs);
             plan
         }
-        None => prune_by_plan(&mut model, exp, &so, &splits, &test_loader, &ck, &run_dir, tb.as_mut())?,
+        None => prune_by_plan(&mut model, exp, &so, splits, test_loader, &ck, run_dir, tb.as_mut())?,
     };
     let (unpruned_top1, pruned_top1, flops_ratio) = (plan.unpruned_top1, plan.pruned_top1_before_fine_tune, plan.flops_ratio);
 
@@ -410,10 +389,10 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     };
     for epoch in first_epoch..so.fine_tune_epochs {
         let t0 = Instant::now();
-        let bar = progress::bar(steps_per_epoch as u64, &format!("fine-tune {}/{}", epoch + 1, so.fine_tune_epochs));
+        let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + epoch), steps_per_epoch, &format!("fine-tune {}/{}", epoch + 1, so.fine_tune_epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
         let mut lr = so.fine_tune_lr;
-        for batch in train_loader.epoch(exp.train.epochs + epoch) {
+        for batch in &mut batches {
             let batch = batch?;
             let (x, y) = batch.to_tensors::<Ad>(&device);
             let logits = model.forward(x);
@@ -429,32 +408,19 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
             lr = schedule.lr_at(so.fine_tune_lr, step, total, steps_per_epoch);
             model = optim.step(model, grads, lr, 1.0);
             step += 1;
-            bar.inc(1);
             if step.is_multiple_of(exp.log.every_steps)
                 && let Some(tb) = tb.as_mut()
             {
                 tb.scalar("fine_tune/loss", step as i64, lv)?;
                 tb.scalar("fine_tune/lr", step as i64, lr)?;
             }
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
         }
-        bar.finish_and_clear();
-        if interrupted {
+        if batches.finish() {
+            interrupted = true;
             break;
         }
-        let (test_loss, test_top1) = supervised::evaluate(&model.valid(), &test_loader, &Default::default())?;
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / n_seen.max(1) as f64,
-            train_top1: n_correct as f64 / n_seen.max(1) as f64,
-            test_loss,
-            test_top1,
-            lr,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
+        let (test_loss, test_top1) = supervised::evaluate(&model.valid(), test_loader, &Default::default())?;
+        let m = EpochMetrics::from_sums(epoch + 1, loss_sum, n_correct, n_seen, (test_loss, test_top1), lr, t0);
         tracing::info!(
             "fine-tune {}/{}: train loss {:.4} top1 {:.2}% | test top-1 {:.2}% at flops ratio {:.3} | {:.1}s",
             m.epoch,
@@ -520,8 +486,8 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
         tb.hparams(&hp, &finals, step as i64)?;
         tb.flush()?;
     }
-    tracing::info!("done in {:.1}s", t_start.elapsed().as_secs_f64());
-    Ok(TrainSummary { run_dir, epochs_done: history.len(), history, best_top1: best, interrupted, outcome: None, peers: Vec::new() })
+    tracing::info!("done in {:.1}s", session.seconds());
+    Ok(TrainSummary { run_dir: run_dir.clone(), epochs_done: history.len(), history, best_top1: best, interrupted, outcome: None, peers: Vec::new() })
 }
 
 /// Phase 2 of a fresh static-l1 run: the allocation (uniform or from a sensitivity scan) and
@@ -610,13 +576,9 @@ pub fn eval_static_run(exp: &Experiment, layered: &Layered, run_dir: &Path, base
     let wfile =
         if ck.join("best.safetensors").is_file() { ck.join("best.safetensors") } else { ck.join("last.safetensors") };
     let ufile = ck.join("unpruned.safetensors");
-    let splits = data::open(&exp.data, base)?;
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let EvalData { splits, test_loader, ctx } = EvalData::open(exp, base)?;
     let device = Default::default();
-    let mut nobase = exp.clone();
-    nobase.backbone.weights = None;
-    let skeleton: AnyBackbone<Cpu> = build_backbone(&nobase, layered, &ctx, base, &device)?;
+    let skeleton: AnyBackbone<Cpu> = skeleton(exp, layered, &ctx, base, &device)?;
     let unpruned = load_strict(
         skeleton.clone(),
         &checkpoint::read_model(&ufile, &exp.backbone.arch, None)?,

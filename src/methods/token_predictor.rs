@@ -30,7 +30,6 @@
 //! TensorBoard events.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -48,9 +47,8 @@ use crate::backbones::dynamicvit::{DistillLossWeights, DynamicVit, DynamicVitArg
 use crate::backbones::spec::{ModelArgs, args_for_arch};
 use crate::backbones::vit::VisionTransformer;
 use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec};
-use crate::data::{self, Loader};
+use crate::data::Loader;
 use crate::experiment::{Experiment, Layered};
-use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_state_dict, load_strict, state_dict};
 use crate::rl::RlConfig;
@@ -58,8 +56,9 @@ use crate::rl::reinforce::policy_gradient_loss;
 use crate::train::checkpoint;
 use crate::train::losses::correct;
 use crate::train::optim::{Optimizer, OptimizerConfig, ScheduleConfig};
-use crate::session::run::{epoch_seed, out_or_new_run_dir, RunLogs, SeedStream};
-use crate::session::supervised::{self, EpochMetrics, INTERRUPTED, TrainOptions, TrainSummary, build_backbone, build_context};
+use crate::session::run::{epoch_seed, RunLogs, SeedStream};
+use crate::session::{Resumable, Session, epoch_batches, EvalData};
+use crate::session::supervised::{self, EpochMetrics, TrainOptions, TrainSummary, build_backbone};
 use crate::{Cpu, CpuAutodiff};
 
 type Ad = CpuAutodiff;
@@ -322,10 +321,6 @@ pub fn evaluate_pruned(model: &DynamicVit<Cpu>, args: &DynamicVitArgs, loader: &
 // `rlprune train`
 // ---------------------------------------------------------------------------------------------
 
-fn save_weights(path: &Path, dict: &crate::nn::params::StateDict, arch: &str, epoch: usize) -> Result<()> {
-    checkpoint::save_weights(path, dict, arch, epoch, "model")
-}
-
 fn with_lr(cfg: &OptimizerConfig, lr: f64) -> OptimizerConfig {
     let mut c = cfg.clone();
     match &mut c {
@@ -336,9 +331,6 @@ fn with_lr(cfg: &OptimizerConfig, lr: f64) -> OptimizerConfig {
 
 /// `rlprune train` for `[controller] kind = "token-predictor"` (see the module docs).
 pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
-    if opts.resume.is_some() {
-        bail!("--resume is not supported for token-predictor runs yet (rerun them; the teacher can be reused with --set backbone.weights=<run>/checkpoints/teacher.safetensors)");
-    }
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_token_predictor needs a [controller] section"))?;
     let to = TokenPredictorOptions::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let rl: RlConfig = exp.rl.clone().unwrap_or_default();
@@ -352,21 +344,25 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             ),
         ));
     }
-    let base = &opts.base_dir;
-    let splits = data::open(&exp.data, base)?;
-    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    train_loader.ensure_batches()?;
-    let ctx = build_context(splits.train.as_ref(), &train_loader);
-    let args = student_args(exp, layered, &ctx)?;
+    let mut args = None;
+    let session = Session::open(
+        exp,
+        layered,
+        opts,
+        Resumable::No("token-predictor runs yet (rerun them; the teacher can be reused with --set backbone.weights=<run>/checkpoints/teacher.safetensors)"),
+        |ctx| {
+            let _: () = args = Some(student_args(exp, layered, ctx)?);
+            Ok(())
+        },
+    )?;
+    let args = args.ok_or_else(|| anyhow::anyhow!("the student's arguments were not derived"))?;
     let teacher_exp = teacher_experiment(exp, &args)?;
-    let run_dir = out_or_new_run_dir(opts.out.as_deref(), &base.join(&exp.log.dir), &exp.name)?;
+    let (base, run_dir, train_loader, test_loader, ctx) = (&session.base, session.run_dir.clone(), &session.train_loader, &session.test_loader, &session.ctx);
     let device: burn::tensor::Device<Ad> = Default::default();
-    let t_start = Instant::now();
 
     // 1. The teacher.
     let teacher: VisionTransformer<Cpu> = if teacher_exp.backbone.weights.is_some() {
-        deit_of(build_backbone::<Cpu>(&teacher_exp, layered, &ctx, base, &Default::default())?)?
+        deit_of(build_backbone::<Cpu>(&teacher_exp, layered, ctx, base, &Default::default())?)?
     } else {
         let sub = run_dir.join("teacher");
         tracing::info!("phase 1: the teacher ({}) for {} epochs into {}", teacher_exp.backbone.arch, exp.train.epochs, sub.display());
@@ -376,25 +372,24 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true, outcome: None, peers: Vec::new() });
         }
         let file = checkpoint::dir(&sub).join("last.safetensors");
-        let skeleton = build_backbone::<Cpu>(&teacher_exp, layered, &ctx, base, &Default::default())?;
+        let skeleton = build_backbone::<Cpu>(&teacher_exp, layered, ctx, base, &Default::default())?;
         deit_of(load_strict(skeleton, &checkpoint::read_model(&file, &teacher_exp.backbone.arch, None)?, &file.display().to_string())?)?
     };
 
     // 2. Run directory, logs, the teacher's numbers.
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, true)?;
+    let RunLogs { mut metrics, mut tb } = session.logs()?;
     let mut model_table = toml::Table::new();
     model_table.insert("model".into(), toml::Value::Table(ModelSpec::DynamicVit(args.clone()).to_table()));
     crate::fsutil::atomic_write(&run_dir.join("model.toml"), toml::to_string_pretty(&model_table)?.as_bytes())?;
-    let ck = checkpoint::dir(&run_dir);
-    std::fs::create_dir_all(&ck).with_context(|| format!("{}: cannot create checkpoint directory", ck.display()))?;
-    save_weights(&ck.join("teacher.safetensors"), &state_dict(&teacher), &teacher_exp.backbone.arch, exp.train.epochs)?;
-    let (teacher_loss, teacher_top1) = supervised::evaluate(&AnyBackbone::Deit(teacher.clone()), &test_loader, &Default::default())?;
+    let ck = session.checkpoint_dir()?;
+    checkpoint::save_weights(&ck.join("teacher.safetensors"), &state_dict(&teacher), &teacher_exp.backbone.arch, exp.train.epochs, "model")?;
+    let (teacher_loss, teacher_top1) = supervised::evaluate(&AnyBackbone::Deit(teacher.clone()), test_loader, &Default::default())?;
     tracing::info!("teacher {}: test top-1 {:.2}% (loss {teacher_loss:.4})", teacher_exp.backbone.arch, 100.0 * teacher_top1);
 
     // 3. The student.
     <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::TokenPredictor, usize::MAX));
     let mut student = student_from_teacher::<Ad>(&args, &teacher, &device)?;
-    let before = evaluate_pruned(&student.valid(), &args, &test_loader)?;
+    let before = evaluate_pruned(&student.valid(), &args, test_loader)?;
     tracing::info!(
         "phase 2: student ({} training, {} epochs), keeping {:?} of {} patches (FLOPs ratio {:.3}); top-1 with untrained predictors {:.2}%",
         to.training,
@@ -436,11 +431,11 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     for epoch in 0..to.epochs {
         let t0 = Instant::now();
         <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::TokenPredictor, exp.train.epochs + epoch));
-        let bar = progress::bar(steps_per_epoch as u64, &format!("student {}/{}", epoch + 1, to.epochs));
+        let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + epoch), steps_per_epoch, &format!("student {}/{}", epoch + 1, to.epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
         let mut keep_sum = vec![0.0f64; stages];
         let mut cur_lr = lr;
-        for batch in train_loader.epoch(exp.train.epochs + epoch) {
+        for batch in &mut batches {
             let batch = batch?;
             let n = batch.len();
             let (x, y) = batch.to_tensors::<Ad>(&device);
@@ -515,7 +510,6 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                 scalars.push(("pg/policy_loss", policy));
             }
             step += 1;
-            bar.inc(1);
             if step.is_multiple_of(exp.log.every_steps)
                 && let Some(tb) = tb.as_mut()
             {
@@ -528,16 +522,12 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                     tb.scalar(&format!("student/train_keep/stage{i}"), step as i64, *k)?;
                 }
             }
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
         }
-        bar.finish_and_clear();
-        if interrupted {
+        if batches.finish() {
+            interrupted = true;
             break;
         }
-        let ev = evaluate_pruned(&student.valid(), &args, &test_loader)?;
+        let ev = evaluate_pruned(&student.valid(), &args, test_loader)?;
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: loss_sum / n_seen.max(1) as f64,
@@ -580,18 +570,18 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             tb.flush()?;
         }
         let dict = state_dict(&student.valid());
-        save_weights(&ck.join("last.safetensors"), &dict, &exp.backbone.arch, epoch + 1)?;
+        checkpoint::save_weights(&ck.join("last.safetensors"), &dict, &exp.backbone.arch, epoch + 1, "model")?;
         if ev.top1 > best {
             best = ev.top1;
-            save_weights(&ck.join("best.safetensors"), &dict, &exp.backbone.arch, epoch + 1)?;
+            checkpoint::save_weights(&ck.join("best.safetensors"), &dict, &exp.backbone.arch, epoch + 1, "model")?;
         }
         last_eval = ev;
         history.push(m);
     }
     if history.is_empty() {
-        save_weights(&ck.join("last.safetensors"), &state_dict(&student.valid()), &exp.backbone.arch, 0)?;
+        checkpoint::save_weights(&ck.join("last.safetensors"), &state_dict(&student.valid()), &exp.backbone.arch, 0, "model")?;
     }
-    let seconds = t_start.elapsed().as_secs_f64();
+    let seconds = session.seconds();
     let summary = json!({
         "training": to.training,
         "arch": exp.backbone.arch,
@@ -657,9 +647,7 @@ pub fn eval_token_predictor_run(exp: &Experiment, layered: &Layered, run_dir: &P
     let ck = checkpoint::dir(run_dir);
     let wfile = if ck.join("best.safetensors").is_file() { ck.join("best.safetensors") } else { ck.join("last.safetensors") };
     let tfile = ck.join("teacher.safetensors");
-    let splits = data::open(&exp.data, base)?;
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    let ctx = build_context(splits.train.as_ref(), &test_loader);
+    let EvalData { test_loader, ctx, .. } = EvalData::open(exp, base)?;
     let args = student_args(exp, layered, &ctx)?;
     let device = Default::default();
     let teacher_arch = teacher_arch(&exp.backbone.arch).unwrap_or_default();

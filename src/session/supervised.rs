@@ -17,11 +17,10 @@ use crate::train::checkpoint::{self, RngState, TrainState};
 use crate::train::data_parallel::{Replicas, StepFn, SyncGrads};
 use crate::train::losses::{correct, cross_entropy};
 use crate::train::optim::Optimizer;
-use super::run::{newest_run, out_or_new_run_dir, Resume, RunLogs};
+use super::run::{Resume, RunLogs};
 use crate::backbones::{self, AnyBackbone, Backbone, BuildContext};
 use crate::data::{self, Dataset, Loader};
 use crate::experiment::{Experiment, Layered};
-use crate::logging::progress;
 use crate::logging::tensorboard::HParamValue;
 use crate::nn::params::{load_strict, state_dict};
 use crate::session::run::{epoch_seed, SeedStream};
@@ -62,6 +61,22 @@ pub struct EpochMetrics {
     pub test_top1: f64,
     pub lr: f64,
     pub seconds: f64,
+}
+
+impl EpochMetrics {
+    /// An epoch's metrics from its running sums (`loss_sum` weighted by images), its test loss
+    /// and top-1, and when it started.
+    pub fn from_sums(epoch: usize, loss_sum: f64, n_correct: usize, n_seen: usize, test: (f64, f64), lr: f64, started: Instant) -> Self {
+        Self {
+            epoch,
+            train_loss: loss_sum / n_seen.max(1) as f64,
+            train_top1: n_correct as f64 / n_seen.max(1) as f64,
+            test_loss: test.0,
+            test_top1: test.1,
+            lr,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -219,46 +234,34 @@ where
     B::InnerBackend: ModelBackend,
 {
     let device = &devices[0];
-    let base = &opts.base_dir;
-    let splits = data::open(&exp.data, base)?;
-    let train_loader = Loader::new(splits.train.clone(), &exp.data, true, exp.seed);
-    let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
-    train_loader.ensure_batches()?;
-    let ctx = build_context(splits.train.as_ref(), &train_loader);
-    check_training_memory(exp, layered, &ctx)?;
-
-    B::seed(device, exp.seed);
-    let mut model: AnyBackbone<B> = build_backbone(exp, layered, &ctx, base, device)?;
+    let mut built = None;
+    let session = super::Session::open(exp, layered, opts, super::Resumable::Yes, |ctx| {
+        check_training_memory(exp, layered, ctx)?;
+        B::seed(device, exp.seed);
+        built = Some(build_backbone::<B>(exp, layered, ctx, &opts.base_dir, device)?);
+        Ok(())
+    })?;
+    let mut model: AnyBackbone<B> = built.ok_or_else(|| anyhow::anyhow!("the backbone was not built"))?;
+    let (run_dir, splits, train_loader, test_loader) = (session.run_dir.clone(), &session.splits, &session.train_loader, &session.test_loader);
     let mut optim = Optimizer::<B>::new(exp.train.optimizer.clone());
     optim.decay_only_matrices = exp.train.decay_only_matrices;
 
-    // Run directory, possibly resuming.
-    let root = base.join(&exp.log.dir);
-    let (run_dir, resumed) = match &opts.resume {
-        Some(r) => {
-            let dir = match r {
-                Resume::Auto => newest_run(&root, &exp.name)?,
-                Resume::Dir(d) => d.clone(),
-            };
-            crate::session::run::check_resumed_seed(&dir, exp)?;
-            let st = checkpoint::read_state(&dir)?;
-            if st.arch != exp.backbone.arch {
-                bail!("{}: run was trained with arch '{}', the experiment builds '{}'", dir.display(), st.arch, exp.backbone.arch);
-            }
-            let ck = checkpoint::dir(&dir);
-            let dict = checkpoint::read_model(&ck.join("last.safetensors"), &st.arch, Some(st.epoch))?;
-            model = load_strict(model, &dict, &ck.join("last.safetensors").display().to_string())?;
-            let odict = checkpoint::read_model(&ck.join("last.optim.safetensors"), &st.arch, Some(st.epoch))?;
-            optim.load_state_dict(&odict, &Default::default())?;
-            optim.steps = st.optimizer_steps;
-            tracing::info!("resuming {} after epoch {}", dir.display(), st.epoch);
-            (dir, Some(st))
-        }
-        None => {
-            (out_or_new_run_dir(opts.out.as_deref(), &root, &exp.name)?, None)
-        }
+    // A resumed run continues from its last checkpoint.
+    let resumed = if session.resumed {
+        let st = checkpoint::read_state(&run_dir)?;
+        session.check_arch(&st.arch)?;
+        let ck = checkpoint::dir(&run_dir);
+        let dict = checkpoint::read_model(&ck.join("last.safetensors"), &st.arch, Some(st.epoch))?;
+        model = load_strict(model, &dict, &ck.join("last.safetensors").display().to_string())?;
+        let odict = checkpoint::read_model(&ck.join("last.optim.safetensors"), &st.arch, Some(st.epoch))?;
+        optim.load_state_dict(&odict, &Default::default())?;
+        optim.steps = st.optimizer_steps;
+        tracing::info!("resuming {} after epoch {}", run_dir.display(), st.epoch);
+        Some(st)
+    } else {
+        None
     };
-    let RunLogs { mut metrics, mut tb } = RunLogs::open(exp, base, &run_dir, resumed.is_none())?;
+    let RunLogs { mut metrics, mut tb } = session.logs()?;
     tracing::info!(
         "run {}: {} on {} ({} params), {} train / {} test images",
         run_dir.display(),
@@ -295,10 +298,10 @@ where
     for epoch in state.epoch..exp.train.epochs {
         let t0 = Instant::now();
         B::seed(device, epoch_seed(exp.seed, SeedStream::Supervised, epoch));
-        let bar = progress::bar(steps_per_epoch as u64, &format!("epoch {}/{}", epoch + 1, exp.train.epochs));
+        let mut batches = super::epoch_batches(train_loader.epoch(epoch), steps_per_epoch, &format!("epoch {}/{}", epoch + 1, exp.train.epochs));
         let (mut loss_sum, mut n_seen, mut n_correct) = (0.0f64, 0usize, 0usize);
         let mut lr = exp.train.optimizer.lr();
-        for batch in train_loader.epoch(epoch) {
+        for batch in &mut batches {
             let batch = batch?;
             let n = batch.len();
             lr = exp.train.schedule.lr_at(exp.train.optimizer.lr(), state.step as usize, total_steps, steps_per_epoch);
@@ -314,26 +317,21 @@ where
             loss_sum += loss_value * n as f64;
             n_seen += n;
             state.step += 1;
-            bar.inc(1);
             if state.step.is_multiple_of(exp.log.every_steps as u64)
                 && let Some(tb) = tb.as_mut()
             {
                 tb.scalar("train/loss", state.step as i64, loss_value)?;
                 tb.scalar("train/lr", state.step as i64, lr)?;
             }
-            if INTERRUPTED.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
         }
-        bar.finish_and_clear();
-        if interrupted {
+        if batches.finish() {
+            interrupted = true;
             tracing::warn!("interrupted during epoch {}: keeping the checkpoint of epoch {}", epoch + 1, state.epoch);
             break;
         }
         let last = epoch + 1 == exp.train.epochs;
         let (test_loss, test_top1) = if (epoch + 1) % exp.train.eval_every == 0 || last {
-            let (loss, top1) = evaluate(&model.valid(), &test_loader, &device.clone())?;
+            let (loss, top1) = evaluate(&model.valid(), test_loader, &device.clone())?;
             if !loss.is_finite() {
                 bail!(
                     "epoch {}, step {}: the test loss became {loss}: the weights diverged; the checkpoint of epoch {} is kept; \
@@ -359,15 +357,7 @@ where
                 state.epoch
             );
         }
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / n_seen.max(1) as f64,
-            train_top1: n_correct as f64 / n_seen.max(1) as f64,
-            test_loss,
-            test_top1,
-            lr,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
+        let m = EpochMetrics::from_sums(epoch + 1, loss_sum, n_correct, n_seen, (test_loss, test_top1), lr, t0);
         tracing::info!(
             "epoch {}/{}: train loss {:.4} top1 {:.2}% | test loss {:.4} top1 {:.2}% | {:.1}s",
             m.epoch, exp.train.epochs, m.train_loss, 100.0 * m.train_top1, m.test_loss, 100.0 * m.test_top1, m.seconds
