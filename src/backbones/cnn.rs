@@ -172,6 +172,9 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
 
 impl<B: ModelBackend> Family<B> for SmallCnn<B> {
     const ARCHS: &'static [&'static str] = &["small-cnn"];
+    // The quickstart's backbone, at Fashion-MNIST's shape.
+    const ZOO: &'static [(&'static str, BuildContext)] =
+        &[("small-cnn", BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] })];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Ok(Self::new(&Self::options(options)?, ctx, device))
@@ -183,6 +186,7 @@ impl<B: ModelBackend> Family<B> for SmallCnn<B> {
         let mut cost = CostReport::new(h);
         let mut c_in = ctx.in_channels;
         for (i, &c) in opts.channels.iter().enumerate() {
+            cost.stage(format!("features.{i}"));
             cost.conv2d(c_in, c, 3, 1, false, [h, w]).add_params(2 * c).add_output(c * h * w);
             if Self::pools_after(i) {
                 (h, w) = (h / 2, w / 2);
@@ -190,7 +194,7 @@ impl<B: ModelBackend> Family<B> for SmallCnn<B> {
             }
             c_in = c;
         }
-        cost.linear(c_in, ctx.num_classes, true, 1);
+        cost.stage("fc").linear(c_in, ctx.num_classes, true, 1);
         Ok(cost)
     }
 }

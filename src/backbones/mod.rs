@@ -16,6 +16,8 @@ pub mod resnet;
 pub mod spec;
 pub mod surgery;
 pub mod token_predictor;
+#[cfg(test)]
+pub mod toy;
 pub mod vgg;
 pub mod vit;
 pub mod zoo;
@@ -39,6 +41,11 @@ pub struct BuildContext {
     pub in_channels: usize,
     pub img_size: [usize; 2],
 }
+
+/// CIFAR-10's shape: 10 classes, 3×32×32.
+pub const CIFAR10: BuildContext = BuildContext { num_classes: 10, in_channels: 3, img_size: [32, 32] };
+/// ImageNet's shape at 224: 1000 classes, 3×224×224.
+pub const IMAGENET: BuildContext = BuildContext { num_classes: 1000, in_channels: 3, img_size: [224, 224] };
 
 /// A convolution whose output channels a router may compute partially, in execution order.
 /// Channels are addressed as `groups` equal groups (the last group takes the remainder).
@@ -102,10 +109,14 @@ pub trait Family<B: ModelBackend>: Backbone<B> + Sized {
     /// from the options alone: nothing is allocated, so a model too large for the machine is
     /// refused before it is built (see [`crate::metrics::memory`]).
     fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport>;
+
+    /// Archs that `rlprune zoo` lists, each with the dataset shape its numbers refer to. The
+    /// reference families' named variants are listed from their `ModelArgs` instead.
+    const ZOO: &'static [(&'static str, BuildContext)] = &[];
 }
 
 macro_rules! registry {
-    ($($variant:ident => $ty:ident :: $name:ident $([$args:ty])?),+ $(,)?) => {
+    ($($(#[$attr:meta])* $variant:ident => $ty:ident :: $name:ident $([$args:ty])?),+ $(,)?) => {
         // Whole models in an enum: the variants differ in size, which is fine for a value that
         // is built once (the allow must cover the record type `derive(Module)` generates).
         #[allow(clippy::large_enum_variant)]
@@ -115,17 +126,17 @@ macro_rules! registry {
             /// Every registered backbone family.
             #[derive(Module, Debug)]
             pub enum AnyBackbone<B: Backend> {
-                $($variant($ty::$name<B>),)+
+                $($(#[$attr])* $variant($ty::$name<B>),)+
             }
         }
         pub use any_backbone::{AnyBackbone, AnyBackboneRecord};
 
         impl<B: ModelBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
-                match self { $(Self::$variant(m) => m.forward(x),)+ }
+                match self { $($(#[$attr])* Self::$variant(m) => m.forward(x),)+ }
             }
             fn prunable_convs(&self) -> Vec<PrunableConv> {
-                match self { $(Self::$variant(m) => m.prunable_convs(),)+ }
+                match self { $($(#[$attr])* Self::$variant(m) => m.prunable_convs(),)+ }
             }
             fn forward_controlled(
                 &self,
@@ -134,20 +145,27 @@ macro_rules! registry {
                 mode: Mode,
                 rng: &mut ChaCha8Rng,
             ) -> Result<(Tensor<B, 2>, Trace<B>)> {
-                match self { $(Self::$variant(m) => m.forward_controlled(x, controller, mode, rng),)+ }
+                match self { $($(#[$attr])* Self::$variant(m) => m.forward_controlled(x, controller, mode, rng),)+ }
             }
             fn reorder_by_filter_norm(&mut self) -> Result<()> {
-                match self { $(Self::$variant(m) => m.reorder_by_filter_norm(),)+ }
+                match self { $($(#[$attr])* Self::$variant(m) => m.reorder_by_filter_norm(),)+ }
             }
             fn prune_channels(&mut self, keep: &[usize]) -> Result<()> {
-                match self { $(Self::$variant(m) => m.prune_channels(keep),)+ }
+                match self { $($(#[$attr])* Self::$variant(m) => m.prune_channels(keep),)+ }
             }
         }
 
         /// All architecture names, for help texts and errors.
         pub fn arch_names() -> Vec<&'static str> {
             let mut v = Vec::new();
-            $(v.extend_from_slice(<$ty::$name<burn::backend::NdArray<f32>> as Family<_>>::ARCHS);)+
+            $($(#[$attr])* v.extend_from_slice(<$ty::$name<burn::backend::NdArray<f32>> as Family<_>>::ARCHS);)+
+            v
+        }
+
+        /// Every family's [`Family::ZOO`] archs, in registry order.
+        pub fn zoo_archs() -> Vec<(&'static str, BuildContext)> {
+            let mut v = Vec::new();
+            $($(#[$attr])* v.extend_from_slice(<$ty::$name<crate::Cpu> as Family<crate::Cpu>>::ZOO);)+
             v
         }
 
@@ -159,6 +177,7 @@ macro_rules! registry {
             device: &B::Device,
         ) -> Result<AnyBackbone<B>> {
             $(
+                $(#[$attr])*
                 if <$ty::$name<B> as Family<B>>::ARCHS.contains(&arch) {
                     return <$ty::$name<B> as Family<B>>::build(arch, options, ctx, device)
                         .map(AnyBackbone::$variant)
@@ -171,6 +190,7 @@ macro_rules! registry {
         /// [`Family::cost`] of `arch` with `options` (nothing is allocated).
         pub fn cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Result<CostReport> {
             $(
+                $(#[$attr])*
                 if <$ty::$name<crate::Cpu> as Family<crate::Cpu>>::ARCHS.contains(&arch) {
                     return <$ty::$name<crate::Cpu> as Family<crate::Cpu>>::cost(arch, options, ctx)
                         .with_context(|| format!("backbone '{arch}'"));
@@ -298,6 +318,7 @@ registry! {
     Deit => vit::VisionTransformer [vit::DeitArgs],
     DynamicVit => dynamicvit::DynamicVit [dynamicvit::DynamicVitArgs],
     AdaHornet => adahornet::AdaHornet [adahornet::AdaHornetArgs],
+    #[cfg(test)] ToyLinear => toy::ToyLinear,
 }
 
 /// Checks a CNN baseline's channel-width multiplier (`backbone.width`).

@@ -210,6 +210,7 @@ impl Layout {
     fn cost(&self, ctx: &BuildContext) -> CostReport {
         let [mut h, mut w] = ctx.img_size;
         let mut cost = CostReport::new(h);
+        cost.stage("stem");
         (h, w) = (h.div_ceil(self.stride), w.div_ceil(self.stride));
         cost.conv2d(ctx.in_channels, self.stem, self.kernel, 1, false, [h, w]).add_params(2 * self.stem);
         cost.add_output(self.stem * h * w);
@@ -219,6 +220,7 @@ impl Layout {
         }
         let mut c_in = self.stem;
         for (stage, (&c, &n)) in self.widths.iter().zip(&self.blocks).enumerate() {
+            cost.stage(format!("layer{}", stage + 1));
             for b in 0..n {
                 let s = Self::block_stride(stage, b);
                 (h, w) = (h.div_ceil(s), w.div_ceil(s));
@@ -231,7 +233,7 @@ impl Layout {
                 c_in = c;
             }
         }
-        cost.linear(c_in, ctx.num_classes, true, 1);
+        cost.stage("fc").linear(c_in, ctx.num_classes, true, 1);
         cost
     }
 }
@@ -370,6 +372,11 @@ impl<B: ModelBackend> Backbone<B> for ResNet<B> {
 
 impl<B: ModelBackend> Family<B> for ResNet<B> {
     const ARCHS: &'static [&'static str] = &["resnet20-cifar", "resnet56-cifar", "resnet18"];
+    const ZOO: &'static [(&'static str, BuildContext)] = &[
+        ("resnet20-cifar", super::CIFAR10),
+        ("resnet56-cifar", super::CIFAR10),
+        ("resnet18", super::IMAGENET),
+    ];
 
     fn build(arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Ok(Self::assemble(ctx, &Layout::of(arch, &Self::options(options)?, ctx), device))

@@ -116,6 +116,7 @@ impl<B: ModelBackend> Backbone<B> for Vgg<B> {
 
 impl<B: ModelBackend> Family<B> for Vgg<B> {
     const ARCHS: &'static [&'static str] = &["vgg16-cifar"];
+    const ZOO: &'static [(&'static str, BuildContext)] = &[("vgg16-cifar", super::CIFAR10)];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Ok(Self::new(&Self::options(options)?, ctx, device))
@@ -126,11 +127,17 @@ impl<B: ModelBackend> Family<B> for Vgg<B> {
         let [mut h, mut w] = ctx.img_size;
         let mut cost = CostReport::new(h);
         let mut c_in = ctx.in_channels;
-        for &c in VGG16.iter() {
+        let mut block = 0;
+        cost.stage("block0");
+        for (i, &c) in VGG16.iter().enumerate() {
             if c == 0 {
                 if h >= 2 && w >= 2 {
                     (h, w) = (h / 2, w / 2);
                     cost.add_output(c_in * h * w);
+                }
+                block += 1;
+                if VGG16[i..].iter().any(|&c| c != 0) {
+                    cost.stage(format!("block{block}"));
                 }
                 continue;
             }
@@ -138,7 +145,7 @@ impl<B: ModelBackend> Family<B> for Vgg<B> {
             cost.conv2d(c_in, c_out, 3, 1, false, [h, w]).add_params(2 * c_out).add_output(c_out * h * w);
             c_in = c_out;
         }
-        cost.linear(c_in, ctx.num_classes, true, 1);
+        cost.stage("classifier").linear(c_in, ctx.num_classes, true, 1);
         Ok(cost)
     }
 }

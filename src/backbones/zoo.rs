@@ -2,56 +2,23 @@
 //!
 //! Reference families (GFNet, GFNet-H, HorNet, DeiT, DynamicViT) are counted analytically from their
 //! arguments at 224×224 and 1000 classes — nothing is allocated, so `hornet-l-gf` (196 M
-//! parameters) costs microseconds — and match `official_models.json` exactly. The CNN
-//! baselines (`small-cnn` at 28×28 with one channel, `vgg16-cifar`, `resnet20-cifar` and
-//! `resnet56-cifar` at 32×32 and 10 classes, `resnet18` at 224×224 and 1000 classes) are small enough to build; their MACs count convolutions and linears
-//! (batch norm folds into the convolutions at inference).
+//! parameters) costs microseconds — and match `official_models.json` exactly. The other
+//! families list their zoo archs with a dataset shape (`Family::ZOO`: `small-cnn` at 28×28 with
+//! one channel, `vgg16-cifar`, `resnet20-cifar` and `resnet56-cifar` at 32×32 and 10 classes,
+//! `resnet18` at 224×224 and 1000 classes) and are counted by their `Family::cost` (convolutions
+//! and linears; batch norm folds into the convolutions at inference).
 
 use anyhow::{bail, Result};
 
-use super::{build, AnyBackbone, BuildContext, ModelSpec};
+use super::{cost, zoo_archs, BuildContext, ModelSpec};
 use crate::metrics::flops::CostReport;
-use crate::Cpu;
 
-/// Zoo names in display order.
-pub const ZOO_NAMES: &[&str] = &[
-    "gfnet-ti",
-    "gfnet-xs",
-    "gfnet-s",
-    "gfnet-b",
-    "gfnet-h-ti",
-    "gfnet-h-s",
-    "gfnet-h-b",
-    "hornet-t-7x7",
-    "hornet-t-gf",
-    "hornet-s-7x7",
-    "hornet-s-gf",
-    "hornet-b-7x7",
-    "hornet-b-gf",
-    "hornet-l-7x7",
-    "hornet-l-gf",
-    "hornet-l-gf-384",
-    "deit-ti",
-    "deit-s",
-    "deit-b",
-    "deit-256",
-    "dynamicvit-deit-s-0.9",
-    "dynamicvit-deit-s-0.8",
-    "dynamicvit-deit-s-0.7",
-    "dynamicvit-deit-s-0.6",
-    "dynamicvit-deit-s-0.5",
-    "dynamicvit-deit-b-0.7",
-    "dynamicvit-deit-256-0.7",
-    "adahornet-t-7x7-0.7",
-    "adahornet-t-7x7-0.5",
-    "adahornet-t-gf-0.7",
-    "adahornet-s-7x7-0.7",
-    "small-cnn",
-    "vgg16-cifar",
-    "resnet20-cifar",
-    "resnet56-cifar",
-    "resnet18",
-];
+
+/// Zoo names in display order: every reference family's named variants (`ModelArgs::NAMES`),
+/// then every other family's zoo archs (`Family::ZOO`), in registry order.
+pub fn zoo_names() -> Vec<&'static str> {
+    ModelSpec::names().into_iter().chain(zoo_archs().into_iter().map(|(n, _)| n)).collect()
+}
 
 /// What a zoo name stands for.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,8 +77,8 @@ pub fn official_name(name: &str) -> Option<&'static str> {
 
 /// One zoo entry by name.
 pub fn zoo_entry(name: &str) -> Result<ZooEntry> {
-    let Some(&name) = ZOO_NAMES.iter().find(|&&n| n == name) else {
-        bail!("unknown zoo name '{name}' (known: {})", ZOO_NAMES.join(", "));
+    let Some(name) = zoo_names().into_iter().find(|&n| n == name) else {
+        bail!("unknown zoo name '{name}' (known: {})", zoo_names().join(", "));
     };
     if let Some(spec) = ModelSpec::named(name) {
         // HorNet's 384 variant is evaluated at 384; everything else at its own size or 224.
@@ -119,14 +86,8 @@ pub fn zoo_entry(name: &str) -> Result<ZooEntry> {
         let cost = spec.cost(img);
         return Ok(ZooEntry { name, img_size: img, params: cost.params(), gmacs: cost.gmacs(), cost, spec: ZooSpec::Model(spec) });
     }
-    let ctx = match name {
-        "resnet18" => BuildContext { num_classes: 1000, in_channels: 3, img_size: [224, 224] },
-        // The quickstart's backbone, at Fashion-MNIST's shape.
-        "small-cnn" => BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] },
-        _ => BuildContext { num_classes: 10, in_channels: 3, img_size: [32, 32] },
-    };
-    let model: AnyBackbone<Cpu> = build(name, &toml::Table::new(), &ctx, &Default::default())?;
-    let cost = cnn_cost(&model, &ctx)?;
+    let (_, ctx) = zoo_archs().into_iter().find(|(n, _)| *n == name).ok_or_else(|| anyhow::anyhow!("zoo name '{name}' has no shape"))?;
+    let cost = cost(name, &toml::Table::new(), &ctx)?;
     Ok(ZooEntry {
         name,
         img_size: ctx.img_size[0],
@@ -137,9 +98,9 @@ pub fn zoo_entry(name: &str) -> Result<ZooEntry> {
     })
 }
 
-/// Every zoo entry, in [`ZOO_NAMES`] order.
+/// Every zoo entry, in [`zoo_names`] order.
 pub fn zoo() -> Vec<ZooEntry> {
-    ZOO_NAMES.iter().map(|n| zoo_entry(n).expect("every zoo name resolves")).collect()
+    zoo_names().into_iter().map(|n| zoo_entry(n).expect("every zoo name resolves")).collect()
 }
 
 /// Parameters and MACs of `[backbone] arch = NAME` with `options`, as built for `ctx`
@@ -148,88 +109,14 @@ pub fn arch_cost(arch: &str, options: &toml::Table, ctx: &BuildContext) -> Resul
     if let Some(spec) = ModelSpec::for_arch(arch, options, ctx) {
         return Ok(spec?.cost(ctx.img_size[0]));
     }
-    let model: AnyBackbone<Cpu> = build(arch, options, ctx, &Default::default())?;
-    cnn_cost(&model, ctx)
-}
-
-fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
-    (size + 2 * pad - k) / stride + 1
-}
-
-/// Parameters and conv/linear MACs of a built CNN baseline.
-pub fn cnn_cost(model: &AnyBackbone<Cpu>, ctx: &BuildContext) -> Result<CostReport> {
-    let [mut h, mut w] = ctx.img_size;
-    let mut c = CostReport::new(h);
-    let conv = |c: &mut CostReport, conv: &crate::nn::Conv2d<Cpu>, hw: [usize; 2]| {
-        c.conv2d(conv.in_channels(), conv.out_channels(), conv.kernel_size(), conv.groups, conv.bias.is_some(), hw);
-    };
-    match model {
-        AnyBackbone::Vgg(m) => {
-            c.stage("block0");
-            let mut block = 0;
-            for (i, layer) in m.features.iter().enumerate() {
-                conv(&mut c, &layer.conv, [h, w]);
-                c.add_params(2 * layer.bn.num_features());
-                if m.pool_after.contains(&i) {
-                    if h >= 2 && w >= 2 {
-                        h /= 2;
-                        w /= 2;
-                    }
-                    block += 1;
-                    if i + 1 < m.features.len() {
-                        c.stage(format!("block{block}"));
-                    }
-                }
-            }
-            c.stage("classifier").linear(m.classifier.in_features(), m.classifier.out_features(), true, 1);
-        }
-        AnyBackbone::ResNet(m) => {
-            c.stage("stem");
-            let (k, s) = (m.conv1.kernel_size(), m.conv1.stride);
-            h = conv_out(h, k, s, m.conv1.padding);
-            w = conv_out(w, k, s, m.conv1.padding);
-            conv(&mut c, &m.conv1, [h, w]);
-            c.add_params(2 * m.bn1.num_features());
-            if m.stem_pool {
-                h = conv_out(h, 3, 2, 1);
-                w = conv_out(w, 3, 2, 1);
-            }
-            for (i, layer) in m.layers.iter().enumerate() {
-                c.stage(format!("layer{}", i + 1));
-                for b in layer {
-                    let (h2, w2) = (conv_out(h, 3, b.stride, 1), conv_out(w, 3, b.stride, 1));
-                    conv(&mut c, &b.conv1, [h2, w2]);
-                    conv(&mut c, &b.conv2, [h2, w2]);
-                    c.add_params(2 * b.bn1.num_features() + 2 * b.bn2.num_features());
-                    if let Some(p) = &b.downsample {
-                        conv(&mut c, &p.conv, [h2, w2]);
-                        c.add_params(2 * p.bn.num_features());
-                    }
-                    (h, w) = (h2, w2);
-                }
-            }
-            c.stage("fc").linear(m.fc.in_features(), m.fc.out_features(), true, 1);
-        }
-        AnyBackbone::SmallCnn(m) => {
-            for (i, layer) in m.features.iter().enumerate() {
-                c.stage(format!("features.{i}"));
-                conv(&mut c, &layer.conv, [h, w]);
-                c.add_params(2 * layer.bn.num_features());
-                if super::cnn::SmallCnn::<Cpu>::pools_after(i) {
-                    h /= 2;
-                    w /= 2;
-                }
-            }
-            c.stage("fc").linear(m.fc.in_features(), m.fc.out_features(), true, 1);
-        }
-        _ => bail!("no cost model for this backbone"),
-    }
-    Ok(c)
+    cost(arch, options, ctx)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Cpu;
+    use crate::backbones::{AnyBackbone, build};
 
     #[test]
     fn cnn_baselines_count_every_parameter() {
@@ -261,8 +148,9 @@ mod tests {
 
     #[test]
     fn every_model_name_is_in_the_zoo() {
+        let names = zoo_names();
         for n in ModelSpec::names() {
-            assert!(ZOO_NAMES.contains(&n), "{n} missing from ZOO_NAMES");
+            assert!(names.contains(&n), "{n} missing from the zoo");
         }
     }
 }

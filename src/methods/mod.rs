@@ -12,6 +12,8 @@ pub mod rnp;
 pub mod static_l1;
 pub mod token_predictor;
 pub mod token_predictor_pg;
+#[cfg(test)]
+pub mod toy;
 
 use std::path::Path;
 
@@ -49,26 +51,13 @@ pub struct Method {
     ) -> Result<serde_json::Value>,
 }
 
-/// The method registry: one entry per `[controller] kind`.
+/// The method registry: one entry per `[controller] kind`, each defined in its method's file.
 pub const METHODS: &[Method] = &[
-    Method {
-        name: "channel-router",
-        check_options: no_extra_options,
-        train: rnp::train_rnp,
-        eval: rnp::eval_rnp_run,
-    },
-    Method {
-        name: "static-l1",
-        check_options: static_l1::check_options,
-        train: static_l1::train_static,
-        eval: static_l1::eval_static_run,
-    },
-    Method {
-        name: "token-predictor",
-        check_options: token_predictor::check_options,
-        train: token_predictor::train_token_predictor,
-        eval: token_predictor::eval_token_predictor_run,
-    },
+    rnp::METHOD,
+    static_l1::METHOD,
+    token_predictor::METHOD,
+    #[cfg(test)]
+    toy::METHOD,
 ];
 
 /// Loads an experiment ([`Experiment::load`]) and checks its method's `[controller]` keys.

@@ -449,6 +449,10 @@ fn save_rnp_state(run_dir: &Path, st: &RnpState) -> Result<()> {
     crate::fsutil::atomic_write(&checkpoint::dir(run_dir).join(RNP_STATE), &json)
 }
 
+/// RNP: `[controller] kind = "channel-router"`.
+pub const METHOD: super::Method =
+    super::Method { name: "channel-router", check_options: super::no_extra_options, train: train_rnp, eval: eval_rnp_run };
+
 /// `rlprune train` for an experiment with `[controller] kind = "channel-router"`: supervised
 /// backbone training (unless `[backbone] weights` is given) into `<run>/backbone/`, channel
 /// reordering by filter norm, then `rl.epochs` of router training alternating with backbone

@@ -329,6 +329,14 @@ fn with_lr(cfg: &OptimizerConfig, lr: f64) -> OptimizerConfig {
     c
 }
 
+/// DynamicViT's token predictors: `[controller] kind = "token-predictor"`.
+pub const METHOD: super::Method = super::Method {
+    name: "token-predictor",
+    check_options,
+    train: train_token_predictor,
+    eval: eval_token_predictor_run,
+};
+
 /// `rlprune train` for `[controller] kind = "token-predictor"` (see the module docs).
 pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_token_predictor needs a [controller] section"))?;
