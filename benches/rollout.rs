@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     <CpuAutodiff as burn::tensor::backend::Backend>::seed(&dev, 0);
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };
     let backbone_ad = AnyBackbone::SmallCnn(SmallCnn::<CpuAutodiff>::new(&SmallCnnOptions { channels: [32, 32, 64, 64] }, &ctx, &dev));
-    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: "gru".into(), options: Default::default() };
+    let ctl = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: Default::default(), options: Default::default() };
     let in_ch = ChannelRouter::<CpuAutodiff>::input_channels(1, &backbone_ad.prunable_convs());
     let router_ad = ChannelRouter::<CpuAutodiff>::new(&ctl, &in_ch, true, &dev);
     let backbone: AnyBackbone<Cpu> = backbone_ad.valid();

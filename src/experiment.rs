@@ -298,6 +298,10 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
             return anyhow!("{}: unknown key '{key}' ({msg})", layered.origin_of(&key));
         }
         let shown = if path.is_empty() || path == "." { "(top level)".to_string() } else { path.clone() };
+        // A typed choice's message is a predicate ("must be ..."), worded as validation's are.
+        if msg.starts_with("must be ") {
+            return anyhow!("{}: {shown} {msg}", layered.origin_of(&path));
+        }
         anyhow!("{}: {shown}: {msg}", layered.origin_of(&path))
     })
 }

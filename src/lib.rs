@@ -4,6 +4,66 @@
 //! channels or tokens it may skip; the trainers in `train` fit backbones and controllers; `data`
 //! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md`, the README and docs/.
 
+/// A typed choice of a configuration key: one kebab-case name per variant, parsed once when the
+/// configuration loads; any other name is refused with `invalid`'s message (which the loader
+/// shows at the key's file and line).
+macro_rules! choice {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? } invalid: |$s:ident| $msg:expr) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every name, in declaration order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from($s: String) -> Result<Self, String> {
+                match $s.as_str() {
+                    $($text => Ok(Self::$variant),)+
+                    _ => Err($msg),
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::try_from(s.to_string())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(c: $name) -> String {
+                c.as_str().to_string()
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
 pub mod backbones;
 pub mod bench;
 pub mod cli;

@@ -16,7 +16,7 @@ mod common;
 use common::rng_lock as lock;
 
 fn ctl(groups: usize, hidden: usize, rnn: &str) -> ControllerConfig {
-    ControllerConfig { kind: "channel-router".into(), groups, hidden, rnn: rnn.into(), options: Default::default() }
+    ControllerConfig { kind: "channel-router".into(), groups, hidden, rnn: rnn.parse().unwrap(), options: Default::default() }
 }
 
 fn adam(lr: f64) -> Optimizer<Ad> {
@@ -71,7 +71,7 @@ fn ppo_learns_the_optimal_two_step_policy() {
         let dev = Default::default();
         <Ad as burn::tensor::backend::Backend>::seed(&dev, seed);
         let cfg =
-            RlConfig { algorithm: "ppo".into(), entropy_bonus: 0.01, ppo_epochs: 4, minibatch: 16, ..Default::default() };
+            RlConfig { algorithm: "ppo".parse().unwrap(), entropy_bonus: 0.01, ppo_epochs: 4, minibatch: 16, ..Default::default() };
         let mut router = ChannelRouter::<Ad>::new(&ctl(3, 16, "gru"), &[1, 3], cfg.value_head(), &dev);
         let mut opt = adam(0.01);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -98,7 +98,7 @@ fn dqn_learns_the_optimal_two_step_policy() {
     let dev = Default::default();
     <Ad as burn::tensor::backend::Backend>::seed(&dev, 5);
     let cfg = RlConfig {
-        algorithm: "dqn".into(),
+        algorithm: "dqn".parse().unwrap(),
         epsilon_start: 1.0,
         epsilon_end: 0.1,
         epsilon_decay_steps: 40,
@@ -200,7 +200,7 @@ fn learner_trace(algorithm: &str, rnn: &str, workers: usize, seed: u64) -> Vec<(
     let ctx = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };
     let bb = SmallCnn::new(&SmallCnnOptions { channels: [8, 8, 16, 16] }, &ctx, &dev);
     let cfg = RlConfig {
-        algorithm: algorithm.into(),
+        algorithm: algorithm.parse().unwrap(),
         workers,
         alternate_every: 2,
         minibatch: 8,
@@ -214,7 +214,7 @@ fn learner_trace(algorithm: &str, rnn: &str, workers: usize, seed: u64) -> Vec<(
         .map(|s| {
             let r = l.step(&synthetic_batch(16, s), 1e-2, 1e-2).unwrap();
             assert!(r.stats.flops_ratio > 0.0 && r.stats.flops_ratio <= 1.0);
-            let extra = r.stats.algorithm_scalars(algorithm).into_iter().map(|(_, v)| v).collect();
+            let extra = r.stats.algorithm_scalars(algorithm.parse().unwrap()).into_iter().map(|(_, v)| v).collect();
             (r.stats.reward_mean, r.stats.reward_std, extra)
         })
         .collect()

@@ -298,7 +298,7 @@ fn reinforce_solves_a_three_armed_bandit() {
     let dev = Default::default();
     <Ad as burn::tensor::backend::Backend>::seed(&dev, 1);
     let ctl = ControllerConfig { groups: 3, hidden: 8, ..Default::default() };
-    let cfg = RlConfig { baseline: "value".into(), entropy_bonus: 0.0, ..Default::default() };
+    let cfg = RlConfig { baseline: "value".parse().unwrap(), entropy_bonus: 0.0, ..Default::default() };
     let mut router = ChannelRouter::<Ad>::new(&ctl, &[1], true, &dev);
     let mut opt =
         Optimizer::<Ad>::new(OptimizerConfig::Adamw { lr: 0.05, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });

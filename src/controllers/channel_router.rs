@@ -147,7 +147,7 @@ impl<B: LinearBackend> ChannelRouter<B> {
     /// A router for a backbone whose decision layers take `in_channels[t]` input channels.
     pub fn new(cfg: &ControllerConfig, in_channels: &[usize], value_head: bool, device: &B::Device) -> Self {
         let d = cfg.hidden;
-        let lstm = cfg.rnn == "lstm";
+        let lstm = cfg.rnn == super::RnnCell::Lstm;
         Self {
             encoders: in_channels.iter().map(|&c| Linear::new(c, d, true, device)).collect(),
             gru: (!lstm).then(|| GruCell::new(d, d, device)),
@@ -536,8 +536,8 @@ mod tests {
     #[test]
     fn host_router_matches_the_tensor_router() {
         let device = Default::default();
-        for rnn in ["gru", "lstm"] {
-            let cfg = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 24, rnn: rnn.into(), options: Default::default() };
+        for rnn in [crate::controllers::RnnCell::Gru, crate::controllers::RnnCell::Lstm] {
+            let cfg = ControllerConfig { kind: "channel-router".into(), groups: 4, hidden: 24, rnn, options: Default::default() };
             let in_ch = [3, 40, 17];
             let router = ChannelRouter::<Cpu>::new(&cfg, &in_ch, true, &device);
             let host = HostRouter::of(&router).unwrap();

@@ -26,8 +26,8 @@ pub struct ControllerConfig {
     #[serde(default = "default_hidden")]
     pub hidden: usize,
     /// Recurrent cell: `"gru"` or `"lstm"`.
-    #[serde(default = "default_rnn")]
-    pub rnn: String,
+    #[serde(default)]
+    pub rnn: RnnCell,
     /// Keys specific to the kind (e.g. `static-l1`'s `target_flops`).
     #[serde(flatten, default, skip_serializing_if = "toml::Table::is_empty")]
     pub options: toml::Table,
@@ -52,7 +52,7 @@ impl ControllerConfig {
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        Self { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: "gru".into(), options: toml::Table::new() }
+        Self { kind: "channel-router".into(), groups: 4, hidden: 64, rnn: RnnCell::Gru, options: toml::Table::new() }
     }
 }
 
@@ -62,12 +62,13 @@ fn default_groups() -> usize {
 fn default_hidden() -> usize {
     64
 }
-fn default_rnn() -> String {
-    "gru".into()
-}
 
-/// Recurrent cells of the channel router.
-pub const RNN_CELLS: &[&str] = &["gru", "lstm"];
+choice! {
+    /// `[controller] rnn`: the channel router's recurrent cell.
+    #[derive(Default)]
+    pub enum RnnCell { #[default] Gru = "gru", Lstm = "lstm" }
+    invalid: |s| format!("'{s}' is not a known cell (available: {})", RnnCell::NAMES.join(", "))
+}
 
 impl ControllerConfig {
     /// Problems as (key relative to `[controller]`, message).
@@ -78,9 +79,6 @@ impl ControllerConfig {
         }
         if !(1..=4096).contains(&self.hidden) {
             v.push(("hidden".into(), format!("must be in 1..=4096, got {}", self.hidden)));
-        }
-        if !RNN_CELLS.contains(&self.rnn.as_str()) {
-            v.push(("rnn".into(), format!("'{}' is not a known cell (available: {})", self.rnn, RNN_CELLS.join(", "))));
         }
         v
     }

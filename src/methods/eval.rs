@@ -274,7 +274,7 @@ pub fn keep_all_router(model: &crate::backbones::AnyBackbone<Cpu>, groups: usize
     let convs = model.prunable_convs();
     anyhow::ensure!(!convs.is_empty(), "the model has no layers a channel router can prune");
     anyhow::ensure!(groups >= 1, "a router needs at least one group");
-    let cfg = crate::controllers::ControllerConfig { kind: "channel-router".into(), groups, hidden: 64, rnn: "gru".into(), options: Default::default() };
+    let cfg = crate::controllers::ControllerConfig { kind: "channel-router".into(), groups, hidden: 64, rnn: crate::controllers::RnnCell::Gru, options: Default::default() };
     let device = Default::default();
     let in_ch = crate::controllers::channel_router::ChannelRouter::<Cpu>::input_channels(0, &convs);
     let mut router = crate::controllers::channel_router::ChannelRouter::<Cpu>::new(&cfg, &in_ch, false, &device);

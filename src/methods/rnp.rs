@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::rl::RlConfig;
+use crate::rl::{Algorithm, Budget, RlConfig};
 use crate::rl::ppo::ppo_update;
 use crate::rl::reinforce::{UpdateStats, learner_step};
 use crate::rl::rollout::{RolloutPool, Trajectory, worker_seed};
@@ -93,7 +93,7 @@ impl RnpLearner {
             weight_decay: 5e-4,
             nesterov: false,
         });
-        let dqn = (cfg.algorithm == "dqn").then(|| crate::rl::dqn::DqnState::new(&router, cfg));
+        let dqn = (cfg.algorithm == Algorithm::Dqn).then(|| crate::rl::dqn::DqnState::new(&router, cfg));
         Self {
             dqn,
             backbone,
@@ -128,7 +128,7 @@ impl RnpLearner {
             self.seed,
             self.step,
         )?;
-        if let (Some(target), "mean") = (self.cfg.flops_target, self.cfg.budget.as_str()) {
+        if let (Some(target), Budget::Mean) = (self.cfg.flops_target, self.cfg.budget) {
             let held = match self.cfg.budget_policy {
                 crate::rl::BudgetPolicy::Sampled => traj.stats().flops_ratio,
                 crate::rl::BudgetPolicy::Greedy => traj.greedy_flops_ratio().unwrap_or(traj.stats().flops_ratio),
@@ -139,8 +139,8 @@ impl RnpLearner {
         // every worker's.
         let learner_seed = worker_seed(self.seed, self.step, usize::MAX >> 2);
         let router = self.router.clone();
-        let (router, stats) = match (self.cfg.algorithm.as_str(), self.dqn.as_mut()) {
-            ("dqn", Some(dqn)) => dqn.update(
+        let (router, stats) = match (self.cfg.algorithm, self.dqn.as_mut()) {
+            (Algorithm::Dqn, Some(dqn)) => dqn.update(
                 router,
                 &mut self.router_opt,
                 &traj,
@@ -150,10 +150,11 @@ impl RnpLearner {
                 &self.device,
                 learner_seed,
             )?,
-            ("ppo", _) => {
+            (Algorithm::Dqn, None) => anyhow::bail!("a DQN learner without its replay state"),
+            (Algorithm::Ppo, _) => {
                 ppo_update(router, &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device, learner_seed)?
             }
-            _ => learner_step(router, &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?,
+            (Algorithm::Reinforce, _) => learner_step(router, &mut self.router_opt, &traj, &self.cfg, router_lr, &self.device)?,
         };
         self.router = router;
         self.step += 1;
@@ -466,10 +467,10 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let resumed = session.resumed_state(RNP_STATE, |st: &RnpState| &st.format)?;
     if let Some(st) = &resumed {
         session.check_arch(&st.arch)?;
-        if st.algorithm != rl.algorithm {
+        if st.algorithm != rl.algorithm.as_str() {
             bail!("{}: run was trained with [rl] algorithm '{}', the experiment says '{}'", run_dir.display(), st.algorithm, rl.algorithm);
         }
-        if rl.algorithm == "dqn" && st.rl_epochs > 0 && st.rl_epochs < rl.epochs {
+        if rl.algorithm == Algorithm::Dqn && st.rl_epochs > 0 && st.rl_epochs < rl.epochs {
             bail!("{}: --resume of a DQN run within its router epochs is not supported (the replay buffer is not checkpointed); rerun it, or resume after its last router epoch", run_dir.display());
         }
     }
@@ -506,7 +507,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             RnpState {
                 format: checkpoint::FORMAT.into(),
                 arch: exp.backbone.arch.clone(),
-                algorithm: rl.algorithm.clone(),
+                algorithm: rl.algorithm.to_string(),
                 rl_epochs: 0,
                 finetune_epochs: 0,
                 step: 0,
@@ -591,7 +592,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                     tb.scalar("rl/accuracy_term", step, s.accuracy_term)?;
                     tb.scalar("rl/flops_ratio", step, s.flops_ratio)?;
                     tb.scalar("rl/entropy", step, s.entropy)?;
-                    for (name, v) in s.algorithm_scalars(&rl.algorithm) {
+                    for (name, v) in s.algorithm_scalars(rl.algorithm) {
                         tb.scalar(&format!("rl/{name}"), step, v)?;
                     }
                     tb.scalar("rl/train_top1", step, s.top1)?;
@@ -627,7 +628,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         metrics.write(&json!({
             "rl_epoch": epoch + 1, "step": learner.step, "reward_mean": sum.reward_mean / c, "reward_std": sum.reward_std / c,
             "accuracy_term": sum.accuracy_term / c, "train_flops_ratio": sum.flops_ratio / c, "entropy": sum.entropy / c,
-            "algorithm": rl.algorithm, "algorithm_stats": sum.algorithm_scalars(&rl.algorithm).into_iter()
+            "algorithm": rl.algorithm, "algorithm_stats": sum.algorithm_scalars(rl.algorithm).into_iter()
                 .map(|(k, v)| (k.to_string(), json!(v / c))).collect::<serde_json::Map<_, _>>(),
             "value_loss": sum.value_loss / c, "train_top1": sum.top1 / c, "test_top1": ev.top1, "test_loss": ev.loss,
             "test_flops_ratio": ev.flops_ratio, "layer_flops_ratio": ev.layer_flops_ratio,
@@ -792,11 +793,11 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             ("hidden".to_string(), HParamValue::Number(ctl.hidden as f64)),
             ("compute_penalty".to_string(), HParamValue::Number(rl.compute_penalty)),
             ("flops_target".to_string(), HParamValue::Number(rl.flops_target.unwrap_or(1.0))),
-            ("accuracy_reward".to_string(), HParamValue::Text(rl.accuracy_reward.clone())),
-            ("algorithm".to_string(), HParamValue::Text(rl.algorithm.clone())),
-            ("rnn".to_string(), HParamValue::Text(ctl.rnn.clone())),
-            ("baseline".to_string(), HParamValue::Text(rl.baseline.clone())),
-            ("budget".to_string(), HParamValue::Text(rl.budget.clone())),
+            ("accuracy_reward".to_string(), HParamValue::Text(rl.accuracy_reward.to_string())),
+            ("algorithm".to_string(), HParamValue::Text(rl.algorithm.to_string())),
+            ("rnn".to_string(), HParamValue::Text(ctl.rnn.to_string())),
+            ("baseline".to_string(), HParamValue::Text(rl.baseline.to_string())),
+            ("budget".to_string(), HParamValue::Text(rl.budget.to_string())),
             ("lr".to_string(), HParamValue::Number(rl.lr)),
             ("workers".to_string(), HParamValue::Number(rl.workers as f64)),
             ("finetune_epochs".to_string(), HParamValue::Number(rl.finetune_epochs as f64)),

@@ -46,6 +46,13 @@ use crate::{Cpu, CpuAutodiff};
 
 type Ad = CpuAutodiff;
 
+choice! {
+    /// `[controller] allocation`: how static L1 spreads `target_flops` over the layers.
+    #[derive(Default)]
+    pub enum Allocation { #[default] Uniform = "uniform", Sensitivity = "sensitivity" }
+    invalid: |s| format!("must be \"uniform\" or \"sensitivity\", got \"{s}\"")
+}
+
 /// `[controller] kind = "static-l1"` keys (besides `kind`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,9 +60,8 @@ pub struct StaticL1Options {
     /// Decision-layer MACs of the pruned network / the unpruned one.
     #[serde(default = "d_target")]
     pub target_flops: f64,
-    /// `"uniform"` or `"sensitivity"`.
-    #[serde(default = "d_allocation")]
-    pub allocation: String,
+    #[serde(default)]
+    pub allocation: Allocation,
     /// Epochs of fine-tuning after pruning (0 = none).
     #[serde(default = "d_ft_epochs")]
     pub fine_tune_epochs: usize,
@@ -72,9 +78,6 @@ pub struct StaticL1Options {
 
 fn d_target() -> f64 {
     0.5
-}
-fn d_allocation() -> String {
-    "uniform".into()
 }
 fn d_ft_epochs() -> usize {
     2
@@ -99,12 +102,6 @@ impl StaticL1Options {
         let mut v = Vec::new();
         if !(self.target_flops > 0.0 && self.target_flops <= 1.0) {
             v.push(("target_flops".into(), format!("must be in (0, 1], got {}", self.target_flops)));
-        }
-        if !["uniform", "sensitivity"].contains(&self.allocation.as_str()) {
-            v.push((
-                "allocation".into(),
-                format!("must be \"uniform\" or \"sensitivity\", got \"{}\"", self.allocation),
-            ));
         }
         if !(self.fine_tune_lr > 0.0 && self.fine_tune_lr.is_finite()) {
             v.push(("fine_tune_lr".into(), format!("must be > 0, got {}", self.fine_tune_lr)));
@@ -344,7 +341,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
     let plan = match &resumed {
         Some(st) => {
             let plan = read_plan(run_dir)?;
-            if plan.allocation != so.allocation || plan.target_flops != so.target_flops {
+            if plan.allocation != so.allocation.as_str() || plan.target_flops != so.target_flops {
                 bail!(
                     "{}: run was pruned with allocation '{}' at target_flops {}, the experiment says '{}' at {}",
                     run_dir.display(),
@@ -475,7 +472,7 @@ pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) ->
         let hp = vec![
             ("arch".to_string(), HParamValue::Text(exp.backbone.arch.clone())),
             ("controller".to_string(), HParamValue::Text(ctl.kind.clone())),
-            ("allocation".to_string(), HParamValue::Text(so.allocation.clone())),
+            ("allocation".to_string(), HParamValue::Text(so.allocation.to_string())),
             ("target_flops".to_string(), HParamValue::Number(so.target_flops)),
             ("fine_tune_epochs".to_string(), HParamValue::Number(so.fine_tune_epochs as f64)),
             ("fine_tune_lr".to_string(), HParamValue::Number(so.fine_tune_lr)),
@@ -512,14 +509,14 @@ fn prune_by_plan(
     let (_, unpruned_top1) = supervised::evaluate(&full, test_loader, &Default::default())?;
     save_weights(&ck.join("unpruned.safetensors"), &state_dict(&full), &exp.backbone.arch, 0, "model")?;
     let convs = full.prunable_convs();
-    let (keep, sensitivity) = match so.allocation.as_str() {
-        "sensitivity" => {
+    let (keep, sensitivity) = match so.allocation {
+        Allocation::Sensitivity => {
             let slice = Subset::balanced(splits.train.clone(), so.sensitivity_images)?;
             let slice_loader = Loader::new(Arc::new(slice), &exp.data, false, exp.seed);
             let sens = sensitivity_scan(&full, &slice_loader, &so.sensitivity_ratios)?;
             (sensitivity_allocation(&full, &sens, so.target_flops)?, Some(sens))
         }
-        _ => (uniform_allocation(&full, so.target_flops)?, None),
+        Allocation::Uniform => (uniform_allocation(&full, so.target_flops)?, None),
     };
     model.prune_channels(&keep)?;
     let pruned_convs = model.prunable_convs();
@@ -540,7 +537,7 @@ fn prune_by_plan(
     );
     let plan = PruningPlan {
         arch: exp.backbone.arch.clone(),
-        allocation: so.allocation.clone(),
+        allocation: so.allocation.to_string(),
         target_flops: so.target_flops,
         layers: convs.iter().map(|c| c.name.clone()).collect(),
         out_channels: convs.iter().map(|c| c.out_channels).collect(),

@@ -63,8 +63,12 @@ use crate::{Cpu, CpuAutodiff};
 
 type Ad = CpuAutodiff;
 
-/// `[controller] training` values.
-pub const TRAINING_MODES: &[&str] = &["gumbel", "policy-gradient"];
+choice! {
+    /// `[controller] training`: the paper's differentiable recipe or policy gradient.
+    #[derive(Default)]
+    pub enum Training { #[default] Gumbel = "gumbel", PolicyGradient = "policy-gradient" }
+    invalid: |s| format!("must be \"gumbel\" or \"policy-gradient\", got \"{s}\"")
+}
 
 /// The run summary file.
 pub const SUMMARY_FILE: &str = "dynamicvit.json";
@@ -73,9 +77,8 @@ pub const SUMMARY_FILE: &str = "dynamicvit.json";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenPredictorOptions {
-    /// `"gumbel"` (the paper's differentiable recipe) or `"policy-gradient"`.
-    #[serde(default = "d_training")]
-    pub training: String,
+    #[serde(default)]
+    pub training: Training,
     /// Epochs of student training (the teacher uses `[train] epochs`).
     #[serde(default = "d_epochs")]
     pub epochs: usize,
@@ -98,9 +101,6 @@ pub struct TokenPredictorOptions {
     pub keep_penalty: f64,
 }
 
-fn d_training() -> String {
-    "gumbel".into()
-}
 fn d_epochs() -> usize {
     30
 }
@@ -128,12 +128,6 @@ impl TokenPredictorOptions {
 
     fn problems(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
-        if !TRAINING_MODES.contains(&self.training.as_str()) {
-            v.push((
-                "training".into(),
-                format!("must be \"gumbel\" or \"policy-gradient\", got \"{}\"", self.training),
-            ));
-        }
         if self.epochs == 0 {
             v.push(("epochs".into(), "must be > 0, got 0".into()));
         }
@@ -342,8 +336,8 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_token_predictor needs a [controller] section"))?;
     let to = TokenPredictorOptions::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
     let rl: RlConfig = exp.rl.clone().unwrap_or_default();
-    let pg = to.training == "policy-gradient";
-    if pg && !["reinforce", "ppo"].contains(&rl.algorithm.as_str()) {
+    let pg = to.training == Training::PolicyGradient;
+    if pg && rl.algorithm == crate::rl::Algorithm::Dqn {
         return Err(layered.error_at(
             "rl.algorithm",
             format!(
@@ -460,7 +454,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                 let l = distill_loss(&top, y.clone(), t_logits, t_tokens, &args.token_ratio, pg_weights);
                 let (rewards, keep_means) = pg_rewards(&traj.stages, &traj.cross_entropy, patches, &args.token_ratio, to.keep_penalty);
                 let returns = crate::rl::reward::returns_to_go(&rewards);
-                let baseline: Vec<Vec<f32>> = if rl.baseline == "self-critical" {
+                let baseline: Vec<Vec<f32>> = if rl.baseline == crate::rl::Baseline::SelfCritical {
                     // The return of inference's own decisions.
                     let g_ce = per_image_ce(top.logits.clone().detach(), y.clone());
                     crate::rl::reward::returns_to_go(&pg_rewards(&top_stages, &g_ce, patches, &args.token_ratio, to.keep_penalty).0)
@@ -472,7 +466,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
                 scalars.push(("pg/reward_mean", episode.iter().map(|&r| r as f64).sum::<f64>() / n.max(1) as f64));
                 scalars.push(("student/kl", l.kl.clone().into_scalar().elem::<f64>()));
                 scalars.push(("student/token_mse", l.token_mse.clone().into_scalar().elem::<f64>()));
-                if rl.algorithm == "ppo" {
+                if rl.algorithm == crate::rl::Algorithm::Ppo {
                     // PPO's passes update the predictors after this step's backbone update.
                     ppo_batch = Some((traj, returns, baseline));
                     (l.total, top.logits, keep_means)
@@ -617,7 +611,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         let hp = vec![
             ("arch".to_string(), HParamValue::Text(exp.backbone.arch.clone())),
             ("controller".to_string(), HParamValue::Text(ctl.kind.clone())),
-            ("training".to_string(), HParamValue::Text(to.training.clone())),
+            ("training".to_string(), HParamValue::Text(to.training.to_string())),
             ("lr".to_string(), HParamValue::Number(lr)),
             ("lr_scale".to_string(), HParamValue::Number(to.lr_scale)),
             ("epochs".to_string(), HParamValue::Number(to.epochs as f64)),

@@ -11,16 +11,40 @@ pub mod workers;
 
 use serde::{Deserialize, Serialize};
 
-/// Algorithms this build implements.
-pub const ALGORITHMS: &[&str] = &["reinforce", "ppo", "dqn"];
+choice! {
+    /// `[rl] algorithm`.
+    #[derive(Default)]
+    pub enum Algorithm { #[default] Reinforce = "reinforce", Ppo = "ppo", Dqn = "dqn" }
+    invalid: |s| format!("'{s}' is not available in this build (available: {})", Algorithm::NAMES.join(", "))
+}
+
+choice! {
+    /// `[rl] budget`.
+    #[derive(Default)]
+    pub enum Budget { #[default] PerImage = "per-image", Mean = "mean" }
+    invalid: |s| format!("must be \"per-image\" or \"mean\", got \"{s}\"")
+}
+
+choice! {
+    /// `[rl] accuracy_reward`.
+    #[derive(Default)]
+    pub enum AccuracyReward { #[default] NegCe = "neg-ce", Correct = "correct" }
+    invalid: |s| format!("must be \"neg-ce\" or \"correct\", got \"{s}\"")
+}
+
+choice! {
+    /// `[rl] baseline`.
+    #[derive(Default)]
+    pub enum Baseline { #[default] Value = "value", SelfCritical = "self-critical" }
+    invalid: |s| format!("must be \"value\" or \"self-critical\", got \"{s}\"")
+}
 
 /// `[rl]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RlConfig {
-    /// `"reinforce"`, `"ppo"` or `"dqn"`.
-    #[serde(default = "d_algorithm")]
-    pub algorithm: String,
+    #[serde(default)]
+    pub algorithm: Algorithm,
     /// Epochs of router training (alternating with backbone fine-tuning).
     #[serde(default = "d_epochs")]
     pub epochs: usize,
@@ -41,8 +65,8 @@ pub struct RlConfig {
     /// can spend more or less than the target, and after each rollout batch
     /// `λ ← max(0, λ + price_lr * (batch mean r - flops_target))` (dual ascent). λ starts at
     /// `compute_penalty`.
-    #[serde(default = "d_budget")]
-    pub budget: String,
+    #[serde(default)]
+    pub budget: Budget,
     /// Step size of the price λ's dual ascent (`budget = "mean"`).
     #[serde(default = "d_price_lr")]
     pub price_lr: f64,
@@ -54,8 +78,8 @@ pub struct RlConfig {
     #[serde(default)]
     pub budget_policy: BudgetPolicy,
     /// `"neg-ce"` (`-alpha * cross_entropy`, the paper) or `"correct"` (`+1` / `-gamma_wrong`).
-    #[serde(default = "d_acc")]
-    pub accuracy_reward: String,
+    #[serde(default)]
+    pub accuracy_reward: AccuracyReward,
     #[serde(default = "d_one")]
     pub alpha: f64,
     #[serde(default = "d_one")]
@@ -64,8 +88,8 @@ pub struct RlConfig {
     #[serde(default = "d_entropy")]
     pub entropy_bonus: f64,
     /// `"value"` (learned, MSE) or `"self-critical"` (the greedy rollout's return).
-    #[serde(default = "d_baseline")]
-    pub baseline: String,
+    #[serde(default)]
+    pub baseline: Baseline,
     /// Normalise advantages over the batch.
     #[serde(default = "d_true")]
     pub normalize_advantages: bool,
@@ -182,14 +206,8 @@ fn d_one_usize() -> usize {
     1
 }
 
-fn d_algorithm() -> String {
-    "reinforce".into()
-}
 fn d_epochs() -> usize {
     2
-}
-fn d_budget() -> String {
-    "per-image".into()
 }
 fn d_price_lr() -> f64 {
     1.0
@@ -197,17 +215,11 @@ fn d_price_lr() -> f64 {
 fn d_penalty() -> f64 {
     0.1
 }
-fn d_acc() -> String {
-    "neg-ce".into()
-}
 fn d_one() -> f64 {
     1.0
 }
 fn d_entropy() -> f64 {
     0.01
-}
-fn d_baseline() -> String {
-    "value".into()
 }
 fn d_true() -> bool {
     true
@@ -240,10 +252,10 @@ impl Default for RlConfig {
 impl RlConfig {
     /// Whether the router carries a value head: REINFORCE's learned baseline, PPO's critic.
     pub fn value_head(&self) -> bool {
-        match self.algorithm.as_str() {
-            "ppo" => true,
-            "dqn" => false,
-            _ => self.baseline == "value",
+        match self.algorithm {
+            Algorithm::Ppo => true,
+            Algorithm::Dqn => false,
+            Algorithm::Reinforce => self.baseline == Baseline::Value,
         }
     }
 
@@ -259,12 +271,6 @@ impl RlConfig {
     /// Problems as (key relative to `[rl]`, message).
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut v = Vec::new();
-        if !ALGORITHMS.contains(&self.algorithm.as_str()) {
-            v.push((
-                "algorithm".into(),
-                format!("'{}' is not available in this build (available: {})", self.algorithm, ALGORITHMS.join(", ")),
-            ));
-        }
         if self.epochs == 0 {
             v.push(("epochs".into(), "must be > 0, got 0".into()));
         }
@@ -274,22 +280,14 @@ impl RlConfig {
         if let Some(t) = self.flops_target.filter(|t| !(*t > 0.0 && *t <= 1.0)) {
             v.push(("flops_target".into(), format!("must be in (0, 1], got {t}")));
         }
-        if !["per-image", "mean"].contains(&self.budget.as_str()) {
-            v.push(("budget".into(), format!("must be \"per-image\" or \"mean\", got \"{}\"", self.budget)));
-        } else if self.budget == "mean" && self.flops_target.is_none() {
+        if self.budget == Budget::Mean && self.flops_target.is_none() {
             v.push(("budget".into(), "\"mean\" needs a flops_target to hold the mean FLOPs ratio to".into()));
         }
-        if self.budget_policy == BudgetPolicy::Greedy && self.budget != "mean" {
+        if self.budget_policy == BudgetPolicy::Greedy && self.budget != Budget::Mean {
             v.push(("budget_policy".into(), "\"greedy\" holds the price of budget = \"mean\"; set that too".into()));
         }
         if !(self.price_lr >= 0.0 && self.price_lr.is_finite()) {
             v.push(("price_lr".into(), format!("must be >= 0, got {}", self.price_lr)));
-        }
-        if !["neg-ce", "correct"].contains(&self.accuracy_reward.as_str()) {
-            v.push((
-                "accuracy_reward".into(),
-                format!("must be \"neg-ce\" or \"correct\", got \"{}\"", self.accuracy_reward),
-            ));
         }
         for (k, x) in [
             ("alpha", self.alpha),
@@ -301,9 +299,6 @@ impl RlConfig {
                 v.push((k.into(), format!("must be >= 0, got {x}")));
             }
         }
-        if !["value", "self-critical"].contains(&self.baseline.as_str()) {
-            v.push(("baseline".into(), format!("must be \"value\" or \"self-critical\", got \"{}\"", self.baseline)));
-        }
         if !(1..=64).contains(&self.workers) {
             v.push(("workers".into(), format!("must be in 1..=64, got {}", self.workers)));
         }
@@ -312,7 +307,7 @@ impl RlConfig {
                 v.push((k.into(), format!("must be > 0, got {x}")));
             }
         }
-        if self.baseline == "self-critical" && self.algorithm != "reinforce" {
+        if self.baseline == Baseline::SelfCritical && self.algorithm != Algorithm::Reinforce {
             v.push((
                 "baseline".into(),
                 format!("\"self-critical\" applies to algorithm = \"reinforce\" only, not \"{}\"", self.algorithm),

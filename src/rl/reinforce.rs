@@ -41,16 +41,16 @@ pub struct UpdateStats {
 
 impl UpdateStats {
     /// The algorithm-specific scalars for TensorBoard (`rl/<name>`).
-    pub fn algorithm_scalars(&self, algorithm: &str) -> Vec<(&'static str, f64)> {
+    pub fn algorithm_scalars(&self, algorithm: super::Algorithm) -> Vec<(&'static str, f64)> {
         match algorithm {
-            "ppo" => vec![
+            super::Algorithm::Ppo => vec![
                 ("value_loss", self.value_loss),
                 ("policy_loss", self.policy_loss),
                 ("clip_fraction", self.clip_fraction),
                 ("approx_kl", self.approx_kl),
             ],
-            "dqn" => vec![("epsilon", self.epsilon), ("td_loss", self.td_loss), ("q_mean", self.q_mean)],
-            _ => vec![("value_loss", self.value_loss), ("policy_loss", self.policy_loss)],
+            super::Algorithm::Dqn => vec![("epsilon", self.epsilon), ("td_loss", self.td_loss), ("q_mean", self.q_mean)],
+            super::Algorithm::Reinforce => vec![("value_loss", self.value_loss), ("policy_loss", self.policy_loss)],
         }
     }
 }
@@ -136,8 +136,9 @@ where
         .collect();
     let evals = router.evaluate(&obs, &traj.actions)?;
     let returns = super::reward::returns_to_go(&traj.rewards);
-    let sc = if cfg.baseline == "self-critical" { traj.greedy_returns.as_deref() } else { None };
-    if cfg.baseline == "self-critical" && sc.is_none() {
+    let self_critical = cfg.baseline == super::Baseline::SelfCritical;
+    let sc = if self_critical { traj.greedy_returns.as_deref() } else { None };
+    if self_critical && sc.is_none() {
         bail!("rl.baseline = \"self-critical\" needs greedy rollouts in the trajectory");
     }
     let (loss, entropy, value_loss, policy_loss) = policy_gradient_loss(evals, &returns, sc, cfg)?;

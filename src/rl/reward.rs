@@ -5,15 +5,15 @@ use super::RlConfig;
 
 /// The final accuracy term for one image.
 pub fn accuracy_term(cfg: &RlConfig, cross_entropy: f32, correct: bool) -> f32 {
-    match cfg.accuracy_reward.as_str() {
-        "correct" => {
+    match cfg.accuracy_reward {
+        super::AccuracyReward::Correct => {
             if correct {
                 1.0
             } else {
                 -(cfg.gamma_wrong as f32)
             }
         }
-        _ => -(cfg.alpha as f32) * cross_entropy,
+        super::AccuracyReward::NegCe => -(cfg.alpha as f32) * cross_entropy,
     }
 }
 

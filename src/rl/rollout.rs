@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{BudgetPolicy, RlConfig};
+use super::{Baseline, Budget, BudgetPolicy, RlConfig};
 use super::reinforce::UpdateStats;
 use super::reward;
 use super::workers::{WorkerPool, share, threads_per_worker};
@@ -189,15 +189,15 @@ pub fn rollout_shard(
             let macs: Vec<Vec<u64>> = trace.steps.iter().map(|s| s.macs.clone()).collect();
             let full: Vec<u64> = trace.steps.iter().map(|s| s.point.macs_full).collect();
             let rewards = match cfg.flops_target {
-                Some(target) if cfg.budget == "mean" => reward::priced_rewards(&macs, &full, price, target, &acc),
+                Some(target) if cfg.budget == Budget::Mean => reward::priced_rewards(&macs, &full, price, target, &acc),
                 Some(target) => reward::budget_rewards(&macs, &full, price, target, &acc),
                 None => reward::rewards(&actions, k, price, &acc),
             };
             Ok((actions, rewards, acc, correct, trace))
         };
     let (actions, rewards, accuracy_term, correct, trace) = episode(Mode::Sample, &mut rng)?;
-    let self_critical = cfg.baseline == "self-critical";
-    let greedy_budget = cfg.flops_target.is_some() && cfg.budget == "mean" && cfg.budget_policy == BudgetPolicy::Greedy;
+    let self_critical = cfg.baseline == Baseline::SelfCritical;
+    let greedy_budget = cfg.flops_target.is_some() && cfg.budget == Budget::Mean && cfg.budget_policy == BudgetPolicy::Greedy;
     let (greedy_returns, greedy_macs) = if self_critical || greedy_budget {
         let (_, r, _, _, greedy) = episode(Mode::Greedy, &mut rng)?;
         let spent: u64 = greedy.steps.iter().flat_map(|s| s.macs.iter()).sum();
