@@ -57,6 +57,10 @@ pub struct BackboneConfig {
     /// Initial weights (safetensors or PyTorch .pth) loaded by parameter name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights: Option<PathBuf>,
+    /// Start the classifier fresh instead of loading it from `weights` (fine-tuning weights
+    /// trained on other classes; DeiT's `main.py` and timm's `num_classes=` do the same).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset_head: bool,
     #[serde(flatten)]
     pub options: toml::Table,
 }
@@ -355,6 +359,9 @@ impl Experiment {
             for (k, m) in rl.validate() {
                 problems.push((join("rl", &k), m));
             }
+        }
+        if self.backbone.reset_head && self.backbone.weights.is_none() {
+            problems.push(("backbone.reset_head".into(), "needs [backbone] weights (it starts their classifier fresh)".into()));
         }
         if self.log.every_steps == 0 {
             problems.push(("log.every_steps".into(), "must be > 0, got 0".into()));

@@ -261,3 +261,47 @@ fn run_config_is_self_contained() {
     let text = exp.to_toml().unwrap();
     assert!(text.contains("classes = 4") && !text.contains("train_dir"), "{text}");
 }
+
+/// Weights trained on other classes: loading them is an error that names `reset_head`; with
+/// `reset_head = true` every layer but the classifier is loaded and the classifier starts
+/// fresh for this experiment's classes.
+#[test]
+fn reset_head_fine_tunes_weights_of_other_classes() {
+    use rlprune::Cpu;
+    use rlprune::backbones::{AnyBackbone, BuildContext, build};
+    use rlprune::nn::params::state_dict;
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let opts: toml::Table = toml::from_str("channels = [8, 8, 16, 16]").unwrap();
+    let ten = BuildContext { num_classes: 10, in_channels: 1, img_size: [16, 16] };
+    let pretrained: AnyBackbone<Cpu> = build("small-cnn", &opts, &ten, &device).unwrap();
+    let saved = state_dict(&pretrained);
+    let weights = dir.path().join("ten.safetensors");
+    rlprune::import::write_safetensors(&weights, &saved, &Default::default()).unwrap();
+    let exp = write(
+        dir.path(),
+        "e.toml",
+        &format!(
+            "name = \"ft\"\n[data]\ndataset = \"synthetic\"\nclasses = 4\nchannels = 1\nsize = 16\nbatch_size = 16\n\
+             [backbone]\narch = \"small-cnn\"\nchannels = [8, 8, 16, 16]\nweights = {:?}\n",
+            weights.display().to_string()
+        ),
+    );
+    let four = BuildContext { num_classes: 4, ..ten };
+    let built = |sets: &[String]| {
+        let (e, layered) = rlprune::methods::load(&exp, sets)?;
+        rlprune::session::supervised::build_backbone::<Cpu>(&e, &layered, &four, dir.path(), &device)
+    };
+    let e = format!("{:#}", built(&[]).unwrap_err());
+    assert!(e.contains("has 10 classes") && e.contains("has 4") && e.contains("reset_head = true"), "{e}");
+    let model = built(&["backbone.reset_head=true".into()]).unwrap();
+    let loaded = state_dict(&model);
+    assert_eq!(loaded["fc.weight"].shape[0], 4);
+    for (k, t) in &saved {
+        if !k.starts_with("fc.") {
+            assert_eq!(&loaded[k], t, "{k} is loaded from the weights");
+        }
+    }
+    let e = err(&BASE.replace("arch = \"small-cnn\"\n", "arch = \"small-cnn\"\nreset_head = true\n"), &[]);
+    assert!(e.contains("backbone.reset_head needs [backbone] weights"), "{e}");
+}

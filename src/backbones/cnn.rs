@@ -118,6 +118,10 @@ impl<B: ModelBackend> SmallCnn<B> {
 }
 
 impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
+    fn classifier(&self) -> &'static str {
+        "fc"
+    }
+
     fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);

@@ -65,6 +65,12 @@ pub trait Backbone<B: ModelBackend>: Module<B> {
     /// Logits `[N, classes]` for images `[N, C, H, W]`.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
 
+    /// The module path of the classifier (the layer whose outputs are the classes): what
+    /// `[backbone] reset_head` starts fresh when pretrained weights have other classes.
+    fn classifier(&self) -> &'static str {
+        "head"
+    }
+
     /// Convolutions whose output channels can be sliced at run time (RNP's decision points).
     fn prunable_convs(&self) -> Vec<PrunableConv> {
         Vec::new()
@@ -134,6 +140,9 @@ macro_rules! registry {
         impl<B: ModelBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
                 match self { $($(#[$attr])* Self::$variant(m) => m.forward(x),)+ }
+            }
+            fn classifier(&self) -> &'static str {
+                match self { $($(#[$attr])* Self::$variant(m) => m.classifier(),)+ }
             }
             fn prunable_convs(&self) -> Vec<PrunableConv> {
                 match self { $($(#[$attr])* Self::$variant(m) => m.prunable_convs(),)+ }

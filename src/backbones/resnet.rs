@@ -243,6 +243,10 @@ fn scale(c: usize, width: f64) -> usize {
 }
 
 impl<B: ModelBackend> Backbone<B> for ResNet<B> {
+    fn classifier(&self) -> &'static str {
+        "fc"
+    }
+
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let mut x = self.bn1.forward_relu(self.conv1.forward(x));
         if self.stem_pool {

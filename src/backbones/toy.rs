@@ -21,6 +21,10 @@ fn features(ctx: &BuildContext) -> usize {
 }
 
 impl<B: ModelBackend> Backbone<B> for ToyLinear<B> {
+    fn classifier(&self) -> &'static str {
+        "fc"
+    }
+
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         self.fc.forward(x.flatten(1, 3))
     }

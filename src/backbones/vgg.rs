@@ -62,6 +62,10 @@ impl<B: ModelBackend> Vgg<B> {
 }
 
 impl<B: ModelBackend> Backbone<B> for Vgg<B> {
+    fn classifier(&self) -> &'static str {
+        "classifier"
+    }
+
     fn forward(&self, mut x: Tensor<B, 4>) -> Tensor<B, 2> {
         for (i, layer) in self.features.iter().enumerate() {
             x = layer.forward(x);

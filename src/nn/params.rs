@@ -214,8 +214,28 @@ pub fn load_strict<B: Backend, M: Module<B> + Clone>(
     dict: &StateDict,
     source: &str,
 ) -> anyhow::Result<M> {
+    load_strict_except(module, dict, source, None)
+}
+
+/// [`load_strict`] for every parameter outside the module path `fresh` (e.g. `head`), which
+/// keeps the module's own initialisation; the weights' entries under `fresh` are left out.
+pub fn load_strict_except<B: Backend, M: Module<B> + Clone>(
+    module: M,
+    dict: &StateDict,
+    source: &str,
+    fresh: Option<&str>,
+) -> anyhow::Result<M> {
+    let under = |k: &str| fresh.is_some_and(|f| k == f || k.strip_prefix(f).is_some_and(|rest| rest.starts_with('.')));
+    let kept: StateDict;
+    let dict = if fresh.is_some() {
+        kept = dict.iter().filter(|(k, _)| !under(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        &kept
+    } else {
+        dict
+    };
     // Check first so that a failed load leaves the caller's module untouched.
-    let shapes = param_shapes::<B, M>(&module);
+    let mut shapes = param_shapes::<B, M>(&module);
+    shapes.retain(|k, _| !under(k));
     let mut report = LoadReport::default();
     for (name, shape) in &shapes {
         match dict.get(name) {

@@ -22,7 +22,7 @@ use crate::backbones::{self, AnyBackbone, Backbone, BuildContext};
 use crate::data::{self, Dataset, Loader};
 use crate::experiment::{Experiment, Layered};
 use crate::logging::tensorboard::HParamValue;
-use crate::nn::params::{load_strict, state_dict};
+use crate::nn::params::{load_strict, load_strict_except, state_dict};
 use crate::session::run::{epoch_seed, SeedStream};
 use crate::metrics::memory::{self, Workload};
 use crate::ModelBackend;
@@ -110,6 +110,21 @@ pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx:
         Some(w) => {
             let path = base_dir.join(w);
             let dict = crate::import::read_model_weights(&path)?;
+            let head = model.classifier();
+            if exp.backbone.reset_head {
+                return load_strict_except(model, &dict, &path.display().to_string(), Some(head));
+            }
+            if let Some(t) = dict.get(&format!("{head}.weight"))
+                && t.shape.first() != Some(&ctx.num_classes)
+            {
+                bail!(
+                    "{}: the weights' classifier ({head}.weight) has {} classes and this experiment's data has {}; \
+                     set [backbone] reset_head = true to start the classifier fresh",
+                    path.display(),
+                    t.shape.first().copied().unwrap_or(0),
+                    ctx.num_classes
+                );
+            }
             load_strict(model, &dict, &path.display().to_string())
         }
         None => Ok(model),
