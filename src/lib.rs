@@ -1,8 +1,9 @@
 //! rlprune: input-adaptive pruning of vision networks.
 //!
-//! A backbone (`backbones`) runs on a batch of images; a controller decides per image which
-//! channels or tokens it may skip; the trainers in `train` fit backbones and controllers; `data`
-//! reads real datasets; `logging` writes TensorBoard event files. See `DESIGN.md`, the README and docs/.
+//! A backbone (`backbones`) runs on a batch of images; a controller (`controllers`) decides per
+//! image which channels or tokens it may skip; the methods (`methods`) train and evaluate them
+//! on a run session (`session`); `data` reads real datasets; `logging` writes TensorBoard event
+//! files. docs/architecture.md draws the layers; see also the README and docs/.
 
 /// A typed choice of a configuration key: one kebab-case name per variant, parsed once when the
 /// configuration loads; any other name is refused with `invalid`'s message (which the loader
