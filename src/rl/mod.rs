@@ -160,22 +160,18 @@ pub struct RlConfig {
     pub updates_per_batch: usize,
 }
 
-/// `[rl] budget_policy`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BudgetPolicy {
-    #[default]
-    Sampled,
-    Greedy,
+choice! {
+    /// `[rl] budget_policy`.
+    #[derive(Default)]
+    pub enum BudgetPolicy { #[default] Sampled = "sampled", Greedy = "greedy" }
+    invalid: |s| format!("must be \"sampled\" or \"greedy\", got \"{s}\"")
 }
 
-/// `[rl] backbone_widths`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackboneWidths {
-    #[default]
-    Policy,
-    PolicyAndRandom,
+choice! {
+    /// `[rl] backbone_widths`.
+    #[derive(Default)]
+    pub enum BackboneWidths { #[default] Policy = "policy", PolicyAndRandom = "policy-and-random" }
+    invalid: |s| format!("must be \"policy\" or \"policy-and-random\", got \"{s}\"")
 }
 
 fn d_clip() -> f64 {
