@@ -313,7 +313,7 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
 impl Experiment {
     /// Loads, merges includes, applies overrides, type-checks and validates every section. The
     /// `[controller]` keys of one method (its kind and its own options) are the method's to
-    /// check: `crate::methods::load` loads and checks both.
+    /// check, in the method registry above this layer, which loads and checks both.
     pub fn load(path: &Path, overrides: &[String]) -> Result<(Self, Layered)> {
         let mut layered = load_layered(path)?;
         for o in overrides {

@@ -176,9 +176,8 @@ impl<B: ModelBackend> Backbone<B> for SmallCnn<B> {
 
 impl<B: ModelBackend> Family<B> for SmallCnn<B> {
     const ARCHS: &'static [&'static str] = &["small-cnn"];
-    // The quickstart's backbone, at Fashion-MNIST's shape.
-    const ZOO: &'static [(&'static str, BuildContext)] =
-        &[("small-cnn", BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] })];
+    // The quickstart's backbone, at its dataset's shape.
+    const ZOO: &'static [(&'static str, BuildContext)] = &[("small-cnn", super::FASHION_MNIST)];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         Ok(Self::new(&Self::options(options)?, ctx, device))

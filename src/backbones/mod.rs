@@ -42,6 +42,8 @@ pub struct BuildContext {
     pub img_size: [usize; 2],
 }
 
+/// Fashion-MNIST's shape: 10 classes, 1×28×28.
+pub const FASHION_MNIST: BuildContext = BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] };
 /// CIFAR-10's shape: 10 classes, 3×32×32.
 pub const CIFAR10: BuildContext = BuildContext { num_classes: 10, in_channels: 3, img_size: [32, 32] };
 /// ImageNet's shape at 224: 1000 classes, 3×224×224.

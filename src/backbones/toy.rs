@@ -32,8 +32,7 @@ impl<B: ModelBackend> Backbone<B> for ToyLinear<B> {
 
 impl<B: ModelBackend> Family<B> for ToyLinear<B> {
     const ARCHS: &'static [&'static str] = &["toy-linear"];
-    const ZOO: &'static [(&'static str, BuildContext)] =
-        &[("toy-linear", BuildContext { num_classes: 10, in_channels: 1, img_size: [28, 28] })];
+    const ZOO: &'static [(&'static str, BuildContext)] = &[("toy-linear", super::FASHION_MNIST)];
 
     fn build(_arch: &str, options: &toml::Table, ctx: &BuildContext, device: &B::Device) -> Result<Self> {
         if let Some(k) = options.keys().next() {

@@ -3,7 +3,7 @@
 //! decision protocol ([`Controller`], [`DecisionPoint`], [`Trace`]) is defined beside the
 //! backbones that call it (`backbones::controlled`) and re-exported here; DynamicViT's token
 //! predictor is part of its backbone's weights (`backbones::token_predictor`). The recipes that
-//! train and evaluate controllers are `crate::methods`.
+//! train and evaluate controllers (the methods) sit above this layer.
 
 pub mod channel_router;
 
@@ -17,7 +17,8 @@ pub use crate::backbones::controlled::{Controller, Decision, DecisionPoint, Mode
 /// `deny_unknown_fields`, so unknown keys are rejected there).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControllerConfig {
-    /// A method name from `crate::methods::METHODS`: `"channel-router"` (RNP), `"static-l1"` or `"token-predictor"`.
+    /// The method that trains the controller: `"channel-router"` (RNP), `"static-l1"` or
+    /// `"token-predictor"` (checked by the method registry).
     pub kind: String,
     /// Channel groups per decision layer (k).
     #[serde(default = "default_groups")]

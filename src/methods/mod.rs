@@ -20,15 +20,15 @@ use std::path::Path;
 use anyhow::{Result, bail};
 use serde_json::json;
 
+use crate::ModelBackend;
 use crate::backbones::AnyBackbone;
 use crate::controllers::ControllerConfig;
 use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
 use crate::nn::params::load_strict;
-use crate::train::checkpoint;
-use crate::session::supervised::{TrainOptions, TrainSummary, build_backbone, evaluate, train_on_devices};
-use crate::ModelBackend;
 use crate::session::EvalData;
+use crate::session::supervised::{TrainOptions, TrainSummary, build_backbone, evaluate, train_on_devices};
+use crate::train::checkpoint;
 
 /// A method: how its extra `[controller]` keys are checked, and what `rlprune train` and
 /// `rlprune eval RUN_DIR` run for it.
@@ -37,18 +37,9 @@ pub struct Method {
     /// Problems with the kind-specific keys in `options`, as (key relative to `[controller]`,
     /// message).
     pub check_options: fn(&ControllerConfig) -> Vec<(String, String)>,
-    pub train: fn(
-        &crate::experiment::Experiment,
-        &crate::experiment::Layered,
-        &TrainOptions,
-    ) -> Result<TrainSummary>,
+    pub train: fn(&Experiment, &Layered, &TrainOptions) -> Result<TrainSummary>,
     /// `(experiment, layered, run_dir, base_dir)` → the JSON report of `rlprune eval`.
-    pub eval: fn(
-        &crate::experiment::Experiment,
-        &crate::experiment::Layered,
-        &std::path::Path,
-        &std::path::Path,
-    ) -> Result<serde_json::Value>,
+    pub eval: fn(&Experiment, &Layered, &Path, &Path) -> Result<serde_json::Value>,
 }
 
 /// The method registry: one entry per `[controller] kind`, each defined in its method's file.

@@ -462,7 +462,7 @@ pub const METHOD: super::Method =
 pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_rnp needs a [controller] section"))?;
     let rl = exp.rl.clone().unwrap_or_default();
-    let session = Session::open(exp, layered, opts, Resumable::Yes, |_| Ok(()))?;
+    let session = Session::open(exp, layered, opts, Resumable::Yes)?;
     let (run_dir, train_loader, test_loader) = (&session.run_dir, &session.train_loader, &session.test_loader);
     let resumed = session.resumed_state(RNP_STATE, |st: &RnpState| &st.format)?;
     if let Some(st) = &resumed {

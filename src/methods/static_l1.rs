@@ -321,7 +321,7 @@ pub const METHOD: super::Method =
 pub fn train_static(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_static needs a [controller] section"))?;
     let so = StaticL1Options::from_config(&ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
-    let session = Session::open(exp, layered, opts, Resumable::Yes, |_| Ok(()))?;
+    let session = Session::open(exp, layered, opts, Resumable::Yes)?;
     let (run_dir, splits, train_loader, test_loader) = (&session.run_dir, &session.splits, &session.train_loader, &session.test_loader);
     let resumed = session.resumed_state(STATIC_STATE, |st: &StaticState| &st.format)?;
     if let Some(st) = &resumed {

@@ -346,18 +346,13 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             ),
         ));
     }
-    let mut args = None;
-    let session = Session::open(
+    let (session, args) = Session::open_with(
         exp,
         layered,
         opts,
         Resumable::No("token-predictor runs yet (rerun them; the teacher can be reused with --set backbone.weights=<run>/checkpoints/teacher.safetensors)"),
-        |ctx| {
-            let _: () = args = Some(student_args(exp, layered, ctx)?);
-            Ok(())
-        },
+        |ctx| student_args(exp, layered, ctx),
     )?;
-    let args = args.ok_or_else(|| anyhow::anyhow!("the student's arguments were not derived"))?;
     let teacher_exp = teacher_experiment(exp, &args)?;
     let (base, run_dir, train_loader, test_loader, ctx) = (&session.base, session.run_dir.clone(), &session.train_loader, &session.test_loader, &session.ctx);
     let device: burn::tensor::Device<Ad> = Default::default();

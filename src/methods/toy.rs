@@ -1,7 +1,7 @@
 //! A method built only for tests (`[controller] kind = "toy"`): the backbone from the session's
 //! supervised phase, then `epochs` of plain SGD fine-tuning, with metrics, TensorBoard,
 //! checkpoints and resume from the session. It shows that a method is one file plus one
-//! registry entry.
+//! registry entry; `cli`'s unit test runs it through `rlprune train`.
 
 use anyhow::Result;
 use burn::module::AutodiffModule;
@@ -53,7 +53,7 @@ fn check_options(cfg: &ControllerConfig) -> Vec<(String, String)> {
 fn train(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.as_ref().ok_or_else(|| anyhow::anyhow!("the toy method needs [controller]"))?;
     let o = options(ctl).map_err(|(k, m)| layered.error_at(&format!("controller.{k}"), m))?;
-    let session = Session::open(exp, layered, opts, Resumable::Yes, |_| Ok(()))?;
+    let session = Session::open(exp, layered, opts, Resumable::Yes)?;
     let resumed = session.resumed_state(STATE, |st: &ToyState| &st.format)?;
     if let Some(st) = &resumed {
         session.check_arch(&st.arch)?;
@@ -121,53 +121,4 @@ fn eval(exp: &Experiment, layered: &Layered, run_dir: &std::path::Path, base: &s
     let model = load_strict(model, &checkpoint::read_model(&file, &exp.backbone.arch, None)?, &file.display().to_string())?;
     let (loss, top1) = supervised::evaluate(&model, &test_loader, &device)?;
     Ok(json!({"controller": "toy", "top1": top1, "loss": loss}))
-}
-
-#[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use crate::cli::{Cli, run};
-
-    fn toy_lines(run_dir: &std::path::Path) -> Vec<u64> {
-        let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["toy_epoch"].as_u64())
-            .collect()
-    }
-
-    /// The toy method and the toy backbone family, each one file plus one registry line, train
-    /// through `rlprune train`, stop, resume, log to TensorBoard and evaluate; the family is
-    /// listed in the zoo.
-    #[test]
-    fn a_method_and_a_family_in_one_file_each_train_resume_and_evaluate() {
-        let dir = tempfile::tempdir().unwrap();
-        let exp = dir.path().join("toy.toml");
-        let text = format!(
-            "name = \"toy\"\nseed = 3\n[data]\ndataset = \"synthetic\"\nsize = 8\ntrain_size = 64\ntest_size = 32\nbatch_size = 16\n\
-             [backbone]\narch = \"toy-linear\"\n[train]\nepochs = 1\noptimizer = {{ kind = \"sgd\", lr = 0.05 }}\n\
-             [controller]\nkind = \"toy\"\nepochs = 3\nlr = 0.01\n[log]\ndir = {:?}\nevery_steps = 1\n",
-            dir.path().join("runs").display().to_string()
-        );
-        std::fs::write(&exp, text).unwrap();
-        let out = dir.path().join("run");
-        let (e, o) = (exp.display().to_string(), out.display().to_string());
-        run(Cli::try_parse_from(["rlprune", "train", &e, "--out", &o, "--stop-after-epoch", "1"]).unwrap()).unwrap();
-        assert_eq!(toy_lines(&out), vec![1]);
-        run(Cli::try_parse_from(["rlprune", "train", &e, "--resume", &o]).unwrap()).unwrap();
-        assert_eq!(toy_lines(&out), vec![1, 2, 3]);
-        let events = std::fs::read_dir(&out)
-            .unwrap()
-            .map(|f| f.unwrap().path())
-            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("events.out.tfevents"))
-            .expect("a TensorBoard event file");
-        let bytes = std::fs::read(events).unwrap();
-        assert!(bytes.windows(8).any(|w| w == b"toy/loss"), "the toy's scalars are in the event file");
-        let report = crate::methods::eval_target(&out, None, &[], dir.path()).unwrap();
-        assert_eq!(report["controller"], "toy");
-        assert!(report["top1"].as_f64().is_some_and(|t| (0.0..=1.0).contains(&t)));
-        assert!(crate::backbones::zoo::zoo().iter().any(|z| z.name == "toy-linear" && z.params == 28 * 28 * 10 + 10));
-        let bad = crate::methods::load(&exp, &["controller.epochz=2".into()]).unwrap_err();
-        assert!(format!("{bad:#}").contains("controller.epochz"), "{bad:#}");
-    }
 }

@@ -13,8 +13,8 @@
 //!   `C = W` there — we reproduce that, it is what the official numbers contain;
 //! - elementwise ops (GELU, adds, the complex filter multiply, softmax, pooling means) are free.
 //!
-//! Every family computes its cost from its arguments alone (no weights are allocated): see
-//! [`crate::backbones::ModelArgs::cost`].
+//! Every family computes its cost from its arguments alone (no weights are allocated), with
+//! these counts (the backbones' `ModelArgs::cost`).
 
 use std::fmt;
 

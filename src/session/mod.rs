@@ -48,16 +48,22 @@ pub struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    /// Opens the data, runs `preflight` on the build context (checks that must pass before a
-    /// run directory exists), then opens the run directory: `opts.resume`'s, `opts.out`, or a
-    /// fresh `<log.dir>/<name>/<timestamp>`.
-    pub fn open(
+    /// Opens the data, then the run directory: `opts.resume`'s, `opts.out`, or a fresh
+    /// `<log.dir>/<name>/<timestamp>`.
+    pub fn open(exp: &'a Experiment, layered: &'a Layered, opts: &TrainOptions, resumable: Resumable) -> Result<Self> {
+        Ok(Self::open_with(exp, layered, opts, resumable, |_| Ok(()))?.0)
+    }
+
+    /// [`Session::open`] with `preflight` run on the build context before the run directory
+    /// exists (what must succeed for a run to start: a memory check, building the model); its
+    /// value is returned beside the session.
+    pub fn open_with<T>(
         exp: &'a Experiment,
         layered: &'a Layered,
         opts: &TrainOptions,
         resumable: Resumable,
-        preflight: impl FnOnce(&BuildContext) -> Result<()>,
-    ) -> Result<Self> {
+        preflight: impl FnOnce(&BuildContext) -> Result<T>,
+    ) -> Result<(Self, T)> {
         if let (Some(_), Resumable::No(why)) = (&opts.resume, resumable) {
             bail!("--resume is not supported for {}", why);
         }
@@ -67,10 +73,11 @@ impl<'a> Session<'a> {
         let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
         train_loader.ensure_batches()?;
         let ctx = build_context(splits.train.as_ref(), &train_loader);
-        preflight(&ctx)?;
+        let checked = preflight(&ctx)?;
         let (run_dir, resumed) =
             resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &base.join(&exp.log.dir), exp)?;
-        Ok(Self { exp, layered, base, splits, train_loader, test_loader, ctx, run_dir, resumed, started: Instant::now() })
+        let session = Self { exp, layered, base, splits, train_loader, test_loader, ctx, run_dir, resumed, started: Instant::now() };
+        Ok((session, checked))
     }
 
     /// `checkpoints/` of the run, created.

@@ -249,14 +249,11 @@ where
     B::InnerBackend: ModelBackend,
 {
     let device = &devices[0];
-    let mut built = None;
-    let session = super::Session::open(exp, layered, opts, super::Resumable::Yes, |ctx| {
+    let (session, mut model) = super::Session::open_with(exp, layered, opts, super::Resumable::Yes, |ctx| {
         check_training_memory(exp, layered, ctx)?;
         B::seed(device, exp.seed);
-        built = Some(build_backbone::<B>(exp, layered, ctx, &opts.base_dir, device)?);
-        Ok(())
+        build_backbone::<B>(exp, layered, ctx, &opts.base_dir, device)
     })?;
-    let mut model: AnyBackbone<B> = built.ok_or_else(|| anyhow::anyhow!("the backbone was not built"))?;
     let (run_dir, splits, train_loader, test_loader) = (session.run_dir.clone(), &session.splits, &session.train_loader, &session.test_loader);
     let mut optim = Optimizer::<B>::new(exp.train.optimizer.clone());
     optim.decay_only_matrices = exp.train.decay_only_matrices;

@@ -1,6 +1,6 @@
 //! Training building blocks: `[train]`, optimizers and schedules, losses, checkpoints with exact
-//! resume, and data-parallel gradient averaging. The trainers that use them run on the session
-//! (`crate::session`).
+//! resume, and data-parallel gradient averaging. The trainers that use them run on the run
+//! session, above this layer.
 
 pub mod checkpoint;
 pub mod data_parallel;
