@@ -320,10 +320,26 @@ pub mod fast {
             .mul_add(x2, -1.426_473_9e-2);
         p / q
     }
+
+    /// Eight running lanes, so that the reduction vectorises (a single accumulator would fix
+    /// the order of the additions and keep the loop scalar).
+    #[inline(always)]
+    pub fn lanes<const MAX: bool>(row: &[f32], init: f32) -> f32 {
+        let mut acc = [init; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a = if MAX { if v > *a { v } else { *a } } else { *a + v };
+            }
+        }
+        let fold = |a: f32, v: f32| if MAX { a.max(v) } else { a + v };
+        let tail = chunks.remainder().iter().fold(init, |a, &v| fold(a, v));
+        acc.into_iter().fold(tail, fold)
+    }
 }
 
 mod cpu {
-    use super::fast::{erf, exp};
+    use super::fast::{erf, exp, lanes};
     use crate::nn::conv::zeroed_by_rows;
 
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -369,22 +385,6 @@ mod cpu {
                 *o = g * v.mul_add(pdf, cdf);
             }
         })
-    }
-
-    /// Eight running lanes, so that the reduction vectorises (a single accumulator would fix
-    /// the order of the additions and keep the loop scalar).
-    #[inline(always)]
-    fn lanes<const MAX: bool>(row: &[f32], init: f32) -> f32 {
-        let mut acc = [init; 8];
-        let mut chunks = row.chunks_exact(8);
-        for c in &mut chunks {
-            for (a, &v) in acc.iter_mut().zip(c) {
-                *a = if MAX { if v > *a { v } else { *a } } else { *a + v };
-            }
-        }
-        let fold = |a: f32, v: f32| if MAX { a.max(v) } else { a + v };
-        let tail = chunks.remainder().iter().fold(init, |a, &v| fold(a, v));
-        acc.into_iter().fold(tail, fold)
     }
 
     pub fn softmax(x: &[f32], d: usize) -> Vec<f32> {

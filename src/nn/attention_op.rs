@@ -165,7 +165,7 @@ impl AttentionBackend for NdArray<f32> {
 }
 
 mod cpu {
-    use crate::nn::activation_op::fast::exp;
+    use crate::nn::activation_op::fast::{exp, lanes};
     use crate::nn::conv::{conv_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
 
     #[derive(Debug, Clone, Copy)]
@@ -191,13 +191,11 @@ mod cpu {
     /// Row-wise `softmax(scale·row)` in place.
     fn softmax_rows(p: &mut [f32], t: usize, scale: f32) {
         for row in p.chunks_exact_mut(t) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-            let mut sum = 0.0f32;
+            let max = lanes::<true>(row, f32::NEG_INFINITY);
             for v in row.iter_mut() {
                 *v = exp(scale * (*v - max));
-                sum += *v;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / lanes::<false>(row, 0.0);
             row.iter_mut().for_each(|v| *v *= inv);
         }
     }

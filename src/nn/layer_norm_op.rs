@@ -324,13 +324,28 @@ mod cpu {
 
     use crate::nn::conv::{elementwise_threads, for_image_chunks};
 
+    /// `Σ f(v)` in f64 over eight running lanes: a single accumulator would fix the order of
+    /// the additions and keep the loop scalar.
+    #[inline(always)]
+    fn sum64(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+        let mut acc = [0.0f64; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+        acc.iter().sum::<f64>() + tail
+    }
+
     /// `(mean, 1/√(var + eps))` of a row, two passes in f64 (rows are a few hundred values).
     #[inline(always)]
     fn stats(row: &[f32], eps: f64) -> (f32, f32) {
         let d = row.len().max(1) as f64;
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d;
+        let mean = sum64(row, |v| v as f64) / d;
         let m32 = mean as f32;
-        let var = row.iter().map(|&v| ((v - m32) as f64).powi(2)).sum::<f64>() / d;
+        let var = sum64(row, |v| ((v - m32) as f64).powi(2)) / d;
         (m32, (1.0 / (var + eps).sqrt()) as f32)
     }
 
