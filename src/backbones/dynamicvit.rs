@@ -111,6 +111,8 @@ impl DynamicVitArgs {
             drop_rate: self.drop_rate,
             attn_drop_rate: self.attn_drop_rate,
             drop_path_rate: self.drop_path_rate,
+            tome: None,
+            evit: None,
         }
     }
 
@@ -353,6 +355,11 @@ impl<B: ModelBackend> DynamicVit<B> {
 impl<B: ModelBackend> Backbone<B> for DynamicVit<B> {
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         self.forward_pruned(x).0
+    }
+
+    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Vec<(String, Tensor<B, 2, Int>)>) {
+        let (logits, kept) = self.forward_pruned(x);
+        (logits, kept.into_iter().enumerate().map(|(i, k)| (format!("keep_abs_s{i}"), k)).collect())
     }
 }
 

@@ -16,6 +16,7 @@ pub mod resnet;
 pub mod spec;
 pub mod surgery;
 pub mod token_predictor;
+pub mod token_reduction;
 #[cfg(test)]
 pub mod toy;
 pub mod vgg;
@@ -27,7 +28,7 @@ pub use spec::{build_model, infer, model_from_toml, ModelArgs};
 use anyhow::{Context, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 use controlled::{Controller, Mode, Trace};
 use crate::ModelBackend;
@@ -66,6 +67,13 @@ pub struct PrunableConv {
 pub trait Backbone<B: ModelBackend>: Module<B> {
     /// Logits `[N, classes]` for images `[N, C, H, W]`.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
+
+    /// Logits and, for models that reduce their tokens, what they kept, as named integer
+    /// tensors `[N, K]` (DynamicViT's and EViT's `keep_abs_s{i}`, ToMe's `source_idx`), which
+    /// `rlprune infer` writes beside the logits.
+    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Vec<(String, Tensor<B, 2, Int>)>) {
+        (self.forward(x), Vec::new())
+    }
 
     /// The module path of the classifier (the layer whose outputs are the classes): what
     /// `[backbone] reset_head` starts fresh when pretrained weights have other classes.
@@ -142,6 +150,9 @@ macro_rules! registry {
         impl<B: ModelBackend> Backbone<B> for AnyBackbone<B> {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
                 match self { $($(#[$attr])* Self::$variant(m) => m.forward(x),)+ }
+            }
+            fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Vec<(String, Tensor<B, 2, Int>)>) {
+                match self { $($(#[$attr])* Self::$variant(m) => m.forward_traced(x),)+ }
             }
             fn classifier(&self) -> &'static str {
                 match self { $($(#[$attr])* Self::$variant(m) => m.classifier(),)+ }

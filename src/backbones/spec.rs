@@ -181,9 +181,10 @@ impl ModelSpec {
 /// PyTorch `.pth`, reference key names; a `{"model": ...}` wrapper is handled by
 /// [`crate::import`]) strictly — every parameter, no extra keys — runs the tensor `input`
 /// (`[N, C, H, W]`) in eval mode on the CPU ([`infer_on`]: any device) and writes the logits as
-/// tensor `output` to `output` (safetensors, atomically); token-pruning models (DynamicViT) also
-/// write, per pruning stage `i`, the kept patch indices in original-grid numbering as int64
-/// `keep_abs_s{i}`.
+/// tensor `output` to `output` (safetensors, atomically); token-reducing models also write what
+/// they kept as int64 tensors ([`Backbone::forward_traced`]): DynamicViT and EViT, per stage `i`,
+/// the kept patch indices in original-grid numbering `keep_abs_s{i}` (−1: EViT's fused token),
+/// ToMe with `trace_source` the final token holding each input token, `source_idx`.
 pub fn infer(
     model_toml: impl AsRef<Path>,
     weights: impl AsRef<Path>,
@@ -222,18 +223,13 @@ fn infer_with<B: crate::ModelBackend>(spec: &ModelSpec, weights: &Path, input: &
         bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
     }
     let x = x.to_tensor::<B, 4>(device);
-    let (logits, kept) = match &model {
-        // Token-pruning models also report what they kept at each stage.
-        AnyBackbone::DynamicVit(m) => m.forward_pruned(x),
-        other => (other.forward(x), Vec::new()),
-    };
+    let (logits, traced) = model.forward_traced(x);
     let out = StateDict::from([("output".to_string(), HostTensor::from_tensor(&logits))]);
-    let ints = kept
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
+    let ints = traced
+        .into_iter()
+        .map(|(name, k)| {
             let t = import::IntTensor { shape: k.dims().to_vec(), data: k.to_data().convert::<i64>().to_vec::<i64>().unwrap_or_default() };
-            (format!("keep_abs_s{i}"), t)
+            (name, t)
         })
         .collect();
     import::write_safetensors_with_ints(output, &out, &ints, &Default::default())

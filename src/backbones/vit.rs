@@ -21,6 +21,7 @@ use crate::nn::channel_op::residual;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::nn::layers::trunc_normal;
 use crate::backbones::token_predictor::PredictorLG;
+use super::token_reduction::{evit_forward, tome_forward, EvitArgs, ToMeArgs, TokenReduction, TokenTrace};
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 
 /// timm's `VisionTransformer` constructor arguments (DeiT uses `qkv_bias = true` and
@@ -44,6 +45,12 @@ pub struct DeitArgs {
     pub drop_rate: f64,
     pub attn_drop_rate: f64,
     pub drop_path_rate: f64,
+    /// ToMe: merge similar tokens in every block (`[model.tome]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tome: Option<ToMeArgs>,
+    /// EViT: keep the tokens the class token attends to most (`[model.evit]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evit: Option<EvitArgs>,
 }
 
 impl Default for DeitArgs {
@@ -63,6 +70,8 @@ impl Default for DeitArgs {
             drop_rate: 0.0,
             attn_drop_rate: 0.0,
             drop_path_rate: 0.0,
+            tome: None,
+            evit: None,
         }
     }
 }
@@ -74,6 +83,11 @@ impl DeitArgs {
 
     pub fn mlp_hidden(&self) -> usize {
         (self.embed_dim as f64 * self.mlp_ratio) as usize
+    }
+
+    /// The token reduction `[model.tome]` or `[model.evit]` asks for.
+    pub fn token_reduction(&self) -> Option<TokenReduction> {
+        TokenReduction::from_args(self.depth, self.tome.as_ref(), self.evit.as_ref())
     }
 }
 
@@ -104,6 +118,13 @@ impl ModelArgs for DeitArgs {
         );
         ensure!(self.mlp_hidden() >= 1, "mlp_ratio {} gives no hidden units", self.mlp_ratio);
         ensure!(self.num_classes >= 1 && self.in_chans >= 1, "num_classes and in_chans must be positive");
+        ensure!(self.tome.is_none() || self.evit.is_none(), "[model.tome] and [model.evit] cannot both be set");
+        if let Some(t) = &self.tome {
+            t.validate(self.depth)?;
+        }
+        if let Some(e) = &self.evit {
+            e.validate(self.depth)?;
+        }
         for (n, p) in [("drop_rate", self.drop_rate), ("attn_drop_rate", self.attn_drop_rate), ("drop_path_rate", self.drop_path_rate)] {
             ensure!((0.0..1.0).contains(&p), "{n} must be in [0, 1), got {p}");
         }
@@ -130,9 +151,31 @@ impl ModelArgs for DeitArgs {
 
     fn cost(&self, img_size: usize) -> CostReport {
         let g = img_size / self.patch_size;
-        self.cost_with(img_size, &vec![g * g + 1; self.depth], &mut |c, i| {
+        let t0 = g * g + 1;
+        let Some(reduction) = self.token_reduction() else {
+            return self.cost_with(img_size, &vec![t0; self.depth], &mut |c, i| {
+                if i == 0 {
+                    c.stage("blocks");
+                }
+            });
+        };
+        let tokens = reduction.tokens(t0);
+        let heads = self.num_heads;
+        let hd = self.embed_dim / heads;
+        self.cost_split(img_size, &tokens, &mut |c, i, (attn, mlp)| {
             if i == 0 {
                 c.stage("blocks");
+            }
+            // The scores each method decides from: ToMe's key similarities between its two
+            // token sets, EViT's fused token (its class-token attention is part of the block's).
+            match &reduction {
+                TokenReduction::ToMe { .. } if mlp < attn => {
+                    c.matmul(1, attn.div_ceil(2), hd, attn / 2);
+                }
+                TokenReduction::Evit { fuse_token: true, .. } if mlp < attn => {
+                    c.matmul(1, 1, attn - 1, self.embed_dim);
+                }
+                _ => {}
             }
         })
     }
@@ -148,6 +191,19 @@ impl DeitArgs {
         tokens: &[usize],
         before_block: &mut dyn FnMut(&mut CostReport, usize),
     ) -> CostReport {
+        let split: Vec<(usize, usize)> = tokens.iter().map(|&t| (t, t)).collect();
+        self.cost_split(img_size, &split, &mut |c, i, _| before_block(c, i))
+    }
+
+    /// [`Self::cost_with`] for blocks whose MLP runs on fewer tokens than their attention
+    /// (`tokens[i] = (attention, MLP)`; ToMe and EViT reduce the tokens in between);
+    /// `before_block(c, i, tokens[i])` counts what runs before block `i`'s MLP.
+    pub fn cost_split(
+        &self,
+        img_size: usize,
+        tokens: &[(usize, usize)],
+        before_block: &mut dyn FnMut(&mut CostReport, usize, (usize, usize)),
+    ) -> CostReport {
         assert_eq!(tokens.len(), self.depth, "one token count per block");
         let d = self.embed_dim;
         let g = img_size / self.patch_size;
@@ -156,10 +212,10 @@ impl DeitArgs {
             .conv2d(self.in_chans, d, self.patch_size, 1, true, [g, g])
             .add_params(d + (self.grid() * self.grid() + 1) * d);
         for (i, &t) in tokens.iter().enumerate() {
-            before_block(&mut c, i);
-            block_cost(&mut c, d, self.num_heads, self.mlp_hidden(), self.qkv_bias, t);
+            before_block(&mut c, i, t);
+            block_cost_split(&mut c, d, self.num_heads, self.mlp_hidden(), self.qkv_bias, t);
         }
-        c.stage("head").layer_norm(d, tokens.last().copied().unwrap_or(g * g + 1));
+        c.stage("head").layer_norm(d, tokens.last().map_or(g * g + 1, |t| t.1));
         let mut feat = d;
         if let Some(r) = self.representation_size {
             c.linear(d, r, true, 1);
@@ -172,14 +228,19 @@ impl DeitArgs {
 
 /// One transformer block on `t` tokens: MACs of the linears, `q·kᵀ`, `attn·v` and the two norms.
 pub fn block_cost(c: &mut CostReport, d: usize, heads: usize, hidden: usize, qkv_bias: bool, t: usize) {
-    c.layer_norm(d, t)
-        .linear(d, 3 * d, qkv_bias, t)
-        .matmul(heads, t, d / heads, t)
-        .matmul(heads, t, t, d / heads)
-        .linear(d, d, true, t)
-        .layer_norm(d, t)
-        .linear(d, hidden, true, t)
-        .linear(hidden, d, true, t);
+    block_cost_split(c, d, heads, hidden, qkv_bias, (t, t));
+}
+
+/// [`block_cost`] with the attention on `attn` tokens and the norm and MLP after it on `mlp`.
+fn block_cost_split(c: &mut CostReport, d: usize, heads: usize, hidden: usize, qkv_bias: bool, (attn, mlp): (usize, usize)) {
+    c.layer_norm(d, attn)
+        .linear(d, 3 * d, qkv_bias, attn)
+        .matmul(heads, attn, d / heads, attn)
+        .matmul(heads, attn, attn, d / heads)
+        .linear(d, d, true, attn)
+        .layer_norm(d, mlp)
+        .linear(d, hidden, true, mlp)
+        .linear(hidden, d, true, mlp);
 }
 
 #[derive(Module, Debug)]
@@ -238,6 +299,9 @@ pub struct VisionTransformer<B: Backend> {
     pub token_ratio: Vec<f64>,
     pub img_size: usize,
     pub drop_rate: f64,
+    /// ToMe or EViT, when the arguments ask for one.
+    #[module(skip)]
+    pub reduction: Option<TokenReduction>,
 }
 
 impl<B: ModelBackend> VisionTransformer<B> {
@@ -263,6 +327,7 @@ impl<B: ModelBackend> VisionTransformer<B> {
             token_ratio: Vec::new(),
             img_size: args.img_size,
             drop_rate: args.drop_rate,
+            reduction: args.token_reduction(),
         })
     }
 
@@ -301,13 +366,31 @@ impl<B: ModelBackend> VisionTransformer<B> {
     }
 }
 
-impl<B: ModelBackend> Backbone<B> for VisionTransformer<B> {
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+impl<B: ModelBackend> VisionTransformer<B> {
+    /// The forward without token reduction, whatever the arguments asked for.
+    pub fn forward_all_tokens(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
         let mut x = self.embed(x);
         for b in &self.blocks {
             x = b.forward(x, None);
         }
         self.head_from_tokens(x)
+    }
+}
+
+impl<B: ModelBackend> Backbone<B> for VisionTransformer<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        match &self.reduction {
+            None => self.forward_all_tokens(x),
+            Some(_) => self.forward_traced(x).0,
+        }
+    }
+
+    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, TokenTrace<B>) {
+        match &self.reduction {
+            None => (self.forward_all_tokens(x), Vec::new()),
+            Some(TokenReduction::ToMe { r, prop_attn, trace_source }) => tome_forward(self, x, r, *prop_attn, *trace_source),
+            Some(TokenReduction::Evit { keep_rate, fuse_token }) => evit_forward(self, x, keep_rate, *fuse_token),
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
 use super::activation_op::softmax_last_dim;
-use super::attention_op::attention;
+use super::attention_op::attention_with_key_bias;
 use super::drop_path::dropout;
 use super::layers::Linear;
 
@@ -49,27 +49,43 @@ impl<B: crate::ModelBackend> Attention<B> {
     /// `x`: `[N, T, C]` (any token count, e.g. a gathered subset); `policy`: optional `[N, T]`
     /// keep mask. Returns `[N, T, C]`.
     pub fn forward(&self, x: Tensor<B, 3>, policy: Option<Tensor<B, 2>>) -> Tensor<B, 3> {
+        self.forward_parts(x, policy, None).0
+    }
+
+    /// [`Self::forward`] that also returns the `qkv` projection `[N, T, 3C]` (token methods read
+    /// their scores from it: ToMe the keys, EViT the class token's attention), with an optional
+    /// `key_bias` `[N, T]` added to every query's logit for each key (ToMe's `log(size)`).
+    pub fn forward_parts(
+        &self,
+        x: Tensor<B, 3>,
+        policy: Option<Tensor<B, 2>>,
+        key_bias: Option<Tensor<B, 2>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [n, t, c] = x.dims();
         let h = self.num_heads;
         let d = c / h;
         let qkv = self.qkv.forward(x);
         let attn_dropout = self.attn_drop > 0.0 && B::ad_enabled(&qkv.device());
         if policy.is_none() && !attn_dropout && self.scale > 0.0 {
-            return dropout(self.proj.forward(attention(qkv, h, self.scale)), self.proj_drop);
+            let out = attention_with_key_bias(qkv.clone(), key_bias, h, self.scale);
+            return (dropout(self.proj.forward(out), self.proj_drop), qkv);
         }
         // [N, T, 3C] -> [3, N, H, T, d]
-        let qkv = qkv.reshape([n, t, 3, h, d]).permute([2, 0, 3, 1, 4]);
-        let q = qkv.clone().narrow(0, 0, 1).reshape([n, h, t, d]);
-        let k = qkv.clone().narrow(0, 1, 1).reshape([n, h, t, d]);
-        let v = qkv.narrow(0, 2, 1).reshape([n, h, t, d]);
-        let attn = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
+        let heads = qkv.clone().reshape([n, t, 3, h, d]).permute([2, 0, 3, 1, 4]);
+        let q = heads.clone().narrow(0, 0, 1).reshape([n, h, t, d]);
+        let k = heads.clone().narrow(0, 1, 1).reshape([n, h, t, d]);
+        let v = heads.narrow(0, 2, 1).reshape([n, h, t, d]);
+        let mut attn = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
+        if let Some(b) = key_bias {
+            attn = attn + b.detach().reshape([n, 1, 1, t]);
+        }
         let attn = match policy {
             None => softmax_last_dim(attn),
             Some(p) => softmax_with_policy(attn, p, POLICY_EPS),
         };
         let attn = dropout(attn, self.attn_drop);
         let out = attn.matmul(v).swap_dims(1, 2).reshape([n, t, c]);
-        dropout(self.proj.forward(out), self.proj_drop)
+        (dropout(self.proj.forward(out), self.proj_drop), qkv)
     }
 }
 

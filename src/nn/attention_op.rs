@@ -38,11 +38,19 @@ pub struct AttentionSaved<B: Backend> {
 }
 
 pub trait AttentionBackend: Backend {
-    /// `softmax(scale·q·kᵀ)·v` per head (`scale > 0`), from `qkv` `[N, T, 3C]` laid out as
-    /// timm's `qkv(x).reshape(N, T, 3, H, d)`; the heads' outputs concatenated, `[N, T, C]`. With
+    /// `softmax(scale·q·kᵀ + bias)·v` per head (`scale > 0`), from `qkv` `[N, T, 3C]` laid out
+    /// as timm's `qkv(x).reshape(N, T, 3, H, d)`; the heads' outputs concatenated, `[N, T, C]`.
+    /// `key_bias` `[N, T]`, when given, is added to every query's logit for key `j` (ToMe's
+    /// proportional attention, `log(size)`); it is a constant for the backward. With
     /// `keep_probs`, also the probabilities `[N, H, T, T]` (for the backward).
-    fn attention_from_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f64, keep_probs: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        let (out, probs) = attention_composed::<Self>(float(qkv), heads, scale);
+    fn attention_from_qkv(
+        qkv: FloatTensor<Self>,
+        key_bias: Option<FloatTensor<Self>>,
+        heads: usize,
+        scale: f64,
+        keep_probs: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let (out, probs) = attention_composed::<Self>(float(qkv), key_bias.map(float), heads, scale);
         (out.into_primitive().tensor(), keep_probs.then(|| probs.into_primitive().tensor()))
     }
 
@@ -70,9 +78,19 @@ fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     x.swap_dims(1, 2).reshape([n, t, h * d])
 }
 
-fn attention_composed<B: Backend>(qkv: Tensor<B, 3>, heads: usize, scale: f64) -> (Tensor<B, 3>, Tensor<B, 4>) {
+fn attention_composed<B: Backend>(
+    qkv: Tensor<B, 3>,
+    key_bias: Option<Tensor<B, 2>>,
+    heads: usize,
+    scale: f64,
+) -> (Tensor<B, 3>, Tensor<B, 4>) {
     let [q, k, v] = split_heads(qkv, heads);
-    let probs = burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
+    let mut logits = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+    if let Some(b) = key_bias {
+        let [n, t] = b.dims();
+        logits = logits + b.reshape([n, 1, 1, t]);
+    }
+    let probs = burn::tensor::activation::softmax(logits, 3);
     (merge_heads(probs.clone().matmul(v)), probs)
 }
 
@@ -93,7 +111,19 @@ fn attention_backward_composed<B: Backend>(grad: FloatTensor<B>, s: AttentionSav
 
 /// See [`AttentionBackend::attention_from_qkv`]: `qkv` `[N, T, 3C]` → `[N, T, C]`.
 pub fn attention<B: AttentionBackend>(qkv: Tensor<B, 3>, heads: usize, scale: f64) -> Tensor<B, 3> {
-    float(B::attention_from_qkv(qkv.into_primitive().tensor(), heads, scale, false).0)
+    attention_with_key_bias(qkv, None, heads, scale)
+}
+
+/// [`attention`] with `key_bias` `[N, T]` added to the logits of each key (ToMe's proportional
+/// attention); no gradient flows into the bias.
+pub fn attention_with_key_bias<B: AttentionBackend>(
+    qkv: Tensor<B, 3>,
+    key_bias: Option<Tensor<B, 2>>,
+    heads: usize,
+    scale: f64,
+) -> Tensor<B, 3> {
+    let bias = key_bias.map(|b| b.into_primitive().tensor());
+    float(B::attention_from_qkv(qkv.into_primitive().tensor(), bias, heads, scale, false).0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -115,16 +145,25 @@ impl<B: AttentionBackend> Backward<B, 1> for AttentionBackward {
 }
 
 impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
-    fn attention_from_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f64, _keep_probs: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+    fn attention_from_qkv(
+        qkv: FloatTensor<Self>,
+        key_bias: Option<FloatTensor<Self>>,
+        heads: usize,
+        scale: f64,
+        _keep_probs: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         let prep = AttentionBackward.prepare::<C>([qkv.node]).compute_bound().stateful();
         let qp = qkv.primitive;
+        // The bias only shifts the logits: given the probabilities it saves, the backward is the
+        // same, and the bias itself gets no gradient.
+        let bias = key_bias.map(|b| b.primitive);
         let out = match prep {
             OpsKind::Tracked(prep) => {
-                let (out, probs) = B::attention_from_qkv(qp.clone(), heads, scale, true);
+                let (out, probs) = B::attention_from_qkv(qp.clone(), bias, heads, scale, true);
                 let probs = probs.expect("the probabilities were asked for");
                 prep.finish(AttentionSaved { qkv: qp, probs, heads, scale }, out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::attention_from_qkv(qp, heads, scale, false).0),
+            OpsKind::UnTracked(prep) => prep.finish(B::attention_from_qkv(qp, bias, heads, scale, false).0),
         };
         (out, None)
     }
@@ -138,15 +177,22 @@ impl AttentionBackend for crate::device::Cuda {}
 // ---------------------------------------------------------------------------------------------
 
 impl AttentionBackend for NdArray<f32> {
-    fn attention_from_qkv(qkv: FloatTensor<Self>, heads: usize, scale: f64, keep_probs: bool) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+    fn attention_from_qkv(
+        qkv: FloatTensor<Self>,
+        key_bias: Option<FloatTensor<Self>>,
+        heads: usize,
+        scale: f64,
+        keep_probs: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         let s = qkv.shape();
         let (n, t, c3) = (s[0], s[1], s[2]);
-        let Some(qs) = host_f32(&qkv) else {
-            let (out, probs) = attention_composed::<Self>(float(qkv), heads, scale);
+        let bias = key_bias.as_ref().map(host_f32);
+        let (Some(qs), None | Some(Some(_))) = (host_f32(&qkv), &bias) else {
+            let (out, probs) = attention_composed::<Self>(float(qkv), key_bias.map(float), heads, scale);
             return (out.into_primitive().tensor(), keep_probs.then(|| probs.into_primitive().tensor()));
         };
         let g = cpu::Geom { n, t, heads, d: c3 / 3 / heads };
-        let (out, probs) = cpu::forward(&qs, &g, scale as f32, keep_probs);
+        let (out, probs) = cpu::forward(&qs, bias.flatten().as_deref(), &g, scale as f32, keep_probs);
         (
             NdArrayTensor::from_data(TensorData::new(out, [n, t, c3 / 3])),
             probs.map(|p| NdArrayTensor::from_data(TensorData::new(p, [n, heads, t, t]))),
@@ -188,8 +234,22 @@ mod cpu {
         conv_threads().min(macs >> 21).clamp(1, g.n.max(1))
     }
 
-    /// Row-wise `softmax(scale·row)` in place.
-    fn softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+    /// Row-wise `softmax(scale·row + bias)` in place.
+    fn softmax_rows(p: &mut [f32], t: usize, scale: f32, bias: Option<&[f32]>) {
+        if let Some(b) = bias {
+            for row in p.chunks_exact_mut(t) {
+                for (v, &bj) in row.iter_mut().zip(b) {
+                    *v = scale.mul_add(*v, bj);
+                }
+                let max = lanes::<true>(row, f32::NEG_INFINITY);
+                for v in row.iter_mut() {
+                    *v = exp(*v - max);
+                }
+                let inv = 1.0 / lanes::<false>(row, 0.0);
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+            return;
+        }
         for row in p.chunks_exact_mut(t) {
             let max = lanes::<true>(row, f32::NEG_INFINITY);
             for v in row.iter_mut() {
@@ -200,8 +260,8 @@ mod cpu {
         }
     }
 
-    /// `(out [N, T, C], probs [N, H, T, T] when kept)`.
-    pub fn forward(qkv: &[f32], g: &Geom, scale: f32, keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    /// `(out [N, T, C], probs [N, H, T, T] when kept)`; `bias` `[N, T]` is added to each key's logits.
+    pub fn forward(qkv: &[f32], bias: Option<&[f32]>, g: &Geom, scale: f32, keep_probs: bool) -> (Vec<f32>, Option<Vec<f32>>) {
         let (t, d, c) = (g.t, g.d, g.c());
         let mut out = vec![0.0f32; g.n * t * c];
         let mut probs = keep_probs.then(|| vec![0.0f32; g.n * g.heads * t * t]);
@@ -223,7 +283,7 @@ mod cpu {
                     };
                     let (q, k, v) = (&x[h * d..], &x[c + h * d..], &x[2 * c + h * d..]);
                     gemm_strided(t, d, t, q, (3 * c, 1), k, (1, 3 * c), false, p, (t, 1));
-                    softmax_rows(p, t, scale);
+                    softmax_rows(p, t, scale, bias.map(|b| &b[img * t..][..t]));
                     gemm_strided(t, t, d, p, (t, 1), v, (3 * c, 1), false, &mut o[h * d..], (c, 1));
                 }
             }
@@ -284,18 +344,33 @@ mod tests {
             let scale = (d as f64).powf(-0.5);
             let x0 = Tensor::<CpuAutodiff, 3>::random([n, t, 3 * c], Distribution::Normal(0.0, 1.0), &device);
             let r = Tensor::<CpuAutodiff, 3>::random([n, t, c], Distribution::Default, &device);
-            let run = |ours: bool| {
-                let x = x0.clone().require_grad();
-                let y = if ours { attention(x.clone(), heads, scale) } else { attention_composed(x.clone(), heads, scale).0 };
-                let grads = (y.clone() * r.clone()).sum().backward();
-                (host(y), host(x.grad(&grads).unwrap()))
-            };
-            let (a, b) = (run(true), run(false));
-            assert!(max_rel(&a.0, &b.0) < 1e-5, "output {n} {t} {heads} {d}: {}", max_rel(&a.0, &b.0));
-            assert!(max_rel(&a.1, &b.1) < 1e-4, "dqkv {n} {t} {heads} {d}: {}", max_rel(&a.1, &b.1));
-            // Inference (no autodiff) gives the same output.
-            let plain = attention(Tensor::<Cpu, 3>::from_data(x0.clone().into_data(), &device), heads, scale);
-            assert!(max_rel(&host(plain), &a.0) < 1e-6);
+            // ToMe's proportional attention: log(size) of each key, sizes 1 to 4.
+            let sizes = Tensor::<CpuAutodiff, 2>::random([n, t], Distribution::Uniform(1.0, 4.0), &device);
+            for bias in [None, Some(sizes.log())] {
+                let run = |ours: bool| {
+                    let x = x0.clone().require_grad();
+                    let y = if ours {
+                        attention_with_key_bias(x.clone(), bias.clone(), heads, scale)
+                    } else {
+                        attention_composed(x.clone(), bias.clone(), heads, scale).0
+                    };
+                    let grads = (y.clone() * r.clone()).sum().backward();
+                    (host(y), host(x.grad(&grads).unwrap()))
+                };
+                let (a, b) = (run(true), run(false));
+                let with = if bias.is_some() { "with a key bias" } else { "" };
+                assert!(max_rel(&a.0, &b.0) < 1e-5, "output {n} {t} {heads} {d} {with}: {}", max_rel(&a.0, &b.0));
+                assert!(max_rel(&a.1, &b.1) < 1e-4, "dqkv {n} {t} {heads} {d} {with}: {}", max_rel(&a.1, &b.1));
+                // Inference (no autodiff) gives the same output.
+                let inner = |t: Tensor<CpuAutodiff, 2>| Tensor::<Cpu, 2>::from_data(t.into_data(), &device);
+                let plain = attention_with_key_bias(
+                    Tensor::<Cpu, 3>::from_data(x0.clone().into_data(), &device),
+                    bias.clone().map(inner),
+                    heads,
+                    scale,
+                );
+                assert!(max_rel(&host(plain), &a.0) < 1e-6);
+            }
         }
     }
 

@@ -1,0 +1,184 @@
+//! ToMe and EViT against the official implementations (`../shared/parity/tome_deit_tiny_r8_seed0`,
+//! `../shared/parity/evit_deit_tiny_k0.7_seed0`): a model TOML with `[model.tome]` or
+//! `[model.evit]` run through `rlprune infer` gives the fixtures' logits and the same merged or
+//! kept token sets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use rlprune::backbones::{infer, AnyBackbone, Backbone, ModelSpec};
+use rlprune::import::read_safetensors;
+use rlprune::nn::params::{load_strict, HostTensor};
+use rlprune::{Cpu, CpuAutodiff};
+
+mod common;
+
+fn config(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+/// A model TOML for a fixture: `family = "deit"`, its `args`, and `[model.<method>]` with the
+/// given keys of its config's `<method>` table.
+fn model_toml(dir: &Path, method: &str, keys: &[&str]) -> String {
+    let cfg = config(dir);
+    let mut model: toml::Table = serde_json::from_value(cfg["args"].clone()).unwrap();
+    model.insert("family".into(), "deit".into());
+    let mut sub = toml::Table::new();
+    for &k in keys {
+        let v: toml::Value = serde_json::from_value(cfg[method][k].clone()).unwrap();
+        sub.insert(k.into(), v);
+    }
+    model.insert(method.into(), toml::Value::Table(sub));
+    let mut doc = toml::Table::new();
+    doc.insert("model".into(), toml::Value::Table(model));
+    toml::to_string(&doc).unwrap()
+}
+
+fn max_abs(got: &HostTensor, want: &HostTensor) -> f32 {
+    assert_eq!(got.shape, want.shape);
+    got.data.iter().zip(&want.data).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+}
+
+/// Runs `rlprune infer` on a fixture with `toml` and `weights`; the output file's tensors.
+fn run_infer(dir: &Path, toml: &str, weights: &str) -> (BTreeMap<String, HostTensor>, PathBuf, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model.toml");
+    std::fs::write(&model, toml).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    infer(&model, dir.join(weights), dir.join("input.safetensors"), &out).unwrap_or_else(|e| panic!("{e:#}"));
+    let got = read_safetensors(&out).unwrap();
+    (got, out, tmp)
+}
+
+fn int64(path: &Path, name: &str) -> Vec<i64> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::I64, "{name} is stored as int64");
+    t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+/// Whether two labelings of the same items describe the same partition.
+fn same_partition(a: &[i64], b: &[i64]) -> bool {
+    let (mut ab, mut ba) = (BTreeMap::new(), BTreeMap::new());
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| *ab.entry(x).or_insert(y) == y && *ba.entry(y).or_insert(x) == x)
+}
+
+#[test]
+fn tome_reproduces_the_official_logits_and_source_map() {
+    let dir = common::parity_fixture("tome_deit_tiny_r8_seed0");
+    let toml = model_toml(&dir, "tome", &["r", "prop_attn", "trace_source"]);
+    let spec = ModelSpec::from_toml_str(&toml).unwrap();
+    let cfg = config(&dir);
+    assert_eq!(spec.cost_native().params(), cfg["num_params"].as_u64().unwrap());
+    let want = read_safetensors(&dir.join("output.safetensors")).unwrap();
+    let (got, out, _tmp) = run_infer(&dir, &toml, "weights.safetensors");
+    let err = max_abs(&got["output"], &want["output"]);
+    println!("tome: logits max abs err {err:.3e}");
+    assert!(err <= 1e-4, "logits max abs err {err:.3e}");
+    let ours = int64(&out, "source_idx");
+    let theirs: Vec<i64> = want["source_idx"].data.iter().map(|&v| v as i64).collect();
+    assert_eq!(got["source_idx"].shape, vec![2, 197]);
+    for (img, (a, b)) in ours.chunks(197).zip(theirs.chunks(197)).enumerate() {
+        assert!(same_partition(a, b), "image {img}: another partition of the input tokens");
+        // 149 final tokens, as `tokens_per_layer` ends.
+        assert_eq!(a.iter().collect::<std::collections::BTreeSet<_>>().len(), 149);
+    }
+    // The DeiT-style checkpoint written by `torch.save` (`{"model": state_dict, ...}`) loads too.
+    let (pth, _, _tmp2) = run_infer(&dir, &toml, "weights.pth");
+    assert_eq!(pth["output"].data, got["output"].data);
+}
+
+#[test]
+fn tome_with_r_zero_is_the_plain_model() {
+    let dir = common::parity_fixture("tome_deit_tiny_r8_seed0");
+    let toml = model_toml(&dir, "tome", &["prop_attn", "trace_source"]).replace("[model.tome]", "[model.tome]\nr = 0");
+    let want = read_safetensors(&dir.join("output.safetensors")).unwrap();
+    let (got, out, _tmp) = run_infer(&dir, &toml, "weights.safetensors");
+    let err = max_abs(&got["output"], &want["output_r0"]);
+    assert!(err <= 1e-4, "r = 0: logits max abs err {err:.3e}");
+    // With nothing merged, every input token is its own final token.
+    assert_eq!(int64(&out, "source_idx"), [(0..197).collect::<Vec<i64>>(), (0..197).collect()].concat());
+}
+
+#[test]
+fn evit_reproduces_the_official_logits_and_kept_tokens() {
+    let dir = common::parity_fixture("evit_deit_tiny_k0.7_seed0");
+    let toml = model_toml(&dir, "evit", &["base_keep_rate", "drop_loc", "fuse_token"]);
+    let spec = ModelSpec::from_toml_str(&toml).unwrap();
+    assert_eq!(spec.cost_native().params(), config(&dir)["num_params"].as_u64().unwrap());
+    let want = read_safetensors(&dir.join("output.safetensors")).unwrap();
+    let (got, out, _tmp) = run_infer(&dir, &toml, "weights.safetensors");
+    let err = max_abs(&got["output"], &want["output"]);
+    println!("evit: logits max abs err {err:.3e}");
+    assert!(err <= 1e-4, "logits max abs err {err:.3e}");
+    for (i, k) in [138usize, 98, 70].into_iter().enumerate() {
+        let name = format!("keep_abs_s{i}");
+        assert_eq!(got[&name].shape, vec![2, k], "{name}");
+        let ours = int64(&out, &name);
+        let theirs: Vec<i64> = want[&name].data.iter().map(|&v| v as i64).collect();
+        for (a, b) in ours.chunks(k).zip(theirs.chunks(k)) {
+            let set = |s: &[i64]| s.iter().copied().collect::<std::collections::BTreeSet<_>>();
+            assert_eq!(set(a), set(b), "{name}: another kept set");
+        }
+    }
+    assert!(got.keys().all(|k| k == "output" || k.starts_with("keep_abs_s")));
+}
+
+/// The merged and reduced models count fewer MACs than the plain one, by the token counts the
+/// official models report, and the plain model is untouched by the new keys' absence.
+#[test]
+fn token_reduction_costs_follow_the_token_counts() {
+    let dir = common::parity_fixture("tome_deit_tiny_r8_seed0");
+    let tome = ModelSpec::from_toml_str(&model_toml(&dir, "tome", &["r"])).unwrap();
+    let plain = ModelSpec::from_toml_str(&model_toml(&dir, "tome", &[]).replace("[model.tome]\n", "")).unwrap();
+    let plain_r0 = ModelSpec::from_toml_str(&model_toml(&dir, "tome", &[]).replace("[model.tome]", "[model.tome]\nr = 0")).unwrap();
+    let (t, p) = (tome.cost_native().macs(), plain.cost_native().macs());
+    assert_eq!(plain_r0.cost_native().macs(), p);
+    assert!(t < p && t as f64 > 0.6 * p as f64, "tome {t} vs plain {p}");
+    assert!(!plain.to_toml_string().contains("tome"), "no [model.tome] unless asked for");
+}
+
+#[test]
+fn token_method_settings_are_checked() {
+    let dir = common::parity_fixture("evit_deit_tiny_k0.7_seed0");
+    let base = model_toml(&dir, "evit", &["base_keep_rate", "drop_loc", "fuse_token"]);
+    let err = |toml: &str| format!("{:#}", ModelSpec::from_toml_str(toml).unwrap_err());
+    let both = format!("{base}\n[model.tome]\nr = 4\n");
+    assert!(err(&both).contains("cannot both be set"), "{}", err(&both));
+    let unknown = base.replace("fuse_token", "fuse_tokens");
+    assert!(err(&unknown).contains("fuse_tokens"), "{}", err(&unknown));
+    let far = base.replace("drop_loc = [3, 6, 9]", "drop_loc = [3, 6, 12]");
+    assert!(err(&far).contains("drop_loc"), "{}", err(&far));
+    let rate = base.replace("base_keep_rate = 0.7", "base_keep_rate = 0.0");
+    assert!(err(&rate).contains("base_keep_rate"), "{}", err(&rate));
+}
+
+/// Fine-tuning runs through the reductions: every block's weights get a finite, non-zero
+/// gradient through ToMe's merges and EViT's kept and fused tokens.
+#[test]
+fn gradients_flow_through_merged_and_fused_tokens() {
+    for (fixture, method, keys) in [
+        ("tome_deit_tiny_r8_seed0", "tome", &["r", "prop_attn"][..]),
+        ("evit_deit_tiny_k0.7_seed0", "evit", &["base_keep_rate", "drop_loc", "fuse_token"][..]),
+    ] {
+        let dir = common::parity_fixture(fixture);
+        let spec = ModelSpec::from_toml_str(&model_toml(&dir, method, keys)).unwrap();
+        let dev = Default::default();
+        let model: AnyBackbone<CpuAutodiff> = spec.build(&dev).unwrap();
+        let weights = read_safetensors(&dir.join("weights.safetensors")).unwrap();
+        let model = load_strict(model, &weights, fixture).unwrap();
+        let x = read_safetensors(&dir.join("input.safetensors")).unwrap()["input"].to_tensor::<CpuAutodiff, 4>(&dev);
+        let grads = model.forward(x).powi_scalar(2).sum().backward();
+        let AnyBackbone::Deit(vit) = &model else { panic!("a deit model") };
+        let last = vit.blocks.last().unwrap();
+        for (name, w) in [("blocks.0.attn.qkv", &vit.blocks[0].attn.qkv.weight), ("last block fc2", &last.mlp.fc2.weight)] {
+            let g: Tensor<Cpu, 2> = w.grad(&grads).unwrap_or_else(|| panic!("{method}: no gradient for {name}"));
+            let g = g.into_data().to_vec::<f32>().unwrap();
+            assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|&v| v != 0.0), "{method}: {name}");
+        }
+        assert!(model.num_params() > 0);
+    }
+}
