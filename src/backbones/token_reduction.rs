@@ -9,16 +9,16 @@
 //! ToMe's schedule slope), `[model.evit]` with `base_keep_rate`, `drop_loc`, `fuse_token`.
 //!
 //! The decisions (ToMe's bipartite matching, EViT's top-k) are made on the host from small score
-//! tensors; the tokens move through tensor ops (row selection, a scatter-add, a weighted sum), so
+//! tensors; the tokens move through backend ops (a weighted merge of rows, row selection, a weighted sum), so
 //! gradients reach the tokens when a model is fine-tuned with its reduction on.
 
 use anyhow::{ensure, Result};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::vit::VisionTransformer;
 use crate::nn::activation_op::softmax_last_dim;
-use crate::nn::channel_op::{residual, select_tokens};
+use crate::nn::channel_op::{merge_tokens, residual, select_tokens};
 use crate::nn::drop_path::drop_path;
 use crate::ModelBackend;
 
@@ -187,7 +187,7 @@ pub fn tome_forward<B: ModelBackend>(
     trace_source: bool,
 ) -> (Tensor<B, 2>, TokenTrace<B>) {
     let mut x = vit.embed(x);
-    let [n, t0, c] = x.dims();
+    let [n, t0, _] = x.dims();
     let device = x.device();
     // Host state per image: each token's size, and the current position of every input token.
     let mut size = vec![1.0f32; n * t0];
@@ -201,12 +201,6 @@ pub fn tome_forward<B: ModelBackend>(
         let r = r.min((t - 1) / 2);
         if r > 0 {
             let plan = MergePlan::new(host(similarity(qkv, block.attn.num_heads)), n, t, r);
-            let sizes = Tensor::<B, 3>::from_data(TensorData::new(size.clone(), [n, t, 1]), &device);
-            let weighted = x * sizes;
-            let kept = select_tokens(weighted.clone(), int_tensor(plan.kept_rows(), [n, t - r], &device));
-            let merged_in = select_tokens(weighted, int_tensor(plan.src_rows(), [n, r], &device));
-            let at: Vec<i64> = plan.dst_positions().into_iter().flat_map(|p| std::iter::repeat_n(p, c)).collect();
-            let summed = kept.scatter(1, Tensor::from_data(TensorData::new(at, [n, r, c]), &device), merged_in, IndexingUpdateOp::Add);
             let moved = plan.new_positions();
             let mut new_size = vec![0.0f32; n * (t - r)];
             for img in 0..n {
@@ -219,9 +213,13 @@ pub fn tome_forward<B: ModelBackend>(
                     }
                 }
             }
+            // ToMe's `merge_wavg`: Σ size·x / Σ size over the tokens each merged token holds.
+            let weight: Vec<f32> = (0..n * t).map(|i| size[i] / new_size[(i / t) * (t - r) + moved[i]]).collect();
+            let target = int_tensor(moved.iter().map(|&p| p as i64).collect(), [n, t], &device);
+            let weight = Tensor::<B, 2>::from_data(TensorData::new(weight, [n, t]), &device);
+            x = merge_tokens(x, target, weight, t - r);
             size = new_size;
             t -= r;
-            x = summed / Tensor::<B, 3>::from_data(TensorData::new(size.clone(), [n, t, 1]), &device);
         }
         x = residual(x.clone(), drop_path(block.mlp.forward(block.norm2.forward(x)), block.drop_path), None, 2);
     }
@@ -287,29 +285,6 @@ impl MergePlan {
             unmerged.push(rest);
         }
         Self { n, t, r, unmerged, pairs }
-    }
-
-    /// Rows (token positions) of the merged sequence before the merge: the unmerged A tokens in
-    /// ascending order, then every B token.
-    fn kept_rows(&self) -> Vec<i64> {
-        let tb = self.t / 2;
-        (0..self.n)
-            .flat_map(|img| {
-                let a = self.unmerged[img].iter().map(|&i| 2 * i as i64);
-                a.chain((0..tb).map(|j| 2 * j as i64 + 1)).collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    /// Token positions of the merged A tokens, `[N, r]`.
-    fn src_rows(&self) -> Vec<i64> {
-        self.pairs.iter().flat_map(|p| p.iter().map(|&(i, _)| 2 * i as i64)).collect()
-    }
-
-    /// Positions in the merged sequence that the merged A tokens are added to, `[N, r]`.
-    fn dst_positions(&self) -> Vec<i64> {
-        let unm = self.t.div_ceil(2) - self.r;
-        self.pairs.iter().flat_map(|p| p.iter().map(move |&(_, j)| (unm + j) as i64)).collect()
     }
 
     /// `[N, T]`: the position in the merged sequence of each token before the merge.
@@ -436,9 +411,9 @@ mod tests {
         // token 2 is closest to B0 (0.9), token 4 to B1 (0.5); r = 1 merges token 2 into token 1.
         let scores = vec![0.0, 0.0, 0.9, 0.1, 0.2, 0.5];
         let plan = MergePlan::new(scores, 1, 5, 1);
-        assert_eq!(plan.kept_rows(), vec![0, 4, 1, 3]);
-        assert_eq!(plan.src_rows(), vec![2]);
-        assert_eq!(plan.dst_positions(), vec![2]);
+        assert_eq!(plan.pairs, vec![vec![(1, 0)]]);
+        assert_eq!(plan.unmerged, vec![vec![0, 2]]);
+        // Merged order: token 0, token 4, then B = {1 (+ 2), 3}.
         assert_eq!(plan.new_positions(), vec![0, 2, 2, 3, 1]);
     }
 }

@@ -64,6 +64,14 @@ pub trait ChannelBackend: Backend {
     fn scatter_tokens(grad: FloatTensor<Self>, idx: IntTensor<Self>, tokens: usize) -> FloatTensor<Self> {
         scatter_tokens_composed::<Self>(grad, idx, tokens)
     }
+
+    /// `[N, tokens, C]` with `Σ weight[n, i]·x[n, i]` over the tokens `i` whose `target[n, i]`
+    /// is each row (ToMe's size-weighted merge); `x` `[N, T, C]`, `target` and `weight` `[N, T]`.
+    fn merge_tokens(x: FloatTensor<Self>, target: IntTensor<Self>, weight: FloatTensor<Self>, tokens: usize) -> FloatTensor<Self> {
+        let [n, t, _] = split_at_axis(&x.shape(), 1);
+        let weighted = float::<Self, 3>(x) * float::<Self, 2>(weight).reshape([n, t, 1]);
+        scatter_tokens_composed::<Self>(weighted.into_primitive().tensor(), target, tokens)
+    }
 }
 
 /// Row `n·T + idx[n, j]` of the `[N·T, C]` rows for every `(n, j)`.
@@ -167,6 +175,13 @@ pub fn gated_product<B: ChannelBackend, const D: usize>(a: Tensor<B, D>, b: Tens
 /// over `C` computed an index per value (a tenth of a DynamicViT forward, on one thread).
 pub fn select_tokens<B: ChannelBackend>(x: Tensor<B, 3>, idx: Tensor<B, 2, Int>) -> Tensor<B, 3> {
     float(B::select_tokens(x.into_primitive().tensor(), idx.into_primitive()))
+}
+
+/// ToMe's merge: row `j` of the result `[N, tokens, C]` is `Σ weight[n, i]·x[n, i]` over the
+/// tokens with `target[n, i] = j`. The weights are constants (no gradient flows into them); the
+/// gradient towards `x` is `weight·dy[target]`.
+pub fn merge_tokens<B: ChannelBackend>(x: Tensor<B, 3>, target: Tensor<B, 2, Int>, weight: Tensor<B, 2>, tokens: usize) -> Tensor<B, 3> {
+    float(B::merge_tokens(x.into_primitive().tensor(), target.into_primitive(), weight.into_primitive().tensor(), tokens))
 }
 
 /// `y·γ`, `γ` broadcast along `axis`: a per-channel scale as one pass.
@@ -283,7 +298,35 @@ impl<B: ChannelBackend> Backward<B, 1> for SelectTokensBackward {
     }
 }
 
+#[derive(Debug)]
+struct MergeTokensBackward;
+
+impl<B: ChannelBackend> Backward<B, 1> for MergeTokensBackward {
+    /// `(target, weight)`.
+    type State = (IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (target, weight) = ops.state;
+        if let [Some(node)] = ops.parents {
+            let picked = float::<B, 3>(B::select_tokens(grad, target));
+            let [n, t, _] = picked.dims();
+            let dx = picked * float::<B, 2>(weight).reshape([n, t, 1]);
+            grads.register::<B>(node.id, dx.into_primitive().tensor());
+        }
+    }
+}
+
 impl<B: ChannelBackend, C: CheckpointStrategy> ChannelBackend for Autodiff<B, C> {
+    fn merge_tokens(x: FloatTensor<Self>, target: IntTensor<Self>, weight: FloatTensor<Self>, tokens: usize) -> FloatTensor<Self> {
+        let weight = weight.primitive;
+        let y = B::merge_tokens(x.primitive, target.clone(), weight.clone(), tokens);
+        match MergeTokensBackward.prepare::<C>([x.node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((target, weight), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
     fn select_tokens(x: FloatTensor<Self>, idx: IntTensor<Self>) -> FloatTensor<Self> {
         let tokens = x.primitive.shape()[1];
         let y = B::select_tokens(x.primitive, idx.clone());
@@ -339,6 +382,26 @@ fn ndarray(data: Vec<f32>, shape: Shape) -> FloatTensor<NdArray<f32>> {
 }
 
 impl ChannelBackend for NdArray<f32> {
+    fn merge_tokens(x: FloatTensor<Self>, target: IntTensor<Self>, weight: FloatTensor<Self>, tokens: usize) -> FloatTensor<Self> {
+        let [n, t, c] = split_at_axis(&x.shape(), 1);
+        let (Some(xs), Some(ws)) = (host_f32(&x), host_f32(&weight)) else {
+            let weighted = float::<Self, 3>(x) * float::<Self, 2>(weight).reshape([n, t, 1]);
+            return scatter_tokens_composed::<Self>(weighted.into_primitive().tensor(), target, tokens);
+        };
+        let (_, _, rows) = host_indices(target);
+        assert!(rows.iter().all(|&r| r < tokens), "token index out of range 0..{tokens}");
+        let out = zeroed_by_rows(n * tokens * c, n, |first, chunk| {
+            for (o, image) in chunk.chunks_exact_mut(tokens * c).enumerate() {
+                let img = first + o;
+                let (src, picks, w) = (&xs[img * t * c..][..t * c], &rows[img * t..][..t], &ws[img * t..][..t]);
+                for ((v, &r), &w) in src.chunks_exact(c).zip(picks).zip(w) {
+                    image[r * c..(r + 1) * c].iter_mut().zip(v).for_each(|(o, &v)| *o = w.mul_add(v, *o));
+                }
+            }
+        });
+        ndarray(out, Shape::new([n, tokens, c]))
+    }
+
     fn channel_slice(x: FloatTensor<Self>, start: usize, len: usize) -> FloatTensor<Self> {
         let shape = x.shape();
         let [outer, c, inner] = split_at_axis(&shape, 1);
@@ -483,6 +546,34 @@ mod tests {
     use crate::nn::test_util::{host, max_rel};
     use crate::{Cpu, CpuAutodiff};
     use burn::tensor::Distribution;
+
+    /// The merge against its definition (composed: weights, then burn's scatter-add), output and
+    /// gradient, with several tokens merging into one row and rows receiving none.
+    #[test]
+    fn token_merge_matches_the_composed_scatter() {
+        let dev = Default::default();
+        let (n, t, c, tokens) = (3, 7, 5, 4);
+        let target: Vec<i64> = (0..n * t).map(|i| ((i * 5 + i / t) % 3) as i64).collect();
+        let target = Tensor::<CpuAutodiff, 2, Int>::from_data(TensorData::new(target, [n, t]), &dev);
+        let weight = Tensor::<CpuAutodiff, 2>::random([n, t], Distribution::Uniform(0.1, 1.0), &dev);
+        let x0 = Tensor::<CpuAutodiff, 3>::random([n, t, c], Distribution::Normal(0.0, 1.0), &dev);
+        let r = Tensor::<CpuAutodiff, 3>::random([n, tokens, c], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |ours: bool| {
+            let x = x0.clone().require_grad();
+            let y = if ours {
+                merge_tokens(x.clone(), target.clone(), weight.clone(), tokens)
+            } else {
+                let w = (x.clone() * weight.clone().reshape([n, t, 1])).into_primitive().tensor();
+                float(scatter_tokens_composed::<CpuAutodiff>(w, target.clone().into_primitive(), tokens))
+            };
+            let grads = (y.clone() * r.clone()).sum().backward();
+            (host(y), host(x.grad(&grads).unwrap()))
+        };
+        let (a, b) = (run(true), run(false));
+        assert!(max_rel(&a.0, &b.0) < 1e-6 && max_rel(&a.1, &b.1) < 1e-6, "{} {}", max_rel(&a.0, &b.0), max_rel(&a.1, &b.1));
+        // The last row receives no token: zeros.
+        assert!(a.0.chunks(tokens * c).all(|img| img[3 * c..].iter().all(|&v| v == 0.0)));
+    }
 
     fn normal<const D: usize>(shape: [usize; D]) -> Tensor<Cpu, D> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
