@@ -141,6 +141,10 @@ pub enum Command {
         /// of K groups, in alternation (what routing itself costs; CPU inference).
         #[arg(long, value_name = "K", conflicts_with = "train")]
         routed: Option<usize>,
+        /// Time a deit model TOML's token reduction ([model.tome] or [model.evit]) against the
+        /// same model keeping every token, in alternation (CPU inference)
+        #[arg(long, conflicts_with_all = ["routed", "train"])]
+        unreduced: bool,
         /// Untimed steps first.
         #[arg(long, default_value_t = 2, value_name = "W")]
         warmup: usize,
@@ -324,10 +328,23 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{report}");
             Ok(())
         }
-        Command::Bench { model, batch, threads, train, routed, warmup, repeats, img_size, num_classes, in_chans, json, device } => {
+        Command::Bench { model, batch, threads, train, routed, unreduced, warmup, repeats, img_size, num_classes, in_chans, json, device } => {
             use crate::bench;
             if let Some(t) = threads {
                 bench::limit_threads(t)?;
+            }
+            if unreduced {
+                if DeviceSpec::select(Some(&device), "cpu")? != DeviceSpec::Cpu {
+                    bail!("--unreduced measures the CPU backend only");
+                }
+                let target = bench::BenchModel::resolve(&model, img_size, num_classes, in_chans)?;
+                let report = crate::methods::eval::token_reduction_speedup(&target, batch, warmup, repeats)?;
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                } else {
+                    print!("{}", report.table());
+                }
+                return Ok(());
             }
             if let Some(groups) = routed {
                 if DeviceSpec::select(Some(&device), "cpu")? != DeviceSpec::Cpu {

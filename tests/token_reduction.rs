@@ -182,3 +182,23 @@ fn gradients_flow_through_merged_and_fused_tokens() {
         assert!(model.num_params() > 0);
     }
 }
+
+/// `rlprune bench --unreduced`: the reduced and the full forward of the same model, timed in
+/// alternation, with the FLOPs ratio of the token counts; a model without a reduction is refused.
+#[test]
+fn bench_compares_a_reduction_with_every_token_kept() {
+    let dir = common::parity_fixture("evit_deit_tiny_k0.7_seed0");
+    let tmp = tempfile::tempdir().unwrap();
+    let reduced = tmp.path().join("evit.toml");
+    std::fs::write(&reduced, model_toml(&dir, "evit", &["base_keep_rate", "drop_loc", "fuse_token"])).unwrap();
+    let target = rlprune::bench::BenchModel::resolve(reduced.to_str().unwrap(), None, None, None).unwrap();
+    let report = rlprune::methods::eval::token_reduction_speedup(&target, 2, 0, 2).unwrap();
+    assert_eq!((report.method, report.batch, report.repeats), ("evit", 2, 2));
+    assert!(report.flops_ratio > 0.5 && report.flops_ratio < 0.8, "{}", report.flops_ratio);
+    assert!(report.speedup > 0.0 && report.table().contains("FLOPs ratio"));
+    let plain = tmp.path().join("plain.toml");
+    std::fs::write(&plain, model_toml(&dir, "evit", &[]).replace("[model.evit]\n", "")).unwrap();
+    let target = rlprune::bench::BenchModel::resolve(plain.to_str().unwrap(), None, None, None).unwrap();
+    let err = rlprune::methods::eval::token_reduction_speedup(&target, 1, 0, 1).unwrap_err().to_string();
+    assert!(err.contains("no [model.tome] or [model.evit]"), "{err}");
+}

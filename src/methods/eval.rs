@@ -221,6 +221,104 @@ pub fn table(report: &Value) -> String {
     s
 }
 
+/// `rlprune bench --unreduced`: a DeiT model with ToMe or EViT against the same weights with
+/// every token kept, in alternation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReductionSpeedup {
+    pub model: String,
+    /// `tome` or `evit`.
+    pub method: &'static str,
+    pub batch: usize,
+    pub repeats: usize,
+    pub unreduced_ms: crate::bench::Stats,
+    pub reduced_ms: crate::bench::Stats,
+    /// Reduced speed over unreduced speed, from the medians.
+    pub speedup: f64,
+    /// The same ratio per alternating pair, median and spread.
+    pub pair_speedup: crate::bench::Stats,
+    /// MACs per image with the reduction over without.
+    pub flops_ratio: f64,
+}
+
+/// Times the token reduction `target`'s model TOML asks for against the same model keeping every
+/// token, `repeats` alternating pairs at `batch` after `warmup` (CPU).
+pub fn token_reduction_speedup(target: &crate::bench::BenchModel, batch: usize, warmup: usize, repeats: usize) -> Result<ReductionSpeedup> {
+    use crate::backbones::token_reduction::TokenReduction;
+    use crate::backbones::{AnyBackbone, Backbone, ModelSpec};
+    use crate::bench::{BenchModelKind, Stats};
+    anyhow::ensure!(repeats >= 1 && batch >= 1, "at least one timed repeat of at least one image");
+    let BenchModelKind::Reference(ModelSpec::Deit(args)) = &target.kind else {
+        anyhow::bail!("--unreduced compares a deit model TOML with [model.tome] or [model.evit] against the same model without it");
+    };
+    let unreduced_args = crate::backbones::vit::DeitArgs { tome: None, evit: None, ..args.clone() };
+    let img = target.ctx.img_size[0];
+    let flops_ratio = ModelSpec::Deit(args.clone()).cost(img).macs() as f64 / ModelSpec::Deit(unreduced_args).cost(img).macs() as f64;
+    let device = Default::default();
+    let AnyBackbone::Deit(model) = target.build::<Cpu>(&device)? else { unreachable!("a deit spec builds a deit model") };
+    let method = match &model.reduction {
+        Some(TokenReduction::ToMe { .. }) => "tome",
+        Some(TokenReduction::Evit { .. }) => "evit",
+        None => anyhow::bail!("{}: no [model.tome] or [model.evit] to compare", target.name),
+    };
+    let x = Tensor::<Cpu, 4>::random(target.input_shape(batch), burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+    let (full, reduced) = time_alternately(
+        warmup,
+        repeats,
+        || {
+            let _ = model.forward_all_tokens(x.clone()).into_data();
+            Ok(())
+        },
+        || {
+            let _ = model.forward(x.clone()).into_data();
+            Ok(())
+        },
+    )?;
+    let (full, reduced): (Vec<f64>, Vec<f64>) = (full.iter().map(|s| s * 1e3).collect(), reduced.iter().map(|s| s * 1e3).collect());
+    let pairs: Vec<f64> = full.iter().zip(&reduced).map(|(f, r)| f / r).collect();
+    let (unreduced_ms, reduced_ms) = (Stats::of(&full), Stats::of(&reduced));
+    Ok(ReductionSpeedup {
+        model: target.name.clone(),
+        method,
+        batch,
+        repeats,
+        speedup: unreduced_ms.median / reduced_ms.median,
+        pair_speedup: Stats::of(&pairs),
+        unreduced_ms,
+        reduced_ms,
+        flops_ratio,
+    })
+}
+
+impl ReductionSpeedup {
+    pub fn table(&self) -> String {
+        let row = |name: &str, s: &crate::bench::Stats| {
+            format!("{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n", s.median, s.min, s.p10, s.p90, s.max)
+        };
+        format!(
+            "{} batch {}: {} against every token kept, {} alternating pairs\n\
+             {:<12} {:>10} {:>10} {:>10} {:>10} {:>10}\n{}{}\
+             speedup: {:.3} (per pair {:.3}, p10–p90 {:.3}–{:.3}) at a FLOPs ratio of {:.3}\n",
+            self.model,
+            self.batch,
+            self.method,
+            self.repeats,
+            "ms/batch",
+            "median",
+            "min",
+            "p10",
+            "p90",
+            "max",
+            row("all tokens", &self.unreduced_ms),
+            row(self.method, &self.reduced_ms),
+            self.speedup,
+            self.pair_speedup.median,
+            self.pair_speedup.p10,
+            self.pair_speedup.p90,
+            self.flops_ratio,
+        )
+    }
+}
+
 /// What [`routing_overhead`] measured: the dense forward against a channel-routed forward whose
 /// policy keeps every group, timed call by call in alternation.
 #[derive(Debug, Clone, serde::Serialize)]
