@@ -202,3 +202,42 @@ fn bench_compares_a_reduction_with_every_token_kept() {
     let err = rlprune::methods::eval::token_reduction_speedup(&target, 1, 0, 1).unwrap_err().to_string();
     assert!(err.contains("no [model.tome] or [model.evit]"), "{err}");
 }
+
+/// The shipped DeiT experiment trains (on a few synthetic images here), and `rlprune eval` of the
+/// run with `--set backbone.tome.r=…` or `backbone.evit.…` reports the reduction, its FLOPs ratio
+/// and the latency against the same model keeping every token; the plain eval reports none.
+#[test]
+fn eval_of_a_trained_deit_with_tome_and_evit() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/deit_tome_evit_fashion_mnist.toml");
+    let args = [
+        "train", exp.to_str().unwrap(), "--out", "run",
+        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
+        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
+        "--set", "data.batch_size=16", "--set", "train.epochs=1",
+    ];
+    common::ok(&common::rlprune(&args, dir.path()));
+    let eval = |set: &[&str]| {
+        let mut a = vec!["eval", "run", "--json"];
+        for s in set {
+            a.extend(["--set", s]);
+        }
+        let text = common::ok(&common::rlprune(&a, dir.path()));
+        serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap()).unwrap()
+    };
+    let plain = eval(&[]);
+    assert!(plain.get("reduction").is_none() && plain.get("latency").is_none(), "{plain}");
+    for (set, method) in [
+        (&["backbone.tome.r=4"][..], "tome"),
+        (&["backbone.evit.base_keep_rate=0.5", "backbone.evit.drop_loc=[1,3,5]", "backbone.evit.fuse_token=true"][..], "evit"),
+    ] {
+        let r = eval(set);
+        assert_eq!(r["reduction"], method, "{r}");
+        let ratio = r["flops_ratio"].as_f64().unwrap();
+        assert!(ratio > 0.3 && ratio < 0.95, "{method}: FLOPs ratio {ratio}");
+        for b in ["batch1", "batch64"] {
+            assert!(r["latency"][b]["speedup"].as_f64().unwrap() > 0.0, "{method} {b}: {r}");
+        }
+        assert!((0.0..=1.0).contains(&r["top1"].as_f64().unwrap()));
+    }
+}

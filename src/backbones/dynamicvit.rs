@@ -357,7 +357,7 @@ impl<B: ModelBackend> Backbone<B> for DynamicVit<B> {
         self.forward_pruned(x).0
     }
 
-    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Vec<(String, Tensor<B, 2, Int>)>) {
+    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, super::TokenTrace<B>) {
         let (logits, kept) = self.forward_pruned(x);
         (logits, kept.into_iter().enumerate().map(|(i, k)| (format!("keep_abs_s{i}"), k)).collect())
     }

@@ -64,6 +64,10 @@ pub struct PrunableConv {
     pub macs: u64,
 }
 
+/// What a token-reducing forward kept, as named integer tensors `[N, K]` (see
+/// [`Backbone::forward_traced`]).
+pub type TokenTrace<B> = Vec<(String, Tensor<B, 2, Int>)>;
+
 pub trait Backbone<B: ModelBackend>: Module<B> {
     /// Logits `[N, classes]` for images `[N, C, H, W]`.
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2>;
@@ -71,7 +75,7 @@ pub trait Backbone<B: ModelBackend>: Module<B> {
     /// Logits and, for models that reduce their tokens, what they kept, as named integer
     /// tensors `[N, K]` (DynamicViT's and EViT's `keep_abs_s{i}`, ToMe's `source_idx`), which
     /// `rlprune infer` writes beside the logits.
-    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Vec<(String, Tensor<B, 2, Int>)>) {
+    fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, TokenTrace<B>) {
         (self.forward(x), Vec::new())
     }
 
@@ -151,7 +155,7 @@ macro_rules! registry {
             fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
                 match self { $($(#[$attr])* Self::$variant(m) => m.forward(x),)+ }
             }
-            fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, Vec<(String, Tensor<B, 2, Int>)>) {
+            fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, TokenTrace<B>) {
                 match self { $($(#[$attr])* Self::$variant(m) => m.forward_traced(x),)+ }
             }
             fn classifier(&self) -> &'static str {

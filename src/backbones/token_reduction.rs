@@ -17,6 +17,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use super::vit::VisionTransformer;
+use super::TokenTrace;
 use crate::nn::activation_op::softmax_last_dim;
 use crate::nn::channel_op::{merge_tokens, residual, select_tokens};
 use crate::nn::drop_path::drop_path;
@@ -164,10 +165,6 @@ impl TokenReduction {
         steps
     }
 }
-
-/// What a reduced forward reports besides the logits: named integer tensors `[N, K]` (ToMe's
-/// `source_idx`, EViT's `keep_abs_s{i}`), as `rlprune infer` writes them.
-pub type TokenTrace<B> = Vec<(String, Tensor<B, 2, Int>)>;
 
 fn int_tensor<B: ModelBackend>(v: Vec<i64>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(v, shape), device)

@@ -21,7 +21,8 @@ use crate::nn::channel_op::residual;
 use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::nn::layers::trunc_normal;
 use crate::backbones::token_predictor::PredictorLG;
-use super::token_reduction::{evit_forward, tome_forward, EvitArgs, ToMeArgs, TokenReduction, TokenTrace};
+use super::token_reduction::{evit_forward, tome_forward, EvitArgs, ToMeArgs, TokenReduction};
+use super::TokenTrace;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 
 /// timm's `VisionTransformer` constructor arguments (DeiT uses `qkv_bias = true` and
@@ -202,7 +203,7 @@ impl DeitArgs {
         &self,
         img_size: usize,
         tokens: &[(usize, usize)],
-        before_block: &mut dyn FnMut(&mut CostReport, usize, (usize, usize)),
+        before_block: &mut BeforeBlock<'_>,
     ) -> CostReport {
         assert_eq!(tokens.len(), self.depth, "one token count per block");
         let d = self.embed_dim;
@@ -225,6 +226,10 @@ impl DeitArgs {
         c
     }
 }
+
+/// What [`DeitArgs::cost_split`] counts before block `i`'s MLP: `(report, i, (attention tokens,
+/// MLP tokens))`.
+pub type BeforeBlock<'a> = dyn FnMut(&mut CostReport, usize, (usize, usize)) + 'a;
 
 /// One transformer block on `t` tokens: MACs of the linears, `q·kᵀ`, `attn·v` and the two norms.
 pub fn block_cost(c: &mut CostReport, d: usize, heads: usize, hidden: usize, qkv_bias: bool, t: usize) {

@@ -106,7 +106,7 @@ const WIDTH_PATHS_SHOWN: usize = 8;
 pub fn table(report: &Value) -> String {
     let mut s = String::new();
     let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<22} {v}\n"));
-    for k in ["source", "arch", "controller", "allocation", "weights", "router"] {
+    for k in ["source", "arch", "reduction", "controller", "allocation", "weights", "router"] {
         if let Some(v) = report.get(k).and_then(|v| v.as_str()) {
             line(&mut s, k, v.to_string());
         }
@@ -123,7 +123,8 @@ pub fn table(report: &Value) -> String {
     let Some(ratio) = report.get("flops_ratio").and_then(|v| v.as_f64()) else {
         return s;
     };
-    line(&mut s, "FLOPs ratio", format!("{ratio:.3} ({:.2}× fewer decision-layer MACs)", 1.0 / ratio.max(1e-12)));
+    let scope = if report.get("reduction").is_some() { "MACs" } else { "decision-layer MACs" };
+    line(&mut s, "FLOPs ratio", format!("{ratio:.3} ({:.2}× fewer {scope})", 1.0 / ratio.max(1e-12)));
     let layers: Vec<&str> =
         report["layers"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
     let lfr = report["layer_flops_ratio"].as_array().cloned().unwrap_or_default();

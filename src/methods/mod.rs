@@ -21,7 +21,7 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use crate::ModelBackend;
-use crate::backbones::AnyBackbone;
+use crate::backbones::{AnyBackbone, Backbone, BuildContext};
 use crate::controllers::ControllerConfig;
 use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
@@ -148,13 +148,59 @@ fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path,
     if !loss.is_finite() {
         bail!("{}: the test loss is {loss}: these weights do not give a usable model", weights.display());
     }
-    Ok(json!({
+    let mut report = json!({
         "source": target.display().to_string(),
         "arch": exp.backbone.arch,
         "weights": weights.display().to_string(),
         "images": splits.test.len(),
         "top1": top1,
         "loss": loss,
-    }))
+    });
+    if let AnyBackbone::Deit(vit) = &model
+        && let Some(reduction) = &vit.reduction
+    {
+        token_reduction_report(&mut report, exp, &ctx, reduction)?;
+    }
+    Ok(report)
+}
+
+/// For a DeiT evaluated with ToMe or EViT: which one, the MACs ratio against the same model
+/// keeping every token, and both forwards timed in alternation at batch 1 and 64 (CPU).
+fn token_reduction_report(
+    report: &mut serde_json::Value,
+    exp: &Experiment,
+    ctx: &BuildContext,
+    reduction: &crate::backbones::token_reduction::TokenReduction,
+) -> Result<()> {
+    use crate::backbones::token_reduction::TokenReduction;
+    let (arch, options) = (&exp.backbone.arch, &exp.backbone.options);
+    let mut full = options.clone();
+    full.remove("tome");
+    full.remove("evit");
+    let ratio = crate::backbones::cost(arch, options, ctx)?.macs() as f64 / crate::backbones::cost(arch, &full, ctx)?.macs() as f64;
+    report["reduction"] = json!(match reduction {
+        TokenReduction::ToMe { .. } => "tome",
+        TokenReduction::Evit { .. } => "evit",
+    });
+    report["flops_ratio"] = json!(ratio);
+    // Timing needs no trained weights: a CPU copy of the same architecture.
+    let AnyBackbone::Deit(cpu) = crate::backbones::build::<crate::Cpu>(arch, options, ctx, &Default::default())? else {
+        unreachable!("the same arch builds the same family")
+    };
+    let [h, w] = ctx.img_size;
+    let sample = burn::tensor::Tensor::<crate::Cpu, 4>::random([8, ctx.in_channels, h, w], burn::tensor::Distribution::Normal(0.0, 1.0), &Default::default());
+    report["latency"] = eval::latency_against_unpruned(
+        &sample,
+        ratio,
+        |x| {
+            let _ = cpu.forward_all_tokens(x).into_data();
+            Ok(())
+        },
+        |x| {
+            let _ = cpu.forward(x).into_data();
+            Ok(())
+        },
+    )?;
+    Ok(())
 }
 
