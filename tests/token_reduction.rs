@@ -241,3 +241,26 @@ fn eval_of_a_trained_deit_with_tome_and_evit() {
         assert!((0.0..=1.0).contains(&r["top1"].as_f64().unwrap()));
     }
 }
+
+/// EViT's keep-rate warm-up: a model in training keeps every token for `shrink_start_epoch`
+/// epochs, then follows the cosine down to the base rate; evaluation keeps the base rate
+/// throughout.
+#[test]
+fn evit_training_follows_the_keep_rate_warm_up() {
+    use burn::module::AutodiffModule;
+    let dir = common::parity_fixture("evit_deit_tiny_k0.7_seed0");
+    let toml = model_toml(&dir, "evit", &["base_keep_rate", "drop_loc", "fuse_token"]) + "shrink_start_epoch = 1\nshrink_epochs = 2\n";
+    let spec = ModelSpec::from_toml_str(&toml).unwrap();
+    let dev = Default::default();
+    let mut model: AnyBackbone<CpuAutodiff> = spec.build(&dev).unwrap();
+    let x = read_safetensors(&dir.join("input.safetensors")).unwrap()["input"].to_tensor::<CpuAutodiff, 4>(&dev);
+    let kept = |m: &AnyBackbone<CpuAutodiff>| m.forward_traced(x.clone().require_grad()).1.first().map(|(_, k)| k.dims()[1]);
+    let eval_kept = |m: &AnyBackbone<CpuAutodiff>| m.valid().forward_traced(x.clone().inner()).1.first().map(|(_, k)| k.dims()[1]);
+    model.set_training_progress(0.5);
+    assert_eq!(kept(&model), None, "every token kept before the shrink starts");
+    assert_eq!(eval_kept(&model), Some(138), "evaluation at the base rate");
+    model.set_training_progress(2.0);
+    assert_eq!(kept(&model), Some(167), "⌈0.85·196⌉ halfway down the cosine");
+    model.set_training_progress(3.0);
+    assert_eq!(kept(&model), Some(138));
+}

@@ -79,6 +79,10 @@ pub trait Backbone<B: ModelBackend>: Module<B> {
         (self.forward(x), Vec::new())
     }
 
+    /// Called by the supervised trainer before every training step with the epochs done so far
+    /// (fractional): models with a schedule of their own follow it (EViT's keep-rate warm-up).
+    fn set_training_progress(&mut self, _epochs: f64) {}
+
     /// The module path of the classifier (the layer whose outputs are the classes): what
     /// `[backbone] reset_head` starts fresh when pretrained weights have other classes.
     fn classifier(&self) -> &'static str {
@@ -157,6 +161,9 @@ macro_rules! registry {
             }
             fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, TokenTrace<B>) {
                 match self { $($(#[$attr])* Self::$variant(m) => m.forward_traced(x),)+ }
+            }
+            fn set_training_progress(&mut self, epochs: f64) {
+                match self { $($(#[$attr])* Self::$variant(m) => m.set_training_progress(epochs),)+ }
             }
             fn classifier(&self) -> &'static str {
                 match self { $($(#[$attr])* Self::$variant(m) => m.classifier(),)+ }

@@ -88,11 +88,17 @@ pub struct EvitArgs {
     pub drop_loc: Vec<usize>,
     /// Fuse the dropped tokens into one extra token, weighted by their class-token attention.
     pub fuse_token: bool,
+    /// Training epochs with every token kept before the keep rate starts to shrink (EViT's
+    /// `--shrink_start_epoch`; 10 in the paper's 300-epoch DeiT training).
+    pub shrink_start_epoch: usize,
+    /// Epochs over which the training keep rate falls from 1 to `base_keep_rate` on a cosine
+    /// (EViT's `--shrink_epochs`; 100 in the paper). 0: the base rate from the first step.
+    pub shrink_epochs: usize,
 }
 
 impl Default for EvitArgs {
     fn default() -> Self {
-        Self { base_keep_rate: 0.7, drop_loc: vec![3, 6, 9], fuse_token: false }
+        Self { base_keep_rate: 0.7, drop_loc: vec![3, 6, 9], fuse_token: false, shrink_start_epoch: 0, shrink_epochs: 0 }
     }
 }
 
@@ -117,6 +123,19 @@ impl EvitArgs {
     }
 }
 
+/// EViT's `adjust_keep_rate`: 1 for `start` epochs, then a cosine from 1 down to `base` over
+/// `epochs` epochs, `base` after; `progress` counts training epochs (fractions within one).
+pub fn warmup_keep_rate(progress: f64, start: usize, epochs: usize, base: f64) -> f64 {
+    let (start, epochs) = (start as f64, epochs as f64);
+    if progress < start {
+        return 1.0;
+    }
+    if progress >= start + epochs {
+        return base;
+    }
+    base + (1.0 - base) * (((progress - start) / epochs * std::f64::consts::PI).cos() + 1.0) / 2.0
+}
+
 /// Image tokens EViT keeps of `others` (every token but the class token): `⌈rate·others⌉`.
 pub fn evit_keep_count(rate: f64, others: usize) -> usize {
     ((rate * others as f64).ceil() as usize).clamp(1, others.max(1))
@@ -126,7 +145,9 @@ pub fn evit_keep_count(rate: f64, others: usize) -> usize {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TokenReduction {
     ToMe { r: Vec<usize>, prop_attn: bool, trace_source: bool },
-    Evit { keep_rate: Vec<f64>, fuse_token: bool },
+    /// `keep_rate` per block at evaluation; training follows `training_keep_rate`, which
+    /// [`Self::set_training_progress`] moves along EViT's warm-up.
+    Evit { keep_rate: Vec<f64>, fuse_token: bool, training_keep_rate: Vec<f64>, warmup: EvitArgs },
 }
 
 impl TokenReduction {
@@ -134,7 +155,19 @@ impl TokenReduction {
         if let Some(t) = tome {
             return Some(Self::ToMe { r: t.schedule(depth), prop_attn: t.prop_attn, trace_source: t.trace_source });
         }
-        evit.map(|e| Self::Evit { keep_rate: e.keep_rates(depth, e.base_keep_rate), fuse_token: e.fuse_token })
+        evit.map(|e| {
+            let keep_rate = e.keep_rates(depth, e.base_keep_rate);
+            let start = warmup_keep_rate(0.0, e.shrink_start_epoch, e.shrink_epochs, e.base_keep_rate);
+            Self::Evit { keep_rate, fuse_token: e.fuse_token, training_keep_rate: e.keep_rates(depth, start), warmup: e.clone() }
+        })
+    }
+
+    /// Moves EViT's training keep rate to where its warm-up is after `progress` epochs.
+    pub fn set_training_progress(&mut self, progress: f64) {
+        if let Self::Evit { keep_rate, training_keep_rate, warmup, .. } = self {
+            let rate = warmup_keep_rate(progress, warmup.shrink_start_epoch, warmup.shrink_epochs, warmup.base_keep_rate);
+            *training_keep_rate = warmup.keep_rates(keep_rate.len(), rate);
+        }
     }
 
     /// Tokens (class token included) each block's attention and MLP run on, from `t0` tokens in.
@@ -149,7 +182,7 @@ impl TokenReduction {
                     (attn, t)
                 })
                 .collect(),
-            Self::Evit { keep_rate, fuse_token } => keep_rate
+            Self::Evit { keep_rate, fuse_token, .. } => keep_rate
                 .iter()
                 .map(|&rate| {
                     let attn = t;
@@ -389,6 +422,26 @@ mod tests {
         assert_eq!(list.schedule(4), vec![3, 2, 0, 0]);
         assert!(list.validate(1).is_err());
         assert!(every(8, 1.5).validate(12).is_err());
+    }
+
+    #[test]
+    fn evit_keep_rate_warms_up_as_adjust_keep_rate() {
+        assert_eq!(warmup_keep_rate(0.5, 1, 2, 0.5), 1.0);
+        assert_eq!(warmup_keep_rate(1.0, 1, 2, 0.5), 1.0);
+        assert!((warmup_keep_rate(2.0, 1, 2, 0.5) - 0.75).abs() < 1e-12);
+        assert_eq!(warmup_keep_rate(3.0, 1, 2, 0.5), 0.5);
+        assert_eq!(warmup_keep_rate(0.0, 0, 0, 0.7), 0.7);
+        let e = EvitArgs { base_keep_rate: 0.5, drop_loc: vec![1], shrink_start_epoch: 1, shrink_epochs: 2, ..EvitArgs::default() };
+        let mut r = TokenReduction::from_args(3, None, Some(&e)).unwrap();
+        let rates = |r: &TokenReduction| match r {
+            TokenReduction::Evit { keep_rate, training_keep_rate, .. } => (keep_rate.clone(), training_keep_rate.clone()),
+            _ => unreachable!(),
+        };
+        assert_eq!(rates(&r), (vec![1.0, 0.5, 1.0], vec![1.0, 1.0, 1.0]));
+        r.set_training_progress(2.0);
+        assert_eq!(rates(&r).1, vec![1.0, 0.75, 1.0]);
+        r.set_training_progress(7.0);
+        assert_eq!(rates(&r), (vec![1.0, 0.5, 1.0], vec![1.0, 0.5, 1.0]));
     }
 
     #[test]

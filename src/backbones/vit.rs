@@ -390,11 +390,21 @@ impl<B: ModelBackend> Backbone<B> for VisionTransformer<B> {
         }
     }
 
+    fn set_training_progress(&mut self, epochs: f64) {
+        if let Some(r) = &mut self.reduction {
+            r.set_training_progress(epochs);
+        }
+    }
+
     fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, TokenTrace<B>) {
         match &self.reduction {
             None => (self.forward_all_tokens(x), Vec::new()),
             Some(TokenReduction::ToMe { r, prop_attn, trace_source }) => tome_forward(self, x, r, *prop_attn, *trace_source),
-            Some(TokenReduction::Evit { keep_rate, fuse_token }) => evit_forward(self, x, keep_rate, *fuse_token),
+            Some(TokenReduction::Evit { keep_rate, fuse_token, training_keep_rate, .. }) => {
+                // Training follows EViT's keep-rate warm-up; evaluation keeps the base rate.
+                let rates = if B::ad_enabled(&x.device()) { training_keep_rate } else { keep_rate };
+                evit_forward(self, x, rates, *fuse_token)
+            }
         }
     }
 }

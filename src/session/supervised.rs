@@ -317,8 +317,10 @@ where
             let batch = batch?;
             let n = batch.len();
             lr = exp.train.schedule.lr_at(exp.train.optimizer.lr(), state.step as usize, total_steps, steps_per_epoch);
+            let progress = state.step as f64 / steps_per_epoch.max(1) as f64;
+            model.set_training_progress(progress);
             let (next, loss_value, batch_correct) = match replicas.as_mut() {
-                Some(r) => r.step(model, &mut optim, &batch, lr, &step)?,
+                Some(r) => r.step(model, &mut optim, &batch, lr, progress, &step)?,
                 None => step(model, &mut optim, &batch, lr, device, &Ok)?,
             };
             model = next;

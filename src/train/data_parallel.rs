@@ -31,7 +31,9 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use crate::backbones::Backbone;
 use crate::data::Batch;
+use crate::ModelBackend;
 use crate::train::optim::Optimizer;
 
 /// burn-collective keeps one local server per backend type, so one process runs one
@@ -142,6 +144,8 @@ where
 struct Job {
     shard: Batch,
     lr: f64,
+    /// Epochs done, for models with a training schedule of their own.
+    progress: f64,
 }
 
 /// What a worker answers: its shard's summed loss and correct count.
@@ -184,12 +188,12 @@ impl<B: AutodiffBackend, M, F> StepFn<B, M> for F where
 {
 }
 
-impl<B: AutodiffBackend> Replicas<B> {
+impl<B: AutodiffBackend + ModelBackend> Replicas<B> {
     /// Starts workers on `devices[1..]` with copies of `model` and of `optim`'s state, and
     /// registers everyone (peer 0 on `devices[0]`, the calling thread).
     pub fn start<M, S>(devices: &[B::Device], model: &M, optim: &Optimizer<B>, step: S) -> Result<Self>
     where
-        M: AutodiffModule<B> + Send + 'static,
+        M: AutodiffModule<B> + Backbone<B> + Send + 'static,
         S: StepFn<B, M>,
     {
         if devices.len() < 2 {
@@ -227,15 +231,15 @@ impl<B: AutodiffBackend> Replicas<B> {
 
     /// One data-parallel step: sends each worker its shard of `batch`, runs peer 0's shard
     /// here, and returns peer 0's new model with the loss and correct count of the whole batch.
-    pub fn step<M, S>(&mut self, model: M, optim: &mut Optimizer<B>, batch: &Batch, lr: f64, step: &S) -> Result<(M, f64, usize)>
+    pub fn step<M, S>(&mut self, model: M, optim: &mut Optimizer<B>, batch: &Batch, lr: f64, progress: f64, step: &S) -> Result<(M, f64, usize)>
     where
-        M: AutodiffModule<B>,
+        M: AutodiffModule<B> + Backbone<B>,
         S: StepFn<B, M>,
     {
         let n = batch.len();
         for (rank, (tx, _, _)) in self.workers.iter().enumerate().map(|(i, w)| (i + 1, w)) {
             let shard = slice_batch(batch, shard_range(rank, self.num_peers(), n));
-            if tx.send(Job { shard, lr }).is_err() {
+            if tx.send(Job { shard, lr, progress }).is_err() {
                 return Err(worker_stopped(rank));
             }
         }
@@ -295,13 +299,14 @@ impl<B: AutodiffBackend> Replicas<B> {
 
 fn worker_loop<B, M, S>(peer: Peer<B>, mut model: M, mut optim: Optimizer<B>, step: S, jobs: Receiver<Job>, results: Sender<JobResult>) -> Result<()>
 where
-    B: AutodiffBackend,
-    M: AutodiffModule<B>,
+    B: AutodiffBackend + ModelBackend,
+    M: AutodiffModule<B> + Backbone<B>,
     S: StepFn<B, M>,
 {
     peer.register()?;
     let sync = |g: GradientsParams| peer.all_reduce_grads(g);
     while let Ok(job) = jobs.recv() {
+        model.set_training_progress(job.progress);
         match step(model, &mut optim, &job.shard, job.lr, &peer.device, &sync) {
             Ok((m, loss, correct)) => {
                 model = m;
