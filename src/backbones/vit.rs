@@ -90,6 +90,13 @@ impl DeitArgs {
     pub fn token_reduction(&self) -> Option<TokenReduction> {
         TokenReduction::from_args(self.depth, self.tome.as_ref(), self.evit.as_ref())
     }
+
+    /// MACs per image at `img_size` with the token reduction over those of the same model
+    /// keeping every token (1 without a reduction).
+    pub fn reduction_flops_ratio(&self, img_size: usize) -> f64 {
+        let full = Self { tome: None, evit: None, ..self.clone() };
+        self.cost(img_size).macs() as f64 / full.cost(img_size).macs() as f64
+    }
 }
 
 impl ModelArgs for DeitArgs {

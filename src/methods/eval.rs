@@ -53,6 +53,30 @@ fn time_alternately(
     Ok((ta, tb))
 }
 
+/// `a` and `b` timed in alternation ([`time_alternately`]), in ms: `(a, b, a/b from the medians,
+/// a/b per pair)`.
+fn paired_ms(
+    warmup: usize,
+    repeats: usize,
+    a: impl FnMut() -> Result<()>,
+    b: impl FnMut() -> Result<()>,
+) -> Result<(crate::bench::Stats, crate::bench::Stats, f64, crate::bench::Stats)> {
+    use crate::bench::Stats;
+    let (ta, tb) = time_alternately(warmup, repeats, a, b)?;
+    let (ta, tb): (Vec<f64>, Vec<f64>) = (ta.iter().map(|s| s * 1e3).collect(), tb.iter().map(|s| s * 1e3).collect());
+    let pairs: Vec<f64> = ta.iter().zip(&tb).map(|(x, y)| x / y).collect();
+    let (a_ms, b_ms) = (Stats::of(&ta), Stats::of(&tb));
+    Ok((a_ms, b_ms, a_ms.median / b_ms.median, Stats::of(&pairs)))
+}
+
+/// The ms/batch header and one row per side, for the tables of paired timings.
+fn paired_rows(a: (&str, &crate::bench::Stats), b: (&str, &crate::bench::Stats)) -> String {
+    let row = |(name, s): (&str, &crate::bench::Stats)| {
+        format!("{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n", s.median, s.min, s.p10, s.p90, s.max)
+    };
+    format!("{:<12} {:>10} {:>10} {:>10} {:>10} {:>10}\n{}{}", "ms/batch", "median", "min", "p10", "p90", "max", row(a), row(b))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
@@ -246,14 +270,12 @@ pub struct ReductionSpeedup {
 pub fn token_reduction_speedup(target: &crate::bench::BenchModel, batch: usize, warmup: usize, repeats: usize) -> Result<ReductionSpeedup> {
     use crate::backbones::token_reduction::TokenReduction;
     use crate::backbones::{AnyBackbone, Backbone, ModelSpec};
-    use crate::bench::{BenchModelKind, Stats};
+    use crate::bench::BenchModelKind;
     anyhow::ensure!(repeats >= 1 && batch >= 1, "at least one timed repeat of at least one image");
     let BenchModelKind::Reference(ModelSpec::Deit(args)) = &target.kind else {
         anyhow::bail!("--unreduced compares a deit model TOML with [model.tome] or [model.evit] against the same model without it");
     };
-    let unreduced_args = crate::backbones::vit::DeitArgs { tome: None, evit: None, ..args.clone() };
-    let img = target.ctx.img_size[0];
-    let flops_ratio = ModelSpec::Deit(args.clone()).cost(img).macs() as f64 / ModelSpec::Deit(unreduced_args).cost(img).macs() as f64;
+    let flops_ratio = args.reduction_flops_ratio(target.ctx.img_size[0]);
     let device = Default::default();
     let AnyBackbone::Deit(model) = target.build::<Cpu>(&device)? else { unreachable!("a deit spec builds a deit model") };
     let method = match &model.reduction {
@@ -262,7 +284,7 @@ pub fn token_reduction_speedup(target: &crate::bench::BenchModel, batch: usize, 
         None => anyhow::bail!("{}: no [model.tome] or [model.evit] to compare", target.name),
     };
     let x = Tensor::<Cpu, 4>::random(target.input_shape(batch), burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-    let (full, reduced) = time_alternately(
+    let (unreduced_ms, reduced_ms, speedup, pair_speedup) = paired_ms(
         warmup,
         repeats,
         || {
@@ -274,43 +296,19 @@ pub fn token_reduction_speedup(target: &crate::bench::BenchModel, batch: usize, 
             Ok(())
         },
     )?;
-    let (full, reduced): (Vec<f64>, Vec<f64>) = (full.iter().map(|s| s * 1e3).collect(), reduced.iter().map(|s| s * 1e3).collect());
-    let pairs: Vec<f64> = full.iter().zip(&reduced).map(|(f, r)| f / r).collect();
-    let (unreduced_ms, reduced_ms) = (Stats::of(&full), Stats::of(&reduced));
-    Ok(ReductionSpeedup {
-        model: target.name.clone(),
-        method,
-        batch,
-        repeats,
-        speedup: unreduced_ms.median / reduced_ms.median,
-        pair_speedup: Stats::of(&pairs),
-        unreduced_ms,
-        reduced_ms,
-        flops_ratio,
-    })
+    Ok(ReductionSpeedup { model: target.name.clone(), method, batch, repeats, unreduced_ms, reduced_ms, speedup, pair_speedup, flops_ratio })
 }
 
 impl ReductionSpeedup {
     pub fn table(&self) -> String {
-        let row = |name: &str, s: &crate::bench::Stats| {
-            format!("{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n", s.median, s.min, s.p10, s.p90, s.max)
-        };
         format!(
-            "{} batch {}: {} against every token kept, {} alternating pairs\n\
-             {:<12} {:>10} {:>10} {:>10} {:>10} {:>10}\n{}{}\
+            "{} batch {}: {} against every token kept, {} alternating pairs\n{}\
              speedup: {:.3} (per pair {:.3}, p10–p90 {:.3}–{:.3}) at a FLOPs ratio of {:.3}\n",
             self.model,
             self.batch,
             self.method,
             self.repeats,
-            "ms/batch",
-            "median",
-            "min",
-            "p10",
-            "p90",
-            "max",
-            row("all tokens", &self.unreduced_ms),
-            row(self.method, &self.reduced_ms),
+            paired_rows(("all tokens", &self.unreduced_ms), (self.method, &self.reduced_ms)),
             self.speedup,
             self.pair_speedup.median,
             self.pair_speedup.p10,
@@ -338,25 +336,14 @@ pub struct RoutingOverhead {
 
 impl RoutingOverhead {
     pub fn table(&self) -> String {
-        let row = |name: &str, s: &crate::bench::Stats| {
-            format!("{name:<12} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>10.3}\n", s.median, s.min, s.p10, s.p90, s.max)
-        };
         format!(
-            "{} batch {}: dense forward against a {}-group channel router that keeps every group, {} alternating pairs\n\
-             {:<12} {:>10} {:>10} {:>10} {:>10} {:>10}\n{}{}\
+            "{} batch {}: dense forward against a {}-group channel router that keeps every group, {} alternating pairs\n{}\
              routed speed / dense speed: {:.3} (per pair {:.3}, p10–p90 {:.3}–{:.3})\n",
             self.model,
             self.batch,
             self.groups,
             self.repeats,
-            "ms/batch",
-            "median",
-            "min",
-            "p10",
-            "p90",
-            "max",
-            row("dense", &self.dense_ms),
-            row("routed", &self.routed_ms),
+            paired_rows(("dense", &self.dense_ms), ("routed", &self.routed_ms)),
             self.speed_ratio,
             self.pair_ratio.median,
             self.pair_ratio.p10,
@@ -412,7 +399,7 @@ pub fn routing_overhead(
     );
     let gap = (dense_logits - routed_logits).abs().max().into_scalar();
     anyhow::ensure!(gap < 1e-3, "the routed forward keeping every group differs from the dense one by {gap}");
-    let (dense, routed) = time_alternately(
+    let (dense_ms, routed_ms, speed_ratio, pair_ratio) = paired_ms(
         warmup,
         repeats,
         || {
@@ -425,17 +412,5 @@ pub fn routing_overhead(
             Ok(())
         },
     )?;
-    let (dense, routed): (Vec<f64>, Vec<f64>) = (dense.iter().map(|s| s * 1e3).collect(), routed.iter().map(|s| s * 1e3).collect());
-    let pairs: Vec<f64> = dense.iter().zip(&routed).map(|(d, r)| d / r).collect();
-    let (dense_ms, routed_ms) = (crate::bench::Stats::of(&dense), crate::bench::Stats::of(&routed));
-    Ok(RoutingOverhead {
-        model: name.to_string(),
-        batch: shape[0],
-        groups,
-        repeats,
-        speed_ratio: dense_ms.median / routed_ms.median,
-        pair_ratio: crate::bench::Stats::of(&pairs),
-        dense_ms,
-        routed_ms,
-    })
+    Ok(RoutingOverhead { model: name.to_string(), batch: shape[0], groups, repeats, dense_ms, routed_ms, speed_ratio, pair_ratio })
 }

@@ -21,7 +21,7 @@ use anyhow::{Result, bail};
 use serde_json::json;
 
 use crate::ModelBackend;
-use crate::backbones::{AnyBackbone, Backbone, BuildContext};
+use crate::backbones::{AnyBackbone, Backbone, BuildContext, ModelSpec};
 use crate::controllers::ControllerConfig;
 use crate::device::DeviceSpec;
 use crate::experiment::{Experiment, Layered};
@@ -174,10 +174,10 @@ fn token_reduction_report(
 ) -> Result<()> {
     use crate::backbones::token_reduction::TokenReduction;
     let (arch, options) = (&exp.backbone.arch, &exp.backbone.options);
-    let mut full = options.clone();
-    full.remove("tome");
-    full.remove("evit");
-    let ratio = crate::backbones::cost(arch, options, ctx)?.macs() as f64 / crate::backbones::cost(arch, &full, ctx)?.macs() as f64;
+    let Some(Ok(ModelSpec::Deit(args))) = ModelSpec::for_arch(arch, options, ctx) else {
+        bail!("{arch}: token reduction is described by a deit model's arguments");
+    };
+    let ratio = args.reduction_flops_ratio(ctx.img_size[0]);
     report["reduction"] = json!(match reduction {
         TokenReduction::ToMe { .. } => "tome",
         TokenReduction::Evit { .. } => "evit",
