@@ -141,8 +141,9 @@ pub enum Command {
         /// of K groups, in alternation (what routing itself costs; CPU inference).
         #[arg(long, value_name = "K", conflicts_with = "train")]
         routed: Option<usize>,
-        /// Time a deit model TOML's token reduction ([model.tome] or [model.evit]) against the
-        /// same model keeping every token, in alternation (CPU inference)
+        /// Time a model that prunes inside its forward (a deit model TOML with [model.tome] or
+        /// [model.evit], an adahornet) against the same weights with nothing pruned, in
+        /// alternation (CPU inference)
         #[arg(long, conflicts_with_all = ["routed", "train"])]
         unreduced: bool,
         /// Untimed steps first.

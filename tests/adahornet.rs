@@ -3,6 +3,9 @@
 //! straight-through masks train the predictors, and bad options are clear errors.
 
 use std::collections::BTreeSet;
+use std::path::Path;
+
+mod common;
 
 use burn::module::Param;
 use burn::tensor::{Distribution, Int, Tensor};
@@ -132,4 +135,46 @@ fn registry_zoo_and_bad_options() {
     assert!(bad("keep = 0.5").contains("keep"));
     let a = AdaHornetArgs::named("adahornet-t-7x7-0.5").unwrap();
     assert_eq!(a.token_ratio, vec![0.5, 0.3, 0.1]);
+}
+
+/// `rlprune eval` of an AdaHorNet run reports, beside top-1, its MACs ratio against the dense
+/// HorNet of the same weights and the measured latency of both at batch 1 and 64, as it does
+/// for RNP, static pruning, DynamicViT, ToMe and EViT; the dense forward is HorNet's.
+#[test]
+fn eval_of_an_adahornet_run_reports_flops_ratio_and_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/adahornet_fashion_mnist.toml");
+    let args = [
+        "train", exp.to_str().unwrap(), "--out", "run",
+        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
+        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
+        "--set", "data.batch_size=16", "--set", "train.epochs=1", "--set", "backbone.base_dim=8",
+    ];
+    common::ok(&common::rlprune(&args, dir.path()));
+    let text = common::ok(&common::rlprune(&["eval", "run", "--json"], dir.path()));
+    let r: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(r["reduction"], "adahornet", "{r}");
+    // Stage 3 at 64×64 inputs is a 4×4 map keeping 11, 8 and 4 positions.
+    let ratio = r["flops_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.4 && ratio < 0.95, "FLOPs ratio {ratio}");
+    for b in ["batch1", "batch64"] {
+        assert!(r["latency"][b]["speedup"].as_f64().unwrap() > 0.0, "{b}: {r}");
+    }
+    let table = common::ok(&common::rlprune(&["eval", "run"], dir.path()));
+    assert!(table.contains("adahornet") && table.contains("speedup") && table.contains("FLOPs ratio"), "{table}");
+
+    // The dense forward is HorNet's: the AdaHorNet's weights without predictors and fast paths
+    // give the same logits in a HorNet.
+    let args = small_args();
+    let ada = with_visible_scales(AdaHornet::<Cpu>::from_args(&args, &Default::default()).unwrap());
+    let mut dict = rlprune::nn::params::state_dict(&ada);
+    dict.retain(|k, _| !k.starts_with("score_predictor") && !k.starts_with("fast_path"));
+    let hornet = ModelSpec::Hornet(args.hornet()).build::<Cpu>(&Default::default()).unwrap();
+    let hornet = rlprune::nn::params::load_strict(hornet, &dict, "adahornet").unwrap();
+    let x = Tensor::<Cpu, 4>::random([2, 3, 64, 64], Distribution::Normal(0.0, 1.0), &Default::default());
+    let dense: Vec<f32> = ada.forward_unpruned(x.clone()).unwrap().into_data().to_vec().unwrap();
+    let want: Vec<f32> = hornet.forward(x.clone()).into_data().to_vec().unwrap();
+    assert_eq!(dense, want);
+    let pruned: Vec<f32> = ada.forward(x).into_data().to_vec().unwrap();
+    assert_ne!(pruned, want, "pruning changes the logits, so the comparison can fail");
 }

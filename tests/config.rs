@@ -305,3 +305,56 @@ fn reset_head_fine_tunes_weights_of_other_classes() {
     let e = err(&BASE.replace("arch = \"small-cnn\"\n", "arch = \"small-cnn\"\nreset_head = true\n"), &[]);
     assert!(e.contains("backbone.reset_head needs [backbone] weights"), "{e}");
 }
+
+/// Fine-tuning as DeiT's and GFNet's scripts do it: timm-layout weights of a 1000-class model
+/// at 224 load into a 10-class model at 288 with `reset_head`; the position embedding's grid is
+/// resized bicubically (class token kept), GFNet's global filters are resized to the new grid,
+/// every other tensor loads as saved, and the model runs at 288.
+#[test]
+fn pretrained_weights_load_at_another_resolution_and_class_count() {
+    use rlprune::Cpu;
+    use rlprune::backbones::{AnyBackbone, Backbone, ModelSpec};
+    use rlprune::nn::params::state_dict;
+    use rlprune::nn::resample::{resample_global_filter, resample_pos_embed};
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    for (arch, extra, filter) in [("deit-ti", 1, None), ("gfnet-ti", 0, Some("blocks.3.filter.complex_weight"))] {
+        let pretrained: AnyBackbone<Cpu> = ModelSpec::named(arch).unwrap().build(&device).unwrap();
+        let saved = state_dict(&pretrained);
+        assert_eq!(saved["head.weight"].shape[0], 1000);
+        let weights = dir.path().join(format!("{arch}.safetensors"));
+        rlprune::import::write_safetensors(&weights, &saved, &Default::default()).unwrap();
+        let exp = write(
+            dir.path(),
+            &format!("{arch}.toml"),
+            &format!(
+                "name = \"ft\"\n[data]\ndataset = \"synthetic\"\nclasses = 10\nchannels = 3\nsize = 288\nbatch_size = 2\n\
+                 [backbone]\narch = \"{arch}\"\nweights = {:?}\nreset_head = true\n",
+                weights.display().to_string()
+            ),
+        );
+        let (e, layered) = rlprune::methods::load(&exp, &[]).unwrap();
+        let ctx = rlprune::backbones::BuildContext { num_classes: 10, in_channels: 3, img_size: [288, 288] };
+        let model = rlprune::session::supervised::build_backbone::<Cpu>(&e, &layered, &ctx, dir.path(), &device).unwrap();
+        let loaded = state_dict(&model);
+        assert_eq!(loaded["head.weight"].shape[0], 10, "{arch}");
+        let want = resample_pos_embed(&saved["pos_embed"], extra, [18, 18]).unwrap();
+        assert_eq!(loaded["pos_embed"].shape, vec![1, extra + 18 * 18, saved["pos_embed"].shape[2]], "{arch}");
+        assert_eq!(loaded["pos_embed"], want, "{arch}");
+        let mut resized = vec!["pos_embed".to_string()];
+        if let Some(f) = filter {
+            // GFNet: 14×8 half spectrum at 224, 18×10 at 288.
+            assert_eq!(&saved[f].shape[..2], &[14, 8]);
+            assert_eq!(loaded[f], resample_global_filter(&saved[f], [18, 10]).unwrap(), "{arch}");
+            resized.extend(loaded.keys().filter(|k| k.ends_with("complex_weight")).cloned());
+        }
+        for (k, t) in &saved {
+            if !k.starts_with("head.") && !resized.contains(k) {
+                assert_eq!(&loaded[k], t, "{arch}: {k} is loaded as saved");
+            }
+        }
+        let x = burn::tensor::Tensor::<Cpu, 4>::random([1, 3, 288, 288], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let logits: Vec<f32> = model.forward(x).into_data().to_vec().unwrap();
+        assert!(logits.len() == 10 && logits.iter().all(|v| v.is_finite()), "{arch}");
+    }
+}

@@ -221,3 +221,46 @@ fn zoo_names_work_where_a_model_is_expected() {
     let flops = common::ok(&common::rlprune(&["flops", "gfnet-ti"], dir.path()));
     assert!(flops.ends_with(")\n"), "{flops:?}");
 }
+
+/// `infer` takes inputs of another size than the model TOML's where the model allows it: a DeiT
+/// built for 32×32 runs 48×48 images (its weights resampled as for fine-tuning) and gives what
+/// the model built for 48 with the resampled weights gives; a non-square input is refused.
+#[test]
+fn infer_runs_other_input_sizes_where_the_model_allows_it() {
+    use rlprune::backbones::spec::resolve_model;
+    use rlprune::nn::params::{state_dict, HostTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let sets: Vec<String> = ["num_classes=10", "img_size=32", "patch_size=8", "depth=2", "embed_dim=48", "num_heads=3"].map(String::from).to_vec();
+    let spec = resolve_model("deit-ti", &sets).unwrap();
+    let model: AnyBackbone<Cpu> = spec.build(&Default::default()).unwrap();
+    let saved = state_dict(&model);
+    rlprune::import::write_safetensors(&dir.path().join("w.safetensors"), &saved, &Default::default()).unwrap();
+    std::fs::write(dir.path().join("m.toml"), spec.to_toml_string()).unwrap();
+    let write_input = |name: &str, h: usize, w: usize| {
+        let x = HostTensor::new(vec![2, 3, h, w], (0..2 * 3 * h * w).map(|i| ((i % 89) as f32) / 89.0 - 0.5).collect());
+        rlprune::import::write_safetensors(&dir.path().join(name), &[("input".to_string(), x)].into_iter().collect(), &Default::default()).unwrap();
+    };
+    write_input("x48.safetensors", 48, 48);
+    write_input("x48x32.safetensors", 48, 32);
+    let run = |input: &str, out: &str| {
+        common::rlprune(&["infer", "--model", "m.toml", "--weights", "w.safetensors", "--input", input, "--output", out], dir.path())
+    };
+    common::ok(&run("x48.safetensors", "y48.safetensors"));
+    let got = rlprune::import::read_tensor(&dir.path().join("y48.safetensors"), "output").unwrap();
+    assert_eq!(got.shape, vec![2, 10]);
+
+    let at48 = spec.at_input_size([48, 48]).unwrap();
+    assert_eq!(at48.img_size(), Some(48));
+    let mut dict = saved.clone();
+    let big: AnyBackbone<Cpu> = at48.build(&Default::default()).unwrap();
+    let notes = rlprune::backbones::adapt_pretrained(&big, &mut dict).unwrap();
+    assert_eq!(notes, vec!["pos_embed: [1, 17, 48] → [1, 37, 48]".to_string()]);
+    let big = rlprune::nn::params::load_strict(big, &dict, "w").unwrap();
+    let x = rlprune::import::read_tensor(&dir.path().join("x48.safetensors"), "input").unwrap().to_tensor::<Cpu, 4>(&Default::default());
+    let want: Vec<f32> = rlprune::backbones::Backbone::forward(&big, x).into_data().to_vec().unwrap();
+    assert_eq!(got.data, want);
+
+    let err = common::failed(&run("x48x32.safetensors", "bad.safetensors"));
+    assert!(err.contains("square images") && err.contains("48×32"), "{err}");
+    assert!(!dir.path().join("bad.safetensors").exists());
+}

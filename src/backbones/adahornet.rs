@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use super::hornet::{Block, Downsample, DwConv, GnconvArgs, Hornet, HornetArgs};
 use super::spec::{args_for_arch, ModelArgs};
-use super::{Backbone, BuildContext, Family};
+use super::{Backbone, BuildContext, Family, InnerPruning};
 use crate::nn::channel_op::select_tokens;
 use crate::backbones::token_predictor::{keep_count, top_k_keep, PredictorLG};
 use crate::metrics::flops::CostReport;
@@ -195,6 +195,12 @@ impl ModelArgs for AdaHornetArgs {
 
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    /// Against the dense HorNet of the same weights ([`AdaHornet::forward_dense`]).
+    fn inner_pruning(&self, img_size: usize) -> Option<InnerPruning> {
+        let flops_ratio = self.cost(img_size).macs() as f64 / self.hornet().cost(img_size).macs() as f64;
+        Some(InnerPruning { name: "adahornet", flops_ratio })
     }
 
     /// HorNet's count with stage 3's adaptive blocks at their kept positions (see the module
@@ -369,6 +375,16 @@ impl<B: ModelBackend> AdaHornet<B> {
         self.head.forward(self.norm.forward(x.mean_dim(3).mean_dim(2).reshape([n, c])))
     }
 
+    /// The dense HorNet forward of the same weights: every block on every position, no
+    /// predictor run.
+    pub fn forward_dense(&self, x: Tensor<B, 4>) -> Tensor<B, 2> {
+        let mut x = self.before_adaptive(x);
+        for blk in &self.stages[ADAPTIVE_STAGE] {
+            x = blk.forward(x);
+        }
+        self.after_adaptive(x)
+    }
+
     /// Eval-mode forward with real spatial sparsification. Returns the logits, per predictor
     /// the kept positions `[N, k_s]` of stage 3's map (row-major, best score first), and that
     /// map's `[H, W]`.
@@ -512,6 +528,10 @@ impl<B: ModelBackend> Backbone<B> for AdaHornet<B> {
         } else {
             self.forward_pruned(x).0
         }
+    }
+
+    fn forward_unpruned(&self, x: Tensor<B, 4>) -> Option<Tensor<B, 2>> {
+        Some(self.forward_dense(x))
     }
 }
 

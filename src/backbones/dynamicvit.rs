@@ -361,6 +361,11 @@ impl<B: ModelBackend> Backbone<B> for DynamicVit<B> {
         let (logits, kept) = self.forward_pruned(x);
         (logits, kept.into_iter().enumerate().map(|(i, k)| (format!("keep_abs_s{i}"), k)).collect())
     }
+
+    fn resolution_params(&self) -> Vec<(String, crate::nn::resample::ResolutionParam)> {
+        let Self::Deit(vit) = self;
+        vit.resolution_params()
+    }
 }
 
 impl<B: ModelBackend> Family<B> for DynamicVit<B> {

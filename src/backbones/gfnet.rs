@@ -22,6 +22,7 @@ use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::ModelBackend;
 use crate::nn::channel_op::residual;
 use crate::nn::global_filter::GlobalFilter;
+use crate::nn::resample::ResolutionParam;
 use crate::nn::layers::trunc_normal;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 
@@ -406,6 +407,11 @@ impl<B: ModelBackend> Backbone<B> for Gfnet<B> {
         }
         self.head_from_tokens(x)
     }
+
+    fn resolution_params(&self) -> Vec<(String, ResolutionParam)> {
+        let filters = (0..self.blocks.len()).map(|i| (format!("blocks.{i}.filter.complex_weight"), ResolutionParam::GlobalFilter));
+        std::iter::once(("pos_embed".to_string(), ResolutionParam::PosEmbed { extra_tokens: 0 })).chain(filters).collect()
+    }
 }
 
 impl<B: ModelBackend> Family<B> for Gfnet<B> {
@@ -494,6 +500,13 @@ impl<B: ModelBackend> Backbone<B> for GfnetPyramid<B> {
         let [n, _, c] = x.dims();
         let f = self.norm.forward(x).mean_dim(1).reshape([n, c]);
         self.head.forward(dropout(f, self.dropcls))
+    }
+
+    fn resolution_params(&self) -> Vec<(String, ResolutionParam)> {
+        let filters = self.blocks.iter().enumerate().flat_map(|(s, stage)| {
+            (0..stage.len()).map(move |j| (format!("blocks.{s}.{j}.filter.complex_weight"), ResolutionParam::GlobalFilter))
+        });
+        std::iter::once(("pos_embed".to_string(), ResolutionParam::PosEmbed { extra_tokens: 0 })).chain(filters).collect()
     }
 }
 

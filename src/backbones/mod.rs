@@ -23,7 +23,7 @@ pub mod vgg;
 pub mod vit;
 pub mod zoo;
 
-pub use spec::{build_model, infer, model_from_toml, ModelArgs};
+pub use spec::{build_model, infer, model_from_toml, InnerPruning, ModelArgs};
 
 use anyhow::{Context, Result};
 use burn::module::Module;
@@ -33,6 +33,8 @@ use burn::tensor::{Int, Tensor};
 use controlled::{Controller, Mode, Trace};
 use crate::ModelBackend;
 use crate::metrics::flops::CostReport;
+use crate::nn::params::{param_shapes, StateDict};
+use crate::nn::resample::ResolutionParam;
 use rand_chacha::ChaCha8Rng;
 
 /// What a backbone is built for: the dataset's classes and image shape.
@@ -87,6 +89,20 @@ pub trait Backbone<B: ModelBackend>: Module<B> {
     /// `[backbone] reset_head` starts fresh when pretrained weights have other classes.
     fn classifier(&self) -> &'static str {
         "head"
+    }
+
+    /// For models that prune inside their forward (ToMe, EViT, AdaHorNet): the same weights
+    /// with nothing pruned (every token, every position), what `eval` and `bench --unreduced`
+    /// time the pruned forward against. `None` for every other model.
+    fn forward_unpruned(&self, _x: Tensor<B, 4>) -> Option<Tensor<B, 2>> {
+        None
+    }
+
+    /// Parameters whose shape follows the input resolution (position embeddings, global
+    /// filters): pretrained weights of another resolution are resampled to this model's before
+    /// they load ([`adapt_pretrained`]).
+    fn resolution_params(&self) -> Vec<(String, ResolutionParam)> {
+        Vec::new()
     }
 
     /// Convolutions whose output channels can be sliced at run time (RNP's decision points).
@@ -167,6 +183,12 @@ macro_rules! registry {
             }
             fn classifier(&self) -> &'static str {
                 match self { $($(#[$attr])* Self::$variant(m) => m.classifier(),)+ }
+            }
+            fn forward_unpruned(&self, x: Tensor<B, 4>) -> Option<Tensor<B, 2>> {
+                match self { $($(#[$attr])* Self::$variant(m) => m.forward_unpruned(x),)+ }
+            }
+            fn resolution_params(&self) -> Vec<(String, ResolutionParam)> {
+                match self { $($(#[$attr])* Self::$variant(m) => m.resolution_params(),)+ }
             }
             fn prunable_convs(&self) -> Vec<PrunableConv> {
                 match self { $($(#[$attr])* Self::$variant(m) => m.prunable_convs(),)+ }
@@ -322,6 +344,11 @@ macro_rules! registry {
                 match self { $($(Self::$variant(a) => <$args as ModelArgs>::cost(a, img_size),)?)+ }
             }
 
+            /// [`ModelArgs::inner_pruning`] of the family's arguments.
+            pub fn inner_pruning(&self, img_size: usize) -> Option<InnerPruning> {
+                match self { $($(Self::$variant(a) => <$args as ModelArgs>::inner_pruning(a, img_size),)?)+ }
+            }
+
             /// Builds the model, initialised as the reference does.
             pub fn build<B: ModelBackend>(&self, device: &B::Device) -> Result<AnyBackbone<B>> {
                 match self {
@@ -333,6 +360,13 @@ macro_rules! registry {
             }
         }
     };
+}
+
+/// Resamples the entries of pretrained `weights` that follow the input resolution
+/// ([`Backbone::resolution_params`]) to `model`'s shapes, as the reference fine-tuning scripts
+/// do; returns one line per resized entry. Everything else is left to the strict load.
+pub fn adapt_pretrained<B: ModelBackend, M: Backbone<B>>(model: &M, weights: &mut StateDict) -> Result<Vec<String>> {
+    crate::nn::resample::adapt_to_resolution(weights, &param_shapes::<B, M>(model), &model.resolution_params())
 }
 
 /// Permutes the output channels of every prunable conv by filter norm (see

@@ -59,6 +59,22 @@ pub trait ModelArgs: Serialize + DeserializeOwned + Clone + Debug + PartialEq {
 
     /// Parameters and MACs per stage at `img_size`×`img_size`, from the arguments alone.
     fn cost(&self, img_size: usize) -> CostReport;
+
+    /// For models that prune inside their own forward (ToMe, EViT, AdaHorNet): which pruning,
+    /// and its MACs ratio at `img_size` against the same weights run with nothing pruned
+    /// ([`super::Backbone::forward_unpruned`]).
+    fn inner_pruning(&self, _img_size: usize) -> Option<InnerPruning> {
+        None
+    }
+}
+
+/// A pruning that a model runs inside its own forward (see [`ModelArgs::inner_pruning`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InnerPruning {
+    /// `tome`, `evit` or `adahornet`: what eval reports as `reduction`.
+    pub name: &'static str,
+    /// MACs per image pruned over unpruned.
+    pub flops_ratio: f64,
 }
 
 /// Arguments for `[backbone] arch = NAME` plus options: the named variant, adapted to the
@@ -171,6 +187,22 @@ impl ModelSpec {
         toml::to_string(&doc).expect("model arguments serialise to TOML")
     }
 
+    /// The same model for `[h, w]` inputs: unchanged for fully convolutional families, else
+    /// rebuilt at `img_size = h` (square inputs only), which must fit the patch grid. Weights of
+    /// the original size load into it through [`super::adapt_pretrained`].
+    pub fn at_input_size(&self, [h, w]: [usize; 2]) -> Result<Self> {
+        let Some(side) = self.img_size() else { return Ok(self.clone()) };
+        if h == side && w == side {
+            return Ok(self.clone());
+        }
+        if h != w {
+            bail!("the {} model takes square images ({side}×{side} as built), input is {h}×{w}", self.family());
+        }
+        let mut table = self.to_table();
+        table.insert("img_size".into(), toml::Value::Integer(h as i64));
+        Self::from_table(&table).with_context(|| format!("the model is built for {side}×{side} images and cannot take {h}×{w} ones"))
+    }
+
     /// Cost at the model's own input size (224 for fully convolutional models).
     pub fn cost_native(&self) -> CostReport {
         self.cost(self.img_size().unwrap_or(224))
@@ -207,9 +239,7 @@ pub fn infer_on(
 }
 
 fn infer_with<B: crate::ModelBackend>(spec: &ModelSpec, weights: &Path, input: &Path, output: &Path, device: &B::Device) -> Result<()> {
-    let dict = import::read_model_weights(weights)?;
-    let model: AnyBackbone<B> = build_model(spec, device)?;
-    let model = load_strict(model, &dict, &weights.display().to_string())?;
+    let mut dict = import::read_model_weights(weights)?;
     let x = import::read_tensor(input, "input")?;
     if x.shape.len() != 4 {
         bail!("input must be [N, C, H, W], got shape {:?}", x.shape);
@@ -217,11 +247,12 @@ fn infer_with<B: crate::ModelBackend>(spec: &ModelSpec, weights: &Path, input: &
     if x.shape[1] != spec.in_chans() {
         bail!("{}: the model takes {}-channel images, input has {} channels", input.display(), spec.in_chans(), x.shape[1]);
     }
-    if let Some(s) = spec.img_size()
-        && (x.shape[2] != s || x.shape[3] != s)
-    {
-        bail!("the model is built for {s}×{s} images, input is {}×{}", x.shape[2], x.shape[3]);
+    let spec = spec.at_input_size([x.shape[2], x.shape[3]])?;
+    let model: AnyBackbone<B> = build_model(&spec, device)?;
+    for note in super::adapt_pretrained(&model, &mut dict)? {
+        tracing::info!("{}: resampled for {}×{} inputs: {note}", weights.display(), x.shape[2], x.shape[3]);
     }
+    let model = load_strict(model, &dict, &weights.display().to_string())?;
     let x = x.to_tensor::<B, 4>(device);
     let (logits, traced) = model.forward_traced(x);
     let out = StateDict::from([("output".to_string(), HostTensor::from_tensor(&logits))]);

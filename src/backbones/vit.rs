@@ -22,7 +22,8 @@ use crate::nn::drop_path::{drop_path, dropout, linspace_rates};
 use crate::nn::layers::trunc_normal;
 use crate::backbones::token_predictor::PredictorLG;
 use super::token_reduction::{evit_forward, tome_forward, EvitArgs, ToMeArgs, TokenReduction};
-use super::TokenTrace;
+use super::{InnerPruning, TokenTrace};
+use crate::nn::resample::ResolutionParam;
 use crate::nn::{LayerNorm, Linear, Mlp, PatchEmbed};
 
 /// timm's `VisionTransformer` constructor arguments (DeiT uses `qkv_bias = true` and
@@ -155,6 +156,14 @@ impl ModelArgs for DeitArgs {
 
     fn num_classes(&self) -> usize {
         self.num_classes
+    }
+
+    fn inner_pruning(&self, img_size: usize) -> Option<InnerPruning> {
+        let name = match self.token_reduction()? {
+            TokenReduction::ToMe { .. } => "tome",
+            TokenReduction::Evit { .. } => "evit",
+        };
+        Some(InnerPruning { name, flops_ratio: self.reduction_flops_ratio(img_size) })
     }
 
     fn cost(&self, img_size: usize) -> CostReport {
@@ -401,6 +410,14 @@ impl<B: ModelBackend> Backbone<B> for VisionTransformer<B> {
         if let Some(r) = &mut self.reduction {
             r.set_training_progress(epochs);
         }
+    }
+
+    fn forward_unpruned(&self, x: Tensor<B, 4>) -> Option<Tensor<B, 2>> {
+        self.reduction.is_some().then(|| self.forward_all_tokens(x))
+    }
+
+    fn resolution_params(&self) -> Vec<(String, ResolutionParam)> {
+        vec![("pos_embed".into(), ResolutionParam::PosEmbed { extra_tokens: 1 })]
     }
 
     fn forward_traced(&self, x: Tensor<B, 4>) -> (Tensor<B, 2>, TokenTrace<B>) {

@@ -268,27 +268,30 @@ pub struct ReductionSpeedup {
 /// Times the token reduction `target`'s model TOML asks for against the same model keeping every
 /// token, `repeats` alternating pairs at `batch` after `warmup` (CPU).
 pub fn token_reduction_speedup(target: &crate::bench::BenchModel, batch: usize, warmup: usize, repeats: usize) -> Result<ReductionSpeedup> {
-    use crate::backbones::token_reduction::TokenReduction;
-    use crate::backbones::{AnyBackbone, Backbone, ModelSpec};
+    use crate::backbones::Backbone;
     use crate::bench::BenchModelKind;
     anyhow::ensure!(repeats >= 1 && batch >= 1, "at least one timed repeat of at least one image");
-    let BenchModelKind::Reference(ModelSpec::Deit(args)) = &target.kind else {
-        anyhow::bail!("--unreduced compares a deit model TOML with [model.tome] or [model.evit] against the same model without it");
+    let pruning = match &target.kind {
+        BenchModelKind::Reference(spec) => spec.inner_pruning(target.ctx.img_size[0]),
+        _ => None,
     };
-    let flops_ratio = args.reduction_flops_ratio(target.ctx.img_size[0]);
+    let Some(pruning) = pruning else {
+        anyhow::bail!(
+            "{}: no [model.tome] or [model.evit] on a deit model, and not an adahornet: --unreduced compares a model \
+             that prunes inside its forward against the same weights with nothing pruned",
+            target.name
+        );
+    };
+    let (method, flops_ratio) = (pruning.name, pruning.flops_ratio);
     let device = Default::default();
-    let AnyBackbone::Deit(model) = target.build::<Cpu>(&device)? else { unreachable!("a deit spec builds a deit model") };
-    let method = match &model.reduction {
-        Some(TokenReduction::ToMe { .. }) => "tome",
-        Some(TokenReduction::Evit { .. }) => "evit",
-        None => anyhow::bail!("{}: no [model.tome] or [model.evit] to compare", target.name),
-    };
+    let model = target.build::<Cpu>(&device)?;
     let x = Tensor::<Cpu, 4>::random(target.input_shape(batch), burn::tensor::Distribution::Normal(0.0, 1.0), &device);
     let (unreduced_ms, reduced_ms, speedup, pair_speedup) = paired_ms(
         warmup,
         repeats,
         || {
-            let _ = model.forward_all_tokens(x.clone()).into_data();
+            let out = model.forward_unpruned(x.clone()).ok_or_else(|| anyhow::anyhow!("{}: no unpruned forward", target.name))?;
+            let _ = out.into_data();
             Ok(())
         },
         || {

@@ -156,44 +156,29 @@ fn eval_on<B: ModelBackend>(exp: &Experiment, layered: &Layered, weights: &Path,
         "top1": top1,
         "loss": loss,
     });
-    if let AnyBackbone::Deit(vit) = &model
-        && let Some(reduction) = &vit.reduction
-    {
-        token_reduction_report(&mut report, exp, &ctx, reduction)?;
-    }
+    inner_pruning_report(&mut report, exp, &ctx)?;
     Ok(report)
 }
 
-/// For a DeiT evaluated with ToMe or EViT: which one, the MACs ratio against the same model
-/// keeping every token, and both forwards timed in alternation at batch 1 and 64 (CPU).
-fn token_reduction_report(
-    report: &mut serde_json::Value,
-    exp: &Experiment,
-    ctx: &BuildContext,
-    reduction: &crate::backbones::token_reduction::TokenReduction,
-) -> Result<()> {
-    use crate::backbones::token_reduction::TokenReduction;
+/// For a model that prunes inside its forward (ToMe, EViT, AdaHorNet): which pruning, its MACs
+/// ratio against the same weights with nothing pruned, and both forwards timed in alternation
+/// at batch 1 and 64 (CPU). Other models add nothing.
+fn inner_pruning_report(report: &mut serde_json::Value, exp: &Experiment, ctx: &BuildContext) -> Result<()> {
     let (arch, options) = (&exp.backbone.arch, &exp.backbone.options);
-    let Some(Ok(ModelSpec::Deit(args))) = ModelSpec::for_arch(arch, options, ctx) else {
-        bail!("{arch}: token reduction is described by a deit model's arguments");
-    };
-    let ratio = args.reduction_flops_ratio(ctx.img_size[0]);
-    report["reduction"] = json!(match reduction {
-        TokenReduction::ToMe { .. } => "tome",
-        TokenReduction::Evit { .. } => "evit",
-    });
-    report["flops_ratio"] = json!(ratio);
+    let Some(Ok(spec)) = ModelSpec::for_arch(arch, options, ctx) else { return Ok(()) };
+    let Some(pruning) = spec.inner_pruning(ctx.img_size[0]) else { return Ok(()) };
+    report["reduction"] = json!(pruning.name);
+    report["flops_ratio"] = json!(pruning.flops_ratio);
     // Timing needs no trained weights: a CPU copy of the same architecture.
-    let AnyBackbone::Deit(cpu) = crate::backbones::build::<crate::Cpu>(arch, options, ctx, &Default::default())? else {
-        unreachable!("the same arch builds the same family")
-    };
+    let cpu = crate::backbones::build::<crate::Cpu>(arch, options, ctx, &Default::default())?;
     let [h, w] = ctx.img_size;
     let sample = burn::tensor::Tensor::<crate::Cpu, 4>::random([8, ctx.in_channels, h, w], burn::tensor::Distribution::Normal(0.0, 1.0), &Default::default());
     report["latency"] = eval::latency_against_unpruned(
         &sample,
-        ratio,
+        pruning.flops_ratio,
         |x| {
-            let _ = cpu.forward_all_tokens(x).into_data();
+            let out = cpu.forward_unpruned(x).ok_or_else(|| anyhow::anyhow!("{arch}: no unpruned forward to compare with"))?;
+            let _ = out.into_data();
             Ok(())
         },
         |x| {
@@ -203,4 +188,3 @@ fn token_reduction_report(
     )?;
     Ok(())
 }
-

@@ -15,6 +15,7 @@ pub mod linear_op;
 pub mod layers;
 pub mod norm;
 pub mod params;
+pub mod resample;
 pub(crate) mod pool;
 
 pub use global_filter::{GlobalFilter, SpectralBackend};

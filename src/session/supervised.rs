@@ -109,7 +109,10 @@ pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx:
     match &exp.backbone.weights {
         Some(w) => {
             let path = base_dir.join(w);
-            let dict = crate::import::read_model_weights(&path)?;
+            let mut dict = crate::import::read_model_weights(&path)?;
+            for note in backbones::adapt_pretrained(&model, &mut dict)? {
+                tracing::info!("{}: resampled to this model's resolution: {note}", path.display());
+            }
             let head = model.classifier();
             if exp.backbone.reset_head {
                 return load_strict_except(model, &dict, &path.display().to_string(), Some(head));
