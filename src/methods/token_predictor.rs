@@ -58,7 +58,7 @@ use crate::train::losses::correct;
 use crate::train::optim::{Optimizer, OptimizerConfig, ScheduleConfig};
 use crate::session::run::{epoch_seed, RunLogs, SeedStream};
 use crate::session::{Resumable, Session, epoch_batches, EvalData};
-use crate::session::supervised::{self, EpochMetrics, TrainOptions, TrainSummary, build_backbone};
+use crate::session::supervised::{self, EpochMetrics, TrainOptions, TrainSummary};
 use crate::{Cpu, CpuAutodiff};
 
 type Ad = CpuAutodiff;
@@ -331,6 +331,31 @@ pub const METHOD: super::Method = super::Method {
     eval: eval_token_predictor_run,
 };
 
+/// Where a token-predictor run stands after its last completed student epoch:
+/// `checkpoints/token_predictor_state.json`, written last (atomically), after the student and
+/// both optimizers' files of the same epoch. Data order, Gumbel noise and rollouts are
+/// functions of (seed, epoch, step), so with these `--resume` continues bit for bit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenPredictorState {
+    pub format: String,
+    pub arch: String,
+    pub student_epochs: usize,
+    pub step: usize,
+    /// Best test top-1 of the student epochs (none before the first).
+    pub best: Option<f64>,
+    pub predictor_optimizer_steps: u64,
+    pub backbone_optimizer_steps: u64,
+}
+
+/// The state file's name under `checkpoints/`.
+pub const STATE_FILE: &str = "token_predictor_state.json";
+const PREDICTOR_OPTIM: &str = "predictors.optim.safetensors";
+const BACKBONE_OPTIM: &str = "student.optim.safetensors";
+
+fn save_state(ck: &Path, st: &TokenPredictorState) -> Result<()> {
+    crate::fsutil::atomic_write(&ck.join(STATE_FILE), &serde_json::to_vec_pretty(st)?)
+}
+
 /// `rlprune train` for `[controller] kind = "token-predictor"` (see the module docs).
 pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_token_predictor needs a [controller] section"))?;
@@ -346,32 +371,22 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
             ),
         ));
     }
-    let (session, args) = Session::open_with(
-        exp,
-        layered,
-        opts,
-        Resumable::No("token-predictor runs yet (rerun them; the teacher can be reused with --set backbone.weights=<run>/checkpoints/teacher.safetensors)"),
-        |ctx| student_args(exp, layered, ctx),
-    )?;
+    let (session, args) = Session::open_with(exp, layered, opts, Resumable::Yes, |ctx| student_args(exp, layered, ctx))?;
     let teacher_exp = teacher_experiment(exp, &args)?;
     let (base, run_dir, train_loader, test_loader, ctx) = (&session.base, session.run_dir.clone(), &session.train_loader, &session.test_loader, &session.ctx);
     let device: burn::tensor::Device<Ad> = Default::default();
+    let resumed = session.resumed_state(STATE_FILE, |st: &TokenPredictorState| &st.format)?;
+    if let Some(st) = &resumed {
+        session.check_arch(&st.arch)?;
+    }
 
-    // 1. The teacher.
-    let teacher: VisionTransformer<Cpu> = if teacher_exp.backbone.weights.is_some() {
-        deit_of(build_backbone::<Cpu>(&teacher_exp, layered, ctx, base, &Default::default())?)?
-    } else {
-        let sub = run_dir.join("teacher");
-        tracing::info!("phase 1: the teacher ({}) for {} epochs into {}", teacher_exp.backbone.arch, exp.train.epochs, sub.display());
-        let sup = TrainOptions { out: Some(sub.clone()), resume: None, stop_after_epoch: None, base_dir: base.clone() };
-        let s = supervised::train_on::<Ad>(&teacher_exp, layered, &sup, &device)?;
-        if s.interrupted {
-            return Ok(TrainSummary { run_dir, epochs_done: 0, history: s.history, best_top1: s.best_top1, interrupted: true, outcome: None, peers: Vec::new() });
-        }
-        let file = checkpoint::dir(&sub).join("last.safetensors");
-        let skeleton = build_backbone::<Cpu>(&teacher_exp, layered, ctx, base, &Default::default())?;
-        deit_of(load_strict(skeleton, &checkpoint::read_model(&file, &teacher_exp.backbone.arch, None)?, &file.display().to_string())?)?
-    };
+    // 1. The teacher: `[backbone] weights`, or trained into `<run>/teacher/` (continued when
+    // the run is resumed, only loaded once complete).
+    let teacher: VisionTransformer<Cpu> =
+        match supervised::pretrained_backbone::<Ad>(&teacher_exp, layered, ctx, base, &run_dir, "teacher", session.resumed, &device)? {
+            Ok(m) => deit_of(m.valid())?,
+            Err(interrupted) => return Ok(interrupted),
+        };
 
     // 2. Run directory, logs, the teacher's numbers.
     let RunLogs { mut metrics, mut tb } = session.logs()?;
@@ -380,6 +395,22 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     crate::fsutil::atomic_write(&run_dir.join("model.toml"), toml::to_string_pretty(&model_table)?.as_bytes())?;
     let ck = session.checkpoint_dir()?;
     checkpoint::save_weights(&ck.join("teacher.safetensors"), &state_dict(&teacher), &teacher_exp.backbone.arch, exp.train.epochs, "model")?;
+    let mut state = match resumed {
+        Some(st) => st,
+        None => {
+            let st = TokenPredictorState {
+                format: checkpoint::FORMAT.into(),
+                arch: exp.backbone.arch.clone(),
+                student_epochs: 0,
+                step: 0,
+                best: None,
+                predictor_optimizer_steps: 0,
+                backbone_optimizer_steps: 0,
+            };
+            save_state(&ck, &st)?;
+            st
+        }
+    };
     let (teacher_loss, teacher_top1) = supervised::evaluate(&AnyBackbone::Deit(teacher.clone()), test_loader, &Default::default())?;
     tracing::info!("teacher {}: test top-1 {:.2}% (loss {teacher_loss:.4})", teacher_exp.backbone.arch, 100.0 * teacher_top1);
 
@@ -396,7 +427,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         before.flops_ratio,
         100.0 * before.top1
     );
-    if let Some(tb) = tb.as_mut() {
+    if let (Some(tb), 0) = (tb.as_mut(), state.student_epochs) {
         tb.scalar("teacher/top1", 0, teacher_top1)?;
         tb.scalar("test/top1", 0, before.top1)?;
         tb.scalar("test/flops_ratio", 0, before.flops_ratio)?;
@@ -424,8 +455,27 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
     let mut history = Vec::new();
     let mut best = f64::NEG_INFINITY;
     let mut last_eval = before.clone();
-    let mut interrupted = false;
-    for epoch in 0..to.epochs {
+    if state.student_epochs > 0 {
+        let tag = Some(state.student_epochs);
+        let file = ck.join("last.safetensors");
+        student = load_strict(student, &checkpoint::read_model(&file, &exp.backbone.arch, tag)?, &file.display().to_string())?;
+        for (opt, name, steps) in [
+            (&mut opt_predictors, PREDICTOR_OPTIM, state.predictor_optimizer_steps),
+            (&mut opt_backbone, BACKBONE_OPTIM, state.backbone_optimizer_steps),
+        ] {
+            let file = ck.join(name);
+            opt.load_state_dict(&checkpoint::read_model(&file, &exp.backbone.arch, tag)?, &device)?;
+            opt.steps = steps;
+        }
+        step = state.step;
+        best = state.best.unwrap_or(f64::NEG_INFINITY);
+        last_eval = evaluate_pruned(&student.valid(), &args, test_loader)?;
+        tracing::info!("resuming {} after {} student epochs (step {step})", run_dir.display(), state.student_epochs);
+    }
+    // `--stop-after-epoch N` counts student epochs; 0 stops once the teacher is done.
+    let mut interrupted = opts.stop_after_epoch == Some(state.student_epochs);
+    let epochs = if interrupted { to.epochs..to.epochs } else { state.student_epochs..to.epochs };
+    for epoch in epochs {
         let t0 = Instant::now();
         <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::TokenPredictor, exp.train.epochs + epoch));
         let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + epoch), steps_per_epoch, &format!("student {}/{}", epoch + 1, to.epochs));
@@ -568,14 +618,29 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         }
         let dict = state_dict(&student.valid());
         checkpoint::save_weights(&ck.join("last.safetensors"), &dict, &exp.backbone.arch, epoch + 1, "model")?;
+        checkpoint::save_weights(&ck.join(PREDICTOR_OPTIM), &opt_predictors.state_dict(), &exp.backbone.arch, epoch + 1, "optimizer")?;
+        checkpoint::save_weights(&ck.join(BACKBONE_OPTIM), &opt_backbone.state_dict(), &exp.backbone.arch, epoch + 1, "optimizer")?;
         if ev.top1 > best {
             best = ev.top1;
             checkpoint::save_weights(&ck.join("best.safetensors"), &dict, &exp.backbone.arch, epoch + 1, "model")?;
         }
+        state = TokenPredictorState {
+            student_epochs: epoch + 1,
+            step,
+            best: Some(best),
+            predictor_optimizer_steps: opt_predictors.steps,
+            backbone_optimizer_steps: opt_backbone.steps,
+            ..state
+        };
+        save_state(&ck, &state)?;
         last_eval = ev;
         history.push(m);
+        if opts.stop_after_epoch == Some(epoch + 1) && epoch + 1 < to.epochs {
+            interrupted = true;
+            break;
+        }
     }
-    if history.is_empty() {
+    if state.student_epochs == 0 && !ck.join("last.safetensors").is_file() {
         checkpoint::save_weights(&ck.join("last.safetensors"), &state_dict(&student.valid()), &exp.backbone.arch, 0, "model")?;
     }
     let seconds = session.seconds();
@@ -595,7 +660,7 @@ pub fn train_token_predictor(exp: &Experiment, layered: &Layered, opts: &TrainOp
         "flops_ratio": last_eval.flops_ratio,
         "student_gmacs": last_eval.student_gmacs,
         "teacher_gmacs": last_eval.teacher_gmacs,
-        "student_epochs": history.len(),
+        "student_epochs": state.student_epochs,
         "teacher_epochs": if teacher_exp.backbone.weights.is_some() { 0 } else { exp.train.epochs },
         "test_images": last_eval.images,
         "seconds": seconds,

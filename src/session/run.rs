@@ -264,8 +264,8 @@ fn remove_empty_event_files(run_dir: &Path) {
 }
 
 /// The newest run of `name` under `root` that has a checkpoint: `checkpoints/state.json`, or for
-/// RNP and static-l1 runs `checkpoints/rnp_state.json`, `checkpoints/static_state.json` or a
-/// phase-1 `backbone/checkpoints/state.json`.
+/// controller runs their method's state (`checkpoints/rnp_state.json`, `static_state.json`,
+/// `token_predictor_state.json`) or a phase-1 `backbone/` or `teacher/checkpoints/state.json`.
 pub fn newest_run(root: &Path, name: &str) -> Result<PathBuf> {
     let base = root.join(name);
     let entries = std::fs::read_dir(&base)
@@ -300,7 +300,14 @@ impl MetricsLog {
 
 /// Whether `run` holds a checkpoint a resume can start from (see [`newest_run`]).
 pub fn has_checkpoint(run: &Path) -> bool {
-    ["checkpoints/state.json", "checkpoints/rnp_state.json", "checkpoints/static_state.json", "backbone/checkpoints/state.json"]
+    [
+        "checkpoints/state.json",
+        "checkpoints/rnp_state.json",
+        "checkpoints/static_state.json",
+        "checkpoints/token_predictor_state.json",
+        "backbone/checkpoints/state.json",
+        "teacher/checkpoints/state.json",
+    ]
         .iter()
         .any(|f| run.join(f).is_file())
 }
