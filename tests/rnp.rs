@@ -539,38 +539,57 @@ fn interrupted_rnp_run_resumes_exactly() {
     assert_eq!(results("full").len(), 4);
 }
 
-/// The documented refusal: a DQN run stopped inside its router epochs cannot be resumed (its
-/// replay buffer is not checkpointed). The error says so and the run is left as it was; once
-/// the router epochs are done, the fine-tuning phase resumes normally.
+/// A DQN run stopped inside its router epochs resumes bit for bit: its replay buffer, target
+/// network and update count are checkpointed with the router, so the resumed run ends where the
+/// uninterrupted one does (router, backbone, metrics); stopping in the fine-tuning epochs too.
 #[test]
-fn dqn_resume_inside_router_epochs_is_refused_and_after_them_allowed() {
+fn dqn_runs_resume_inside_and_after_their_router_epochs() {
     use std::process::Command;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("rnp.toml"),
-        rnp_experiment("rnp-dqn", 3, 64, "algorithm = \"dqn\"\nepochs = 2\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05"),
+        rnp_experiment("rnp-dqn", 3, 64, "algorithm = \"dqn\"\nepochs = 3\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05\ntarget_sync_every = 3"),
     )
     .unwrap();
     let train = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_rlprune")).arg("train").arg("rnp.toml").args(args).current_dir(dir.path()).output().unwrap()
     };
-    let snapshot = |run: &str| common::snapshot(&dir.path().join(run));
-
+    let o = train(&["--out", "full"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = train(&["--out", "inside", "--stop-after-epoch", "1"]);
-    assert!(o.status.success(), "stopped after router epoch 1 of 2");
-    let before = snapshot("inside");
+    assert!(o.status.success(), "stopped after router epoch 1 of 3");
+    assert!(dir.path().join("inside/checkpoints/dqn_replay.safetensors").is_file());
+    let o = train(&["--resume", "inside", "--stop-after-epoch", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(&["--resume", "inside", "--stop-after-epoch", "4"]);
+    assert!(o.status.success(), "stopped after the router epochs and fine-tuning epoch 1");
     let o = train(&["--resume", "inside"]);
-    let err = common::failed(&o);
-    assert!(err.contains("--resume of a DQN run within its router epochs is not supported"), "{err}");
-    assert_eq!(snapshot("inside"), before, "a refused resume must not touch the run");
-
-    let o = train(&["--out", "after", "--stop-after-epoch", "3"]);
-    assert!(o.status.success(), "stopped after both router epochs and fine-tuning epoch 1");
-    let o = train(&["--resume", "after"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("after/checkpoints/rnp_state.json")).unwrap()).unwrap();
-    assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(2), Some(2)));
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("inside/checkpoints/rnp_state.json")).unwrap()).unwrap();
+    assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(3), Some(2)));
+    for file in ["last.safetensors", "router.safetensors", "best.safetensors", "router_best.safetensors", "dqn_target.safetensors"] {
+        let a = rlprune::import::read_safetensors(&dir.path().join("full/checkpoints").join(file)).unwrap();
+        let b = rlprune::import::read_safetensors(&dir.path().join("inside/checkpoints").join(file)).unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{file}");
+        for (k, t) in &a {
+            assert_eq!(t.data, b[k.as_str()].data, "{file}: {k} differs after resuming");
+        }
+    }
+    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>, Option<f64>)> {
+        std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l.get("rl_epoch").is_some() || l.get("finetune_epoch").is_some())
+            .map(|l| {
+                let f = |k: &str| l.get(k).and_then(|r| r.as_f64());
+                (f("test_top1"), f("reward_mean"), l["algorithm_stats"].get("td_loss").and_then(|v| v.as_f64()))
+            })
+            .collect()
+    };
+    assert_eq!(results("full").len(), 5);
+    assert_eq!(results("full"), results("inside"));
 }
 
 /// `rlprune eval` of an RNP run reports every image's widths (the distinct width paths with

@@ -27,7 +27,7 @@ use crate::data::Batch;
 use crate::data::Loader;
 use crate::experiment::{Experiment, Layered};
 use crate::logging::tensorboard::HParamValue;
-use crate::nn::params::{load_strict, state_dict};
+use crate::nn::params::{load_strict, state_dict, StateDict};
 use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
@@ -107,6 +107,21 @@ impl RnpLearner {
             pool: RolloutPool::new(cfg.workers),
             device: Default::default(),
         }
+    }
+
+    /// DQN's replay buffer and target network as tensors, and its update count (`None` for
+    /// REINFORCE and PPO, which keep nothing between batches).
+    pub fn dqn_checkpoint(&self) -> Option<(StateDict, StateDict, u64)> {
+        self.dqn.as_ref().map(|d| (d.buffer.to_state_dict(), state_dict(&d.target), d.updates))
+    }
+
+    /// Restores what [`RnpLearner::dqn_checkpoint`] returned.
+    pub fn restore_dqn(&mut self, replay: &StateDict, target: &StateDict, updates: u64, source: &str) -> Result<()> {
+        let Some(dqn) = self.dqn.as_mut() else { anyhow::bail!("{source}: a replay buffer for a learner that is not DQN") };
+        dqn.buffer = crate::rl::dqn::ReplayBuffer::from_state_dict(self.cfg.replay_capacity, replay).with_context(|| source.to_string())?;
+        dqn.target = load_strict(dqn.target.clone(), target, source)?;
+        dqn.updates = updates;
+        Ok(())
     }
 
     /// One router update on `batch` (rollouts on the workers), then, every
@@ -434,6 +449,10 @@ pub struct RnpState {
     /// Test FLOPs ratio of what `checkpoints/best.safetensors` holds (absent in older states).
     #[serde(default)]
     pub best_flops: Option<f64>,
+    /// DQN's gradient updates (its target-sync clock); its replay buffer and target network
+    /// are `checkpoints/dqn_replay.safetensors` and `dqn_target.safetensors`.
+    #[serde(default)]
+    pub dqn_updates: Option<u64>,
 }
 
 impl RnpState {
@@ -444,6 +463,8 @@ impl RnpState {
 }
 
 const RNP_STATE: &str = "rnp_state.json";
+const DQN_REPLAY: &str = "dqn_replay.safetensors";
+const DQN_TARGET: &str = "dqn_target.safetensors";
 
 fn save_rnp_state(run_dir: &Path, st: &RnpState) -> Result<()> {
     let json = serde_json::to_vec_pretty(st)?;
@@ -469,9 +490,6 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         session.check_arch(&st.arch)?;
         if st.algorithm != rl.algorithm.as_str() {
             bail!("{}: run was trained with [rl] algorithm '{}', the experiment says '{}'", run_dir.display(), st.algorithm, rl.algorithm);
-        }
-        if rl.algorithm == Algorithm::Dqn && st.rl_epochs > 0 && st.rl_epochs < rl.epochs {
-            bail!("{}: --resume of a DQN run within its router epochs is not supported (the replay buffer is not checkpointed); rerun it, or resume after its last router epoch", run_dir.display());
         }
     }
     let ctx = &session.ctx;
@@ -519,6 +537,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
                 best_flops: None,
                 unpruned_top1,
                 price: None,
+                dqn_updates: None,
             }
         }
     };
@@ -541,6 +560,16 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             let file = ck.join(name);
             opt.load_state_dict(&checkpoint::read_model(&file, "channel-router", Some(state.rl_epochs))?, &Default::default())?;
             opt.steps = steps;
+        }
+        if rl.algorithm == Algorithm::Dqn && state.rl_epochs < rl.epochs {
+            let updates = state.dqn_updates.with_context(|| format!("{}: a DQN run's state without its update count", run_dir.display()))?;
+            let (replay, target) = (ck.join(DQN_REPLAY), ck.join(DQN_TARGET));
+            learner.restore_dqn(
+                &checkpoint::read_model(&replay, "channel-router", Some(state.rl_epochs))?,
+                &checkpoint::read_model(&target, "channel-router", Some(state.rl_epochs))?,
+                updates,
+                &replay.display().to_string(),
+            )?;
         }
     }
     let steps_per_epoch = train_loader.num_batches();
@@ -655,6 +684,11 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         save_weights(&ck.join("router.safetensors"), &rt, "channel-router", epoch + 1, "router")?;
         save_weights(&ck.join("router.optim.safetensors"), &learner.router_opt.state_dict(), "channel-router", epoch + 1, "optimizer")?;
         save_weights(&ck.join("backbone.optim.safetensors"), &learner.backbone_opt.state_dict(), "channel-router", epoch + 1, "optimizer")?;
+        if let Some((replay, target, updates)) = learner.dqn_checkpoint() {
+            save_weights(&ck.join(DQN_REPLAY), &replay, "channel-router", epoch + 1, "replay")?;
+            save_weights(&ck.join(DQN_TARGET), &target, "channel-router", epoch + 1, "router")?;
+            state.dqn_updates = Some(updates);
+        }
         if ev.top1 > best {
             best = ev.top1;
             save_weights(&ck.join("best.safetensors"), &bb, &exp.backbone.arch, epoch + 1, "model")?;

@@ -23,6 +23,7 @@ use super::RlConfig;
 use super::reinforce::UpdateStats;
 use super::rollout::Trajectory;
 use crate::controllers::channel_router::ChannelRouter;
+use crate::nn::params::{HostTensor, StateDict};
 use crate::train::optim::Optimizer;
 
 /// One image's episode: per decision its observation, action (1..=k) and reward.
@@ -83,6 +84,52 @@ impl ReplayBuffer {
             return (0..len).collect();
         }
         rand::seq::index::sample(rng, len, m).into_vec()
+    }
+
+    /// The buffer as tensors, oldest episode first: per decision `t` the observations
+    /// `obs.{t}` `[len, C_t]`, and `actions`, `rewards` `[len, T]` (actions are small integers,
+    /// exact in f32).
+    pub fn to_state_dict(&self) -> StateDict {
+        let len = self.len();
+        let t_len = self.channels.len();
+        let mut dict = StateDict::new();
+        for (t, &c) in self.channels.iter().enumerate() {
+            let data = self.episodes.iter().flat_map(|e| e.observations[t].iter().copied()).collect();
+            dict.insert(format!("obs.{t}"), HostTensor::new(vec![len, c], data));
+        }
+        let actions = self.episodes.iter().flat_map(|e| e.actions.iter().map(|&a| a as f32)).collect();
+        let rewards = self.episodes.iter().flat_map(|e| e.rewards.iter().copied()).collect();
+        dict.insert("actions".into(), HostTensor::new(vec![len, t_len], actions));
+        dict.insert("rewards".into(), HostTensor::new(vec![len, t_len], rewards));
+        dict
+    }
+
+    /// The buffer [`ReplayBuffer::to_state_dict`] wrote, with room for `capacity` episodes.
+    pub fn from_state_dict(capacity: usize, dict: &StateDict) -> Result<Self> {
+        let shape = |k: &str| dict.get(k).map(|t| t.shape.clone()).ok_or_else(|| anyhow::anyhow!("replay buffer: no tensor '{k}'"));
+        let [len, t_len] = shape("actions")?[..] else { bail!("replay buffer: actions must be [episodes, decisions]") };
+        if shape("rewards")? != [len, t_len] {
+            bail!("replay buffer: rewards must be [{len}, {t_len}] like the actions");
+        }
+        let mut channels = Vec::with_capacity(t_len);
+        for t in 0..t_len {
+            match shape(&format!("obs.{t}"))?[..] {
+                [n, c] if n == len => channels.push(c),
+                ref other => bail!("replay buffer: obs.{t} is {other:?}, expected [{len}, C]"),
+            }
+        }
+        let episodes = (0..len)
+            .map(|i| Episode {
+                observations: channels.iter().enumerate().map(|(t, &c)| dict[&format!("obs.{t}")].data[i * c..(i + 1) * c].to_vec()).collect(),
+                actions: dict["actions"].data[i * t_len..(i + 1) * t_len].iter().map(|&a| a as usize).collect(),
+                rewards: dict["rewards"].data[i * t_len..(i + 1) * t_len].to_vec(),
+            })
+            .collect();
+        let mut buffer = Self { capacity: capacity.max(1), episodes, channels };
+        while buffer.episodes.len() > buffer.capacity {
+            buffer.episodes.pop_front();
+        }
+        Ok(buffer)
     }
 
     /// Per decision the observations `[m, C_t]` of episodes `idx`.
@@ -186,5 +233,32 @@ where
         stats.q_mean = q_sum / u;
         stats.epsilon = epsilon;
         Ok((router, stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replay_buffer_round_trips_through_tensors() {
+        let mut b = ReplayBuffer::new(3);
+        for i in 0..4 {
+            b.episodes.push_back(Episode {
+                observations: vec![vec![i as f32, 0.5], vec![1.0, 2.0, i as f32 * 0.25]],
+                actions: vec![1 + i % 2, 4],
+                rewards: vec![0.0, -0.1 * i as f32],
+            });
+        }
+        b.episodes.pop_front();
+        b.channels = vec![2, 3];
+        let back = ReplayBuffer::from_state_dict(3, &b.to_state_dict()).unwrap();
+        assert_eq!(back.episodes, b.episodes);
+        assert_eq!(back.channels, b.channels);
+        let smaller = ReplayBuffer::from_state_dict(2, &b.to_state_dict()).unwrap();
+        assert_eq!(smaller.episodes, b.episodes.iter().skip(1).cloned().collect::<VecDeque<_>>(), "the oldest go first");
+        let mut broken = b.to_state_dict();
+        broken.remove("obs.1");
+        assert!(ReplayBuffer::from_state_dict(3, &broken).is_err());
     }
 }
