@@ -220,6 +220,20 @@ fn missing_data_leaves_no_run_directory() {
         assert!(err.contains("fashion-mnist") && err.trim().lines().count() == 1, "{exp}: {err}");
         assert!(!runs.exists(), "{exp}: left {}", runs.display());
     }
+    // A bad backbone key is refused before the run directory exists too, for every method.
+    for exp in ["quickstart", "static_fashion_mnist", "deit_tome_evit_fashion_mnist"] {
+        let runs = dir.path().join(format!("{exp}-bad-key"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rlprune"))
+            .arg("train")
+            .arg(root.join("experiments").join(format!("{exp}.toml")))
+            .args(["--set", &format!("log.dir=\"{}\"", runs.display()), "--set", "backbone.not_a_key=1"])
+            .current_dir(root)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("not_a_key") && err.trim().lines().count() == 1, "{exp}: {err}");
+        assert!(!runs.exists(), "{exp}: left {}", runs.display());
+    }
 }
 
 /// A run records its data root and weights as absolute paths and only the `[data]` keys that

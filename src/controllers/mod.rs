@@ -40,7 +40,7 @@ impl ControllerConfig {
     pub fn kind_options<T: serde::de::DeserializeOwned>(&self) -> std::result::Result<T, (String, String)> {
         serde_path_to_error::deserialize::<_, T>(toml::Value::Table(self.options.clone())).map_err(|e| {
             let path = e.path().to_string();
-            let msg = e.inner().to_string();
+            let msg = e.inner().to_string().trim_end().to_string();
             if let Some(rest) = msg.strip_prefix("unknown field `")
                 && let Some(name) = rest.split('`').next()
             {

@@ -73,6 +73,8 @@ impl<'a> Session<'a> {
         let test_loader = Loader::new(splits.test.clone(), &exp.data, false, exp.seed);
         train_loader.ensure_batches()?;
         let ctx = build_context(splits.train.as_ref(), &train_loader);
+        // Bad backbone options are refused before the run directory exists.
+        crate::backbones::cost(&exp.backbone.arch, &exp.backbone.options, &ctx).map_err(|e| supervised::backbone_error(layered, e))?;
         let checked = preflight(&ctx)?;
         let (run_dir, resumed) =
             resumed_or_new_run_dir(opts.resume.as_ref(), opts.out.as_deref(), &base.join(&exp.log.dir), exp)?;

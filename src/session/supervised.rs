@@ -136,7 +136,7 @@ pub fn build_backbone<B: ModelBackend>(exp: &Experiment, layered: &Layered, ctx:
 
 /// A backbone option's error, prefixed with the file and line of the key it names (else of
 /// `backbone.arch`).
-fn backbone_error(layered: &Layered, e: anyhow::Error) -> anyhow::Error {
+pub(crate) fn backbone_error(layered: &Layered, e: anyhow::Error) -> anyhow::Error {
     let msg = format!("{e:#}");
     match msg.split_once("backbone.").and_then(|(_, rest)| rest.split([' ', ':']).next()) {
         Some(key) => anyhow::anyhow!("{}: {msg}", layered.origin_of(&format!("backbone.{key}"))),
