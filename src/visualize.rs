@@ -72,12 +72,18 @@ pub struct KeepMap {
     pub stages: Vec<Vec<Vec<usize>>>,
     /// Predicted class per image.
     pub predicted: Vec<usize>,
+    /// ToMe: `merged[n][cell]`, the final token that holds the cell's patch (cells of one final
+    /// token were merged into it). Empty for models that drop instead of merging.
+    pub merged: Vec<Vec<usize>>,
 }
 
 /// Runs `model`'s pruned forward pass on `x` and reports the kept cells, or an error for a model
 /// without spatial pruning decisions.
 pub fn keep_map<B: ModelBackend>(model: &AnyBackbone<B>, x: Tensor<B, 4>) -> Result<KeepMap> {
     let [_, _, h, w] = x.dims();
+    if let AnyBackbone::Deit(m) = model {
+        return token_reduction_map(m, x);
+    }
     let (logits, kept, grid) = match model {
         AnyBackbone::DynamicVit(m) => {
             let p = m.vit().patch_embed.proj.kernel_size();
@@ -85,11 +91,44 @@ pub fn keep_map<B: ModelBackend>(model: &AnyBackbone<B>, x: Tensor<B, 4>) -> Res
             (logits, kept, [h / p, w / p])
         }
         AnyBackbone::AdaHornet(m) => m.forward_pruned(x),
-        _ => bail!("the model has no spatial keep decisions to show (visualize supports dynamicvit-deit and adahornet models)"),
+        _ => bail!(NOTHING_TO_SHOW),
     };
     let predicted = int_rows(logits.argmax(1)).into_iter().map(|r| r[0]).collect();
     let stages = kept.into_iter().map(int_rows).collect();
-    Ok(KeepMap { grid, stages, predicted })
+    Ok(KeepMap { grid, stages, predicted, merged: Vec::new() })
+}
+
+const NOTHING_TO_SHOW: &str = "the model has no spatial keep decisions to show (visualize supports dynamicvit-deit and adahornet \
+     models, and deit models with [model.tome] or [model.evit])";
+
+/// A DeiT with ToMe (the final token of every patch, traced) or EViT (the patches kept at each
+/// keep location; the fused token is no patch).
+fn token_reduction_map<B: ModelBackend>(vit: &crate::backbones::vit::VisionTransformer<B>, x: Tensor<B, 4>) -> Result<KeepMap> {
+    use crate::backbones::token_reduction::TokenReduction;
+    let [_, _, h, w] = x.dims();
+    let p = vit.patch_embed.proj.kernel_size();
+    let grid = [h / p, w / p];
+    let mut traced = vit.clone();
+    match &mut traced.reduction {
+        Some(TokenReduction::ToMe { trace_source, .. }) => *trace_source = true,
+        Some(TokenReduction::Evit { .. }) => {}
+        None => bail!(NOTHING_TO_SHOW),
+    }
+    let (logits, trace) = crate::backbones::Backbone::forward_traced(&traced, x);
+    let predicted = int_rows(logits.argmax(1)).into_iter().map(|r| r[0]).collect();
+    let mut map = KeepMap { grid, stages: Vec::new(), predicted, merged: Vec::new() };
+    for (name, t) in trace {
+        let [n, k] = t.dims();
+        let v = t.into_data().convert::<i64>().to_vec::<i64>().expect("int tensor");
+        let rows = (0..n).map(|i| &v[i * k..(i + 1) * k]);
+        if name == "source_idx" {
+            // Token 0 is the class token; patches follow in row-major order.
+            map.merged = rows.map(|r| r[1..].iter().map(|&t| t as usize).collect()).collect();
+        } else {
+            map.stages.push(rows.map(|r| r.iter().filter(|&&c| c >= 0).map(|&c| c as usize).collect()).collect());
+        }
+    }
+    Ok(map)
 }
 
 fn int_rows<B: burn::tensor::backend::Backend>(t: Tensor<B, 2, Int>) -> Vec<Vec<usize>> {
@@ -132,6 +171,50 @@ pub fn render(display: &[f32], [c, h, w]: [usize; 3], grid: [usize; 2], stages: 
                 }
                 img.put_pixel((x0 + x) as u32, y as u32, Rgb(p));
             }
+        }
+    }
+    Ok(img)
+}
+
+/// Renders one image (`display`: CHW in `[0, 1]`) beside ToMe's merge map: every patch filled
+/// with the mean colour of the patches merged into the same final token, with a dark line
+/// between patches of different tokens.
+pub fn render_merged(display: &[f32], [c, h, w]: [usize; 3], grid: [usize; 2], merged: &[usize], scale: usize) -> Result<RgbImage> {
+    ensure!(c == 1 || c == 3, "can only draw 1- or 3-channel images, got {c}");
+    ensure!(display.len() == c * h * w, "image has {} values, expected {c}×{h}×{w}", display.len());
+    ensure!(scale >= 1, "scale must be at least 1");
+    let [gh, gw] = grid;
+    ensure!(gh >= 1 && gw >= 1 && h.is_multiple_of(gh) && w.is_multiple_of(gw), "a {gh}×{gw} grid does not tile a {h}×{w} image");
+    ensure!(merged.len() == gh * gw, "{} merge entries for a {gh}×{gw} grid", merged.len());
+    let (ch, cw) = (h / gh, w / gw);
+    let value = |k: usize, y: usize, x: usize| display[k * h * w + y * w + x].clamp(0.0, 1.0) as f64;
+    let tokens = merged.iter().max().map_or(0, |m| m + 1);
+    let mut sum = vec![[0.0f64; 3]; tokens];
+    let mut count = vec![0usize; tokens];
+    for y in 0..h {
+        for x in 0..w {
+            let t = merged[(y / ch) * gw + x / cw];
+            for k in 0..3 {
+                sum[t][k] += value(if c == 1 { 0 } else { k }, y, x);
+            }
+            count[t] += 1;
+        }
+    }
+    let mean: Vec<[u8; 3]> = sum.iter().zip(&count).map(|(s, &n)| s.map(|v| (v / n.max(1) as f64 * 255.0).round() as u8)).collect();
+    let (pw, ph) = (w * scale, h * scale);
+    let mut img = RgbImage::from_pixel((2 * pw + GAP) as u32, ph as u32, Rgb([255, 255, 255]));
+    for y in 0..ph {
+        for x in 0..pw {
+            let (sy, sx) = (y / scale, x / scale);
+            let px = |k: usize| (value(if c == 1 { 0 } else { k }, sy, sx) * 255.0).round() as u8;
+            img.put_pixel(x as u32, y as u32, Rgb([px(0), px(1), px(2)]));
+            let cell = (sy / ch) * gw + sx / cw;
+            let t = merged[cell];
+            // The last pixel row/column of a cell whose neighbour below/right is another token.
+            let edge_right = x % (cw * scale) == cw * scale - 1 && sx / cw + 1 < gw && merged[cell + 1] != t;
+            let edge_down = y % (ch * scale) == ch * scale - 1 && sy / ch + 1 < gh && merged[cell + gw] != t;
+            let p = if edge_right || edge_down { [40, 40, 40] } else { mean[t] };
+            img.put_pixel((pw + GAP + x) as u32, y as u32, Rgb(p));
         }
     }
     Ok(img)
@@ -273,15 +356,23 @@ pub fn visualize(opts: &VisualizeOptions) -> Result<Vec<PathBuf>> {
     let mut entries = Vec::with_capacity(n);
     for i in 0..n {
         let stages: Vec<&[usize]> = map.stages.iter().map(|s| s[i].as_slice()).collect();
-        let img = render(&images.display[i], [c, h, w], map.grid, &stages, scale)?;
+        let img = match map.merged.get(i) {
+            Some(merged) => render_merged(&images.display[i], [c, h, w], map.grid, merged, scale)?,
+            None => render(&images.display[i], [c, h, w], map.grid, &stages, scale)?,
+        };
         let file = opts.out.join(format!("image_{i:04}.png"));
         img.save(&file).with_context(|| format!("{}: cannot write", file.display()))?;
-        entries.push(json!({
+        let mut entry = json!({
             "file": file.file_name().map(|f| f.to_string_lossy().to_string()),
             "label": images.labels[i],
             "predicted": map.predicted[i],
             "kept": stages,
-        }));
+        });
+        if let Some(merged) = map.merged.get(i) {
+            entry["merged_into"] = json!(merged);
+            entry["final_tokens"] = json!(merged.iter().collect::<std::collections::BTreeSet<_>>().len());
+        }
+        entries.push(entry);
         files.push(file);
     }
     let index = json!({

@@ -264,3 +264,73 @@ fn evit_training_follows_the_keep_rate_warm_up() {
     model.set_training_progress(3.0);
     assert_eq!(kept(&model), Some(138));
 }
+
+/// `rlprune visualize` of a ToMe model draws its merge map: every patch in the mean colour of
+/// the patches merged into the same final token (the official code's `source` partition), and
+/// of an EViT model the patches kept at each keep location (the official kept sets).
+#[test]
+fn visualize_draws_tome_merge_maps_and_evit_kept_patches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let read_json = |p: PathBuf| serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).unwrap()).unwrap();
+    // ToMe, without trace_source in the TOML: visualize traces the sources itself.
+    let dir = common::parity_fixture("tome_deit_tiny_r8_seed0");
+    std::fs::write(tmp.path().join("tome.toml"), model_toml(&dir, "tome", &["r", "prop_attn"])).unwrap();
+    let w = dir.join("weights.safetensors");
+    let x = dir.join("input.safetensors");
+    let run = |model: &str, out: &str| {
+        common::rlprune(
+            &["visualize", model, "--weights", w.to_str().unwrap(), "--data", x.to_str().unwrap(), "--out", out, "--scale", "2"],
+            tmp.path(),
+        )
+    };
+    common::ok(&run("tome.toml", "tome"));
+    let index = read_json(tmp.path().join("tome/index.json"));
+    let source = int64(&dir.join("output.safetensors"), "source_idx");
+    let t0 = source.len() / 2;
+    for (i, entry) in index["images"].as_array().unwrap().iter().enumerate() {
+        let merged: Vec<i64> = entry["merged_into"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(merged, source[i * t0 + 1..(i + 1) * t0], "image {i}: the official partition of the patches");
+        assert_eq!(entry["final_tokens"], 148, "149 tokens after six merges of 8, one of them the class token");
+        // The merge panel: a cell's centre pixel is its token's colour, shared by the token's cells.
+        let img = image::open(tmp.path().join(format!("tome/image_{i:04}.png"))).unwrap().to_rgb8();
+        let (cell, side) = (8 * 2, 112 * 2);
+        let centre = |c: usize| *img.get_pixel((side + 4 + (c % 14) * cell + cell / 2) as u32, ((c / 14) * cell + cell / 2) as u32);
+        let mut colour = BTreeMap::new();
+        for (c, &t) in merged.iter().enumerate() {
+            assert_eq!(*colour.entry(t).or_insert_with(|| centre(c)), centre(c), "image {i}: cells of token {t} differ");
+        }
+        let distinct: std::collections::BTreeSet<_> = colour.values().map(|p| p.0).collect();
+        assert!(distinct.len() > 20, "image {i}: {} colours for {} tokens", distinct.len(), colour.len());
+    }
+
+    // EViT: one panel per keep location with the official kept sets.
+    let dir = common::parity_fixture("evit_deit_tiny_k0.7_seed0");
+    std::fs::write(tmp.path().join("evit.toml"), model_toml(&dir, "evit", &["base_keep_rate", "drop_loc", "fuse_token"])).unwrap();
+    let (w, x) = (dir.join("weights.safetensors"), dir.join("input.safetensors"));
+    let out = common::rlprune(
+        &["visualize", "evit.toml", "--weights", w.to_str().unwrap(), "--data", x.to_str().unwrap(), "--out", "evit"],
+        tmp.path(),
+    );
+    common::ok(&out);
+    let index = read_json(tmp.path().join("evit/index.json"));
+    for (s, k) in [138usize, 98, 70].into_iter().enumerate() {
+        let want = int64(&dir.join("output.safetensors"), &format!("keep_abs_s{s}"));
+        let per = want.len() / 2;
+        for (i, entry) in index["images"].as_array().unwrap().iter().enumerate() {
+            let mut got: Vec<i64> = entry["kept"][s].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+            let mut official: Vec<i64> = want[i * per..(i + 1) * per].iter().copied().filter(|&c| c >= 0).collect();
+            got.sort();
+            official.sort();
+            // The fused token of an earlier stage can be among the kept (−1, no patch).
+            assert!(got.len() <= k && got.len() + s >= k, "stage {s}: {} patches", got.len());
+            assert_eq!(got, official, "image {i}, stage {s}");
+        }
+    }
+    // A DeiT without a reduction has nothing to show.
+    std::fs::write(tmp.path().join("plain.toml"), model_toml(&dir, "evit", &[]).replace("[model.evit]\n", "")).unwrap();
+    let out = common::rlprune(
+        &["visualize", "plain.toml", "--weights", w.to_str().unwrap(), "--data", x.to_str().unwrap(), "--out", "plain"],
+        tmp.path(),
+    );
+    assert!(common::failed(&out).contains("[model.tome] or [model.evit]"));
+}
