@@ -194,8 +194,8 @@ pub fn render_merged(display: &[f32], [c, h, w]: [usize; 3], grid: [usize; 2], m
     for y in 0..h {
         for x in 0..w {
             let t = merged[(y / ch) * gw + x / cw];
-            for k in 0..3 {
-                sum[t][k] += value(if c == 1 { 0 } else { k }, y, x);
+            for (k, acc) in sum[t].iter_mut().enumerate() {
+                *acc += value(if c == 1 { 0 } else { k }, y, x);
             }
             count[t] += 1;
         }
