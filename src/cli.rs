@@ -67,10 +67,12 @@ pub enum Command {
         device: Option<String>,
     },
     /// Train and evaluate a controller experiment at several values of one key (e.g.
-    /// --set rl.compute_penalty=0.02,0.05,0.1), plus an optional static baseline; writes
-    /// sweep.csv and sweep.png (top-1 against FLOPs and measured latency).
+    /// --set rl.compute_penalty=0.02,0.05,0.1), plus an optional static baseline; or, given a
+    /// trained run, evaluate it at several values without training (e.g. ToMe's
+    /// --set backbone.tome.r=2,4,6,8); writes sweep.csv and sweep.png (top-1 against FLOPs and
+    /// measured latency).
     Sweep {
-        /// Controller experiment file (TOML).
+        /// Controller experiment file (TOML), or a run directory to evaluate without training.
         experiment: PathBuf,
         /// KEY=V1,V2,... for the swept key (exactly one), KEY=VALUE for fixed overrides (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE[,VALUE...]")]

@@ -9,6 +9,9 @@
 //!
 //! Writes into the sweep directory: one run directory per value (`<key>=<value>/`), `static/`,
 //! `sweep.csv`, `sweep.json` (the eval reports) and `sweep.png`.
+//!
+//! Given a trained run instead of an experiment, the sweep trains nothing: it evaluates the run
+//! at each value ([`run_eval_sweep`]), for settings that need no training (ToMe's `r`).
 
 use std::path::{Path, PathBuf};
 
@@ -199,6 +202,9 @@ fn seeded(dir: PathBuf, seeds: &[u64]) -> Vec<(Option<u64>, Vec<String>, PathBuf
 /// Runs the sweep; returns its directory.
 pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     let base = &opts.base_dir;
+    if base.join(&opts.experiment).is_dir() {
+        return run_eval_sweep(opts);
+    }
     let (key, values, fixed) = split_sets(&opts.sets)?;
     if let Some(s) = opts.seeds.iter().enumerate().find(|(i, s)| opts.seeds[..*i].contains(s)) {
         bail!("sweep: seed {} is listed twice", s.1);
@@ -300,6 +306,66 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
             }
         }
     }
+    write_csv(&out.join("sweep.csv"), &key, &rows)?;
+    write_summary_csv(&out.join("sweep_summary.csv"), &key, &summarize(&rows))?;
+    crate::fsutil::atomic_write(&out.join("sweep.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
+    plot(&out.join("sweep.png"), &key, &rows)?;
+    Ok(out)
+}
+
+/// A sweep without training: the trained run `opts.experiment` evaluated at each value of the
+/// swept key (a training-free method's setting, e.g. ToMe's `backbone.tome.r`), plus once as
+/// trained (the `unpruned` row). Each evaluation times the pruned forward against the unpruned
+/// one as `rlprune eval` does.
+fn run_eval_sweep(opts: &SweepOptions) -> Result<PathBuf> {
+    let base = &opts.base_dir;
+    let run = base.join(&opts.experiment);
+    if !opts.seeds.is_empty() || opts.static_experiment.is_some() || !opts.static_sets.is_empty() {
+        bail!("{}: a sweep over a trained run evaluates it without training: --seeds and --static do not apply", run.display());
+    }
+    let (key, values, fixed) = split_sets(&opts.sets)?;
+    let (exp, _) = crate::methods::load(&crate::experiment::experiment_of(&run)?, &fixed)?;
+    // Check every value's configuration before the evaluations start.
+    for v in &values {
+        let mut sets = fixed.clone();
+        sets.push(format!("{key}={v}"));
+        crate::methods::load(&crate::experiment::experiment_of(&run)?, &sets)?;
+    }
+    let out = match &opts.out {
+        Some(d) => {
+            let d = base.join(d);
+            std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create sweep directory", d.display()))?;
+            d
+        }
+        None => new_run_dir(&base.join(&exp.log.dir), &format!("{}-sweep", exp.name))?,
+    };
+    let trained = crate::methods::eval_target(&run, None, &fixed, base)?;
+    let mut rows = Vec::new();
+    let mut reports = vec![trained.clone()];
+    for v in &values {
+        let mut sets = fixed.clone();
+        sets.push(format!("{key}={v}"));
+        tracing::info!("sweep: {} with {key} = {v}", run.display());
+        let report = crate::methods::eval_target(&run, None, &sets, base)?;
+        let method = report["reduction"].as_str().or(report["controller"].as_str()).unwrap_or("pruned").to_string();
+        rows.push(row_of(&method, v, None, &report));
+        reports.push(report);
+    }
+    // The run as trained, timed where the pruned evaluations time the same weights unpruned.
+    let timed = reports.iter().skip(1).find(|r| r.get("latency").is_some());
+    rows.insert(
+        0,
+        SweepRow {
+            method: "unpruned".into(),
+            value: String::new(),
+            top1: trained["top1"].as_f64().unwrap_or(f64::NAN),
+            flops_ratio: trained["flops_ratio"].as_f64().unwrap_or(1.0),
+            latency_b1_ms: timed.map_or(f64::NAN, |r| ms(r, 1, "unpruned_ms")),
+            latency_b64_ms: timed.map_or(f64::NAN, |r| ms(r, 64, "unpruned_ms")),
+            throughput_b64: timed.map_or(f64::NAN, |r| ms(r, 64, "unpruned_images_per_s")),
+            seed: None,
+        },
+    );
     write_csv(&out.join("sweep.csv"), &key, &rows)?;
     write_summary_csv(&out.join("sweep_summary.csv"), &key, &summarize(&rows))?;
     crate::fsutil::atomic_write(&out.join("sweep.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
@@ -455,7 +521,23 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
                 v.sort_by(|a, b| a.0.total_cmp(&b.0));
                 v
             };
-            for (method, color, label) in [("rnp", BLUE, format!("RNP ({key})")), ("static", RED, "static L1".to_string())] {
+            // Every method of the rows but the unpruned reference, in order of appearance: the
+            // swept controller (RNP, or a training-free reduction) first, a static baseline after.
+            let mut methods: Vec<&str> = Vec::new();
+            for p in &points {
+                if p.method != "unpruned" && !methods.contains(&p.method.as_str()) {
+                    methods.push(&p.method);
+                }
+            }
+            let curves = methods.iter().zip([BLUE, RED, GREEN, MAGENTA]).map(|(&m, color)| {
+                let label = match m {
+                    "rnp" => format!("RNP ({key})"),
+                    "static" => "static L1".to_string(),
+                    other => format!("{other} ({key})"),
+                };
+                (m, color, label)
+            });
+            for (method, color, label) in curves {
                 let p = pts(method);
                 if p.is_empty() {
                     continue;
@@ -475,10 +557,10 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
                 if text {
                     s.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
                 }
-                if method == "rnp" {
-                    chart.draw_series(p.iter().map(|q| Circle::new((q.0, q.2), 5, color.filled()))).map_err(e)?;
-                } else {
+                if method == "static" {
                     chart.draw_series(p.iter().map(|q| TriangleMarker::new((q.0, q.2), 8, color.filled()))).map_err(e)?;
+                } else {
+                    chart.draw_series(p.iter().map(|q| Circle::new((q.0, q.2), 5, color.filled()))).map_err(e)?;
                 }
             }
             let s = chart

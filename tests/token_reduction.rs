@@ -334,3 +334,39 @@ fn visualize_draws_tome_merge_maps_and_evit_kept_patches() {
     );
     assert!(common::failed(&out).contains("[model.tome] or [model.evit]"));
 }
+
+/// `rlprune sweep RUN --set backbone.tome.r=…` evaluates a trained DeiT at each `r` without
+/// training: one row per value with its top-1, FLOPs ratio (falling with `r`) and latency, the
+/// run as trained as the unpruned row, and the plot; training-only options are refused.
+#[test]
+fn sweep_over_tome_r_evaluates_a_trained_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/deit_tome_evit_fashion_mnist.toml");
+    let args = [
+        "train", exp.to_str().unwrap(), "--out", "run",
+        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
+        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
+        "--set", "data.batch_size=16", "--set", "train.epochs=1",
+    ];
+    common::ok(&common::rlprune(&args, dir.path()));
+    let checkpoint_before = std::fs::read(dir.path().join("run/checkpoints/best.safetensors")).unwrap();
+    common::ok(&common::rlprune(&["sweep", "run", "--set", "backbone.tome.r=2,4,6", "--out", "sw"], dir.path()));
+    let csv = std::fs::read_to_string(dir.path().join("sw/sweep.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name} in {csv}"));
+    assert_eq!(rows.iter().map(|r| r[col("method")]).collect::<Vec<_>>(), ["unpruned", "tome", "tome", "tome"], "{csv}");
+    let flops: Vec<f64> = rows.iter().map(|r| r[col("flops_ratio")].parse().unwrap()).collect();
+    assert_eq!(flops[0], 1.0);
+    assert!(flops.windows(2).all(|w| w[1] < w[0]), "FLOPs fall with r: {flops:?}");
+    for r in &rows {
+        let top1: f64 = r[col("top1")].parse().unwrap();
+        let b64: f64 = r[col("latency_b64_ms")].parse().unwrap();
+        assert!((0.0..=1.0).contains(&top1) && b64 > 0.0, "{csv}");
+    }
+    assert!(dir.path().join("sw/sweep.png").is_file());
+    assert!(!dir.path().join("sw/backbone.tome.r=2").exists(), "nothing is trained");
+    assert_eq!(std::fs::read(dir.path().join("run/checkpoints/best.safetensors")).unwrap(), checkpoint_before);
+    let err = common::failed(&common::rlprune(&["sweep", "run", "--set", "backbone.tome.r=2,4", "--seeds", "0,1"], dir.path()));
+    assert!(err.contains("without training"), "{err}");
+}
