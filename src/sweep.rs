@@ -483,8 +483,12 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
             .max(1e-3)
             * 1.1;
         type Axis = Box<dyn Fn(&SweepPoint) -> (f64, f64)>;
+        // RNP and static L1 count the MACs of their decision layers; reductions inside a model
+        // (ToMe, EViT, AdaHorNet) count the whole model's.
+        let decision_layers = points.iter().any(|p| p.method == "rnp" || p.method == "static");
+        let flops_label = if decision_layers { "decision-layer FLOPs ratio" } else { "FLOPs ratio (MACs of the whole model)" };
         for (panel, (xlabel, xmax, xof)) in panels.iter().zip([
-            ("decision-layer FLOPs ratio", 1.05, Box::new(|p: &SweepPoint| (p.flops_ratio, p.flops_ratio_std)) as Axis),
+            (flops_label, 1.05, Box::new(|p: &SweepPoint| (p.flops_ratio, p.flops_ratio_std)) as Axis),
             (
                 "latency at batch 64 (ms, measured)",
                 lat_max,

@@ -246,8 +246,8 @@ pub fn table(report: &Value) -> String {
     s
 }
 
-/// `rlprune bench --unreduced`: a DeiT model with ToMe or EViT against the same weights with
-/// every token kept, in alternation.
+/// `rlprune bench --unreduced`: a model that prunes inside its forward (ToMe, EViT, AdaHorNet)
+/// against the same weights with nothing pruned, in alternation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReductionSpeedup {
     pub model: String,
@@ -305,13 +305,13 @@ pub fn token_reduction_speedup(target: &crate::bench::BenchModel, batch: usize, 
 impl ReductionSpeedup {
     pub fn table(&self) -> String {
         format!(
-            "{} batch {}: {} against every token kept, {} alternating pairs\n{}\
+            "{} batch {}: {} against the unpruned forward (same weights), {} alternating pairs\n{}\
              speedup: {:.3} (per pair {:.3}, p10–p90 {:.3}–{:.3}) at a FLOPs ratio of {:.3}\n",
             self.model,
             self.batch,
             self.method,
             self.repeats,
-            paired_rows(("all tokens", &self.unreduced_ms), (self.method, &self.reduced_ms)),
+            paired_rows(("unpruned", &self.unreduced_ms), (self.method, &self.reduced_ms)),
             self.speedup,
             self.pair_speedup.median,
             self.pair_speedup.p10,
