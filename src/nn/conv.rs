@@ -530,8 +530,44 @@ pub(crate) fn host_f32(t: &NdArrayTensor) -> Option<Cow<'_, [f32]>> {
     let v = s.view();
     Some(match v.to_slice() {
         Some(sl) => Cow::Borrowed(sl),
-        None => Cow::Owned(v.iter().copied().collect()),
+        // A permuted view of contiguous memory (e.g. tokens [N, P, C] seen as [N, C, H, W]):
+        // copied with an inner loop per row, where the element iterator steps one index at a time.
+        None => match v.as_slice_memory_order() {
+            Some(mem) if v.strides().iter().zip(v.shape()).all(|(&s, &n)| s > 0 || n == 1) => {
+                let strides: Vec<usize> = v.strides().iter().map(|&s| s as usize).collect();
+                Cow::Owned(strided_copy(mem, v.shape(), &strides))
+            }
+            _ => Cow::Owned(v.iter().copied().collect()),
+        },
     })
+}
+
+/// The elements of the view `(shape, strides)` of `mem` (strides in elements, non-negative, the
+/// view starting at `mem[0]`) in row-major order.
+fn strided_copy(mem: &[f32], shape: &[usize], strides: &[usize]) -> Vec<f32> {
+    let Some((&inner, outer)) = shape.split_last() else { return mem[..1].to_vec() };
+    let step = strides[shape.len() - 1];
+    let mut out = Vec::with_capacity(shape.iter().product());
+    if inner == 0 || outer.contains(&0) {
+        return out;
+    }
+    let mut idx = vec![0usize; outer.len()];
+    loop {
+        let base: usize = idx.iter().zip(strides).map(|(i, s)| i * s).sum();
+        out.extend(mem[base..].iter().step_by(step.max(1)).take(inner));
+        let mut k = outer.len();
+        loop {
+            if k == 0 {
+                return out;
+            }
+            k -= 1;
+            idx[k] += 1;
+            if idx[k] < outer[k] {
+                break;
+            }
+            idx[k] = 0;
+        }
+    }
 }
 
 /// Sizes of one convolution, per group.
@@ -1552,6 +1588,17 @@ mod cpu {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn strided_copy_reads_a_permuted_view_in_row_major_order() {
+        // [2, 3, 4] row-major, viewed as its permutation [4, 2, 3] (strides 1, 12, 4).
+        let mem: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let got = super::strided_copy(&mem, &[4, 2, 3], &[1, 12, 4]);
+        let want: Vec<f32> = (0..4).flat_map(|c| (0..2).flat_map(move |a| (0..3).map(move |b| (a * 12 + b * 4 + c) as f32))).collect();
+        assert_eq!(got, want);
+        assert_eq!(super::strided_copy(&mem, &[2, 1, 3], &[12, 99, 4]), vec![0.0, 4.0, 8.0, 12.0, 16.0, 20.0]);
+        assert!(super::strided_copy(&mem, &[2, 0, 3], &[12, 4, 1]).is_empty());
+    }
+
     use burn::tensor::module::max_pool2d;
     use burn::tensor::{Distribution, Tensor};
 
