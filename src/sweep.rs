@@ -219,14 +219,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
         first.get_or_insert(exp);
     }
     let first = first.ok_or_else(|| anyhow::anyhow!("sweep: no values"))?;
-    let out = match &opts.out {
-        Some(d) => {
-            let d = base.join(d);
-            std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create sweep directory", d.display()))?;
-            d
-        }
-        None => new_run_dir(&base.join(&first.log.dir), &format!("{}-sweep", first.name))?,
-    };
+    let out = sweep_dir(opts, &first)?;
     let mut shared_weights: Option<PathBuf> = first.backbone.weights.as_ref().map(|w| base.join(w));
     let mut reports = Vec::new();
     let mut rows = Vec::new();
@@ -306,10 +299,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
             }
         }
     }
-    write_csv(&out.join("sweep.csv"), &key, &rows)?;
-    write_summary_csv(&out.join("sweep_summary.csv"), &key, &summarize(&rows))?;
-    crate::fsutil::atomic_write(&out.join("sweep.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
-    plot(&out.join("sweep.png"), &key, &rows)?;
+    write_outputs(&out, &key, &rows, &reports)?;
     Ok(out)
 }
 
@@ -331,14 +321,7 @@ fn run_eval_sweep(opts: &SweepOptions) -> Result<PathBuf> {
         sets.push(format!("{key}={v}"));
         crate::methods::load(&crate::experiment::experiment_of(&run)?, &sets)?;
     }
-    let out = match &opts.out {
-        Some(d) => {
-            let d = base.join(d);
-            std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create sweep directory", d.display()))?;
-            d
-        }
-        None => new_run_dir(&base.join(&exp.log.dir), &format!("{}-sweep", exp.name))?,
-    };
+    let out = sweep_dir(opts, &exp)?;
     let trained = crate::methods::eval_target(&run, None, &fixed, base)?;
     let mut rows = Vec::new();
     let mut reports = vec![trained.clone()];
@@ -366,11 +349,29 @@ fn run_eval_sweep(opts: &SweepOptions) -> Result<PathBuf> {
             seed: None,
         },
     );
-    write_csv(&out.join("sweep.csv"), &key, &rows)?;
-    write_summary_csv(&out.join("sweep_summary.csv"), &key, &summarize(&rows))?;
-    crate::fsutil::atomic_write(&out.join("sweep.json"), serde_json::to_string_pretty(&reports)?.as_bytes())?;
-    plot(&out.join("sweep.png"), &key, &rows)?;
+    write_outputs(&out, &key, &rows, &reports)?;
     Ok(out)
+}
+
+/// `--out` (created), else a fresh `<log.dir>/<name>-sweep/<timestamp>` of `exp`.
+fn sweep_dir(opts: &SweepOptions, exp: &crate::experiment::Experiment) -> Result<PathBuf> {
+    let base = &opts.base_dir;
+    match &opts.out {
+        Some(d) => {
+            let d = base.join(d);
+            std::fs::create_dir_all(&d).with_context(|| format!("{}: cannot create sweep directory", d.display()))?;
+            Ok(d)
+        }
+        None => new_run_dir(&base.join(&exp.log.dir), &format!("{}-sweep", exp.name)),
+    }
+}
+
+/// `sweep.csv`, `sweep_summary.csv`, `sweep.json` (the eval reports) and `sweep.png`.
+fn write_outputs(out: &Path, key: &str, rows: &[SweepRow], reports: &[Value]) -> Result<()> {
+    write_csv(&out.join("sweep.csv"), key, rows)?;
+    write_summary_csv(&out.join("sweep_summary.csv"), key, &summarize(rows))?;
+    crate::fsutil::atomic_write(&out.join("sweep.json"), serde_json::to_string_pretty(reports)?.as_bytes())?;
+    plot(&out.join("sweep.png"), key, rows)
 }
 
 fn toml_string(p: &Path) -> String {

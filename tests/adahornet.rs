@@ -3,7 +3,6 @@
 //! straight-through masks train the predictors, and bad options are clear errors.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 mod common;
 
@@ -143,14 +142,7 @@ fn registry_zoo_and_bad_options() {
 #[test]
 fn eval_of_an_adahornet_run_reports_flops_ratio_and_latency() {
     let dir = tempfile::tempdir().unwrap();
-    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/adahornet_fashion_mnist.toml");
-    let args = [
-        "train", exp.to_str().unwrap(), "--out", "run",
-        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
-        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
-        "--set", "data.batch_size=16", "--set", "train.epochs=1", "--set", "backbone.base_dim=8",
-    ];
-    common::ok(&common::rlprune(&args, dir.path()));
+    common::train_on_synthetic(dir.path(), "adahornet_fashion_mnist.toml", &["backbone.base_dim=8"]);
     let text = common::ok(&common::rlprune(&["eval", "run", "--json"], dir.path()));
     let r: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(r["reduction"], "adahornet", "{r}");

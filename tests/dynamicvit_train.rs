@@ -299,14 +299,8 @@ fn interrupted_token_predictor_runs_resume_exactly() {
         assert!(!run("boundary").join("checkpoints/best.safetensors").exists(), "{mode}: no student epoch ran");
         ok(&train(&["--resume", &arg("boundary")]));
         for name in ["cut", "boundary"] {
-            for file in ["last.safetensors", "best.safetensors", "teacher.safetensors"] {
-                let a = read_safetensors(&run("full").join("checkpoints").join(file)).unwrap();
-                let b = read_safetensors(&run(name).join("checkpoints").join(file)).unwrap();
-                assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{mode} {name} {file}");
-                for (k, t) in &a {
-                    assert_eq!(t.data, b[k.as_str()].data, "{mode} {name}/{file}: {k} differs after resuming");
-                }
-            }
+            let files = ["last.safetensors", "best.safetensors", "teacher.safetensors"];
+            common::assert_same_tensors(&run("full").join("checkpoints"), &run(name).join("checkpoints"), &files);
             let epochs = |run: &Path| -> Vec<(f64, f64, f64)> {
                 std::fs::read_to_string(run.join("metrics.jsonl"))
                     .unwrap()

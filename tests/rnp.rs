@@ -1,6 +1,8 @@
 //! RNP: controlled execution, channel reordering, router, REINFORCE, rollout reproducibility,
 //! configuration errors.
 
+use std::path::Path;
+
 use anyhow::Result;
 use burn::tensor::activation::relu;
 use burn::tensor::module::max_pool2d;
@@ -509,28 +511,12 @@ fn interrupted_rnp_run_resumes_exactly() {
     let o = train(&["--resume", "boundary"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
+    let full = dir.path().join("full/checkpoints");
     for run in ["cut", "boundary"] {
-        for file in ["last.safetensors", "router.safetensors", "best.safetensors", "router_best.safetensors"] {
-            let a = rlprune::import::read_safetensors(&dir.path().join("full/checkpoints").join(file)).unwrap();
-            let b = rlprune::import::read_safetensors(&dir.path().join(run).join("checkpoints").join(file)).unwrap();
-            assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{file}");
-            for (k, t) in &a {
-                assert_eq!(t.data, b[k.as_str()].data, "{run}/{file}: {k} differs after resuming");
-            }
-        }
+        let files = ["last.safetensors", "router.safetensors", "best.safetensors", "router_best.safetensors"];
+        common::assert_same_tensors(&full, &dir.path().join(run).join("checkpoints"), &files);
     }
-    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>, Option<f64>)> {
-        std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|l| l.get("rl_epoch").is_some() || l.get("finetune_epoch").is_some())
-            .map(|l| {
-                let f = |k: &str| l.get(k).and_then(|r| r.as_f64());
-                (f("test_top1"), f("reward_mean"), f("price"))
-            })
-            .collect()
-    };
+    let results = |run: &str| epoch_results(&dir.path().join(run), &["test_top1", "reward_mean", "price"]);
     assert_eq!(results("full"), results("cut"));
     assert_eq!(results("full"), results("boundary"));
     // Phase 1 (the supervised backbone) ran once, not again on each resume.
@@ -568,26 +554,9 @@ fn dqn_runs_resume_inside_and_after_their_router_epochs() {
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("inside/checkpoints/rnp_state.json")).unwrap()).unwrap();
     assert_eq!((state["rl_epochs"].as_u64(), state["finetune_epochs"].as_u64()), (Some(3), Some(2)));
-    for file in ["last.safetensors", "router.safetensors", "best.safetensors", "router_best.safetensors", "dqn_target.safetensors"] {
-        let a = rlprune::import::read_safetensors(&dir.path().join("full/checkpoints").join(file)).unwrap();
-        let b = rlprune::import::read_safetensors(&dir.path().join("inside/checkpoints").join(file)).unwrap();
-        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{file}");
-        for (k, t) in &a {
-            assert_eq!(t.data, b[k.as_str()].data, "{file}: {k} differs after resuming");
-        }
-    }
-    let results = |run: &str| -> Vec<(Option<f64>, Option<f64>, Option<f64>)> {
-        std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|l| l.get("rl_epoch").is_some() || l.get("finetune_epoch").is_some())
-            .map(|l| {
-                let f = |k: &str| l.get(k).and_then(|r| r.as_f64());
-                (f("test_top1"), f("reward_mean"), l["algorithm_stats"].get("td_loss").and_then(|v| v.as_f64()))
-            })
-            .collect()
-    };
+    let files = ["last.safetensors", "router.safetensors", "best.safetensors", "router_best.safetensors", "dqn_target.safetensors"];
+    common::assert_same_tensors(&dir.path().join("full/checkpoints"), &dir.path().join("inside/checkpoints"), &files);
+    let results = |run: &str| epoch_results(&dir.path().join(run), &["test_top1", "reward_mean", "algorithm_stats.td_loss"]);
     assert_eq!(results("full").len(), 5);
     assert_eq!(results("full"), results("inside"));
 }
@@ -645,4 +614,16 @@ fn eval_and_visualize_show_per_image_decisions() {
     for (c, f) in classes.iter().zip(&class_flops) {
         assert!((c["flops_ratio"].as_f64().unwrap() - f).abs() < 1e-9);
     }
+}
+
+/// Per router or fine-tuning epoch of a run's `metrics.jsonl`, the values at `keys` (dotted
+/// paths into the line's JSON).
+fn epoch_results(run: &Path, keys: &[&str]) -> Vec<Vec<Option<f64>>> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l.get("rl_epoch").is_some() || l.get("finetune_epoch").is_some())
+        .map(|l| keys.iter().map(|k| k.split('.').try_fold(&l, |v, part| v.get(part)).and_then(|v| v.as_f64())).collect())
+        .collect()
 }

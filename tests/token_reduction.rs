@@ -209,14 +209,7 @@ fn bench_compares_a_reduction_with_every_token_kept() {
 #[test]
 fn eval_of_a_trained_deit_with_tome_and_evit() {
     let dir = tempfile::tempdir().unwrap();
-    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/deit_tome_evit_fashion_mnist.toml");
-    let args = [
-        "train", exp.to_str().unwrap(), "--out", "run",
-        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
-        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
-        "--set", "data.batch_size=16", "--set", "train.epochs=1",
-    ];
-    common::ok(&common::rlprune(&args, dir.path()));
+    common::train_on_synthetic(dir.path(), "deit_tome_evit_fashion_mnist.toml", &[]);
     let eval = |set: &[&str]| {
         let mut a = vec!["eval", "run", "--json"];
         for s in set {
@@ -341,14 +334,7 @@ fn visualize_draws_tome_merge_maps_and_evit_kept_patches() {
 #[test]
 fn sweep_over_tome_r_evaluates_a_trained_run() {
     let dir = tempfile::tempdir().unwrap();
-    let exp = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/deit_tome_evit_fashion_mnist.toml");
-    let args = [
-        "train", exp.to_str().unwrap(), "--out", "run",
-        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
-        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
-        "--set", "data.batch_size=16", "--set", "train.epochs=1",
-    ];
-    common::ok(&common::rlprune(&args, dir.path()));
+    common::train_on_synthetic(dir.path(), "deit_tome_evit_fashion_mnist.toml", &[]);
     let checkpoint_before = std::fs::read(dir.path().join("run/checkpoints/best.safetensors")).unwrap();
     common::ok(&common::rlprune(&["sweep", "run", "--set", "backbone.tome.r=2,4,6", "--out", "sw"], dir.path()));
     let csv = std::fs::read_to_string(dir.path().join("sw/sweep.csv")).unwrap();

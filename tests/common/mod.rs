@@ -201,3 +201,32 @@ pub fn parity_tolerance() -> Tolerance {
         _ => TF32_TOLERANCE,
     }
 }
+
+/// Asserts that each of `files` under `a` and `b` holds the same tensors, value for value (a
+/// resumed run against the uninterrupted one).
+pub fn assert_same_tensors(a: &Path, b: &Path, files: &[&str]) {
+    for file in files {
+        let x = rlprune::import::read_safetensors(&a.join(file)).unwrap();
+        let y = rlprune::import::read_safetensors(&b.join(file)).unwrap();
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{file}");
+        for (k, t) in &x {
+            assert_eq!(t.data, y[k.as_str()].data, "{}/{file}: {k} differs from {}", b.display(), a.display());
+        }
+    }
+}
+
+/// `rlprune train <repo>/experiments/<experiment>` into `dir/run` on a few synthetic 28×28
+/// images (32 train, 16 test, one epoch), with `extra` overrides.
+pub fn train_on_synthetic(dir: &Path, experiment: &str, extra: &[&str]) {
+    let exp = repo_root().join("experiments").join(experiment);
+    let mut args = vec![
+        "train", exp.to_str().unwrap(), "--out", "run",
+        "--set", "data.dataset=\"synthetic\"", "--set", "data.classes=10", "--set", "data.channels=1",
+        "--set", "data.size=28", "--set", "data.train_size=32", "--set", "data.test_size=16",
+        "--set", "data.batch_size=16", "--set", "train.epochs=1",
+    ];
+    for s in extra {
+        args.extend(["--set", s]);
+    }
+    ok(&rlprune(&args, dir));
+}
