@@ -309,6 +309,10 @@ mod fast_path_tests {
             // One image per shifted batch (64 channels of a 65×67 padded plane fill it), so
             // the second batch reuses the first one's buffers.
             (64, 4, 3, 1, 1, 1, 64),
+            // Many output channels on a small map: batched im2col through the gather table,
+            // with the kernel's reach of 1 and 2 beyond the border.
+            (8, 128, 3, 1, 1, 1, 8),
+            (8, 160, 5, 1, 2, 1, 4),
             // Depthwise at stride 1: the direct kernel (rows of 7, 11 and 42 columns use
             // blocks of 8, 16 and 32), with padding below the kernel's half.
             (5, 5, 3, 1, 1, 5, 9),

@@ -281,7 +281,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
                 }
                 let update = if momentum > 0.0 {
                     // PyTorch: buf = g on the first step, then buf = momentum * buf + g (dampening 0).
-                    let buf = if fresh { g.clone() } else { state[0].clone() * momentum + g.clone() };
+                    // The old buffer is moved out, not cloned, so that the scaling runs in place.
+                    let buf = if fresh { g.clone() } else { std::mem::take(state).swap_remove(0) * momentum + g.clone() };
                     *state = vec![buf.clone()];
                     if nesterov { g + buf * momentum } else { buf }
                 } else {
@@ -294,7 +295,9 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Updater<'_, B> {
                 let (m, v) = if fresh {
                     (g.clone() * (1.0 - b1), g.clone().powf_scalar(2.0) * (1.0 - b2))
                 } else {
-                    (state[0].clone() * b1 + g.clone() * (1.0 - b1), state[1].clone() * b2 + g.powf_scalar(2.0) * (1.0 - b2))
+                    let mut old = std::mem::take(state);
+                    let (v, m) = (old.pop().expect("second moment"), old.pop().expect("first moment"));
+                    (m * b1 + g.clone() * (1.0 - b1), v * b2 + g.powf_scalar(2.0) * (1.0 - b2))
                 };
                 *state = vec![m.clone(), v.clone()];
                 let bc1 = 1.0 - b1.powi(steps as i32);
