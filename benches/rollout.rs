@@ -72,14 +72,14 @@ fn main() -> anyhow::Result<()> {
     let mut arms = vec![
         Arm {
             name: format!("1 worker,  conv threads {cores} (image-parallel)"),
-            pool: RolloutPool::with_conv_threads(1, cores),
+            pool: RolloutPool::with_compute_threads(1, cores),
             images: 0,
             seconds: 0.0,
         },
-        Arm { name: "1 worker,  conv threads 1".into(), pool: RolloutPool::with_conv_threads(1, 1), images: 0, seconds: 0.0 },
+        Arm { name: "1 worker,  conv threads 1".into(), pool: RolloutPool::with_compute_threads(1, 1), images: 0, seconds: 0.0 },
         Arm {
             name: format!("{n_workers} workers, conv threads 1 each"),
-            pool: RolloutPool::with_conv_threads(n_workers, 1),
+            pool: RolloutPool::with_compute_threads(n_workers, 1),
             images: 0,
             seconds: 0.0,
         },
@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let forward_shares = |xs: &[Tensor<Cpu, 4>]| {
-        rlprune::nn::conv::set_conv_threads(1);
+        rlprune::nn::pool::set_thread_compute_threads(1);
         for x in xs {
             std::hint::black_box(backbone.forward(x.clone()).into_data());
         }

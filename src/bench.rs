@@ -10,10 +10,9 @@
 //! The timing loop ([`time_steps`]) takes any closure, so other models or devices reuse it:
 //! [`bench_inference`] and [`bench_train_step`] are generic over the backend and the backbone.
 //!
-//! Threads: the CPU backend computes on as many threads as three settings allow (see
-//! [`limit_threads`]): the convolution op's image-parallel threads, `matrixmultiply`'s GEMM pool
-//! (burn's matmuls) and the global filter's FFT workers. burn-ndarray is built without its `multi-threads` feature, so
-//! there is no rayon pool.
+//! Threads: every CPU kernel splits its work over at most
+//! [`compute_threads`](crate::nn::pool::compute_threads) threads, which [`limit_threads`] sets.
+//! burn-ndarray is built without its `multi-threads` feature, so it has no thread pool of its own.
 //!
 //! Peak memory is the process's `VmHWM` from `/proc/self/status`: the high-water mark of the
 //! resident set of the whole process (model construction included), not of the timed steps
@@ -38,13 +37,6 @@ use crate::metrics::memory::{self, Workload};
 use crate::train::losses::cross_entropy;
 use crate::train::optim::{Optimizer, OptimizerConfig};
 
-/// Environment variable `matrixmultiply` reads once, at its first GEMM, for its thread count
-/// (it uses at most 4).
-pub const GEMM_THREADS_VAR: &str = "MATMUL_NUM_THREADS";
-/// Environment variable the global filter reads once, at its first use, for its worker count.
-pub const GLOBAL_FILTER_THREADS_VAR: &str = "RLPRUNE_GF_THREADS";
-/// `matrixmultiply`'s own cap on its thread count.
-pub const GEMM_MAX_THREADS: usize = 4;
 
 /// What to measure and how.
 #[derive(Debug, Clone, PartialEq)]
@@ -482,25 +474,11 @@ pub fn bench(target: &str, opts: &BenchOptions) -> Result<BenchReport> {
     Ok(BenchReport::from_seconds(&model, opts, params, &seconds))
 }
 
-/// Limits the CPU backend to `threads` threads: the convolution op's per-thread setting
-/// ([`crate::nn::conv::set_conv_threads`], for the calling thread), [`GEMM_THREADS_VAR`]
-/// (burn's matmuls through `matrixmultiply`, which caps it at [`GEMM_MAX_THREADS`]) and
-/// [`GLOBAL_FILTER_THREADS_VAR`] (the global filter's FFT workers).
-///
-/// Both libraries read their variable once, at first use, so this must run before the
-/// process computes anything, while it is still single-threaded (the CLI calls it first
-/// thing). Data-loading workers are not affected (a benchmark loads no data).
+/// Limits the CPU backend to `threads` threads ([`crate::nn::pool::limit_compute_threads`]); it
+/// must run before the process computes anything (the CLI calls it first thing).
 pub fn limit_threads(threads: usize) -> Result<()> {
     ensure!(threads >= 1, "the thread limit must be at least 1");
-    let value = threads.to_string();
-    // SAFETY: `set_var` races with concurrent environment reads in other threads; the callers
-    // run this before starting any thread that reads the environment (the CLI does it before
-    // building a model; the Ctrl-C handler thread only waits on a signal pipe).
-    unsafe {
-        std::env::set_var(GEMM_THREADS_VAR, &value);
-        std::env::set_var(GLOBAL_FILTER_THREADS_VAR, &value);
-    }
-    crate::nn::conv::set_conv_threads(threads);
+    crate::nn::pool::limit_compute_threads(threads);
     Ok(())
 }
 

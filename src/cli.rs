@@ -132,8 +132,7 @@ pub enum Command {
         /// Images per step.
         #[arg(long, default_value_t = 8, value_name = "N")]
         batch: usize,
-        /// Limit the compute threads (convolutions; matmuls via MATMUL_NUM_THREADS, at most 4; global filter via
-        /// RLPRUNE_GF_THREADS). Default: all cores.
+        /// Limit the compute threads of every CPU kernel. Default: all cores.
         #[arg(long, value_name = "T")]
         threads: Option<usize>,
         /// Time a training step (forward, cross-entropy, backward, SGD update) instead of inference.
@@ -386,12 +385,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Visualize { target, images, out, weights, data, data_root, scale } => {
             let opts = crate::visualize::VisualizeOptions { target, weights, data, data_root, images, out, scale, base_dir: cwd };
-            let files = crate::visualize::visualize(&opts)?;
-            if files.iter().any(|f| f.ends_with("channel_use.png")) {
-                println!("wrote channel_use.png and channel_use.json to {}", opts.out.display());
-            } else {
-                println!("wrote {} image(s) and index.json to {}", files.len(), opts.out.display());
-            }
+            let drawn = crate::visualize::visualize(&opts)?;
+            println!("wrote {} to {}", drawn.summary, opts.out.display());
             Ok(())
         }
         Command::Data { action } => match action {

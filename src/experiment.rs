@@ -310,6 +310,21 @@ pub fn deserialize<T: serde::de::DeserializeOwned>(layered: &Layered, table: tom
     })
 }
 
+/// Reads the `[rl]` keys that moved into `[rl.ppo]` / `[rl.dqn]` ([`crate::rl::MOVED_KEYS`])
+/// at their new place, with a warning that gives the new spelling; errors keep pointing at the
+/// line the value came from.
+fn migrate_moved_keys(layered: &mut Layered) -> Result<()> {
+    let Some(toml::Value::Table(rl)) = layered.table.get_mut("rl") else { return Ok(()) };
+    let moved = crate::rl::migrate_keys(rl);
+    let moved = moved.map_err(|m| anyhow!("{}: {m}", layered.origin_of("rl")))?;
+    for (old, new) in moved {
+        let origin = layered.origin_of(&old);
+        tracing::warn!("{origin}: {old} is now {new}; read as such");
+        layered.origins.insert(new, origin);
+    }
+    Ok(())
+}
+
 impl Experiment {
     /// Loads, merges includes, applies overrides, type-checks and validates every section. The
     /// `[controller]` keys of one method (its kind and its own options) are the method's to
@@ -319,6 +334,7 @@ impl Experiment {
         for o in overrides {
             apply_override(&mut layered, o)?;
         }
+        migrate_moved_keys(&mut layered)?;
         let exp: Experiment = deserialize(&layered, layered.table.clone(), "")?;
         exp.validate(&layered)?;
         Ok((exp, layered))

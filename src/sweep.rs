@@ -422,45 +422,13 @@ pub fn write_summary_csv(path: &Path, key: &str, points: &[SweepPoint]) -> Resul
     crate::fsutil::atomic_write(path, s.as_bytes())
 }
 
-/// Registers a system sans-serif font for the plot's text (plotters' `ab_glyph` backend needs
-/// font bytes; none is bundled). `RLPRUNE_FONT` names a TTF/OTF file to use instead. Without
-/// any, the plot is drawn without text.
-pub(crate) fn register_font() -> bool {
-    use std::sync::OnceLock;
-    static FOUND: OnceLock<bool> = OnceLock::new();
-    *FOUND.get_or_init(|| {
-        let candidates = std::env::var("RLPRUNE_FONT").ok().into_iter().map(PathBuf::from).chain(
-            [
-                "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-                "/usr/share/fonts/TTF/DejaVuSans.ttf",
-                "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-                "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-                "/System/Library/Fonts/Supplemental/Arial.ttf",
-                "C:\\Windows\\Fonts\\arial.ttf",
-            ]
-            .iter()
-            .map(PathBuf::from),
-        );
-        for p in candidates {
-            if let Ok(bytes) = std::fs::read(&p) {
-                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
-                    return true;
-                }
-            }
-        }
-        tracing::warn!("no font found for the sweep plot (set RLPRUNE_FONT to a .ttf); drawing it without text");
-        false
-    })
-}
-
 /// `sweep.png`: top-1 against the FLOPs ratio (left) and against measured batch-64 latency
 /// (right). The swept controller and a static baseline with several points are lines; each point
 /// is the mean over its seeds, with the seeds' standard deviation as error bars in both
 /// directions; the unpruned model is a cross.
 pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
     let points = summarize(rows);
-    let text = register_font();
+    let text = crate::logging::plot::register_font();
     let (w, h) = PLOT_SIZE;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {

@@ -215,6 +215,8 @@ fn the_reference_names_every_experiment_key() {
             .concat(),
         ),
         ("### `[rl]`", accepted_keys(dir.path(), &rnp, &[], "rl")),
+        ("#### `[rl.ppo]`", accepted_keys(dir.path(), &rnp, &[], "rl.ppo")),
+        ("#### `[rl.dqn]`", accepted_keys(dir.path(), &rnp, &[], "rl.dqn")),
     ];
     let mut missing = Vec::new();
     for (heading, keys) in &sections {

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rlprune::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
 use rlprune::controllers::{Controller, ControllerConfig, DecisionPoint, Mode};
-use rlprune::rl::RlConfig;
+use rlprune::rl::{DqnConfig, PpoConfig, RlConfig};
 use rlprune::rl::rollout::Trajectory;
 use rlprune::train::optim::{Optimizer, OptimizerConfig};
 use rlprune::{Cpu, CpuAutodiff as Ad};
@@ -71,7 +71,13 @@ fn ppo_learns_the_optimal_two_step_policy() {
         let dev = Default::default();
         <Ad as burn::tensor::backend::Backend>::seed(&dev, seed);
         let cfg =
-            RlConfig { algorithm: "ppo".parse().unwrap(), entropy_bonus: 0.01, ppo_epochs: 4, minibatch: 16, ..Default::default() };
+            RlConfig {
+            algorithm: "ppo".parse().unwrap(),
+            entropy_bonus: 0.01,
+            ppo: PpoConfig { epochs: 4, ..Default::default() },
+            minibatch: 16,
+            ..Default::default()
+        };
         let mut router = ChannelRouter::<Ad>::new(&ctl(3, 16, "gru"), &[1, 3], cfg.value_head(), &dev);
         let mut opt = adam(0.01);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -99,13 +105,15 @@ fn dqn_learns_the_optimal_two_step_policy() {
     <Ad as burn::tensor::backend::Backend>::seed(&dev, 5);
     let cfg = RlConfig {
         algorithm: "dqn".parse().unwrap(),
-        epsilon_start: 1.0,
-        epsilon_end: 0.1,
-        epsilon_decay_steps: 40,
+        dqn: DqnConfig {
+            epsilon_start: 1.0,
+            epsilon_end: 0.1,
+            epsilon_decay_steps: 40,
+            updates_per_batch: 4,
+            target_sync_every: 10,
+            replay_capacity: 2000,
+        },
         minibatch: 64,
-        updates_per_batch: 4,
-        target_sync_every: 10,
-        replay_capacity: 2000,
         ..Default::default()
     };
     let mut router = ChannelRouter::<Ad>::new(&ctl(3, 16, "gru"), &[1, 3], cfg.value_head(), &dev);
@@ -147,7 +155,7 @@ fn epsilon_greedy_explores_at_the_configured_rate() {
     let off = d.actions.iter().filter(|&&a| a != greedy).count() as f64 / n as f64;
     // A random action differs from the greedy one with probability ε (k-1)/k = 0.3.
     assert!((off - 0.3).abs() < 0.03, "non-greedy fraction {off}");
-    let schedule = RlConfig { epsilon_decay_steps: 10, ..Default::default() };
+    let schedule = RlConfig { dqn: DqnConfig { epsilon_decay_steps: 10, ..Default::default() }, ..Default::default() };
     assert!((schedule.epsilon(5) - 0.525).abs() < 1e-12 && (schedule.epsilon(50) - 0.05).abs() < 1e-12);
 }
 
@@ -204,9 +212,8 @@ fn learner_trace(algorithm: &str, rnn: &str, workers: usize, seed: u64) -> Vec<(
         workers,
         alternate_every: 2,
         minibatch: 8,
-        ppo_epochs: 2,
-        epsilon_decay_steps: 4,
-        target_sync_every: 2,
+        ppo: PpoConfig { epochs: 2, ..Default::default() },
+        dqn: DqnConfig { epsilon_decay_steps: 4, target_sync_every: 2, ..Default::default() },
         ..Default::default()
     };
     let mut l = RnpLearner::new(AnyBackbone::SmallCnn(bb), 1, &ctl(4, 16, rnn), &cfg, seed);

@@ -534,7 +534,7 @@ fn dqn_runs_resume_inside_and_after_their_router_epochs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("rnp.toml"),
-        rnp_experiment("rnp-dqn", 3, 64, "algorithm = \"dqn\"\nepochs = 3\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05\ntarget_sync_every = 3"),
+        rnp_experiment("rnp-dqn", 3, 64, "algorithm = \"dqn\"\nepochs = 3\nworkers = 1\nfinetune_epochs = 2\nfinetune_lr = 0.05\n[rl.dqn]\ntarget_sync_every = 3"),
     )
     .unwrap();
     let train = |args: &[&str]| {

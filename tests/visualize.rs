@@ -79,7 +79,7 @@ fn fixture_model_toml_pngs_grey_exactly_the_dropped_patches() {
         base_dir: tmp.path().to_path_buf(),
         ..Default::default()
     };
-    let files = visualize(&opts).unwrap();
+    let files = visualize(&opts).unwrap().files;
     // The fixture holds 2 images; asking for more shows what there is.
     assert_eq!(files.len(), 2);
 

@@ -1,5 +1,6 @@
-//! Logging: TensorBoard event files, progress bars, and the run's text log.
+//! Logging: TensorBoard event files, progress bars, the run's text log, and what its plots share.
 
+pub mod plot;
 pub mod progress;
 pub mod runlog;
 pub mod tensorboard;

@@ -9,6 +9,7 @@
 
 pub mod eval;
 pub mod rnp;
+pub mod rnp_channel_use;
 pub mod static_l1;
 pub mod token_predictor;
 pub mod token_predictor_pg;
@@ -40,6 +41,19 @@ pub struct Method {
     pub train: fn(&Experiment, &Layered, &TrainOptions) -> Result<TrainSummary>,
     /// `(experiment, layered, run_dir, base_dir)` → the JSON report of `rlprune eval`.
     pub eval: fn(&Experiment, &Layered, &Path, &Path) -> Result<serde_json::Value>,
+    /// `rlprune visualize RUN_DIR` for a method with a picture of its own; `None`: the pictures
+    /// of what the model kept per image.
+    pub visualize: Option<VisualizeRun>,
+}
+
+/// `(experiment, layered, run_dir, base_dir, out)` → what was drawn into `out`.
+pub type VisualizeRun = fn(&Experiment, &Layered, &Path, &Path, &Path) -> Result<Drawn>;
+
+/// What `rlprune visualize` wrote, and how to name it in one line.
+pub struct Drawn {
+    pub files: Vec<std::path::PathBuf>,
+    /// E.g. "3 image(s) and index.json".
+    pub summary: String,
 }
 
 /// The method registry: one entry per `[controller] kind`, each defined in its method's file.

@@ -118,7 +118,7 @@ impl RnpLearner {
     /// Restores what [`RnpLearner::dqn_checkpoint`] returned.
     pub fn restore_dqn(&mut self, replay: &StateDict, target: &StateDict, updates: u64, source: &str) -> Result<()> {
         let Some(dqn) = self.dqn.as_mut() else { anyhow::bail!("{source}: a replay buffer for a learner that is not DQN") };
-        dqn.buffer = crate::rl::dqn::ReplayBuffer::from_state_dict(self.cfg.replay_capacity, replay).with_context(|| source.to_string())?;
+        dqn.buffer = crate::rl::dqn::ReplayBuffer::from_state_dict(self.cfg.dqn.replay_capacity, replay).with_context(|| source.to_string())?;
         dqn.target = load_strict(dqn.target.clone(), target, source)?;
         dqn.updates = updates;
         Ok(())
@@ -473,7 +473,13 @@ fn save_rnp_state(run_dir: &Path, st: &RnpState) -> Result<()> {
 
 /// RNP: `[controller] kind = "channel-router"`.
 pub const METHOD: super::Method =
-    super::Method { name: "channel-router", check_options: super::no_extra_options, train: train_rnp, eval: eval_rnp_run };
+    super::Method {
+        name: "channel-router",
+        check_options: super::no_extra_options,
+        train: train_rnp,
+        eval: eval_rnp_run,
+        visualize: Some(super::rnp_channel_use::visualize_run),
+    };
 
 /// `rlprune train` for an experiment with `[controller] kind = "channel-router"`: supervised
 /// backbone training (unless `[backbone] weights` is given) into `<run>/backbone/`, channel

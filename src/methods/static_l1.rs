@@ -312,7 +312,7 @@ const STATIC_STATE: &str = "static_state.json";
 
 /// Static L1 filter pruning: `[controller] kind = "static-l1"`.
 pub const METHOD: super::Method =
-    super::Method { name: "static-l1", check_options, train: train_static, eval: eval_static_run };
+    super::Method { name: "static-l1", check_options, train: train_static, eval: eval_static_run, visualize: None };
 
 /// `rlprune train` for `[controller] kind = "static-l1"`: the backbone (trained into
 /// `<run>/backbone/` unless `[backbone] weights` is given), the allocation, physical L1 pruning,

@@ -16,7 +16,7 @@
 //!      rollout workers (`[rl] workers`, see [`super::token_predictor_pg`]); the predictors
 //!      are trained by the framework's REINFORCE ([`policy_gradient_loss`], `[rl]` baseline,
 //!      entropy bonus, advantage normalisation) or PPO (`[rl] algorithm = "ppo"`: clipped
-//!      surrogate, `ppo_epochs` passes of `minibatch` images) on the reward `−CE − λ·Σ_i |keep_i − ρ_i|`
+//!      surrogate, `[rl.ppo] epochs` passes of `minibatch` images) on the reward `−CE − λ·Σ_i |keep_i − ρ_i|`
 //!      (per stage `−λ·|keep_i − ρ_i|`, `−CE` at the last); the backbone learns from the same
 //!      distillation loss, without the ratio term, under the top-k decisions of inference (a
 //!      second forward, whose return is also the self-critical baseline).
@@ -329,6 +329,7 @@ pub const METHOD: super::Method = super::Method {
     check_options,
     train: train_token_predictor,
     eval: eval_token_predictor_run,
+    visualize: None,
 };
 
 /// Where a token-predictor run stands after its last completed student epoch:

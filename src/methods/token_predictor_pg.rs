@@ -254,7 +254,7 @@ pub fn stage_evals(student: &DynamicVit<Ad>, traj: &TokenTrajectory) -> Vec<(Ten
 
 /// PPO's update of the predictors from one rollout batch (`[rl] algorithm = "ppo"`): advantages
 /// `returns − baseline` per stage (normalised if configured; the predictor has no critic, so no
-/// GAE), then `ppo_epochs` passes of shuffled minibatches of `minibatch` images on the clipped
+/// GAE), then `[rl.ppo] epochs` passes of shuffled minibatches of `minibatch` images on the clipped
 /// surrogate minus the entropy bonus. Only the predictors' gradients are applied. Returns the
 /// model, the mean entropy and the mean policy loss.
 #[allow(clippy::too_many_arguments)]
@@ -278,7 +278,7 @@ pub fn ppo_predictors(
     let mut rng = ChaCha8Rng::seed_from_u64(shuffle_seed);
     let mut order: Vec<usize> = (0..traj.n).collect();
     let (mut updates, mut sum_entropy, mut sum_policy) = (0usize, 0f64, 0f64);
-    for _ in 0..cfg.ppo_epochs {
+    for _ in 0..cfg.ppo.epochs {
         order.shuffle(&mut rng);
         for rows in order.chunks(cfg.minibatch.max(1)) {
             let m = rows.len();
@@ -290,7 +290,7 @@ pub fn ppo_predictors(
             let mut policy = Tensor::<Ad, 1>::zeros([1], &device);
             let mut entropy = Tensor::<Ad, 1>::zeros([1], &device);
             for (t, (lp, ent, _)) in evals.into_iter().enumerate() {
-                let (surrogate, _) = clipped_surrogate(lp, pick(&old_lp, t), pick(&adv, t), cfg.clip as f32);
+                let (surrogate, _) = clipped_surrogate(lp, pick(&old_lp, t), pick(&adv, t), cfg.ppo.clip as f32);
                 policy = policy - surrogate.mean();
                 entropy = entropy + ent.mean();
             }

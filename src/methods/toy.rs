@@ -24,7 +24,7 @@ use crate::train::optim::{Optimizer, OptimizerConfig};
 
 type Ad = crate::CpuAutodiff;
 
-pub const METHOD: Method = Method { name: "toy", check_options, train, eval };
+pub const METHOD: Method = Method { name: "toy", check_options, train, eval, visualize: None };
 
 const STATE: &str = "toy_state.json";
 

@@ -5,7 +5,7 @@
 //! training that was about 15 % of the CPU time. Softmax is a max, a subtraction, `exp`, a sum
 //! and a division, each a pass with its own allocation and autodiff node. Here GELU is one
 //! pass forward and one backward, softmax one row at a time (max, exponentials and sum, scale)
-//! with the backward `dx = y·(dy − Σ dy·y)`; both split over [`conv_threads`](super::conv::conv_threads) threads and use
+//! with the backward `dx = y·(dy − Σ dy·y)`; both split over [`compute_threads`](super::pool::compute_threads) threads and use
 //! polynomial `exp` and `erf` that the compiler vectorises (see [`fast`]). The GELU backward
 //! is the exact derivative of the erf form, as PyTorch's; burn's own GELU backward
 //! differentiates the tanh approximation instead (up to about 1e-3 away).

@@ -8,7 +8,7 @@
 //! (strided GEMM operands), computes each head's `softmax(scale·q·kᵀ)` into one `T × T` buffer
 //! and writes `P·v` straight into its columns of the output. The backward is four GEMMs per
 //! head (`dv = Pᵀ·dO`, `dP = dO·vᵀ`, `dq = dS·k`, `dk = dSᵀ·q`, with `dS = scale·P ⊙ (dP − Σ dP ⊙ P)`)
-//! written into the columns of `dqkv`. Images are split over [`conv_threads`] threads.
+//! written into the columns of `dqkv`. Images are split over [`compute_threads`] threads.
 //!
 //! The defaults compose burn's ops (other backends, CUDA); NdArray has the CPU kernel;
 //! `Autodiff<B>` records one node that keeps `qkv` and the probabilities.
@@ -212,7 +212,7 @@ impl AttentionBackend for NdArray<f32> {
 
 mod cpu {
     use crate::nn::activation_op::fast::{exp, lanes};
-    use crate::nn::conv::{conv_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
+    use crate::nn::conv::{compute_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
 
     #[derive(Debug, Clone, Copy)]
     pub struct Geom {
@@ -228,10 +228,10 @@ mod cpu {
         }
     }
 
-    /// Threads: images split over at most [`conv_threads`], ~1 ms of work each at least.
+    /// Threads: images split over at most [`compute_threads`], ~1 ms of work each at least.
     fn threads(g: &Geom) -> usize {
         let macs = 2 * g.n * g.heads * g.t * g.t * g.d;
-        conv_threads().min(macs >> 21).clamp(1, g.n.max(1))
+        compute_threads().min(macs >> 21).clamp(1, g.n.max(1))
     }
 
     /// Row-wise `softmax(scale·row + bias)` in place.

@@ -211,13 +211,13 @@ impl NormBackend for NdArray<f32> {
 mod cpu {
     //! Statistics are accumulated per plane in sixteen f32 lanes (so the loops vectorise) and
     //! across planes in f64. Reductions run over channel ranges, the element-wise passes over
-    //! image ranges, each on up to `conv_threads()` threads.
+    //! image ranges, each on up to `compute_threads()` threads.
 
-    use crate::nn::conv::{conv_threads, for_image_ranges, zeroed_by_image_chunks};
+    use crate::nn::conv::{compute_threads, for_image_ranges, zeroed_by_image_chunks};
 
     /// Threads for a memory-bound pass over `elements` values: one per 256 K values at least.
     fn threads_for(elements: usize) -> usize {
-        conv_threads().min(elements >> 18).max(1)
+        compute_threads().min(elements >> 18).max(1)
     }
 
     const L: usize = 16;

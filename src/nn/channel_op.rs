@@ -6,7 +6,7 @@
 //! iterator, and runs every element-wise op on the calling thread. In HorNet-T inference at two
 //! threads the channel splits of `gnconv` alone were about a sixth of the time, all of it serial
 //! while the other core waited. Here each op is one pass over memory, split by the leading
-//! dimension over [`conv_threads`](super::conv::conv_threads) threads, and a channel range is copied as the contiguous
+//! dimension over [`compute_threads`](super::pool::compute_threads) threads, and a channel range is copied as the contiguous
 //! block it is in every image. The results are bit for bit those of the composed ops (same
 //! products and sums in the same order), so the parity fixtures do not move.
 //!

@@ -7,10 +7,10 @@
 //! (the `gemm` crate, single-threaded per call), with an analytic backward:
 //! `dW = Σ_n G_n · cols_nᵀ`, `dx = col2im(Wᵀ · G_n)`. Other backends (CUDA) keep burn's conv.
 //!
-//! Threads: a call splits its images over [`conv_threads`] threads (a per-thread setting,
-//! default all cores). The GEMM itself never spawns, so N rollout workers that each set
-//! `set_conv_threads(1)` get N-way parallelism instead of fighting over one GEMM thread pool
-//! (matrixmultiply's pool is process-global and was the reason two workers gained nothing).
+//! Threads: a call splits its images over [`compute_threads`] threads. The GEMM itself never
+//! spawns, so N rollout workers with one thread each get N-way parallelism instead of fighting
+//! over one GEMM thread pool (matrixmultiply's pool is process-global and was the reason two
+//! workers gained nothing).
 
 use std::borrow::Cow;
 
@@ -25,25 +25,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
 
-thread_local! {
-    static CONV_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Threads a convolution called from this thread may use (default: all cores).
-pub fn conv_threads() -> usize {
-    // `available_parallelism` reads the cgroup files on every call (an open and a read per
-    // convolution showed in `perf` of a routed forward), so it is asked once.
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    match CONV_THREADS.with(|c| c.get()) {
-        0 => *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
-        n => n,
-    }
-}
-
-/// Sets [`conv_threads`] for the calling thread; `0` restores the default (all cores).
-pub fn set_conv_threads(threads: usize) {
-    CONV_THREADS.with(|c| c.set(threads));
-}
+pub use super::pool::compute_threads;
 
 /// Geometry of one convolution (square kernels' stride/padding, any kernel shape, no dilation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1024,12 +1006,12 @@ mod cpu {
     }
 
     /// How many threads a call over `images` images of `macs_per_image` MACs uses: the
-    /// caller's [`super::conv_threads`], fewer when the work is too small to pay for a spawn.
+    /// caller's [`super::compute_threads`], fewer when the work is too small to pay for a spawn.
     fn split(images: usize, macs_per_image: usize) -> usize {
         // About 0.5 ms of work per thread at least (a spawn costs tens of microseconds).
         const MIN_MACS_PER_THREAD: usize = 1 << 21;
         let by_work = (images * macs_per_image / MIN_MACS_PER_THREAD).max(1);
-        super::conv_threads().min(images).min(by_work).max(1)
+        super::compute_threads().min(images).min(by_work).max(1)
     }
 
     /// Runs `f(first_image, images)` over `threads` contiguous image ranges, the first on the
@@ -1380,7 +1362,7 @@ mod cpu {
 
     /// Threads for an element-wise pass over `len` values: one per 64 K values at least.
     pub(crate) fn elementwise_threads(len: usize) -> usize {
-        super::conv_threads().min(len >> 16).max(1)
+        super::compute_threads().min(len >> 16).max(1)
     }
 
     /// A buffer of `len` values in `rows` equal rows, zeroed and filled by `f(first_row, chunk)`
@@ -1455,7 +1437,7 @@ mod cpu {
             return out;
         }
         // Memory-bound: a thread pays for itself from about 256 K input values.
-        let threads = super::conv_threads().min((n * c * h * w) >> 18).max(1);
+        let threads = super::compute_threads().min((n * c * h * w) >> 18).max(1);
         for_image_chunks(&mut out, n, threads, |first, chunk| {
             for (p, plane) in chunk.chunks_exact_mut(ho * wo).enumerate() {
                 let src = &x[(first * c + p) * h * w..][..h * w];
@@ -1502,7 +1484,7 @@ mod cpu {
             }
         };
         // Memory-bound: a thread pays for itself from about 256 K input values.
-        let threads = super::conv_threads().min((n * c * h * w) >> 18).clamp(1, n.max(1));
+        let threads = super::compute_threads().min((n * c * h * w) >> 18).clamp(1, n.max(1));
         if threads == 1 {
             pool(0, &mut out, &mut idx);
             return (out, idx);

@@ -12,7 +12,7 @@
 //! `dw[i, j] = Σ_n Σ_{r,c} dy[r, c]·x_pad[r + i, c + j]`, accumulated in 8 lanes per tap. Planes
 //! (forward, `dx`) or channels (`dw`) are split over threads.
 
-use super::conv::{conv_threads, for_image_chunks, zeroed_by_image_chunks};
+use super::conv::{compute_threads, for_image_chunks, zeroed_by_image_chunks};
 
 /// Sizes of a depthwise convolution: `n` images of `c` planes `h × w`, kernel `kh × kw`,
 /// zero padding `p` on every side, stride 1.
@@ -50,7 +50,7 @@ impl Depthwise {
 
 /// Threads for `work` multiply-adds over `items` independent items (≥ ~1 ms each).
 fn threads(items: usize, work: usize) -> usize {
-    conv_threads().min(work >> 21).clamp(1, items.max(1))
+    compute_threads().min(work >> 21).clamp(1, items.max(1))
 }
 
 /// A plane's zero-padded copy: `p` rows above and below, `p` columns left, and on the right

@@ -12,7 +12,7 @@
 //! * an FFT path on the CPU, used by [`NdArray`]: `rustfft` plans cached per grid, two real
 //!   channels packed into one complex plane (the classic two-for-one real FFT), all transforms
 //!   of a batch item in one batched call per axis and direction, O(HW log HW) per plane; the
-//!   batch is split over the cores when that pays (`RLPRUNE_GF_THREADS` caps the thread count).
+//!   batch is split over the cores when that pays (at most `nn::pool::compute_threads`).
 //!   The DFT-by-matmul path below was measured slower on the CPU at every grid tried (7x7 to
 //!   56x56, forward and backward), so the CPU always takes the FFT path;
 //! * a custom autodiff op for [`Autodiff<B>`] with an analytic backward (see below), whatever `B`
@@ -928,19 +928,11 @@ mod fft_cpu {
         }
     }
 
-    /// Threads for `items` batch items of `work` scalar elements in all: the available cores
-    /// (or `RLPRUNE_GF_THREADS`), no more than pay off.
+    /// Threads for `items` batch items of `work` scalar elements in all: at most
+    /// [`compute_threads`](crate::nn::pool::compute_threads), no more than pay off.
     fn threads_for(items: usize, work: usize) -> usize {
         const MIN_WORK_PER_THREAD: usize = 1 << 15;
-        static MAX: OnceLock<usize> = OnceLock::new();
-        let max = *MAX.get_or_init(|| {
-            std::env::var("RLPRUNE_GF_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&n: &usize| n > 0)
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        });
-        max.min(items).min(work / MIN_WORK_PER_THREAD).max(1)
+        crate::nn::pool::compute_threads().min(items).min(work / MIN_WORK_PER_THREAD).max(1)
     }
 
     /// Runs `f(items, dst_chunk)` over the batch split into contiguous item ranges, on as many

@@ -6,7 +6,7 @@
 //! 49 % of the CPU time. [`LinearBackend::linear_forward`] flattens the leading dimensions into one
 //! `[M, K]` GEMM (the `gemm` crate's kernels) with the bias written as the GEMM's initial value,
 //! and its backward is two GEMMs (`dx = dy·W`, `dW = dyᵀ·x`) plus a column sum for `db`, each
-//! split over [`conv_threads`] threads by output rows.
+//! split over [`compute_threads`] threads by output rows.
 //!
 //! The defaults compose burn's ops (other backends, CUDA); NdArray has the CPU kernel;
 //! `Autodiff<B>` records one node whose backward computes only the gradients its parents need.
@@ -210,13 +210,13 @@ impl LinearBackend for NdArray<f32> {
 mod cpu {
     //! Row-major GEMMs split over threads by output rows; every thread writes its own rows.
 
-    use super::super::conv::{conv_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
+    use super::super::conv::{compute_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
 
     /// Threads for a product of `macs` multiply-adds over `rows` output rows: about 1 ms of
     /// work per thread at least (a spawn costs tens of microseconds).
     fn threads(rows: usize, macs: usize) -> usize {
         const MIN_MACS_PER_THREAD: usize = 1 << 21;
-        conv_threads().min(macs / MIN_MACS_PER_THREAD).clamp(1, rows.max(1))
+        compute_threads().min(macs / MIN_MACS_PER_THREAD).clamp(1, rows.max(1))
     }
 
     /// `y[m, n] = Σ_k x[m, k]·w[n, k] + b[n]`.

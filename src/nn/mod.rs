@@ -16,7 +16,7 @@ pub mod layers;
 pub mod norm;
 pub mod params;
 pub mod resample;
-pub(crate) mod pool;
+pub mod pool;
 
 pub use global_filter::{GlobalFilter, SpectralBackend};
 pub use layers::{Conv2d, Linear, Mlp, PatchEmbed};

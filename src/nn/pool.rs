@@ -6,7 +6,58 @@
 //! DynamicViT forward at two threads (about 130 kernel calls) that left the second core idle
 //! for a tenth of the time. These threads are started once and keep their workspaces.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Environment variable `matrixmultiply` (burn-ndarray's matmul, for the few products that do
+/// not go through the project's own ops) reads once, at its first GEMM, for its thread count.
+pub const MATRIXMULTIPLY_THREADS_VAR: &str = "MATMUL_NUM_THREADS";
+
+/// The process-wide limit of [`limit_compute_threads`]; 0: all cores.
+static LIMIT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// [`set_thread_compute_threads`]; 0: the process-wide setting.
+    static THIS_THREAD: Cell<usize> = const { Cell::new(0) };
+}
+
+fn cores() -> usize {
+    // `available_parallelism` reads the cgroup files on every call (an open and a read per
+    // convolution showed in `perf` of a routed forward), so it is asked once.
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+/// The threads a kernel called from this thread may split its work over: this thread's own
+/// setting ([`set_thread_compute_threads`]), else the process's ([`limit_compute_threads`]),
+/// else all cores. The one thread setting of the CPU backend.
+pub fn compute_threads() -> usize {
+    match (THIS_THREAD.with(Cell::get), LIMIT.load(Ordering::Relaxed)) {
+        (0, 0) => cores(),
+        (0, n) | (n, _) => n,
+    }
+}
+
+/// Sets [`compute_threads`] for the calling thread only (`0`: back to the process's setting):
+/// N rollout workers with one thread each get N-way parallelism instead of competing for the
+/// same cores.
+pub fn set_thread_compute_threads(threads: usize) {
+    THIS_THREAD.with(|c| c.set(threads));
+}
+
+/// Limits every kernel of the process to `threads` threads ([`compute_threads`]), and
+/// `matrixmultiply` too ([`MATRIXMULTIPLY_THREADS_VAR`]; it caps the value at 4).
+///
+/// `matrixmultiply` reads its variable once, at its first product, so this must run before the
+/// process computes anything, while it is still single-threaded (the CLI calls it first thing).
+pub fn limit_compute_threads(threads: usize) {
+    LIMIT.store(threads, Ordering::Relaxed);
+    // SAFETY: `set_var` races with concurrent environment reads in other threads; callers run
+    // this before starting any thread that reads the environment (the CLI does it before
+    // building a model; the Ctrl-C handler thread only waits on a signal pipe).
+    unsafe { std::env::set_var(MATRIXMULTIPLY_THREADS_VAR, threads.to_string()) };
+}
 
 fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
@@ -14,9 +65,8 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
         // The calling thread runs one part itself, so one thread fewer than cores: a pool thread
         // that waits for work spins for a while, and one per core would compete with the
         // caller's serial work between kernels.
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         rayon::ThreadPoolBuilder::new()
-            .num_threads(cores.saturating_sub(1).max(1))
+            .num_threads(cores().saturating_sub(1).max(1))
             .thread_name(|i| format!("rlprune-compute-{i}"))
             .build()
             .ok()

@@ -162,7 +162,7 @@ where
     ChannelRouter<B>: AutodiffModule<B, InnerModule = ChannelRouter<B::InnerBackend>>,
 {
     pub fn new(router: &ChannelRouter<B>, cfg: &RlConfig) -> Self {
-        Self { buffer: ReplayBuffer::new(cfg.replay_capacity), target: router.valid(), updates: 0 }
+        Self { buffer: ReplayBuffer::new(cfg.dqn.replay_capacity), target: router.valid(), updates: 0 }
     }
 
     /// Stores `traj` and runs `updates_per_batch` TD updates on replayed minibatches.
@@ -183,7 +183,7 @@ where
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let gamma = cfg.gamma as f32;
         let (mut td_sum, mut q_sum) = (0f64, 0f64);
-        for _ in 0..cfg.updates_per_batch {
+        for _ in 0..cfg.dqn.updates_per_batch {
             let idx = self.buffer.sample(cfg.minibatch, &mut rng);
             let m = idx.len();
             let t_len = self.buffer.channels.len();
@@ -223,11 +223,11 @@ where
             let grads = GradientsParams::from_grads(loss.backward(), &router);
             router = optim.step(router, grads, lr, 1.0);
             self.updates += 1;
-            if self.updates.is_multiple_of(cfg.target_sync_every as u64) {
+            if self.updates.is_multiple_of(cfg.dqn.target_sync_every as u64) {
                 self.target = router.valid();
             }
         }
-        let u = cfg.updates_per_batch.max(1) as f64;
+        let u = cfg.dqn.updates_per_batch.max(1) as f64;
         let mut stats = traj.stats();
         stats.td_loss = td_sum / u;
         stats.q_mean = q_sum / u;

@@ -129,19 +129,37 @@ pub struct RlConfig {
     /// Discount over the layer sequence (PPO's GAE, DQN's TD targets; REINFORCE uses 1).
     #[serde(default = "d_one")]
     pub gamma: f64,
-    /// PPO: clip range ε of the probability ratio.
-    #[serde(default = "d_clip")]
-    pub clip: f64,
-    /// PPO: λ of generalised advantage estimation over the layers.
-    #[serde(default = "d_gae_lambda")]
-    pub gae_lambda: f64,
-    /// PPO: passes over each rollout batch.
-    #[serde(default = "d_ppo_epochs")]
-    pub ppo_epochs: usize,
     /// Images (whole layer sequences) per minibatch: PPO's minibatches, DQN's replay samples.
     #[serde(default = "d_minibatch")]
     pub minibatch: usize,
-    /// DQN: ε of ε-greedy, linearly from `epsilon_start` to `epsilon_end` over
+    /// `[rl.ppo]`: PPO's own settings.
+    #[serde(default)]
+    pub ppo: PpoConfig,
+    /// `[rl.dqn]`: DQN's own settings.
+    #[serde(default)]
+    pub dqn: DqnConfig,
+}
+
+/// `[rl.ppo]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PpoConfig {
+    /// Clip range ε of the probability ratio.
+    #[serde(default = "d_clip")]
+    pub clip: f64,
+    /// λ of generalised advantage estimation over the layers.
+    #[serde(default = "d_gae_lambda")]
+    pub gae_lambda: f64,
+    /// Passes over each rollout batch.
+    #[serde(default = "d_ppo_epochs")]
+    pub epochs: usize,
+}
+
+/// `[rl.dqn]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DqnConfig {
+    /// ε of ε-greedy, linearly from `epsilon_start` to `epsilon_end` over
     /// `epsilon_decay_steps` router updates.
     #[serde(default = "d_one")]
     pub epsilon_start: f64,
@@ -149,15 +167,62 @@ pub struct RlConfig {
     pub epsilon_end: f64,
     #[serde(default = "d_eps_decay")]
     pub epsilon_decay_steps: usize,
-    /// DQN: replay buffer size in episodes (images).
+    /// Replay buffer size in episodes (images).
     #[serde(default = "d_replay")]
     pub replay_capacity: usize,
-    /// DQN: copy the online network into the target network every this many gradient updates.
+    /// Copy the online network into the target network every this many gradient updates.
     #[serde(default = "d_target_sync")]
     pub target_sync_every: usize,
-    /// DQN: gradient updates (replay minibatches) per rollout batch.
+    /// Gradient updates (replay minibatches) per rollout batch.
     #[serde(default = "d_one_usize")]
     pub updates_per_batch: usize,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all [rl.ppo] keys have defaults"))
+    }
+}
+
+impl Default for DqnConfig {
+    fn default() -> Self {
+        toml::from_str("").unwrap_or_else(|_| unreachable!("all [rl.dqn] keys have defaults"))
+    }
+}
+
+/// `[rl]` keys of PPO and DQN that now live in their algorithm's table, as (old key, table,
+/// new key). Configurations written before the move (experiments, and the `config.toml` of
+/// earlier run directories, which resume reads) are read with a warning, see [`migrate_keys`].
+pub const MOVED_KEYS: [(&str, &str, &str); 9] = [
+    ("clip", "ppo", "clip"),
+    ("gae_lambda", "ppo", "gae_lambda"),
+    ("ppo_epochs", "ppo", "epochs"),
+    ("epsilon_start", "dqn", "epsilon_start"),
+    ("epsilon_end", "dqn", "epsilon_end"),
+    ("epsilon_decay_steps", "dqn", "epsilon_decay_steps"),
+    ("replay_capacity", "dqn", "replay_capacity"),
+    ("target_sync_every", "dqn", "target_sync_every"),
+    ("updates_per_batch", "dqn", "updates_per_batch"),
+];
+
+/// Moves the old flat spellings of [`MOVED_KEYS`] in an `[rl]` table into `[rl.ppo]` /
+/// `[rl.dqn]`. Returns (old key, new key) per key moved, or an error naming both spellings
+/// when a key is given twice.
+pub fn migrate_keys(rl: &mut toml::Table) -> Result<Vec<(String, String)>, String> {
+    let mut moved = Vec::new();
+    for (old, table, new) in MOVED_KEYS {
+        let Some(value) = rl.remove(old) else { continue };
+        let sub = rl.entry(table.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(sub) = sub else {
+            return Err(format!("rl.{table} must be a table ([rl.{table}])"));
+        };
+        if sub.contains_key(new) {
+            return Err(format!("rl.{old} and rl.{table}.{new} are the same setting; keep rl.{table}.{new}"));
+        }
+        sub.insert(new.to_string(), value);
+        moved.push((format!("rl.{old}"), format!("rl.{table}.{new}")));
+    }
+    Ok(moved)
 }
 
 choice! {
@@ -257,11 +322,12 @@ impl RlConfig {
 
     /// DQN's exploration rate after `step` router updates (linear schedule).
     pub fn epsilon(&self, step: u64) -> f64 {
-        if self.epsilon_decay_steps == 0 {
-            return self.epsilon_end;
+        let d = &self.dqn;
+        if d.epsilon_decay_steps == 0 {
+            return d.epsilon_end;
         }
-        let f = (step as f64 / self.epsilon_decay_steps as f64).min(1.0);
-        self.epsilon_start + f * (self.epsilon_end - self.epsilon_start)
+        let f = (step as f64 / d.epsilon_decay_steps as f64).min(1.0);
+        d.epsilon_start + f * (d.epsilon_end - d.epsilon_start)
     }
 
     /// Problems as (key relative to `[rl]`, message).
@@ -309,25 +375,25 @@ impl RlConfig {
                 format!("\"self-critical\" applies to algorithm = \"reinforce\" only, not \"{}\"", self.algorithm),
             ));
         }
-        if !(self.clip > 0.0 && self.clip < 1.0) {
-            v.push(("clip".into(), format!("must be in (0, 1), got {}", self.clip)));
+        if !(self.ppo.clip > 0.0 && self.ppo.clip < 1.0) {
+            v.push(("ppo.clip".into(), format!("must be in (0, 1), got {}", self.ppo.clip)));
         }
         for (k, x) in [
             ("gamma", self.gamma),
-            ("gae_lambda", self.gae_lambda),
-            ("epsilon_start", self.epsilon_start),
-            ("epsilon_end", self.epsilon_end),
+            ("ppo.gae_lambda", self.ppo.gae_lambda),
+            ("dqn.epsilon_start", self.dqn.epsilon_start),
+            ("dqn.epsilon_end", self.dqn.epsilon_end),
         ] {
             if !(0.0..=1.0).contains(&x) {
                 v.push((k.into(), format!("must be in [0, 1], got {x}")));
             }
         }
         for (k, x) in [
-            ("ppo_epochs", self.ppo_epochs),
+            ("ppo.epochs", self.ppo.epochs),
             ("minibatch", self.minibatch),
-            ("replay_capacity", self.replay_capacity),
-            ("target_sync_every", self.target_sync_every),
-            ("updates_per_batch", self.updates_per_batch),
+            ("dqn.replay_capacity", self.dqn.replay_capacity),
+            ("dqn.target_sync_every", self.dqn.target_sync_every),
+            ("dqn.updates_per_batch", self.dqn.updates_per_batch),
         ] {
             if x == 0 {
                 v.push((k.into(), "must be > 0, got 0".into()));

@@ -1,7 +1,7 @@
 //! PPO (Schulman et al., 2017) over the layer sequence: each image is an episode whose steps are
 //! the decision layers, with the compute price as the reward of every step and the accuracy
 //! term added at the last one. Advantages come from GAE(γ, λ) with the router's value head as
-//! the critic (V after the last layer is 0). Each rollout batch is used for `ppo_epochs` passes
+//! the critic (V after the last layer is 0). Each rollout batch is used for `[rl.ppo] epochs` passes
 //! of shuffled minibatches of whole episodes (the router is recurrent), optimising the clipped
 //! surrogate plus the value loss minus the entropy bonus.
 //!
@@ -102,18 +102,18 @@ where
         old_lp.push(host(lp.detach())?);
         values.push(host(v.ok_or_else(|| anyhow::anyhow!("router lost its value head"))?.detach())?);
     }
-    let (mut adv, ret) = gae(&traj.rewards, &values, cfg.gamma as f32, cfg.gae_lambda as f32);
+    let (mut adv, ret) = gae(&traj.rewards, &values, cfg.gamma as f32, cfg.ppo.gae_lambda as f32);
     if cfg.normalize_advantages {
         normalize(&mut adv);
     }
 
-    let eps = cfg.clip as f32;
+    let eps = cfg.ppo.clip as f32;
     let mut rng = ChaCha8Rng::seed_from_u64(shuffle_seed);
     let mut order = all;
     let (mut updates, mut clipped, mut pairs) = (0usize, 0usize, 0usize);
     let (mut sum_policy, mut sum_value, mut sum_entropy, mut sum_kl) = (0f64, 0f64, 0f64, 0f64);
     let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
-    for _ in 0..cfg.ppo_epochs {
+    for _ in 0..cfg.ppo.epochs {
         order.shuffle(&mut rng);
         for rows in order.chunks(cfg.minibatch) {
             let m = rows.len();

@@ -247,12 +247,12 @@ pub struct RolloutPool {
 impl RolloutPool {
     /// `workers` threads, each with [`threads_per_worker`] convolution threads.
     pub fn new(workers: usize) -> Self {
-        Self::with_conv_threads(workers, threads_per_worker(workers))
+        Self::with_compute_threads(workers, threads_per_worker(workers))
     }
 
-    /// `workers` threads whose convolutions each use `conv_threads` threads.
-    pub fn with_conv_threads(workers: usize, conv_threads: usize) -> Self {
-        let pool = WorkerPool::with_conv_threads(workers, conv_threads, |job: Job| {
+    /// `workers` threads whose kernels each use `compute_threads` threads.
+    pub fn with_compute_threads(workers: usize, compute_threads: usize) -> Self {
+        let pool = WorkerPool::with_compute_threads(workers, compute_threads, |job: Job| {
             rollout_shard(&job.backbone, &job.router, job.images, job.shape, job.labels, &job.cfg, job.price, job.rule, job.seed)
         });
         Self { pool }

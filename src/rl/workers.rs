@@ -33,13 +33,13 @@ pub fn threads_per_worker(workers: usize) -> usize {
 impl<J: Send + 'static, R: Send + 'static> WorkerPool<J, R> {
     /// `workers` threads, each with [`threads_per_worker`] convolution threads.
     pub fn new(workers: usize, work: impl Fn(J) -> Result<R> + Send + Sync + 'static) -> Self {
-        Self::with_conv_threads(workers, threads_per_worker(workers), work)
+        Self::with_compute_threads(workers, threads_per_worker(workers), work)
     }
 
-    /// `workers` threads whose convolutions each use `conv_threads` threads.
-    pub fn with_conv_threads(
+    /// `workers` threads whose kernels each use `compute_threads` threads.
+    pub fn with_compute_threads(
         workers: usize,
-        conv_threads: usize,
+        compute_threads: usize,
         work: impl Fn(J) -> Result<R> + Send + Sync + 'static,
     ) -> Self {
         let work: Work<J, R> = Arc::new(work);
@@ -53,7 +53,7 @@ impl<J: Send + 'static, R: Send + 'static> WorkerPool<J, R> {
             let handle = std::thread::Builder::new()
                 .name(format!("rollout-{w}"))
                 .spawn(move || {
-                    crate::nn::conv::set_conv_threads(conv_threads.max(1));
+                    crate::nn::pool::set_thread_compute_threads(compute_threads.max(1));
                     for job in rx.iter() {
                         if res_tx.send((w, work(job))).is_err() {
                             break;
