@@ -8,7 +8,7 @@
 //! (strided GEMM operands), computes each head's `softmax(scale·q·kᵀ)` into one `T × T` buffer
 //! and writes `P·v` straight into its columns of the output. The backward is four GEMMs per
 //! head (`dv = Pᵀ·dO`, `dP = dO·vᵀ`, `dq = dS·k`, `dk = dSᵀ·q`, with `dS = scale·P ⊙ (dP − Σ dP ⊙ P)`)
-//! written into the columns of `dqkv`. Images are split over [`compute_threads`] threads.
+//! written into the columns of `dqkv`. Images are split over [`compute_threads`](super::pool::compute_threads) threads.
 //!
 //! The defaults compose burn's ops (other backends, CUDA); NdArray has the CPU kernel;
 //! `Autodiff<B>` records one node that keeps `qkv` and the probabilities.
@@ -212,7 +212,8 @@ impl AttentionBackend for NdArray<f32> {
 
 mod cpu {
     use crate::nn::activation_op::fast::{exp, lanes};
-    use crate::nn::conv::{compute_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
+    use crate::nn::conv::{for_image_chunks, gemm_strided, zeroed_by_image_chunks};
+    use crate::nn::pool::compute_threads;
 
     #[derive(Debug, Clone, Copy)]
     pub struct Geom {

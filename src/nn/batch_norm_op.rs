@@ -213,7 +213,8 @@ mod cpu {
     //! across planes in f64. Reductions run over channel ranges, the element-wise passes over
     //! image ranges, each on up to `compute_threads()` threads.
 
-    use crate::nn::conv::{compute_threads, for_image_ranges, zeroed_by_image_chunks};
+    use crate::nn::conv::{for_image_ranges, zeroed_by_image_chunks};
+    use crate::nn::pool::compute_threads;
 
     /// Threads for a memory-bound pass over `elements` values: one per 256 K values at least.
     fn threads_for(elements: usize) -> usize {

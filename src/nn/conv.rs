@@ -7,7 +7,7 @@
 //! (the `gemm` crate, single-threaded per call), with an analytic backward:
 //! `dW = Σ_n G_n · cols_nᵀ`, `dx = col2im(Wᵀ · G_n)`. Other backends (CUDA) keep burn's conv.
 //!
-//! Threads: a call splits its images over [`compute_threads`] threads. The GEMM itself never
+//! Threads: a call splits its images over [`compute_threads`](super::pool::compute_threads) threads. The GEMM itself never
 //! spawns, so N rollout workers with one thread each get N-way parallelism instead of fighting
 //! over one GEMM thread pool (matrixmultiply's pool is process-global and was the reason two
 //! workers gained nothing).
@@ -24,8 +24,6 @@ use burn::backend::NdArray;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{ConvOptions, FloatTensor, IntTensor, ModuleOps};
 use burn::tensor::{Tensor, TensorData, TensorMetadata, TensorPrimitive};
-
-pub use super::pool::compute_threads;
 
 /// Geometry of one convolution (square kernels' stride/padding, any kernel shape, no dilation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1006,12 +1004,12 @@ mod cpu {
     }
 
     /// How many threads a call over `images` images of `macs_per_image` MACs uses: the
-    /// caller's [`super::compute_threads`], fewer when the work is too small to pay for a spawn.
+    /// caller's [`compute_threads`](crate::nn::pool::compute_threads), fewer when the work is too small to pay for a spawn.
     fn split(images: usize, macs_per_image: usize) -> usize {
         // About 0.5 ms of work per thread at least (a spawn costs tens of microseconds).
         const MIN_MACS_PER_THREAD: usize = 1 << 21;
         let by_work = (images * macs_per_image / MIN_MACS_PER_THREAD).max(1);
-        super::compute_threads().min(images).min(by_work).max(1)
+        crate::nn::pool::compute_threads().min(images).min(by_work).max(1)
     }
 
     /// Runs `f(first_image, images)` over `threads` contiguous image ranges, the first on the
@@ -1365,7 +1363,7 @@ mod cpu {
 
     /// Threads for an element-wise pass over `len` values: one per 64 K values at least.
     pub(crate) fn elementwise_threads(len: usize) -> usize {
-        super::compute_threads().min(len >> 16).max(1)
+        crate::nn::pool::compute_threads().min(len >> 16).max(1)
     }
 
     /// A buffer of `len` values in `rows` equal rows, zeroed and filled by `f(first_row, chunk)`
@@ -1440,7 +1438,7 @@ mod cpu {
             return out;
         }
         // Memory-bound: a thread pays for itself from about 256 K input values.
-        let threads = super::compute_threads().min((n * c * h * w) >> 18).max(1);
+        let threads = crate::nn::pool::compute_threads().min((n * c * h * w) >> 18).max(1);
         for_image_chunks(&mut out, n, threads, |first, chunk| {
             for (p, plane) in chunk.chunks_exact_mut(ho * wo).enumerate() {
                 let src = &x[(first * c + p) * h * w..][..h * w];
@@ -1487,7 +1485,7 @@ mod cpu {
             }
         };
         // Memory-bound: a thread pays for itself from about 256 K input values.
-        let threads = super::compute_threads().min((n * c * h * w) >> 18).clamp(1, n.max(1));
+        let threads = crate::nn::pool::compute_threads().min((n * c * h * w) >> 18).clamp(1, n.max(1));
         if threads == 1 {
             pool(0, &mut out, &mut idx);
             return (out, idx);

@@ -12,7 +12,8 @@
 //! `dw[i, j] = Σ_n Σ_{r,c} dy[r, c]·x_pad[r + i, c + j]`, accumulated in 8 lanes per tap. Planes
 //! (forward, `dx`) or channels (`dw`) are split over threads.
 
-use super::conv::{compute_threads, for_image_chunks, zeroed_by_image_chunks};
+use super::conv::{for_image_chunks, zeroed_by_image_chunks};
+use super::pool::compute_threads;
 
 /// Sizes of a depthwise convolution: `n` images of `c` planes `h × w`, kernel `kh × kw`,
 /// zero padding `p` on every side, stride 1.

@@ -6,7 +6,7 @@
 //! 49 % of the CPU time. [`LinearBackend::linear_forward`] flattens the leading dimensions into one
 //! `[M, K]` GEMM (the `gemm` crate's kernels) with the bias written as the GEMM's initial value,
 //! and its backward is two GEMMs (`dx = dy·W`, `dW = dyᵀ·x`) plus a column sum for `db`, each
-//! split over [`compute_threads`] threads by output rows.
+//! split over [`compute_threads`](super::pool::compute_threads) threads by output rows.
 //!
 //! The defaults compose burn's ops (other backends, CUDA); NdArray has the CPU kernel;
 //! `Autodiff<B>` records one node whose backward computes only the gradients its parents need.
@@ -210,7 +210,8 @@ impl LinearBackend for NdArray<f32> {
 mod cpu {
     //! Row-major GEMMs split over threads by output rows; every thread writes its own rows.
 
-    use super::super::conv::{compute_threads, for_image_chunks, gemm_strided, zeroed_by_image_chunks};
+    use super::super::conv::{for_image_chunks, gemm_strided, zeroed_by_image_chunks};
+    use super::super::pool::compute_threads;
 
     /// Threads for a product of `macs` multiply-adds over `rows` output rows: about 1 ms of
     /// work per thread at least (a spawn costs tens of microseconds).
