@@ -286,8 +286,8 @@ pub fn controlled_stack_ragged<B: ModelBackend>(
     let mut widths = vec![c0; n];
     let mut steps = Vec::with_capacity(layers.len());
     for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
-        let observation = zero_padded(global_avg_pool(x.clone()), pc.in_channels);
-        let (point, decision) = decide_at(ctl, t, pc, observation.clone(), mode, rng)?;
+        let (observation, for_controller) = twice(zero_padded(global_avg_pool(x.clone()), pc.in_channels))?;
+        let (point, decision) = decide_at(ctl, t, pc, for_controller, mode, rng)?;
         let c_out: Vec<usize> = decision.actions.iter().map(|&a| point.channels_for(a)).collect();
         let y = layer.folded(&device).forward_ragged(x, &widths, &c_out);
         let [_, _, h, w] = y.dims();
@@ -299,6 +299,16 @@ pub fn controlled_stack_ragged<B: ModelBackend>(
     }
     let c_last = points.last().map_or(x.dims()[1], |p| p.out_channels);
     Ok((zero_padded(global_avg_pool(x), c_last), Trace { steps }))
+}
+
+/// Two tensors with `t`'s values that share no storage. A controller that reads its
+/// observation back to the host gets it without a copy only when it holds the tensor alone (a
+/// shared NdArray tensor is read element by element, about half a percent of a routed batch-1
+/// forward); the trace keeps the other.
+fn twice<B: ModelBackend>(t: Tensor<B, 2>) -> Result<(Tensor<B, 2>, Tensor<B, 2>)> {
+    let device = t.device();
+    let data = t.into_data();
+    Ok((Tensor::from_data(data.clone(), &device), Tensor::from_data(data, &device)))
 }
 
 fn check_points<B: ModelBackend>(layers: &[ConvBn<B>], points: &[PrunableConv]) -> Result<()> {

@@ -318,18 +318,39 @@ impl HostLinear {
         Self::of(&l.weight.val(), l.bias.as_ref().map(|b| b.val()).as_ref())
     }
 
+    /// One row: `y += x·Wᵀ`, by blocks of outputs held in registers over all the inputs, so
+    /// that the weight is the only stream (a loop over the inputs that adds each scaled weight
+    /// row into `y` loaded and stored `y` once per input, and bounded the router's step).
+    fn row_into(&self, x: &[f32], y: &mut [f32]) {
+        const BLOCK: usize = 32;
+        let mut o = 0;
+        while o + BLOCK <= self.outputs {
+            let mut acc = [0f32; BLOCK];
+            acc.copy_from_slice(&y[o..o + BLOCK]);
+            for (&v, w) in x.iter().zip(self.weight_t.chunks_exact(self.outputs)) {
+                let w: &[f32; BLOCK] = w[o..o + BLOCK].try_into().unwrap_or_else(|_| unreachable!());
+                for (a, &wv) in acc.iter_mut().zip(w) {
+                    *a = v.mul_add(wv, *a);
+                }
+            }
+            y[o..o + BLOCK].copy_from_slice(&acc);
+            o += BLOCK;
+        }
+        if o < self.outputs {
+            for (&v, w) in x.iter().zip(self.weight_t.chunks_exact(self.outputs)) {
+                for (a, &wv) in y[o..].iter_mut().zip(&w[o..]) {
+                    *a = v.mul_add(wv, *a);
+                }
+            }
+        }
+    }
+
     /// `x [n, inputs]` → `x·Wᵀ + b`, `[n, outputs]`.
     fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y: Vec<f32> = (0..n).flat_map(|_| self.bias.iter().copied()).collect();
         if n <= 4 {
-            // A few rows: each input adds its scaled weight row to the outputs, a loop the
-            // compiler vectorises over the outputs; no GEMM packing and no horizontal sums.
             for (xi, yi) in x.chunks_exact(self.inputs.max(1)).zip(y.chunks_exact_mut(self.outputs)) {
-                for (&v, w) in xi.iter().zip(self.weight_t.chunks_exact(self.outputs)) {
-                    for (o, &wv) in yi.iter_mut().zip(w) {
-                        *o += v * wv;
-                    }
-                }
+                self.row_into(xi, yi);
             }
             return y;
         }
@@ -402,26 +423,37 @@ impl HostRouter {
             state.h = vec![0.0; n * hd];
             state.c = vec![0.0; n * hd];
         }
-        let gi = self.cell.input.forward(&e, n);
+        let mut gi = self.cell.input.forward(&e, n);
         let gh = self.cell.hidden.forward(&state.h, n);
         let width = self.cell.input.outputs;
+        // Whole gate segments at a time, in loops that compile to SIMD.
+        let sigmoid = |v: &mut [f32]| v.iter_mut().for_each(|x| *x = host_sigmoid(*x));
+        let tanh = |v: &mut [f32]| v.iter_mut().for_each(|x| *x = host_tanh(*x));
         for i in 0..n {
-            let (gi, gh) = (&gi[i * width..(i + 1) * width], &gh[i * width..(i + 1) * width]);
+            let (gi, gh) = (&mut gi[i * width..(i + 1) * width], &gh[i * width..(i + 1) * width]);
             let h = &mut state.h[i * hd..(i + 1) * hd];
             let c = &mut state.c[i * hd..(i + 1) * hd];
             if self.cell.lstm {
-                for j in 0..hd {
-                    let g = |q: usize| gi[q * hd + j] + gh[q * hd + j];
-                    let (ig, fg, gg, og) = (host_sigmoid(g(0)), host_sigmoid(g(1)), host_tanh(g(2)), host_sigmoid(g(3)));
-                    c[j] = fg * c[j] + ig * gg;
-                    h[j] = og * host_tanh(c[j]);
+                gi.iter_mut().zip(gh).for_each(|(a, &b)| *a += b);
+                let (ifg, rest) = gi.split_at_mut(2 * hd);
+                let (gg, og) = rest.split_at_mut(hd);
+                sigmoid(ifg);
+                tanh(gg);
+                sigmoid(og);
+                let (ig, fg) = ifg.split_at(hd);
+                for ((((cj, &i), &f), &g), (hj, &o)) in c.iter_mut().zip(ig).zip(fg.iter()).zip(gg.iter()).zip(h.iter_mut().zip(og.iter())) {
+                    *cj = f * *cj + i * g;
+                    *hj = o * host_tanh(*cj);
                 }
             } else {
-                for j in 0..hd {
-                    let r = host_sigmoid(gi[j] + gh[j]);
-                    let z = host_sigmoid(gi[hd + j] + gh[hd + j]);
-                    let cand = host_tanh(gi[2 * hd + j] + r * gh[2 * hd + j]);
-                    h[j] = (1.0 - z) * cand + z * h[j];
+                let (rz, cand) = gi.split_at_mut(2 * hd);
+                rz.iter_mut().zip(&gh[..2 * hd]).for_each(|(a, &b)| *a += b);
+                sigmoid(rz);
+                let (r, z) = rz.split_at(hd);
+                cand.iter_mut().zip(r).zip(&gh[2 * hd..]).for_each(|((a, &r), &b)| *a += r * b);
+                tanh(cand);
+                for ((hj, &z), &cand) in h.iter_mut().zip(z).zip(cand.iter()) {
+                    *hj = (1.0 - z) * cand + z * *hj;
                 }
             }
         }
