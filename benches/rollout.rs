@@ -28,7 +28,8 @@ use rand_chacha::ChaCha8Rng;
 use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
 use rlprune::backbones::{AnyBackbone, Backbone, BuildContext};
 use rlprune::controllers::ControllerConfig;
-use rlprune::controllers::channel_router::{ActionRule, ChannelRouter};
+use rlprune::controllers::ActionRule;
+use rlprune::controllers::channel_router::ChannelRouter;
 use rlprune::rl::RlConfig;
 use rlprune::rl::rollout::RolloutPool;
 use rlprune::train::optim::{Optimizer, OptimizerConfig};
@@ -40,7 +41,7 @@ fn loadavg() -> String {
 
 struct Arm {
     name: String,
-    pool: RolloutPool,
+    pool: RolloutPool<Cpu, ChannelRouter<Cpu>>,
     images: usize,
     seconds: f64,
 }

@@ -110,6 +110,11 @@ impl<B> ModelBackend for B where
 {
 }
 
+/// A backend that trains: autodiff over a [`ModelBackend`], whose inner backend (what rollouts,
+/// evaluation and snapshots run on) is a [`ModelBackend`] too.
+pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+impl<B> TrainBackend for B where B: burn::tensor::backend::AutodiffBackend<InnerBackend: ModelBackend> + ModelBackend {}
+
 /// The default CPU backend and its autodiff wrapper.
 pub type Cpu = burn::backend::NdArray<f32>;
 pub type CpuAutodiff = burn::backend::Autodiff<Cpu>;

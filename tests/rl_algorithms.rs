@@ -5,7 +5,8 @@ use burn::module::AutodiffModule;
 use burn::tensor::{Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rlprune::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
+use rlprune::controllers::ActionRule;
+use rlprune::controllers::channel_router::{ChannelRouter, RouterPolicy};
 use rlprune::controllers::{Controller, ControllerConfig, DecisionPoint, Mode};
 use rlprune::rl::{DqnConfig, PpoConfig, RlConfig};
 use rlprune::rl::rollout::Trajectory;
@@ -216,7 +217,7 @@ fn learner_trace(algorithm: &str, rnn: &str, workers: usize, seed: u64) -> Vec<(
         dqn: DqnConfig { epsilon_decay_steps: 4, target_sync_every: 2, ..Default::default() },
         ..Default::default()
     };
-    let mut l = RnpLearner::new(AnyBackbone::SmallCnn(bb), 1, &ctl(4, 16, rnn), &cfg, seed);
+    let mut l = RnpLearner::<rlprune::CpuAutodiff>::new(AnyBackbone::SmallCnn(bb), 1, &ctl(4, 16, rnn), &cfg, seed);
     (0..4)
         .map(|s| {
             let r = l.step(&synthetic_batch(16, s), 1e-2, 1e-2).unwrap();

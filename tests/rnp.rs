@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use rlprune::Cpu;
 use rlprune::backbones::cnn::{SmallCnn, SmallCnnOptions};
 use rlprune::backbones::{Backbone, BuildContext};
-use rlprune::controllers::{Controller, Decision, DecisionPoint, Mode, channels_for};
+use rlprune::controllers::{Controller, Decision, DecisionPoint, Mode, SequencePolicy, channels_for};
 
 mod common;
 use common::rng_lock as lock;
@@ -346,7 +346,7 @@ fn learner_rollouts(workers: usize, seed: u64) -> Vec<(Vec<Vec<usize>>, Vec<Vec<
     let bb = SmallCnn::new(&SmallCnnOptions { channels: [8, 8, 16, 16] }, &ctx, &dev);
     let ctl = ControllerConfig { groups: 4, hidden: 16, ..Default::default() };
     let cfg = RlConfig { workers, alternate_every: 2, ..Default::default() };
-    let mut l = RnpLearner::new(AnyBackbone::SmallCnn(bb), 1, &ctl, &cfg, seed);
+    let mut l = RnpLearner::<rlprune::CpuAutodiff>::new(AnyBackbone::SmallCnn(bb), 1, &ctl, &cfg, seed);
     (0..5)
         .map(|s| {
             let r = l.step(&synthetic_batch(16, s), 1e-2, 1e-2).unwrap();

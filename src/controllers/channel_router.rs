@@ -10,10 +10,11 @@ use anyhow::{Result, bail};
 use burn::module::{Module, Param};
 use burn::tensor::activation::{log_softmax, sigmoid, tanh};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+use super::policy::{ActionRule, SequencePolicy, StepOutput, pick};
 use super::{Controller, ControllerConfig, Decision, DecisionPoint, Mode};
 use crate::backbones::PrunableConv;
 use crate::nn::Linear;
@@ -135,14 +136,6 @@ pub struct ChannelRouter<B: Backend> {
     pub value: Option<Linear<B>>,
 }
 
-/// What the router computes at one step, for the learner.
-pub struct StepOutput<B: Backend> {
-    /// The head's raw output `[N, k]`: policy logits, or Q-values under DQN.
-    pub scores: Tensor<B, 2>,
-    pub log_probs: Tensor<B, 2>,
-    pub value: Option<Tensor<B, 1>>,
-}
-
 impl<B: LinearBackend> ChannelRouter<B> {
     /// A router for a backbone whose decision layers take `in_channels[t]` input channels.
     pub fn new(cfg: &ControllerConfig, in_channels: &[usize], value_head: bool, device: &B::Device) -> Self {
@@ -227,47 +220,6 @@ impl<B: LinearBackend> ChannelRouter<B> {
         }
         Ok(out)
     }
-
-    /// Re-evaluates the stored observation sequence: per decision, log-prob of the stored
-    /// actions `[N]`, entropy `[N]` and value `[N]` (if the router has a value head).
-    #[allow(clippy::type_complexity)]
-    pub fn evaluate(
-        &self,
-        observations: &[Tensor<B, 2>],
-        actions: &[Vec<usize>],
-    ) -> Result<Vec<(Tensor<B, 1>, Tensor<B, 1>, Option<Tensor<B, 1>>)>> {
-        if actions.len() != observations.len() {
-            bail!("{} observation steps for {} action steps", observations.len(), actions.len());
-        }
-        let steps = self.unroll(observations)?;
-        Ok(steps
-            .into_iter()
-            .zip(actions)
-            .map(|(s, acts)| {
-                let (lp, ent) = pick(s.log_probs, acts, &s.scores.device());
-                (lp, ent, s.value)
-            })
-            .collect())
-    }
-}
-
-/// Log-probs of `actions` (1-based) and the entropy, both `[N]`.
-pub fn pick<B: Backend>(log_probs: Tensor<B, 2>, actions: &[usize], device: &B::Device) -> (Tensor<B, 1>, Tensor<B, 1>) {
-    let n = actions.len();
-    let idx: Vec<i64> = actions.iter().map(|&a| a as i64 - 1).collect();
-    let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, 1]), device);
-    let lp = log_probs.clone().gather(1, idx).reshape([n]);
-    let ent = (log_probs.clone().exp() * log_probs).sum_dim(1).reshape([n]).neg();
-    (lp, ent)
-}
-
-/// How [`Mode::Sample`] picks actions from the head's output.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ActionRule {
-    /// Sample from softmax(head) (policy-gradient algorithms).
-    Softmax,
-    /// A uniformly random action with probability ε, else argmax of the head (DQN).
-    EpsilonGreedy(f64),
 }
 
 /// The router as a [`Controller`]: the module plus the recurrent state of the current batch.
@@ -292,6 +244,24 @@ impl<B: LinearBackend> RouterPolicy<B> {
         let device = router.head.weight.device();
         let host = (!B::ad_enabled(&device)).then(|| HostRouter::of(&router)).flatten().map(|r| (r, HostState::default()));
         Self { router, rule, state: None, host }
+    }
+}
+
+impl<B: LinearBackend> SequencePolicy<B> for ChannelRouter<B> {
+    fn groups(&self) -> usize {
+        ChannelRouter::groups(self)
+    }
+
+    fn has_value_head(&self) -> bool {
+        self.value.is_some()
+    }
+
+    fn unroll(&self, observations: &[Tensor<B, 2>]) -> Result<Vec<StepOutput<B>>> {
+        ChannelRouter::unroll(self, observations)
+    }
+
+    fn actor(&self, rule: ActionRule) -> Box<dyn Controller<B>> {
+        Box::new(RouterPolicy::with_rule(self.clone(), rule))
     }
 }
 

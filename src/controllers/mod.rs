@@ -1,16 +1,19 @@
 //! Controllers: the policies that decide, at each decision point of a backbone, how much of the
-//! next layer to compute. [`channel_router`] is RNP's recurrent channel-group router. The
+//! next layer to compute. [`channel_router`] is RNP's recurrent channel-group router;
+//! [`policy::SequencePolicy`] is what the RL algorithms train, which the router implements. The
 //! decision protocol ([`Controller`], [`DecisionPoint`], [`Trace`]) is defined beside the
 //! backbones that call it (`backbones::controlled`) and re-exported here; DynamicViT's token
 //! predictor is part of its backbone's weights (`backbones::token_predictor`). The recipes that
 //! train and evaluate controllers (the methods) sit above this layer.
 
 pub mod channel_router;
+pub mod policy;
 
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::backbones::controlled::{Controller, Decision, DecisionPoint, Mode, Trace, TraceStep, channels_for};
+pub use policy::{ActionRule, SequencePolicy, StepEvaluation, StepOutput};
 
 /// `[controller]`. The router keys are typed here; every other key is collected in `options`
 /// and checked by the kind's own `check_options` (serde cannot combine `flatten` with

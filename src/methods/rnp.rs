@@ -21,7 +21,8 @@ use crate::rl::ppo::ppo_update;
 use crate::rl::reinforce::{UpdateStats, learner_step};
 use crate::rl::rollout::{RolloutPool, Trajectory, worker_seed};
 use crate::backbones::{AnyBackbone, Backbone};
-use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
+use crate::controllers::ActionRule;
+use crate::controllers::channel_router::{ChannelRouter, RouterPolicy};
 use crate::controllers::{ControllerConfig, Mode};
 use crate::data::Batch;
 use crate::data::Loader;
@@ -37,14 +38,13 @@ use crate::session::{Resumable, Session, epoch_batches, EvalData, skeleton};
 use crate::session::supervised::{
     self, EpochMetrics, TrainOptions, TrainSummary, build_backbone,
 };
-use crate::{Cpu, CpuAutodiff};
+use crate::{Cpu, CpuAutodiff, ModelBackend, TrainBackend};
 
-type Ad = CpuAutodiff;
-
-/// Backbone + router + their optimizers + the rollout pool.
-pub struct RnpLearner {
-    pub backbone: AnyBackbone<Ad>,
-    pub router: ChannelRouter<Ad>,
+/// Backbone + router + their optimizers + the rollout pool, on the training backend `B` (the
+/// rollouts run on its inner backend).
+pub struct RnpLearner<B: TrainBackend> {
+    pub backbone: AnyBackbone<B>,
+    pub router: ChannelRouter<B>,
     pub cfg: RlConfig,
     pub seed: u64,
     /// Router updates done.
@@ -52,12 +52,12 @@ pub struct RnpLearner {
     /// The reward's compute price: `compute_penalty`, or with `[rl] budget = "mean"` the
     /// Lagrangian price λ, updated after every rollout batch.
     pub price: f64,
-    router_opt: Optimizer<Ad>,
-    backbone_opt: Optimizer<Ad>,
-    pool: RolloutPool,
-    device: burn::tensor::Device<Ad>,
+    router_opt: Optimizer<B>,
+    backbone_opt: Optimizer<B>,
+    pool: RolloutPool<B::InnerBackend, ChannelRouter<B::InnerBackend>>,
+    device: B::Device,
     /// Replay buffer and target network when `[rl] algorithm = "dqn"`.
-    dqn: Option<crate::rl::dqn::DqnState<Ad>>,
+    dqn: Option<crate::rl::dqn::DqnState<B, ChannelRouter<B>>>,
 }
 
 /// What one learner step did.
@@ -69,22 +69,24 @@ pub struct StepReport {
     pub backbone_loss: Option<f64>,
 }
 
-impl RnpLearner {
-    /// A fresh router for `backbone` (which should already be reordered by filter norm).
+impl<B: TrainBackend> RnpLearner<B> {
+    /// A fresh router for `backbone` (which should already be reordered by filter norm), on the
+    /// backbone's device.
     pub fn new(
-        backbone: AnyBackbone<Ad>,
+        backbone: AnyBackbone<B>,
         image_channels: usize,
         ctl: &ControllerConfig,
         cfg: &RlConfig,
         seed: u64,
     ) -> Self {
-        let device = Default::default();
-        let in_ch = ChannelRouter::<Ad>::input_channels(image_channels, &backbone.prunable_convs());
+        let device = device_of(&backbone);
+        let in_ch = ChannelRouter::<B>::input_channels(image_channels, &backbone.prunable_convs());
         let router = ChannelRouter::new(ctl, &in_ch, cfg.value_head(), &device);
         Self::with_router(backbone, router, cfg, seed)
     }
 
-    pub fn with_router(backbone: AnyBackbone<Ad>, router: ChannelRouter<Ad>, cfg: &RlConfig, seed: u64) -> Self {
+    pub fn with_router(backbone: AnyBackbone<B>, router: ChannelRouter<B>, cfg: &RlConfig, seed: u64) -> Self {
+        let device = device_of(&backbone);
         let router_opt =
             Optimizer::new(OptimizerConfig::Adamw { lr: cfg.lr, betas: [0.9, 0.999], eps: 1e-8, weight_decay: 0.0 });
         let backbone_opt = Optimizer::new(OptimizerConfig::Sgd {
@@ -105,7 +107,7 @@ impl RnpLearner {
             router_opt,
             backbone_opt,
             pool: RolloutPool::new(cfg.workers),
-            device: Default::default(),
+            device,
         }
     }
 
@@ -175,7 +177,7 @@ impl RnpLearner {
         self.step += 1;
         let mut backbone_loss = None;
         if self.cfg.alternate_every > 0 && self.step.is_multiple_of(self.cfg.alternate_every as u64) {
-            let (x, y) = batch.to_tensors::<Ad>(&self.device);
+            let (x, y) = batch.to_tensors::<B>(&self.device);
             let mut policy = RouterPolicy::with_rule(self.router.valid(), rule);
             // The policy runs on the inner backend through a thin adapter: sample actions
             // first, then replay them on the autodiff backbone.
@@ -200,6 +202,11 @@ impl RnpLearner {
         }
         Ok(StepReport { stats, trajectory: traj, backbone_loss })
     }
+}
+
+/// The device a module's parameters are on (the backend's default for a module without any).
+fn device_of<B: burn::tensor::backend::Backend>(module: &impl burn::module::Module<B>) -> B::Device {
+    module.devices().into_iter().next().unwrap_or_default()
 }
 
 /// Replays given actions (used to fine-tune the backbone under actions sampled elsewhere).
@@ -233,15 +240,14 @@ impl<B: burn::tensor::backend::Backend> crate::controllers::Controller<B> for Re
 
 /// One SGD step of the backbone on `batch` under `router`'s greedy decisions (taken on the
 /// inner backend, then replayed on the autodiff backbone). Returns (cross-entropy, hits).
-fn finetune_step(
-    backbone: &mut AnyBackbone<Ad>,
-    router: &ChannelRouter<Cpu>,
-    opt: &mut Optimizer<Ad>,
+fn finetune_step<B: TrainBackend>(
+    backbone: &mut AnyBackbone<B>,
+    router: &ChannelRouter<B::InnerBackend>,
+    opt: &mut Optimizer<B>,
     batch: &Batch,
     lr: f64,
 ) -> Result<(f64, usize)> {
-    let device = Default::default();
-    let (x, y) = batch.to_tensors::<Ad>(&device);
+    let (x, y) = batch.to_tensors::<B>(&device_of(backbone));
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut policy = RouterPolicy::new(router.clone());
     let (_, trace) = backbone.valid().forward_controlled(x.clone().inner(), &mut policy, Mode::Greedy, &mut rng)?;
@@ -348,12 +354,12 @@ fn decision_summary(
 }
 
 /// Runs the router greedily on every batch of `loader`.
-pub fn evaluate_controlled(
-    backbone: &AnyBackbone<Cpu>,
-    router: &ChannelRouter<Cpu>,
+pub fn evaluate_controlled<B: ModelBackend>(
+    backbone: &AnyBackbone<B>,
+    router: &ChannelRouter<B>,
     loader: &Loader,
 ) -> Result<ControlledEval> {
-    let device = Default::default();
+    let device = device_of(backbone);
     let k = router.groups();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (mut n_seen, mut n_correct, mut loss_sum) = (0usize, 0usize, 0.0f64);
@@ -365,7 +371,7 @@ pub fn evaluate_controlled(
     let mut image_full = 0u64;
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let (x, y) = batch.to_tensors::<Cpu>(&device);
+        let (x, y) = batch.to_tensors::<B>(&device);
         let n = batch.len();
         let mut policy = RouterPolicy::new(router.clone());
         let (logits, trace) = backbone.forward_controlled(x, &mut policy, Mode::Greedy, &mut rng)?;
@@ -487,6 +493,12 @@ pub const METHOD: super::Method =
 /// fine-tuning. Writes `checkpoints/{last,best}.safetensors` (backbone),
 /// `checkpoints/router{,_best}.safetensors`, `metrics.jsonl` and TensorBoard events.
 pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Result<TrainSummary> {
+    train_rnp_on::<CpuAutodiff>(exp, layered, opts, &Default::default())
+}
+
+/// [`train_rnp`] on the backend `B`: the backbone and router train on `device`, the rollouts
+/// and evaluations run on `B`'s inner backend.
+pub fn train_rnp_on<B: TrainBackend>(exp: &Experiment, layered: &Layered, opts: &TrainOptions, device: &B::Device) -> Result<TrainSummary> {
     let ctl = exp.controller.clone().ok_or_else(|| anyhow::anyhow!("train_rnp needs a [controller] section"))?;
     let rl = exp.rl.clone().unwrap_or_default();
     let session = Session::open(exp, layered, opts, Resumable::Yes)?;
@@ -499,10 +511,10 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         }
     }
     let ctx = &session.ctx;
-    let device: burn::tensor::Device<Ad> = Default::default();
+    let device = device.clone();
 
     // 1. The backbone (a resumed run's phase 1 is continued, or only loaded when complete).
-    let mut backbone: AnyBackbone<Ad> = match session.pretrained_backbone("backbone", &device)? {
+    let mut backbone: AnyBackbone<B> = match session.pretrained_backbone("backbone", &device)? {
         Ok(m) => m,
         Err(interrupted) => return Ok(interrupted),
     };
@@ -525,7 +537,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             st
         }
         None => {
-            let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), test_loader, &Default::default())?;
+            let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), test_loader, &device_of(&backbone.valid()))?;
             backbone.reorder_by_filter_norm()?;
             tracing::info!("phase 2: channels reordered by filter norm; unpruned test top-1 {:.2}%", 100.0 * unpruned_top1);
             RnpState {
@@ -551,7 +563,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
 
     // 3. Router training, alternating with backbone fine-tuning. The router's initialisation
     // must not depend on whether phase 1 ran in this process.
-    <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, usize::MAX));
+    <B as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, usize::MAX));
     let mut learner = RnpLearner::new(backbone, ctx.in_channels, &ctl, &rl, exp.seed);
     if state.tag() > 0 {
         let file = ck.join("router.safetensors");
@@ -564,7 +576,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
             (&mut learner.backbone_opt, "backbone.optim.safetensors", state.backbone_optimizer_steps),
         ] {
             let file = ck.join(name);
-            opt.load_state_dict(&checkpoint::read_model(&file, "channel-router", Some(state.rl_epochs))?, &Default::default())?;
+            opt.load_state_dict(&checkpoint::read_model(&file, "channel-router", Some(state.rl_epochs))?, &device)?;
             opt.steps = steps;
         }
         if rl.algorithm == Algorithm::Dqn && state.rl_epochs < rl.epochs {
@@ -587,7 +599,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     let mut interrupted = stop_here(&state);
     let router_epochs = if interrupted { rl.epochs..rl.epochs } else { state.rl_epochs..rl.epochs };
     for epoch in router_epochs {
-        <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, epoch));
+        <B as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::Router, epoch));
         let t0 = Instant::now();
         let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + epoch), steps_per_epoch, &format!("rl epoch {}/{}", epoch + 1, rl.epochs));
         let (mut sum, mut count) = (UpdateStats::default(), 0usize);
@@ -725,7 +737,7 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
     }
     // 4. Fine-tuning of the backbone under the frozen router's greedy decisions.
     if rl.finetune_epochs > 0 && !interrupted {
-        let mut opt = Optimizer::<Ad>::new(OptimizerConfig::Sgd {
+        let mut opt = Optimizer::<B>::new(OptimizerConfig::Sgd {
             lr: rl.finetune_lr,
             momentum: 0.9,
             weight_decay: 5e-4,
@@ -733,14 +745,14 @@ pub fn train_rnp(exp: &Experiment, layered: &Layered, opts: &TrainOptions) -> Re
         });
         if state.finetune_epochs > 0 {
             let file = ck.join("finetune.optim.safetensors");
-            opt.load_state_dict(&checkpoint::read_model(&file, &exp.backbone.arch, Some(state.tag()))?, &Default::default())?;
+            opt.load_state_dict(&checkpoint::read_model(&file, &exp.backbone.arch, Some(state.tag()))?, &device)?;
             opt.steps = state.finetune_optimizer_steps;
         }
         let total = (rl.finetune_epochs * steps_per_epoch) as f64;
         let mut ft_best = state.finetune_best.unwrap_or(f64::NEG_INFINITY);
         let mut done = state.finetune_epochs * steps_per_epoch;
         for epoch in state.finetune_epochs..rl.finetune_epochs {
-            <Ad as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::RouterFineTune, epoch));
+            <B as Backend>::seed(&device, epoch_seed(exp.seed, SeedStream::RouterFineTune, epoch));
             let t0 = Instant::now();
             let mut batches = epoch_batches(train_loader.epoch(exp.train.epochs + rl.epochs + epoch), steps_per_epoch, &format!("fine-tune epoch {}/{}", epoch + 1, rl.finetune_epochs));
             let router = learner.router.valid();

@@ -11,6 +11,7 @@
 //! `workers = 1` runs the same algorithm; the same seed and worker count give the same
 //! trajectories.
 
+use crate::controllers::StepEvaluation;
 use anyhow::{Result, anyhow, ensure};
 use burn::optim::GradientsParams;
 use burn::tensor::activation::log_softmax;
@@ -227,10 +228,9 @@ impl TokenRolloutPool {
     }
 }
 
-/// The learner's side: per stage `(log π(decisions) [N], mean entropy per live token [N], no
-/// value)`, the predictors re-evaluated on the recorded inputs.
-#[allow(clippy::type_complexity)]
-pub fn stage_evals(student: &DynamicVit<Ad>, traj: &TokenTrajectory) -> Vec<(Tensor<Ad, 1>, Tensor<Ad, 1>, Option<Tensor<Ad, 1>>)> {
+/// The learner's side: per stage log π(decisions) `[N]` and the mean entropy per live token
+/// `[N]` (no value), the predictors re-evaluated on the recorded inputs.
+pub fn stage_evals(student: &DynamicVit<Ad>, traj: &TokenTrajectory) -> Vec<StepEvaluation<Ad>> {
     let (n, p, c) = (traj.n, traj.patches, traj.dim);
     let device = Default::default();
     traj.stages
@@ -247,7 +247,7 @@ pub fn stage_evals(student: &DynamicVit<Ad>, traj: &TokenTrajectory) -> Vec<(Ten
             let chosen = (lp_keep.clone() * keep.clone() + lp_drop.clone() * (keep.neg() + 1.0)) * alive.clone();
             let ent = (lp_keep.clone().exp() * lp_keep + lp_drop.clone().exp() * lp_drop).neg() * alive.clone();
             let live = alive.sum_dim(1).reshape([n]).clamp_min(1.0);
-            (chosen.sum_dim(1).reshape([n]), ent.sum_dim(1).reshape([n]) / live, None)
+            StepEvaluation { log_prob: chosen.sum_dim(1).reshape([n]), entropy: ent.sum_dim(1).reshape([n]) / live, value: None }
         })
         .collect()
 }
@@ -273,7 +273,7 @@ pub fn ppo_predictors(
     if cfg.normalize_advantages {
         normalize(&mut adv);
     }
-    let old_lp: Vec<Vec<f32>> = stage_evals(&student, traj).into_iter().map(|(lp, _, _)| host(lp.inner())).collect();
+    let old_lp: Vec<Vec<f32>> = stage_evals(&student, traj).into_iter().map(|e| host(e.log_prob.inner())).collect();
     let device = Default::default();
     let mut rng = ChaCha8Rng::seed_from_u64(shuffle_seed);
     let mut order: Vec<usize> = (0..traj.n).collect();
@@ -289,7 +289,7 @@ pub fn ppo_predictors(
             let t_len = evals.len().max(1) as f64;
             let mut policy = Tensor::<Ad, 1>::zeros([1], &device);
             let mut entropy = Tensor::<Ad, 1>::zeros([1], &device);
-            for (t, (lp, ent, _)) in evals.into_iter().enumerate() {
+            for (t, StepEvaluation { log_prob: lp, entropy: ent, .. }) in evals.into_iter().enumerate() {
                 let (surrogate, _) = clipped_surrogate(lp, pick(&old_lp, t), pick(&adv, t), cfg.ppo.clip as f32);
                 policy = policy - surrogate.mean();
                 entropy = entropy + ent.mean();
@@ -379,7 +379,7 @@ mod tests {
         // The learner's log-probabilities come from the predictors on the recorded inputs: they
         // equal a direct evaluation of the decisions (first stage: all tokens alive).
         let evals = stage_evals(&student, &a);
-        let lp: Vec<f32> = host(evals[0].0.clone().inner());
+        let lp: Vec<f32> = host(evals[0].log_prob.clone().inner());
         let tokens = Tensor::<Cpu, 3>::from_data(TensorData::new(a.stages[0].tokens.clone(), [n, 16, 8]), &Default::default());
         let direct = snap.vit().score_predictor[0].forward(tokens, None);
         let direct: Vec<f32> = host(direct.flatten(0, 2));

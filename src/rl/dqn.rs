@@ -8,7 +8,6 @@
 //! Whole episodes are replayed because the state is recurrent: the learner unrolls both
 //! networks over the stored observation sequence, as in the recurrent-replay variant of DQN.
 
-use crate::nn::linear_op::LinearBackend;
 use std::collections::VecDeque;
 
 use anyhow::{Result, bail};
@@ -22,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use super::RlConfig;
 use super::reinforce::UpdateStats;
 use super::rollout::Trajectory;
-use crate::controllers::channel_router::ChannelRouter;
+use crate::controllers::SequencePolicy;
 use crate::nn::params::{HostTensor, StateDict};
 use crate::train::optim::Optimizer;
 
@@ -149,20 +148,19 @@ impl ReplayBuffer {
 }
 
 /// DQN's learner state: the replay buffer and the target network.
-pub struct DqnState<B: AutodiffBackend> {
+pub struct DqnState<B: AutodiffBackend, P: AutodiffModule<B>> {
     pub buffer: ReplayBuffer,
-    pub target: ChannelRouter<B::InnerBackend>,
+    pub target: P::InnerModule,
     /// Gradient updates done (drives the target sync).
     pub updates: u64,
 }
 
-impl<B: AutodiffBackend + LinearBackend> DqnState<B>
+impl<B: AutodiffBackend, P: SequencePolicy<B> + AutodiffModule<B>> DqnState<B, P>
 where
-    B::InnerBackend: LinearBackend,
-    ChannelRouter<B>: AutodiffModule<B, InnerModule = ChannelRouter<B::InnerBackend>>,
+    P::InnerModule: SequencePolicy<B::InnerBackend>,
 {
-    pub fn new(router: &ChannelRouter<B>, cfg: &RlConfig) -> Self {
-        Self { buffer: ReplayBuffer::new(cfg.dqn.replay_capacity), target: router.valid(), updates: 0 }
+    pub fn new(policy: &P, cfg: &RlConfig) -> Self {
+        Self { buffer: ReplayBuffer::new(cfg.dqn.replay_capacity), target: policy.valid(), updates: 0 }
     }
 
     /// Stores `traj` and runs `updates_per_batch` TD updates on replayed minibatches.
@@ -170,7 +168,7 @@ where
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
-        mut router: ChannelRouter<B>,
+        mut policy: P,
         optim: &mut Optimizer<B>,
         traj: &Trajectory,
         cfg: &RlConfig,
@@ -178,7 +176,7 @@ where
         epsilon: f64,
         device: &B::Device,
         seed: u64,
-    ) -> Result<(ChannelRouter<B>, UpdateStats)> {
+    ) -> Result<(P, UpdateStats)> {
         self.buffer.push(traj)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let gamma = cfg.gamma as f32;
@@ -195,7 +193,7 @@ where
                 .map(|s| s.scores.max_dim(1).reshape([m]).into_data().convert::<f32>().to_vec())
                 .collect::<Result<_, _>>()
                 .map_err(|e| anyhow::anyhow!("DQN target readback: {e:?}"))?;
-            let online = router.unroll(&self.buffer.observations::<B>(&idx, device))?;
+            let online = policy.unroll(&self.buffer.observations::<B>(&idx, device))?;
             let mut loss = Tensor::<B, 1>::zeros([1], device);
             let mut q_taken_sum = Tensor::<B, 1>::zeros([1], device);
             for (t, step) in online.into_iter().enumerate() {
@@ -220,11 +218,11 @@ where
             let loss = loss / t_len as f64;
             td_sum += loss.clone().detach().into_scalar().elem::<f64>();
             q_sum += q_taken_sum.into_scalar().elem::<f64>() / t_len as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &router);
-            router = optim.step(router, grads, lr, 1.0);
+            let grads = GradientsParams::from_grads(loss.backward(), &policy);
+            policy = optim.step(policy, grads, lr, 1.0);
             self.updates += 1;
             if self.updates.is_multiple_of(cfg.dqn.target_sync_every as u64) {
-                self.target = router.valid();
+                self.target = policy.valid();
             }
         }
         let u = cfg.dqn.updates_per_batch.max(1) as f64;
@@ -232,7 +230,7 @@ where
         stats.td_loss = td_sum / u;
         stats.q_mean = q_sum / u;
         stats.epsilon = epsilon;
-        Ok((router, stats))
+        Ok((policy, stats))
     }
 }
 

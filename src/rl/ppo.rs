@@ -1,15 +1,14 @@
 //! PPO (Schulman et al., 2017) over the layer sequence: each image is an episode whose steps are
 //! the decision layers, with the compute price as the reward of every step and the accuracy
-//! term added at the last one. Advantages come from GAE(γ, λ) with the router's value head as
+//! term added at the last one. Advantages come from GAE(γ, λ) with the policy's value head as
 //! the critic (V after the last layer is 0). Each rollout batch is used for `[rl.ppo] epochs` passes
-//! of shuffled minibatches of whole episodes (the router is recurrent), optimising the clipped
+//! of shuffled minibatches of whole episodes (the policy is recurrent), optimising the clipped
 //! surrogate plus the value loss minus the entropy bonus.
 //!
 //! The rollout's log-probabilities and values are recomputed by the learner before the first
-//! pass: the learner's router is exactly the snapshot the workers sampled with (one update
+//! pass: the learner's policy is exactly the snapshot the workers sampled with (one update
 //! per rollout batch is published), so nothing extra travels over the channel.
 
-use crate::nn::linear_op::LinearBackend;
 use anyhow::{Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
@@ -22,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use super::RlConfig;
 use super::reinforce::UpdateStats;
 use super::rollout::Trajectory;
-use crate::controllers::channel_router::ChannelRouter;
+use crate::controllers::{SequencePolicy, StepEvaluation};
 use crate::train::optim::Optimizer;
 
 fn host(t: Tensor<impl burn::tensor::backend::Backend, 1>) -> Result<Vec<f32>> {
@@ -73,21 +72,18 @@ pub fn clipped_surrogate<B: burn::tensor::backend::Backend>(
     (surrogate, log_ratio)
 }
 
-/// One PPO update of the router from a rollout batch. `shuffle_seed` orders the minibatches.
-pub fn ppo_update<B: AutodiffBackend + LinearBackend>(
-    mut router: ChannelRouter<B>,
+/// One PPO update of the policy from a rollout batch. `shuffle_seed` orders the minibatches.
+pub fn ppo_update<B: AutodiffBackend, P: SequencePolicy<B> + AutodiffModule<B>>(
+    mut policy_net: P,
     optim: &mut Optimizer<B>,
     traj: &Trajectory,
     cfg: &RlConfig,
     lr: f64,
     device: &B::Device,
     shuffle_seed: u64,
-) -> Result<(ChannelRouter<B>, UpdateStats)>
-where
-    ChannelRouter<B>: AutodiffModule<B>,
-{
-    if router.value.is_none() {
-        bail!("PPO needs a router with a value head");
+) -> Result<(P, UpdateStats)> {
+    if !policy_net.has_value_head() {
+        bail!("PPO needs a policy with a value head");
     }
     let n = traj.n;
     let t_len = traj.actions.len();
@@ -98,9 +94,9 @@ where
     let all: Vec<usize> = (0..n).collect();
     let mut old_lp = Vec::with_capacity(t_len);
     let mut values = Vec::with_capacity(t_len);
-    for (lp, _, v) in router.evaluate(&traj.observation_rows::<B>(&all, device), &traj.actions)? {
-        old_lp.push(host(lp.detach())?);
-        values.push(host(v.ok_or_else(|| anyhow::anyhow!("router lost its value head"))?.detach())?);
+    for step in policy_net.evaluate(&traj.observation_rows::<B>(&all, device), &traj.actions)? {
+        old_lp.push(host(step.log_prob.detach())?);
+        values.push(host(step.value.ok_or_else(|| anyhow::anyhow!("the policy lost its value head"))?.detach())?);
     }
     let (mut adv, ret) = gae(&traj.rewards, &values, cfg.gamma as f32, cfg.ppo.gae_lambda as f32);
     if cfg.normalize_advantages {
@@ -117,7 +113,7 @@ where
         order.shuffle(&mut rng);
         for rows in order.chunks(cfg.minibatch) {
             let m = rows.len();
-            let evals = router.evaluate(&traj.observation_rows::<B>(rows, device), &traj.action_rows(rows))?;
+            let evals = policy_net.evaluate(&traj.observation_rows::<B>(rows, device), &traj.action_rows(rows))?;
             let pick = |src: &[Vec<f32>], t: usize| {
                 let v: Vec<f32> = rows.iter().map(|&i| src[t][i]).collect();
                 Tensor::<B, 1>::from_data(TensorData::new(v, [m]), device)
@@ -126,11 +122,11 @@ where
             let mut value = Tensor::<B, 1>::zeros([1], device);
             let mut entropy = Tensor::<B, 1>::zeros([1], device);
             let mut kl = 0f64;
-            for (t, (lp, ent, v)) in evals.into_iter().enumerate() {
+            for (t, StepEvaluation { log_prob: lp, entropy: ent, value: v }) in evals.into_iter().enumerate() {
                 let (surrogate, log_ratio) = clipped_surrogate(lp, pick(&old_lp, t), pick(&adv, t), eps);
                 let ratio = log_ratio.clone().exp();
                 policy = policy - surrogate.mean();
-                let v = v.ok_or_else(|| anyhow::anyhow!("router lost its value head"))?;
+                let v = v.ok_or_else(|| anyhow::anyhow!("the policy lost its value head"))?;
                 value = value + (v - pick(&ret, t)).powf_scalar(2.0).mean();
                 entropy = entropy + ent.mean();
                 let r = host(ratio.detach())?;
@@ -143,8 +139,8 @@ where
             let tl = t_len as f64;
             let (policy, value, entropy) = (policy / tl, value / tl, entropy / tl);
             let loss = policy.clone() + value.clone() * cfg.value_coef - entropy.clone() * cfg.entropy_bonus;
-            let grads = GradientsParams::from_grads(loss.backward(), &router);
-            router = optim.step(router, grads, lr, 1.0);
+            let grads = GradientsParams::from_grads(loss.backward(), &policy_net);
+            policy_net = optim.step(policy_net, grads, lr, 1.0);
             sum_policy += scalar(policy.detach());
             sum_value += scalar(value.detach());
             sum_entropy += scalar(entropy.detach());
@@ -159,5 +155,5 @@ where
     stats.entropy = sum_entropy / u;
     stats.approx_kl = sum_kl / u;
     stats.clip_fraction = clipped as f64 / pairs.max(1) as f64;
-    Ok((router, stats))
+    Ok((policy_net, stats))
 }

@@ -1,10 +1,9 @@
 //! REINFORCE with a learned value baseline or a self-critical (greedy rollout) baseline,
 //! advantage normalisation and an entropy bonus.
 //!
-//! The learner never runs the backbone: it re-evaluates the router (with autodiff) on the
+//! The learner never runs the backbone: it re-evaluates the policy (with autodiff) on the
 //! stored per-decision observations to get the log-probabilities of the stored actions.
 
-use crate::nn::linear_op::LinearBackend;
 use anyhow::{Result, bail};
 use burn::module::AutodiffModule;
 use burn::optim::GradientsParams;
@@ -13,7 +12,7 @@ use burn::tensor::{ElementConversion, Tensor, TensorData};
 
 use super::RlConfig;
 use super::rollout::Trajectory;
-use crate::controllers::channel_router::ChannelRouter;
+use crate::controllers::{SequencePolicy, StepEvaluation};
 use crate::train::optim::Optimizer;
 
 /// What one update saw and did.
@@ -59,9 +58,8 @@ impl UpdateStats {
 /// `[T][N]`. `baseline`: explicit per-decision baselines (self-critical); else the value
 /// predictions (detached) when present; else none. Returns the loss and (entropy, value loss,
 /// policy loss).
-#[allow(clippy::type_complexity)]
 pub fn policy_gradient_loss<B: AutodiffBackend>(
-    evals: Vec<(Tensor<B, 1>, Tensor<B, 1>, Option<Tensor<B, 1>>)>,
+    evals: Vec<StepEvaluation<B>>,
     returns: &[Vec<f32>],
     baseline: Option<&[Vec<f32>]>,
     cfg: &RlConfig,
@@ -69,11 +67,11 @@ pub fn policy_gradient_loss<B: AutodiffBackend>(
     if evals.len() != returns.len() || evals.is_empty() {
         bail!("REINFORCE: {} evaluated decisions for {} return rows", evals.len(), returns.len());
     }
-    let device = evals[0].0.device();
+    let device = evals[0].log_prob.device();
     let n = returns[0].len();
     // Advantages on the host.
     let mut adv: Vec<Vec<f32>> = Vec::with_capacity(returns.len());
-    for (t, (_, _, value)) in evals.iter().enumerate() {
+    for (t, StepEvaluation { value, .. }) in evals.iter().enumerate() {
         let b: Vec<f32> = match (baseline, value) {
             (Some(b), _) => b[t].clone(),
             (None, Some(v)) => {
@@ -99,7 +97,7 @@ pub fn policy_gradient_loss<B: AutodiffBackend>(
     let mut entropy = Tensor::<B, 1>::zeros([1], &device);
     let mut value_loss = Tensor::<B, 1>::zeros([1], &device);
     let mut has_value = false;
-    for (t, (lp, ent, value)) in evals.into_iter().enumerate() {
+    for (t, StepEvaluation { log_prob: lp, entropy: ent, value }) in evals.into_iter().enumerate() {
         let a = Tensor::<B, 1>::from_data(TensorData::new(adv[t].clone(), [n]), &device);
         policy = policy - (lp * a).mean();
         entropy = entropy + ent.mean() / t_len;
@@ -117,24 +115,21 @@ pub fn policy_gradient_loss<B: AutodiffBackend>(
     Ok((loss, scalar(entropy.detach()), scalar(value_loss.detach()), scalar(policy.detach())))
 }
 
-/// One learner update of the router from a (merged) trajectory batch.
-pub fn learner_step<B: AutodiffBackend + LinearBackend>(
-    router: ChannelRouter<B>,
+/// One learner update of the policy from a (merged) trajectory batch.
+pub fn learner_step<B: AutodiffBackend, P: SequencePolicy<B> + AutodiffModule<B>>(
+    policy: P,
     optim: &mut Optimizer<B>,
     traj: &Trajectory,
     cfg: &RlConfig,
     lr: f64,
     device: &B::Device,
-) -> Result<(ChannelRouter<B>, UpdateStats)>
-where
-    ChannelRouter<B>: AutodiffModule<B>,
-{
+) -> Result<(P, UpdateStats)> {
     let obs: Vec<Tensor<B, 2>> = traj
         .observations
         .iter()
         .map(|(data, c)| Tensor::from_data(TensorData::new(data.clone(), [traj.n, *c]), device))
         .collect();
-    let evals = router.evaluate(&obs, &traj.actions)?;
+    let evals = policy.evaluate(&obs, &traj.actions)?;
     let returns = super::reward::returns_to_go(&traj.rewards);
     let self_critical = cfg.baseline == super::Baseline::SelfCritical;
     let sc = if self_critical { traj.greedy_returns.as_deref() } else { None };
@@ -142,11 +137,11 @@ where
         bail!("rl.baseline = \"self-critical\" needs greedy rollouts in the trajectory");
     }
     let (loss, entropy, value_loss, policy_loss) = policy_gradient_loss(evals, &returns, sc, cfg)?;
-    let grads = GradientsParams::from_grads(loss.backward(), &router);
-    let router = optim.step(router, grads, lr, 1.0);
+    let grads = GradientsParams::from_grads(loss.backward(), &policy);
+    let policy = optim.step(policy, grads, lr, 1.0);
     let mut stats = traj.stats();
     stats.entropy = entropy;
     stats.value_loss = value_loss;
     stats.policy_loss = policy_loss;
-    Ok((router, stats))
+    Ok((policy, stats))
 }

@@ -1,10 +1,11 @@
-//! The channel router's rollouts on the parallel workers (actor–learner, `rl::workers`). Each
-//! worker receives a policy snapshot (the router on the inner backend) and a read-only backbone
+//! Rollouts of a [`SequencePolicy`] on the parallel workers (actor–learner, `rl::workers`). Each
+//! worker receives a policy snapshot (on the inner backend) and a read-only backbone
 //! snapshot with its share of the batch, samples actions with its own RNG seeded from (seed,
 //! step, worker id), computes the rewards, and sends the trajectory back. `workers = 1` runs the
 //! same algorithm; the same seed and worker count give identical rollouts.
 
 use anyhow::{Result, anyhow};
+use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -14,10 +15,9 @@ use super::{Baseline, Budget, BudgetPolicy, RlConfig};
 use super::reinforce::UpdateStats;
 use super::reward;
 use super::workers::{WorkerPool, share, threads_per_worker};
-use crate::Cpu;
+use crate::ModelBackend;
 use crate::backbones::{AnyBackbone, Backbone};
-use crate::controllers::Mode;
-use crate::controllers::channel_router::{ActionRule, ChannelRouter, RouterPolicy};
+use crate::controllers::{ActionRule, Mode, SequencePolicy, Trace};
 
 /// A batch of episodes: per decision the observations and actions, per image the rewards.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,9 +149,9 @@ pub fn worker_seed(seed: u64, step: u64, worker: usize) -> u64 {
 /// price of the reward: `cfg.compute_penalty`, or the learner's current λ with
 /// `budget = "mean"`.
 #[allow(clippy::too_many_arguments)]
-pub fn rollout_shard(
-    backbone: &AnyBackbone<Cpu>,
-    router: &ChannelRouter<Cpu>,
+pub fn rollout_shard<B: ModelBackend, P: SequencePolicy<B>>(
+    backbone: &AnyBackbone<B>,
+    policy: &P,
     images: Vec<f32>,
     shape: [usize; 4],
     labels: Vec<i64>,
@@ -160,19 +160,19 @@ pub fn rollout_shard(
     rule: ActionRule,
     rng_seed: u64,
 ) -> Result<Trajectory> {
-    let device = Default::default();
+    let device = backbone.devices().into_iter().next().unwrap_or_default();
     let n = shape[0];
-    let x = Tensor::<Cpu, 4>::from_data(TensorData::new(images, shape), &device);
-    let y = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
+    let x = Tensor::<B, 4>::from_data(TensorData::new(images, shape), &device);
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
     let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
-    let k = router.groups();
+    let k = policy.groups();
     #[allow(clippy::type_complexity)]
     let episode =
         |mode: Mode,
          rng: &mut ChaCha8Rng|
-         -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, crate::controllers::Trace<Cpu>)> {
-            let mut policy = RouterPolicy::with_rule(router.clone(), rule);
-            let (logits, trace) = backbone.forward_controlled(x.clone(), &mut policy, mode, rng)?;
+         -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, Trace<B>)> {
+            let mut actor = policy.actor(rule);
+            let (logits, trace) = backbone.forward_controlled(x.clone(), actor.as_mut(), mode, rng)?;
             let ce: Vec<f32> = log_softmax(logits.clone(), 1)
                 .gather(1, y.clone().reshape([n, 1]))
                 .reshape([n])
@@ -227,9 +227,9 @@ pub fn rollout_shard(
     })
 }
 
-struct Job {
-    backbone: AnyBackbone<Cpu>,
-    router: ChannelRouter<Cpu>,
+struct Job<B: ModelBackend, P> {
+    backbone: AnyBackbone<B>,
+    policy: P,
     images: Vec<f32>,
     shape: [usize; 4],
     labels: Vec<i64>,
@@ -239,12 +239,12 @@ struct Job {
     seed: u64,
 }
 
-/// The channel router's rollout threads.
-pub struct RolloutPool {
-    pool: WorkerPool<Job, Trajectory>,
+/// The rollout threads of a policy `P` over backbones on `B`.
+pub struct RolloutPool<B: ModelBackend, P: SequencePolicy<B>> {
+    pool: WorkerPool<Job<B, P>, Trajectory>,
 }
 
-impl RolloutPool {
+impl<B: ModelBackend, P: SequencePolicy<B>> RolloutPool<B, P> {
     /// `workers` threads, each with [`threads_per_worker`] convolution threads.
     pub fn new(workers: usize) -> Self {
         Self::with_compute_threads(workers, threads_per_worker(workers))
@@ -252,8 +252,8 @@ impl RolloutPool {
 
     /// `workers` threads whose kernels each use `compute_threads` threads.
     pub fn with_compute_threads(workers: usize, compute_threads: usize) -> Self {
-        let pool = WorkerPool::with_compute_threads(workers, compute_threads, |job: Job| {
-            rollout_shard(&job.backbone, &job.router, job.images, job.shape, job.labels, &job.cfg, job.price, job.rule, job.seed)
+        let pool = WorkerPool::with_compute_threads(workers, compute_threads, |job: Job<B, P>| {
+            rollout_shard(&job.backbone, &job.policy, job.images, job.shape, job.labels, &job.cfg, job.price, job.rule, job.seed)
         });
         Self { pool }
     }
@@ -267,8 +267,8 @@ impl RolloutPool {
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
-        backbone: &AnyBackbone<Cpu>,
-        router: &ChannelRouter<Cpu>,
+        backbone: &AnyBackbone<B>,
+        policy: &P,
         images: &[f32],
         shape: [usize; 4],
         labels: &[i64],
@@ -286,7 +286,7 @@ impl RolloutPool {
                 let (a, b) = share(n, w, wid);
                 Job {
                     backbone: backbone.clone(),
-                    router: router.clone(),
+                    policy: policy.clone(),
                     images: images[a * per..b * per].to_vec(),
                     shape: [b - a, shape[1], shape[2], shape[3]],
                     labels: labels[a..b].to_vec(),
