@@ -41,11 +41,53 @@ pub struct SweepOptions {
     pub base_dir: PathBuf,
 }
 
+/// What a row of a sweep measured, resolved once when the row is made; the CSV files name it
+/// by [`SweepMethod::name`] and the plot draws and labels each kind its own way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SweepMethod {
+    /// The network as trained, every channel and token kept (the reference).
+    Unpruned,
+    /// The swept channel router.
+    Rnp,
+    /// Static L1 pruning, the baseline of an RNP sweep.
+    StaticL1,
+    /// A training-free reduction swept over one of its settings, named as its evaluation
+    /// report names it (`tome`, `evit`, or the controller kind).
+    Reduction(String),
+}
+
+impl SweepMethod {
+    /// The name in `sweep.csv` and `sweep_summary.csv`.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Unpruned => "unpruned",
+            Self::Rnp => "rnp",
+            Self::StaticL1 => "static",
+            Self::Reduction(name) => name,
+        }
+    }
+
+    /// The plot's legend entry for a curve over `key`.
+    fn label(&self, key: &str) -> String {
+        match self {
+            Self::Unpruned => "unpruned".into(),
+            Self::Rnp => format!("RNP ({key})"),
+            Self::StaticL1 => "static L1".into(),
+            Self::Reduction(name) => format!("{name} ({key})"),
+        }
+    }
+}
+
+impl std::fmt::Display for SweepMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One point of the trade-off.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepRow {
-    /// `unpruned`, `rnp` (the swept controller) or `static`.
-    pub method: String,
+    pub method: SweepMethod,
     /// The swept value (empty for the reference rows).
     pub value: String,
     pub top1: f64,
@@ -60,7 +102,7 @@ pub struct SweepRow {
 /// The runs of one (method, value) over the seeds: means and sample standard deviations.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SweepPoint {
-    pub method: String,
+    pub method: SweepMethod,
     pub value: String,
     pub runs: usize,
     pub top1: f64,
@@ -81,22 +123,22 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
 
 /// Groups `rows` by (method, value) in their order of first appearance.
 pub fn summarize(rows: &[SweepRow]) -> Vec<SweepPoint> {
-    let mut keys: Vec<(&str, &str)> = Vec::new();
+    let mut keys: Vec<(&SweepMethod, &str)> = Vec::new();
     for r in rows {
-        if !keys.contains(&(r.method.as_str(), r.value.as_str())) {
+        if !keys.contains(&(&r.method, r.value.as_str())) {
             keys.push((&r.method, &r.value));
         }
     }
     keys.into_iter()
         .map(|(m, v)| {
-            let group: Vec<&SweepRow> = rows.iter().filter(|r| r.method == m && r.value == v).collect();
+            let group: Vec<&SweepRow> = rows.iter().filter(|r| &r.method == m && r.value == v).collect();
             let col = |f: fn(&SweepRow) -> f64| group.iter().map(|r| f(r)).collect::<Vec<f64>>();
             let (top1, top1_std) = mean_std(&col(|r| r.top1));
             let (flops_ratio, flops_ratio_std) = mean_std(&col(|r| r.flops_ratio));
             let (latency_b64_ms, latency_b64_ms_std) = mean_std(&col(|r| r.latency_b64_ms));
             let (latency_b1_ms, _) = mean_std(&col(|r| r.latency_b1_ms));
             SweepPoint {
-                method: m.into(),
+                method: m.clone(),
                 value: v.into(),
                 runs: group.len(),
                 top1,
@@ -143,10 +185,10 @@ fn ms(report: &Value, b: usize, k: &str) -> f64 {
     report["latency"][format!("batch{b}")][k].as_f64().unwrap_or(f64::NAN)
 }
 
-fn row_of(method: &str, value: &str, seed: Option<u64>, report: &Value) -> SweepRow {
+fn row_of(method: SweepMethod, value: &str, seed: Option<u64>, report: &Value) -> SweepRow {
     SweepRow {
         seed,
-        method: method.into(),
+        method,
         value: value.into(),
         top1: report["top1"].as_f64().unwrap_or(f64::NAN),
         flops_ratio: report["flops_ratio"].as_f64().unwrap_or(f64::NAN),
@@ -239,7 +281,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
                     shared_weights = Some(w);
                 }
             }
-            rows.push(row_of("rnp", v, seed, &report));
+            rows.push(row_of(SweepMethod::Rnp, v, seed, &report));
             reports.push(report);
         }
     }
@@ -249,7 +291,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     rows.insert(
         0,
         SweepRow {
-            method: "unpruned".into(),
+            method: SweepMethod::Unpruned,
             value: String::new(),
             top1: unpruned_top1,
             flops_ratio: 1.0,
@@ -294,7 +336,7 @@ pub fn run_sweep(opts: &SweepOptions) -> Result<PathBuf> {
                 sets.extend(seed_set);
                 tracing::info!("sweep: static baseline {} → {}", sp.display(), run_dir.display());
                 let report = train_and_eval(sp, &sets, &run_dir, base)?;
-                rows.push(row_of("static", &value, seed, &report));
+                rows.push(row_of(SweepMethod::StaticL1, &value, seed, &report));
                 reports.push(report);
             }
         }
@@ -331,7 +373,7 @@ fn run_eval_sweep(opts: &SweepOptions) -> Result<PathBuf> {
         tracing::info!("sweep: {} with {key} = {v}", run.display());
         let report = crate::methods::eval_target(&run, None, &sets, base)?;
         let method = report["reduction"].as_str().or(report["controller"].as_str()).unwrap_or("pruned").to_string();
-        rows.push(row_of(&method, v, None, &report));
+        rows.push(row_of(SweepMethod::Reduction(method), v, None, &report));
         reports.push(report);
     }
     // The run as trained, timed where the pruned evaluations time the same weights unpruned.
@@ -339,7 +381,7 @@ fn run_eval_sweep(opts: &SweepOptions) -> Result<PathBuf> {
     rows.insert(
         0,
         SweepRow {
-            method: "unpruned".into(),
+            method: SweepMethod::Unpruned,
             value: String::new(),
             top1: trained["top1"].as_f64().unwrap_or(f64::NAN),
             flops_ratio: trained["flops_ratio"].as_f64().unwrap_or(1.0),
@@ -454,7 +496,7 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
         type Axis = Box<dyn Fn(&SweepPoint) -> (f64, f64)>;
         // RNP and static L1 count the MACs of their decision layers; reductions inside a model
         // (ToMe, EViT, AdaHorNet) count the whole model's.
-        let decision_layers = points.iter().any(|p| p.method == "rnp" || p.method == "static");
+        let decision_layers = points.iter().any(|p| matches!(p.method, SweepMethod::Rnp | SweepMethod::StaticL1));
         let flops_label = if decision_layers { "decision-layer FLOPs ratio" } else { "FLOPs ratio (MACs of the whole model)" };
         for (panel, (xlabel, xmax, xof)) in panels.iter().zip([
             (flops_label, 1.05, Box::new(|p: &SweepPoint| (p.flops_ratio, p.flops_ratio_std)) as Axis),
@@ -481,10 +523,10 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
             }
             mesh.draw().map_err(e)?;
             // (x, x spread, top-1 %, top-1 spread %) of every finite point of a method.
-            let pts = |m: &str| -> Vec<(f64, f64, f64, f64)> {
+            let pts = |m: &SweepMethod| -> Vec<(f64, f64, f64, f64)> {
                 let mut v: Vec<_> = points
                     .iter()
-                    .filter(|p| p.method == m)
+                    .filter(|p| &p.method == m)
                     .map(|p| {
                         let (x, dx) = xof(p);
                         (x, dx, p.top1 * 100.0, p.top1_std * 100.0)
@@ -496,20 +538,13 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
             };
             // Every method of the rows but the unpruned reference, in order of appearance: the
             // swept controller (RNP, or a training-free reduction) first, a static baseline after.
-            let mut methods: Vec<&str> = Vec::new();
+            let mut methods: Vec<&SweepMethod> = Vec::new();
             for p in &points {
-                if p.method != "unpruned" && !methods.contains(&p.method.as_str()) {
+                if p.method != SweepMethod::Unpruned && !methods.contains(&&p.method) {
                     methods.push(&p.method);
                 }
             }
-            let curves = methods.iter().zip([BLUE, RED, GREEN, MAGENTA]).map(|(&m, color)| {
-                let label = match m {
-                    "rnp" => format!("RNP ({key})"),
-                    "static" => "static L1".to_string(),
-                    other => format!("{other} ({key})"),
-                };
-                (m, color, label)
-            });
+            let curves = methods.iter().zip([BLUE, RED, GREEN, MAGENTA]).map(|(&m, color)| (m, color, m.label(key)));
             for (method, color, label) in curves {
                 let p = pts(method);
                 if p.is_empty() {
@@ -530,17 +565,17 @@ pub fn plot(path: &Path, key: &str, rows: &[SweepRow]) -> Result<()> {
                 if text {
                     s.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
                 }
-                if method == "static" {
+                if *method == SweepMethod::StaticL1 {
                     chart.draw_series(p.iter().map(|q| TriangleMarker::new((q.0, q.2), 8, color.filled()))).map_err(e)?;
                 } else {
                     chart.draw_series(p.iter().map(|q| Circle::new((q.0, q.2), 5, color.filled()))).map_err(e)?;
                 }
             }
             let s = chart
-                .draw_series(pts("unpruned").into_iter().map(|p| Cross::new((p.0, p.2), 8, BLACK.stroke_width(3))))
+                .draw_series(pts(&SweepMethod::Unpruned).into_iter().map(|p| Cross::new((p.0, p.2), 8, BLACK.stroke_width(3))))
                 .map_err(e)?;
             if text {
-                s.label("unpruned").legend(|(x, y)| Cross::new((x + 10, y), 6, BLACK.stroke_width(2)));
+                s.label(SweepMethod::Unpruned.label(key)).legend(|(x, y)| Cross::new((x + 10, y), 6, BLACK.stroke_width(2)));
                 chart
                     .configure_series_labels()
                     .position(SeriesLabelPosition::LowerRight)
