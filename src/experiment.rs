@@ -67,35 +67,21 @@ pub struct BackboneConfig {
 
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// Where run directories go.
-    #[serde(default = "default_runs")]
     pub dir: PathBuf,
     /// Write TensorBoard event files.
-    #[serde(default = "yes")]
     pub tensorboard: bool,
     /// Log training scalars every this many steps.
-    #[serde(default = "default_every")]
     pub every_steps: usize,
     /// Write weight histograms at the end of every epoch.
-    #[serde(default = "yes")]
     pub histograms: bool,
-}
-
-fn default_runs() -> PathBuf {
-    PathBuf::from("runs")
-}
-fn yes() -> bool {
-    true
-}
-fn default_every() -> usize {
-    20
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { dir: default_runs(), tensorboard: true, every_steps: default_every(), histograms: true }
+        Self { dir: PathBuf::from("runs"), tensorboard: true, every_steps: 20, histograms: true }
     }
 }
 

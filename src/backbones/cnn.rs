@@ -19,15 +19,16 @@ use crate::nn::conv::{conv2d_bias_act, conv2d_bias_act_ragged, global_avg_pool, 
 use crate::nn::{BatchNorm2d, Conv2d, Linear};
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct SmallCnnOptions {
     /// Output channels of the four convolutions.
-    #[serde(default = "default_channels")]
     pub channels: [usize; 4],
 }
 
-fn default_channels() -> [usize; 4] {
-    [32, 32, 64, 64]
+impl Default for SmallCnnOptions {
+    fn default() -> Self {
+        Self { channels: [32, 32, 64, 64] }
+    }
 }
 
 #[derive(Module, Debug)]

@@ -109,40 +109,40 @@ impl std::fmt::Display for DatasetKind {
     }
 }
 
-fn d_batch_size() -> usize {
+fn default_batch_size() -> usize {
     128
 }
-fn d_eval_batch_size() -> usize {
+fn default_eval_batch_size() -> usize {
     256
 }
-fn d_prefetch() -> usize {
+fn default_prefetch() -> usize {
     4
 }
-fn d_workers() -> usize {
+fn default_workers() -> usize {
     1
 }
-fn d_true() -> bool {
+fn default_true() -> bool {
     true
 }
-fn d_train_dir() -> PathBuf {
+fn default_train_dir() -> PathBuf {
     PathBuf::from("train")
 }
-fn d_test_dir() -> PathBuf {
+fn default_test_dir() -> PathBuf {
     PathBuf::from("val")
 }
-fn d_classes() -> usize {
+fn default_classes() -> usize {
     10
 }
-fn d_channels() -> usize {
+fn default_channels() -> usize {
     1
 }
-fn d_size() -> usize {
+fn default_size() -> usize {
     28
 }
-fn d_train_size() -> usize {
+fn default_train_size() -> usize {
     512
 }
-fn d_test_size() -> usize {
+fn default_test_size() -> usize {
     128
 }
 
@@ -167,28 +167,28 @@ pub struct DataConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
     /// Images per training batch. Default: 128.
-    #[serde(default = "d_batch_size")]
+    #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Images per evaluation batch. Default: 256.
-    #[serde(default = "d_eval_batch_size")]
+    #[serde(default = "default_eval_batch_size")]
     pub eval_batch_size: usize,
     /// Batches prepared ahead of the consumer by the background loader. Default: 4.
-    #[serde(default = "d_prefetch")]
+    #[serde(default = "default_prefetch")]
     pub prefetch: usize,
     /// Background threads that read and transform batches (useful for `image-folder`, which
     /// decodes lazily). Results do not depend on it. Default: 1.
-    #[serde(default = "d_workers")]
+    #[serde(default = "default_workers")]
     pub workers: usize,
     /// Drop the last incomplete training batch of each epoch (never below one batch; evaluation
     /// never drops images). Default: true.
-    #[serde(default = "d_true")]
+    #[serde(default = "default_true")]
     pub drop_last: bool,
     /// Normalise each channel as `(x - mean) / std` after the other transforms. Default: true,
     /// with the dataset's standard statistics (MNIST 0.1307/0.3081, Fashion-MNIST 0.2860/0.3530,
     /// CIFAR-10 (0.4914, 0.4822, 0.4465)/(0.2470, 0.2435, 0.2616), CIFAR-100
     /// (0.5071, 0.4865, 0.4409)/(0.2673, 0.2564, 0.2762), image-folder ImageNet
     /// (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225), synthetic 0.5/0.25).
-    #[serde(default = "d_true")]
+    #[serde(default = "default_true")]
     pub normalize: bool,
     /// Per-channel means overriding the standard ones (one value, or one per channel).
     /// Default: none.
@@ -217,25 +217,25 @@ pub struct DataConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_limit: Option<usize>,
     /// `image-folder` only: training split folder, relative to `root`. Default: `"train"`.
-    #[serde(default = "d_train_dir")]
+    #[serde(default = "default_train_dir")]
     pub train_dir: PathBuf,
     /// `image-folder` only: test split folder, relative to `root`. Default: `"val"`.
-    #[serde(default = "d_test_dir")]
+    #[serde(default = "default_test_dir")]
     pub test_dir: PathBuf,
     /// `synthetic` only: number of classes. Default: 10.
-    #[serde(default = "d_classes")]
+    #[serde(default = "default_classes")]
     pub classes: usize,
     /// `synthetic` only: image channels. Default: 1.
-    #[serde(default = "d_channels")]
+    #[serde(default = "default_channels")]
     pub channels: usize,
     /// `synthetic` only: image height and width. Default: 28.
-    #[serde(default = "d_size")]
+    #[serde(default = "default_size")]
     pub size: usize,
     /// `synthetic` only: number of training images. Default: 512.
-    #[serde(default = "d_train_size")]
+    #[serde(default = "default_train_size")]
     pub train_size: usize,
     /// `synthetic` only: number of test images. Default: 128.
-    #[serde(default = "d_test_size")]
+    #[serde(default = "default_test_size")]
     pub test_size: usize,
     /// `synthetic` only: seed of the generated images (the class patterns and the noise).
     /// Default: 0.
@@ -256,10 +256,10 @@ impl DataConfig {
         Self {
             dataset,
             root: None,
-            batch_size: d_batch_size(),
-            eval_batch_size: d_eval_batch_size(),
-            prefetch: d_prefetch(),
-            workers: d_workers(),
+            batch_size: default_batch_size(),
+            eval_batch_size: default_eval_batch_size(),
+            prefetch: default_prefetch(),
+            workers: default_workers(),
             drop_last: true,
             normalize: true,
             mean: None,
@@ -269,13 +269,13 @@ impl DataConfig {
             hflip: false,
             train_limit: None,
             test_limit: None,
-            train_dir: d_train_dir(),
-            test_dir: d_test_dir(),
-            classes: d_classes(),
-            channels: d_channels(),
-            size: d_size(),
-            train_size: d_train_size(),
-            test_size: d_test_size(),
+            train_dir: default_train_dir(),
+            test_dir: default_test_dir(),
+            classes: default_classes(),
+            channels: default_channels(),
+            size: default_size(),
+            train_size: default_train_size(),
+            test_size: default_test_size(),
             synthetic_seed: 0,
         }
     }

@@ -55,42 +55,34 @@ choice! {
 
 /// `[controller] kind = "static-l1"` keys (besides `kind`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct StaticL1Options {
     /// Decision-layer MACs of the pruned network / the unpruned one.
-    #[serde(default = "d_target")]
     pub target_flops: f64,
-    #[serde(default)]
     pub allocation: Allocation,
     /// Epochs of fine-tuning after pruning (0 = none).
-    #[serde(default = "d_ft_epochs")]
     pub fine_tune_epochs: usize,
     /// Initial fine-tuning learning rate (SGD, momentum 0.9, weight decay 5e-4, cosine to 0).
-    #[serde(default = "d_ft_lr")]
     pub fine_tune_lr: f64,
     /// Images of the class-balanced training slice the sensitivity scan evaluates on.
-    #[serde(default = "d_sens_images")]
     pub sensitivity_images: usize,
     /// Keep ratios each layer is scanned at (the smallest is also the floor of the allocation).
-    #[serde(default = "d_sens_ratios")]
     pub sensitivity_ratios: Vec<f64>,
 }
 
-fn d_target() -> f64 {
-    0.5
+impl Default for StaticL1Options {
+    fn default() -> Self {
+        Self {
+            target_flops: 0.5,
+            allocation: Allocation::default(),
+            fine_tune_epochs: 2,
+            fine_tune_lr: 0.01,
+            sensitivity_images: 1000,
+            sensitivity_ratios: vec![0.125, 0.25, 0.5, 0.75],
+        }
+    }
 }
-fn d_ft_epochs() -> usize {
-    2
-}
-fn d_ft_lr() -> f64 {
-    0.01
-}
-fn d_sens_images() -> usize {
-    1000
-}
-fn d_sens_ratios() -> Vec<f64> {
-    vec![0.125, 0.25, 0.5, 0.75]
-}
+
 
 impl StaticL1Options {
     /// Parses `[controller]`'s kind-specific keys; errors as (key, message).

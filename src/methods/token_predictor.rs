@@ -75,50 +75,40 @@ pub const SUMMARY_FILE: &str = "dynamicvit.json";
 
 /// `[controller] kind = "token-predictor"` keys (besides `kind`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TokenPredictorOptions {
-    #[serde(default)]
     pub training: Training,
     /// Epochs of student training (the teacher uses `[train] epochs`).
-    #[serde(default = "d_epochs")]
     pub epochs: usize,
     /// The predictors' learning rate; default `[train] optimizer.lr`. The student uses
     /// `[train]`'s optimizer kind and schedule with this rate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     /// The backbone's learning rate is `lr · lr_scale` (the paper: 0.01).
-    #[serde(default = "d_lr_scale")]
     pub lr_scale: f64,
     /// Loss weights of `DistillDiffPruningLoss_dynamic` (the paper's 1, 2, 0.5).
-    #[serde(default = "d_one")]
     pub clf_weight: f64,
-    #[serde(default = "d_ratio_weight")]
     pub ratio_weight: f64,
-    #[serde(default = "d_distill_weight")]
     pub distill_weight: f64,
     /// Policy-gradient only: λ, the price of each stage's keep-ratio gap in the reward.
-    #[serde(default = "d_keep_penalty")]
     pub keep_penalty: f64,
 }
 
-fn d_epochs() -> usize {
-    30
+impl Default for TokenPredictorOptions {
+    fn default() -> Self {
+        Self {
+            training: Training::default(),
+            epochs: 30,
+            lr: None,
+            lr_scale: 0.01,
+            clf_weight: 1.0,
+            ratio_weight: 2.0,
+            distill_weight: 0.5,
+            keep_penalty: 2.0,
+        }
+    }
 }
-fn d_lr_scale() -> f64 {
-    0.01
-}
-fn d_one() -> f64 {
-    1.0
-}
-fn d_ratio_weight() -> f64 {
-    2.0
-}
-fn d_distill_weight() -> f64 {
-    0.5
-}
-fn d_keep_penalty() -> f64 {
-    2.0
-}
+
 
 impl TokenPredictorOptions {
     /// Parses `[controller]`'s kind-specific keys; errors as (key, message).

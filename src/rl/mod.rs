@@ -41,22 +41,18 @@ choice! {
 
 /// `[rl]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RlConfig {
-    #[serde(default)]
     pub algorithm: Algorithm,
     /// Epochs of router training (alternating with backbone fine-tuning).
-    #[serde(default = "d_epochs")]
     pub epochs: usize,
     /// Price p of compute: every decision adds `-p * a/k`.
-    #[serde(default = "d_penalty")]
     pub compute_penalty: f64,
     /// A FLOPs budget instead of a price per group: when set, the only compute term is
     /// `-p * max(0, r - flops_target)` at the last decision, r being the image's measured FLOPs
     /// ratio over the routed layers. A per-group price makes every layer's width equally dear,
     /// so the policy settles on one width everywhere and the reachable ratios are coarse
     /// ((3/4)^2 = 0.56, then 0.25); a budget lets it spend where accuracy needs it.
-    #[serde(default)]
     pub flops_target: Option<f64>,
     /// How `flops_target` is enforced. `"per-image"`: the hinge above, on every image (each
     /// image is best off right at the target, so the policy tends to give all images the same
@@ -65,49 +61,35 @@ pub struct RlConfig {
     /// can spend more or less than the target, and after each rollout batch
     /// `λ ← max(0, λ + price_lr * (batch mean r - flops_target))` (dual ascent). λ starts at
     /// `compute_penalty`.
-    #[serde(default)]
     pub budget: Budget,
     /// Step size of the price λ's dual ascent (`budget = "mean"`).
-    #[serde(default = "d_price_lr")]
     pub price_lr: f64,
     /// Whose FLOPs the price λ holds to `flops_target` (`budget = "mean"`). `"sampled"`: the
     /// sampled policy's, which training sees. `"greedy"`: the greedy policy's, which eval and
     /// inference run; each rollout batch then also runs the greedy policy. The sampled and
     /// greedy ratios can differ by a factor of two at the same λ, so only `"greedy"` makes the
     /// evaluated network land at the target.
-    #[serde(default)]
     pub budget_policy: BudgetPolicy,
     /// `"neg-ce"` (`-alpha * cross_entropy`, the paper) or `"correct"` (`+1` / `-gamma_wrong`).
-    #[serde(default)]
     pub accuracy_reward: AccuracyReward,
-    #[serde(default = "d_one")]
     pub alpha: f64,
-    #[serde(default = "d_one")]
     pub gamma_wrong: f64,
     /// Weight of the policy entropy bonus.
-    #[serde(default = "d_entropy")]
     pub entropy_bonus: f64,
     /// `"value"` (learned, MSE) or `"self-critical"` (the greedy rollout's return).
-    #[serde(default)]
     pub baseline: Baseline,
     /// Normalise advantages over the batch.
-    #[serde(default = "d_true")]
     pub normalize_advantages: bool,
     /// Weight of the value loss.
-    #[serde(default = "d_half")]
     pub value_coef: f64,
     /// Rollout worker threads.
-    #[serde(default = "d_workers")]
     pub workers: usize,
     /// Router learning rate (Adam).
-    #[serde(default = "d_lr")]
     pub lr: f64,
     /// Backbone fine-tuning learning rate (SGD, momentum 0.9).
-    #[serde(default = "d_blr")]
     pub backbone_lr: f64,
     /// Fine-tune the backbone under sampled policies once every this many router updates
     /// (0 = never).
-    #[serde(default = "d_alt")]
     pub alternate_every: usize,
     /// What widths the backbone is fine-tuned at during router training (every
     /// `alternate_every` updates). `"policy"`: the router's sampled widths. `"policy-and-random"`:
@@ -116,77 +98,68 @@ pub struct RlConfig {
     /// becomes good at the widths the policy already prefers, which then win every comparison,
     /// and the policy collapses to one width per layer; with random widths as well the backbone
     /// stays usable at every width, so that a per-image choice can pay.
-    #[serde(default)]
     pub backbone_widths: BackboneWidths,
     /// Epochs of backbone fine-tuning after router training, under the frozen router's greedy
     /// decisions (the policy the network is evaluated with), as the static baseline fine-tunes
     /// its pruned network. 0 = none.
-    #[serde(default)]
     pub finetune_epochs: usize,
     /// Peak SGD learning rate of that fine-tuning (momentum 0.9, cosine to 0).
-    #[serde(default = "d_finetune_lr")]
     pub finetune_lr: f64,
     /// Discount over the layer sequence (PPO's GAE, DQN's TD targets; REINFORCE uses 1).
-    #[serde(default = "d_one")]
     pub gamma: f64,
     /// Images (whole layer sequences) per minibatch: PPO's minibatches, DQN's replay samples.
-    #[serde(default = "d_minibatch")]
     pub minibatch: usize,
     /// `[rl.ppo]`: PPO's own settings.
-    #[serde(default)]
     pub ppo: PpoConfig,
     /// `[rl.dqn]`: DQN's own settings.
-    #[serde(default)]
     pub dqn: DqnConfig,
 }
 
 /// `[rl.ppo]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PpoConfig {
     /// Clip range ε of the probability ratio.
-    #[serde(default = "d_clip")]
     pub clip: f64,
     /// λ of generalised advantage estimation over the layers.
-    #[serde(default = "d_gae_lambda")]
     pub gae_lambda: f64,
     /// Passes over each rollout batch.
-    #[serde(default = "d_ppo_epochs")]
     pub epochs: usize,
 }
 
 /// `[rl.dqn]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct DqnConfig {
     /// ε of ε-greedy, linearly from `epsilon_start` to `epsilon_end` over
     /// `epsilon_decay_steps` router updates.
-    #[serde(default = "d_one")]
     pub epsilon_start: f64,
-    #[serde(default = "d_eps_end")]
     pub epsilon_end: f64,
-    #[serde(default = "d_eps_decay")]
     pub epsilon_decay_steps: usize,
     /// Replay buffer size in episodes (images).
-    #[serde(default = "d_replay")]
     pub replay_capacity: usize,
     /// Copy the online network into the target network every this many gradient updates.
-    #[serde(default = "d_target_sync")]
     pub target_sync_every: usize,
     /// Gradient updates (replay minibatches) per rollout batch.
-    #[serde(default = "d_one_usize")]
     pub updates_per_batch: usize,
 }
 
 impl Default for PpoConfig {
     fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("all [rl.ppo] keys have defaults"))
+        Self { clip: 0.2, gae_lambda: 0.95, epochs: 4 }
     }
 }
 
 impl Default for DqnConfig {
     fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("all [rl.dqn] keys have defaults"))
+        Self {
+            epsilon_start: 1.0,
+            epsilon_end: 0.05,
+            epsilon_decay_steps: 500,
+            replay_capacity: 10_000,
+            target_sync_every: 50,
+            updates_per_batch: 1,
+        }
     }
 }
 
@@ -239,74 +212,38 @@ choice! {
     invalid: |s| format!("must be \"policy\" or \"policy-and-random\", got \"{s}\"")
 }
 
-fn d_clip() -> f64 {
-    0.2
-}
-fn d_gae_lambda() -> f64 {
-    0.95
-}
-fn d_ppo_epochs() -> usize {
-    4
-}
-fn d_minibatch() -> usize {
-    32
-}
-fn d_eps_end() -> f64 {
-    0.05
-}
-fn d_eps_decay() -> usize {
-    500
-}
-fn d_replay() -> usize {
-    10_000
-}
-fn d_target_sync() -> usize {
-    50
-}
-fn d_one_usize() -> usize {
-    1
-}
 
-fn d_epochs() -> usize {
-    2
-}
-fn d_price_lr() -> f64 {
-    1.0
-}
-fn d_penalty() -> f64 {
-    0.1
-}
-fn d_one() -> f64 {
-    1.0
-}
-fn d_entropy() -> f64 {
-    0.01
-}
-fn d_true() -> bool {
-    true
-}
-fn d_half() -> f64 {
-    0.5
-}
-fn d_workers() -> usize {
-    1
-}
-fn d_lr() -> f64 {
-    1e-3
-}
-fn d_blr() -> f64 {
-    1e-3
-}
-fn d_finetune_lr() -> f64 {
-    0.01
-}
-fn d_alt() -> usize {
-    2
-}
 
+/// Every `[rl]` key left out of an experiment takes its value here.
 impl Default for RlConfig {
     fn default() -> Self {
-        toml::from_str("").unwrap_or_else(|_| unreachable!("all [rl] keys have defaults"))
+        Self {
+            algorithm: Algorithm::default(),
+            epochs: 2,
+            compute_penalty: 0.1,
+            flops_target: None,
+            budget: Budget::default(),
+            price_lr: 1.0,
+            budget_policy: BudgetPolicy::default(),
+            accuracy_reward: AccuracyReward::default(),
+            alpha: 1.0,
+            gamma_wrong: 1.0,
+            entropy_bonus: 0.01,
+            baseline: Baseline::default(),
+            normalize_advantages: true,
+            value_coef: 0.5,
+            workers: 1,
+            lr: 1e-3,
+            backbone_lr: 1e-3,
+            alternate_every: 2,
+            backbone_widths: BackboneWidths::default(),
+            finetune_epochs: 0,
+            finetune_lr: 0.01,
+            gamma: 1.0,
+            minibatch: 32,
+            ppo: PpoConfig::default(),
+            dqn: DqnConfig::default(),
+        }
     }
 }
 

@@ -13,43 +13,30 @@ pub use optim::{OptimizerConfig, ScheduleConfig};
 
 /// `[train]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Number of epochs.
-    #[serde(default = "default_epochs")]
     pub epochs: usize,
     /// `{ kind = "sgd", lr, momentum = 0.9, weight_decay = 0, nesterov = false }` or
     /// `{ kind = "adamw", lr, betas = [0.9, 0.999], eps = 1e-8, weight_decay = 0.05 }`.
-    #[serde(default)]
     pub optimizer: OptimizerConfig,
     /// `{ kind = "cosine", warmup_epochs = 0, min_lr = 0 }` or `{ kind = "constant" }`.
-    #[serde(default)]
     pub schedule: ScheduleConfig,
     /// Label smoothing ε of the cross-entropy.
-    #[serde(default)]
     pub label_smoothing: f64,
     /// Clip the global gradient norm to this value (0 = off).
-    #[serde(default)]
     pub grad_clip: f64,
     /// Apply weight decay to matrices and conv kernels only, not to biases and norm scales.
-    #[serde(default)]
     pub decay_only_matrices: bool,
     /// Evaluate on the test split every this many epochs (and always after the last).
-    #[serde(default = "one")]
     pub eval_every: usize,
 }
 
-fn default_epochs() -> usize {
-    10
-}
-fn one() -> usize {
-    1
-}
 
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            epochs: default_epochs(),
+            epochs: 10,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
             label_smoothing: 0.0,
