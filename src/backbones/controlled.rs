@@ -286,7 +286,7 @@ pub fn controlled_stack_ragged<B: ModelBackend>(
     let mut widths = vec![c0; n];
     let mut steps = Vec::with_capacity(layers.len());
     for (t, (layer, pc)) in layers.iter().zip(points).enumerate() {
-        let (observation, for_controller) = twice(zero_padded(global_avg_pool(x.clone()), pc.in_channels))?;
+        let (observation, for_controller) = twice(zero_padded(global_avg_pool(x.clone()), pc.in_channels));
         let (point, decision) = decide_at(ctl, t, pc, for_controller, mode, rng)?;
         let c_out: Vec<usize> = decision.actions.iter().map(|&a| point.channels_for(a)).collect();
         let y = layer.folded(&device).forward_ragged(x, &widths, &c_out);
@@ -305,10 +305,10 @@ pub fn controlled_stack_ragged<B: ModelBackend>(
 /// observation back to the host gets it without a copy only when it holds the tensor alone (a
 /// shared NdArray tensor is read element by element, about half a percent of a routed batch-1
 /// forward); the trace keeps the other.
-fn twice<B: ModelBackend>(t: Tensor<B, 2>) -> Result<(Tensor<B, 2>, Tensor<B, 2>)> {
+fn twice<B: ModelBackend>(t: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let device = t.device();
     let data = t.into_data();
-    Ok((Tensor::from_data(data.clone(), &device), Tensor::from_data(data, &device)))
+    (Tensor::from_data(data.clone(), &device), Tensor::from_data(data, &device))
 }
 
 fn check_points<B: ModelBackend>(layers: &[ConvBn<B>], points: &[PrunableConv]) -> Result<()> {

@@ -28,7 +28,7 @@ use crate::data::Batch;
 use crate::data::Loader;
 use crate::experiment::{Experiment, Layered};
 use crate::logging::tensorboard::HParamValue;
-use crate::nn::params::{load_strict, state_dict, StateDict};
+use crate::nn::params::{device_of, load_strict, state_dict, StateDict};
 use crate::train::checkpoint::{self, save_weights};
 use crate::train::losses::correct;
 use crate::train::losses::cross_entropy;
@@ -204,11 +204,6 @@ impl<B: TrainBackend> RnpLearner<B> {
     }
 }
 
-/// The device a module's parameters are on (the backend's default for a module without any).
-fn device_of<B: burn::tensor::backend::Backend>(module: &impl burn::module::Module<B>) -> B::Device {
-    module.devices().into_iter().next().unwrap_or_default()
-}
-
 /// Replays given actions (used to fine-tune the backbone under actions sampled elsewhere).
 pub struct Replay {
     pub actions: Vec<Vec<usize>>,
@@ -246,8 +241,9 @@ fn finetune_step<B: TrainBackend>(
     opt: &mut Optimizer<B>,
     batch: &Batch,
     lr: f64,
+    device: &B::Device,
 ) -> Result<(f64, usize)> {
-    let (x, y) = batch.to_tensors::<B>(&device_of(backbone));
+    let (x, y) = batch.to_tensors::<B>(device);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut policy = RouterPolicy::new(router.clone());
     let (_, trace) = backbone.valid().forward_controlled(x.clone().inner(), &mut policy, Mode::Greedy, &mut rng)?;
@@ -537,7 +533,8 @@ pub fn train_rnp_on<B: TrainBackend>(exp: &Experiment, layered: &Layered, opts: 
             st
         }
         None => {
-            let (_, unpruned_top1) = supervised::evaluate(&backbone.valid(), test_loader, &device_of(&backbone.valid()))?;
+            let inner = backbone.valid();
+            let (_, unpruned_top1) = supervised::evaluate(&inner, test_loader, &device_of(&inner))?;
             backbone.reorder_by_filter_norm()?;
             tracing::info!("phase 2: channels reordered by filter norm; unpruned test top-1 {:.2}%", 100.0 * unpruned_top1);
             RnpState {
@@ -760,7 +757,7 @@ pub fn train_rnp_on<B: TrainBackend>(exp: &Experiment, layered: &Layered, opts: 
             for batch in &mut batches {
                 let batch = batch?;
                 let lr = 0.5 * rl.finetune_lr * (1.0 + (std::f64::consts::PI * done as f64 / total).cos());
-                let (loss, hits) = finetune_step(&mut learner.backbone, &router, &mut opt, &batch, lr)?;
+                let (loss, hits) = finetune_step(&mut learner.backbone, &router, &mut opt, &batch, lr, &device)?;
                 loss_sum += loss * batch.len() as f64;
                 n_correct += hits;
                 n_seen += batch.len();

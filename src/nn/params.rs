@@ -75,6 +75,11 @@ impl<B: Backend> ModuleVisitor<B> for Collector {
 }
 
 /// Every float parameter and running statistic of `module`, keyed by its dotted path.
+/// The device a module's parameters are on (the backend's default for a module without any).
+pub fn device_of<B: Backend, M: Module<B>>(module: &M) -> B::Device {
+    module.devices().into_iter().next().unwrap_or_default()
+}
+
 pub fn state_dict<B: Backend, M: Module<B>>(module: &M) -> StateDict {
     let mut c = Collector { path: PathTracker { stack: Vec::new() }, out: BTreeMap::new() };
     module.visit(&mut c);

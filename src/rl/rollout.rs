@@ -5,7 +5,6 @@
 //! same algorithm; the same seed and worker count give identical rollouts.
 
 use anyhow::{Result, anyhow};
-use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use rand::SeedableRng;
@@ -160,18 +159,19 @@ pub fn rollout_shard<B: ModelBackend, P: SequencePolicy<B>>(
     rule: ActionRule,
     rng_seed: u64,
 ) -> Result<Trajectory> {
-    let device = backbone.devices().into_iter().next().unwrap_or_default();
+    let device = crate::nn::params::device_of(backbone);
     let n = shape[0];
     let x = Tensor::<B, 4>::from_data(TensorData::new(images, shape), &device);
     let y = Tensor::<B, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &device);
     let mut rng = ChaCha8Rng::seed_from_u64(rng_seed);
     let k = policy.groups();
+    // One actor for the sampled and the greedy episode: the forward pass resets its state.
+    let mut actor = policy.actor(rule);
     #[allow(clippy::type_complexity)]
-    let episode =
+    let mut episode =
         |mode: Mode,
          rng: &mut ChaCha8Rng|
          -> Result<(Vec<Vec<usize>>, Vec<Vec<f32>>, Vec<f32>, Vec<bool>, Trace<B>)> {
-            let mut actor = policy.actor(rule);
             let (logits, trace) = backbone.forward_controlled(x.clone(), actor.as_mut(), mode, rng)?;
             let ce: Vec<f32> = log_softmax(logits.clone(), 1)
                 .gather(1, y.clone().reshape([n, 1]))
